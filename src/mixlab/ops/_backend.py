@@ -1,0 +1,40 @@
+"""Backend selection shared by every op family.
+
+``reference``: step-by-step recurrence (the definition; slow, float64-friendly).
+``chunked``: chunkwise-parallel plain PyTorch (any device; the CPU path and the kernels' oracle).
+``triton``: Triton kernels (CUDA; on CPU only under ``TRITON_INTERPRET=1``, for tests).
+``auto``: ``triton`` when the inputs live on CUDA and Triton imports, else ``chunked``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "chunked", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports and either CUDA is present or the interpreter is on."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Turn ``backend`` (possibly ``"auto"``) into a concrete backend for tensor ``x``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and triton_available() else "chunked"
+    if backend == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing); "
+            "use backend='chunked' on this device"
+        )
+    return backend

@@ -1,0 +1,46 @@
+"""RMSNorm and gated RMSNorm, computed in float32 and cast back to the input dtype."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dim. x ``[..., D]``, weight ``[D]``."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def gated_rms_norm(
+    x: torch.Tensor,
+    z: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+) -> torch.Tensor:
+    """Gated RMSNorm as in Mamba2 / Gated DeltaNet output norms.
+
+    ``norm_before_gate=False`` (Mamba2 default): ``rmsnorm(x * silu(z))``;
+    ``norm_before_gate=True`` (Gated DeltaNet): ``rmsnorm(x) * silu(z)``.
+    The RMS is taken over groups of ``group_size`` channels of the last dim (None: the whole dim).
+    x, z ``[..., D]``; weight ``[D]``.
+    """
+    D = x.shape[-1]
+    gs = D if group_size is None else group_size
+    if D % gs != 0:
+        raise ValueError(f"gated_rms_norm: group_size={gs} must divide the last dim {D}")
+    xf = x.float()
+    if z is not None and not norm_before_gate:
+        xf = xf * F.silu(z.float())
+    xg = xf.reshape(*xf.shape[:-1], D // gs, gs)
+    y = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)).reshape(xf.shape)
+    if weight is not None:
+        y = y * weight.float()
+    if z is not None and norm_before_gate:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
