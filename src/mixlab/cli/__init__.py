@@ -11,12 +11,16 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("mixlab.cli.models", "list the model presets with exact parameter counts"),
     "demo": ("mixlab.cli.demo", "build every architecture and check forward against decoding"),
+    "bench": ("mixlab.cli.bench", "benchmarks: ops-cpu, kernels, train, decode"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixlab", description="Train, evaluate, benchmark and generate "
-                                     "from attention / Mamba / Mamba2 / DeltaNet / Gated DeltaNet models.")
+    parser = argparse.ArgumentParser(
+        prog="mixlab",
+        description="Train, evaluate, benchmark and generate "
+        "from attention / Mamba / Mamba2 / DeltaNet / Gated DeltaNet models.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

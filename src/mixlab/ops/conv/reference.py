@@ -33,7 +33,7 @@ def causal_conv1d(
         weight = weight.squeeze(1)
     if x.dim() != 3:
         raise ValueError(f"causal_conv1d: x must be [B, T, C], got shape {tuple(x.shape)}")
-    B, T, C = x.shape
+    B, _, C = x.shape
     if weight.shape[0] != C:
         raise ValueError(f"causal_conv1d: weight has {weight.shape[0]} channels but x has {C}")
     if activation not in ACTIVATIONS:

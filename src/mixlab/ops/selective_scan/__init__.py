@@ -76,7 +76,9 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
     if delta_bias is not None and delta_bias.shape != (d,):
         raise ValueError(f"selective_scan: delta_bias must be [D] = [{d}], got {list(delta_bias.shape)}")
     if initial_state is not None and initial_state.shape != (b, d, n):
-        raise ValueError(f"selective_scan: initial_state must be [B, D, N] = {[b, d, n]}, got {list(initial_state.shape)}")
+        raise ValueError(
+            f"selective_scan: initial_state must be [B, D, N] = {[b, d, n]}, got {list(initial_state.shape)}"
+        )
 
 
 __all__ = ["selective_scan"]

@@ -91,7 +91,9 @@ def _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens) -> N
             raise ValueError(f"ssd: with cu_seqlens the batch must be packed into B=1, got B={b}")
         nseq = cu_seqlens.numel() - 1
     if initial_state is not None and initial_state.shape != (nseq, h, p, n):
-        raise ValueError(f"ssd: initial_state must be [N, H, P, N_state] = {[nseq, h, p, n]}, got {list(initial_state.shape)}")
+        raise ValueError(
+            f"ssd: initial_state must be [N, H, P, N_state] = {[nseq, h, p, n]}, got {list(initial_state.shape)}"
+        )
 
 
 __all__ = ["ssd"]

@@ -1,0 +1,100 @@
+"""Shared benchmark plumbing: environment facts, timing, and result files.
+
+Every suite stores ``benchmarks/results/<suite>-<device-slug>-<date>.json`` holding the device name,
+torch/triton/python versions, the date, the exact command line and a list of result rows.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path("benchmarks/results")
+
+
+def environment() -> dict[str, Any]:
+    """Device and software facts recorded with every result."""
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "command": " ".join(["mixlab", *sys.argv[1:]])
+        if sys.argv and sys.argv[0].endswith("mixlab")
+        else " ".join(sys.argv),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["sm_count"] = torch.cuda.get_device_properties(0).multi_processor_count
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return env
+
+
+def device_slug(env: dict[str, Any]) -> str:
+    name = str(env.get("device", "unknown")).lower()
+    if name.startswith("cpu"):
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def save_results(
+    suite: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None, out_dir: str | Path | None = None
+) -> Path:
+    """Write ``{env, rows, **extra}`` as JSON under ``out_dir`` (default ``benchmarks/results``)."""
+    env = environment()
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{suite}-{device_slug(env)}-{env['date'][:10]}.json"
+    payload = {"suite": suite, "env": env, **(extra or {}), "rows": rows}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def time_fn(fn: Callable[[], Any], warmup: int = 2, repeat: int = 5) -> float:
+    """Median wall time of ``fn()`` in milliseconds (synchronising CUDA around each call)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain-text table of ``rows`` restricted to ``columns``."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""``mixlab bench SUITE``: measured figures, stored under benchmarks/results/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+#: suite -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``
+SUITES: dict[str, tuple[str, str]] = {
+    "ops-cpu": ("mixlab.bench.ops_cpu", "chunked vs reference ops, forward+backward, on the CPU"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    for name, (module, help_text) in SUITES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_suite_module=module)
+        p.add_argument("--out-dir", default=None, help="where to write the JSON (default benchmarks/results)")
+        importlib.import_module(module).add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(args._suite_module).run(args) or 0)
