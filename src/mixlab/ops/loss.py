@@ -1,0 +1,108 @@
+"""Memory-lean language-model loss: the LM head and cross-entropy computed in chunks of tokens.
+
+``linear_cross_entropy(hidden, weight, targets)`` equals
+``F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)`` but never holds the full
+``[tokens, vocab]`` logits: each chunk's logits are formed, reduced to its loss, turned into its
+gradients at once (softmax minus one-hot) and dropped. The gradients are kept for backward, which
+only scales them by the incoming gradient. Peak extra memory is one chunk of logits plus the
+gradients of ``hidden`` and ``weight`` (which training needs anyway).
+
+This is plain PyTorch on purpose: the two matmuls per chunk are the whole cost and already run on
+tensor cores; a fused kernel would only save the chunk's logits round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Default number of logit elements per chunk (rows x vocab): 2^26 floats = 256 MiB in float32.
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, with_grads):  # type: ignore[override]
+        n, _ = hidden.shape
+        need_dh = with_grads and ctx.needs_input_grad[0]
+        need_dw = with_grads and ctx.needs_input_grad[1]
+        w = weight.to(hidden.dtype)
+        valid = targets != ignore_index
+        n_valid = int(valid.sum())
+        denom = max(n_valid, 1) if reduction == "mean" else 1
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_dh else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_rows):
+                h = hidden[start : start + chunk_rows]
+                t = targets[start : start + chunk_rows]
+                m = valid[start : start + chunk_rows]
+                logits = (h @ w.t()).to(acc)  # [rows, V]
+                lse = torch.logsumexp(logits, dim=-1)
+                safe_t = torch.where(m, t, torch.zeros_like(t))
+                picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+                total += ((lse - picked) * m).sum()
+                if need_dh or need_dw:
+                    # d loss / d logits = (softmax - onehot) / denom on valid rows, 0 elsewhere.
+                    probs = torch.exp(logits - lse[:, None])
+                    probs.scatter_add_(1, safe_t[:, None], -torch.ones_like(picked)[:, None])
+                    probs *= (m.to(acc) / denom)[:, None]
+                    d_logits = probs.to(hidden.dtype)
+                    if need_dh:
+                        grad_h[start : start + chunk_rows] = d_logits @ w
+                    if need_dw:
+                        grad_w += (d_logits.t() @ h).to(acc)
+                del logits
+        ctx.save_for_backward(grad_h if need_dh else torch.empty(0), grad_w if need_dw else torch.empty(0))
+        ctx.need = (need_dh, need_dw)
+        ctx.weight_dtype = weight.dtype
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        need_dh, need_dw = ctx.need
+        dh = grad_h * grad_out.to(grad_h.dtype) if need_dh else None
+        dw = (grad_w * grad_out).to(ctx.weight_dtype) if need_dw else None
+        return dh, dw, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``targets`` without materialising the logits.
+
+    Args:
+        hidden: ``[N, d]`` (or ``[..., d]``, flattened) final hidden states.
+        weight: ``[V, d]`` LM-head weight.
+        targets: ``[N]`` (or ``[...]``) int64 token ids; ``ignore_index`` entries are skipped.
+        reduction: ``"mean"`` over non-ignored targets, or ``"sum"``.
+        chunk_rows: tokens per chunk; default keeps a chunk's logits near 2^26 elements.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    d = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise ValueError(f"linear_cross_entropy: weight must be [V, {d}], got {list(weight.shape)}")
+    hidden = hidden.reshape(-1, d)
+    targets = targets.reshape(-1)
+    if targets.numel() != hidden.shape[0]:
+        raise ValueError(
+            f"linear_cross_entropy: {targets.numel()} targets for {hidden.shape[0]} hidden rows; they must match"
+        )
+    if chunk_rows is None:
+        chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, int(chunk_rows), with_grads)
+
+
+__all__ = ["linear_cross_entropy"]
