@@ -1,4 +1,4 @@
-"""RMSNorm and gated RMSNorm, computed in float32 and cast back to the input dtype."""
+"""RMSNorm and gated RMSNorm, computed in float32 (float64 for float64 inputs) and cast back to the input dtype."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """``x / rms(x) * weight`` over the last dim. x ``[..., D]``, weight ``[D]``."""
-    xf = x.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(acc)
     return y.to(x.dtype)
 
 
@@ -34,13 +35,14 @@ def gated_rms_norm(
     gs = D if group_size is None else group_size
     if D % gs != 0:
         raise ValueError(f"gated_rms_norm: group_size={gs} must divide the last dim {D}")
-    xf = x.float()
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
     if z is not None and not norm_before_gate:
-        xf = xf * F.silu(z.float())
+        xf = xf * F.silu(z.to(acc))
     xg = xf.reshape(*xf.shape[:-1], D // gs, gs)
     y = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)).reshape(xf.shape)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(acc)
     if z is not None and norm_before_gate:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(acc))
     return y.to(x.dtype)
