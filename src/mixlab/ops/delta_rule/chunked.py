@@ -1,0 +1,171 @@
+"""The (gated) delta rule, chunkwise-parallel in plain PyTorch (the WY / UT-transform algorithm).
+
+Per chunk of C tokens and per head (K, Q ``[C, d_k]``, V ``[C, d_v]``, beta, g ``[C]``):
+
+1. ``G = cumsum(g)`` inside the chunk, ``gamma = exp(G)``, ``Gamma_ij = exp(G_i - G_j)`` for i >= j else 0.
+2. ``A = strictly_lower(diag(beta) K K^T * Gamma)``; ``T = (I + A)^-1`` is unit lower-triangular.
+3. ``U = T diag(beta) V``, ``W = T diag(beta * gamma) K``: the chunk's pseudo-values and the
+   "keys" through which the incoming state is subtracted (the UT transform of the rank-1 updates).
+4. Over chunks, state S ``[d_k, d_v]``: ``V_new = U - W S``;
+   ``O = diag(gamma) Q S * scale + (Q K^T * scale * Gamma_incl) V_new``;
+   ``S <- gamma_C S + (diag(gamma_C / gamma) K)^T V_new``.
+
+Everything but step 4's two small matmuls per chunk is batched over (batch, heads, chunks) at once:
+K K^T, the triangular solve (``torch.linalg.solve_triangular``: forward substitution, batched over
+every chunk and head, with one solve for U and W together), Q K^T and, after the loop, both output
+terms. Only the state recurrence is a Python loop, over T / C chunks. Differentiable by autograd.
+
+A tail shorter than C is zero-padded (k = v = beta = g = 0): padded tokens neither write into the
+state nor decay it, so padding changes nothing. Sequences shorter than C use one chunk of their length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import _compute_dtype
+
+
+def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int, pad: int) -> torch.Tensor:
+    """``[B, T, H, *D]`` -> ``[B, H, N, C, *D]`` (time zero-padded at the end by ``pad``)."""
+    x = x.movedim(1, 2)  # [B, H, T, *D]
+    if pad:
+        widths = [0, 0] * (x.dim() - 3) + [0, pad]
+        x = F.pad(x, widths)
+    return x.reshape(*x.shape[:2], n_chunks, chunk, *x.shape[3:])
+
+
+def _chunked_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    state: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpacked batch, inputs in the compute dtype: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``,
+    beta/g ``[B, T, H]``, state ``[B, H, K, V]``. Returns ``(o [B, T, H, V], final state)``."""
+    B, T, H, K = q.shape
+    if T == 0:
+        return v.new_zeros(v.shape), state
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+    qc, kc, vc = (_to_chunks(x, N, C, pad) for x in (q, k, v))  # [B, H, N, C, D]
+    bc = _to_chunks(beta, N, C, pad)  # [B, H, N, C]
+
+    ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
+    incl = torch.tril(ones)
+    kb = kc * bc[..., None]
+    kkt = kb @ kc.transpose(-1, -2)  # diag(beta) K K^T  [B, H, N, C, C]
+    qkt = (qc * scale) @ kc.transpose(-1, -2)
+    if g is not None:
+        G = _to_chunks(g, N, C, pad).cumsum(-1)  # [B, H, N, C]
+        # Mask before exp: exp(G_i - G_j) for i < j can overflow, and inf * 0 would poison the gradient.
+        gam_mat = (G[..., :, None] - G[..., None, :]).masked_fill(~incl, float("-inf")).exp()
+        A = (kkt * gam_mat).tril(-1)
+        P = qkt * gam_mat
+        gamma = G.exp()[..., None]  # [B, H, N, C, 1]
+        rhs_k = kb * gamma
+    else:
+        A = kkt.tril(-1)
+        P = qkt.masked_fill(~incl, 0.0)
+        rhs_k = kb
+    # (I + A)^{-1} [beta V | beta gamma K] in one batched forward substitution; the unit diagonal is implied.
+    UW = torch.linalg.solve_triangular(
+        A, torch.cat([vc * bc[..., None], rhs_k], dim=-1), upper=False, unitriangular=True
+    )
+    U, W = UW.split([vc.shape[-1], K], dim=-1)
+
+    if g is not None:
+        # What a chunk's token i is worth at the chunk's end: exp(G_C - G_i).
+        k_end = kc * (G[..., -1:] - G).exp()[..., None]
+        decay_end = G[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
+        decays = decay_end.unbind(2)
+    else:
+        k_end = kc
+        decays = None
+    # unbind (not indexing) so that autograd stacks the chunk gradients once instead of N full-size scatters.
+    Us, Ws, KendT = U.unbind(2), W.unbind(2), k_end.transpose(-1, -2).unbind(2)
+    states, v_news = [], []
+    S = state
+    for n in range(N):
+        states.append(S)
+        v_new = Us[n] - Ws[n] @ S  # [B, H, C, V]
+        v_news.append(v_new)
+        S = (S * decays[n] if decays is not None else S) + KendT[n] @ v_new
+    S_in = torch.stack(states, dim=2)  # state entering each chunk [B, H, N, K, V]
+    v_new = torch.stack(v_news, dim=2)  # [B, H, N, C, V]
+
+    q_in = qc * scale if g is None else qc * (scale * gamma)
+    o = q_in @ S_in + P @ v_new  # [B, H, N, C, V]
+    o = o.reshape(B, H, N * C, -1)[:, :, :T].movedim(2, 1)
+    return o, S
+
+
+def delta_rule_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise (gated) delta rule; same contract as :func:`mixlab.ops.delta_rule.delta_rule`.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``; g: ``[B, T, H]`` log-decay or None.
+        scale: query scale (default ``K ** -0.5``).
+        initial_state: ``[N, H, K, V]`` or None (zeros).
+        output_final_state: return the final state ``[N, H, K, V]``.
+        cu_seqlens: ``[N + 1]`` offsets of packed sequences in a ``B == 1`` batch (each run on its own).
+        chunk_size: tokens per chunk (64 balances the O(C^2) intra-chunk work against the sequential loop).
+
+    Returns:
+        ``(o [B, T, H, V] in q's dtype, final state in float32 (float64 for float64 inputs) or None)``.
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"delta_rule_chunked: chunk_size must be a positive int, got {chunk_size!r}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    cdt = _compute_dtype(q)
+    qf, kf, vf, bf = (x.to(cdt) for x in (q, k, v, beta))
+    gf = g.to(cdt) if g is not None else None
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+
+    if cu_seqlens is None:
+        s0 = initial_state.to(cdt) if initial_state is not None else qf.new_zeros(B, H, K, V)
+        o, s = _chunked_dense(qf, kf, vf, bf, gf, scale, s0, chunk_size)
+        return o.to(q.dtype), (s if output_final_state else None)
+
+    bounds = cu_seqlens.tolist()
+    outs, finals = [], []
+    for n in range(len(bounds) - 1):
+        a, b = bounds[n], bounds[n + 1]
+        s0 = initial_state[n : n + 1].to(cdt) if initial_state is not None else qf.new_zeros(1, H, K, V)
+        o_n, s_n = _chunked_dense(
+            qf[:, a:b],
+            kf[:, a:b],
+            vf[:, a:b],
+            bf[:, a:b],
+            gf[:, a:b] if gf is not None else None,
+            scale,
+            s0,
+            chunk_size,
+        )
+        outs.append(o_n)
+        finals.append(s_n)
+    o = torch.cat(outs, dim=1) if outs else vf.new_zeros(vf.shape)
+    return o.to(q.dtype), (torch.cat(finals, dim=0) if output_final_state else None)
+
+
+__all__ = ["delta_rule_chunked"]
