@@ -1,0 +1,167 @@
+"""The attention op against a naive float64 softmax, and RoPE's defining properties."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from mixlab.ops.attention import apply_rope, attention, rope_cos_sin
+
+F64 = torch.float64
+
+
+def naive_attention(q, k, v, causal=True, window=None, scale=None, q_offset=None):
+    """Per-query softmax over the keys it may see, written out position by position."""
+    _, tq, h, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    q_offset = s - tq if q_offset is None else q_offset
+    scale = d**-0.5 if scale is None else scale
+    out = []
+    for i in range(tq):
+        p = q_offset + i
+        if causal:
+            lo = 0 if window is None else max(0, p - window + 1)
+            keys = list(range(lo, p + 1))
+        else:
+            keys = list(range(s))
+        heads = []
+        for head in range(h):
+            kvh = head // (h // hkv)
+            sc = torch.stack([(q[:, i, head] * k[:, j, kvh]).sum(-1) * scale for j in keys], dim=-1)  # [B, n]
+            w = torch.softmax(sc, dim=-1)
+            heads.append(sum(w[:, n, None] * v[:, j, kvh] for n, j in enumerate(keys)))
+        out.append(torch.stack(heads, dim=1))
+    return torch.stack(out, dim=1)
+
+
+def _inputs(b, tq, s, h, hkv, d, dv=None, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, tq, h, d, generator=g, dtype=dtype)
+    k = torch.randn(b, s, hkv, d, generator=g, dtype=dtype)
+    v = torch.randn(b, s, hkv, dv or d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+CASES = [
+    # (Tq, S, H, Hkv, causal, window, q_offset)
+    (9, 9, 4, 4, True, None, None),  # square causal (SDPA is_causal)
+    (9, 9, 4, 2, True, None, None),  # GQA
+    (9, 9, 4, 1, True, 3, None),  # MQA + window
+    (7, 12, 4, 2, True, None, None),  # queries continue after 5 cached keys
+    (7, 12, 2, 2, True, 4, None),  # ... with a window
+    (1, 12, 4, 2, True, None, None),  # one decode step
+    (1, 12, 4, 2, True, 5, None),  # one decode step, windowed
+    (4, 12, 4, 2, True, 3, 2),  # explicit offset: queries in the middle of the keys
+    (5, 8, 4, 2, False, None, None),  # no mask
+    (6, 6, 2, 1, True, 50, None),  # window longer than the sequence = plain causal
+]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_attention_matches_naive_forward_and_grads(backend, case):
+    tq, s, h, hkv, causal, window, q_offset = case
+    q, k, v = _inputs(2, tq, s, h, hkv, 8, dv=6, seed=CASES.index(case))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    o = attention(q, k, v, causal=causal, window=window, q_offset=q_offset, backend=backend)
+    ref = naive_attention(q, k, v, causal=causal, window=window, q_offset=q_offset)
+    assert o.shape == (2, tq, h, 6)
+    torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(o)
+    g = torch.autograd.grad(o, (q, k, v), go)
+    g_ref = torch.autograd.grad(ref, (q, k, v), go)
+    for a, r in zip(g, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_custom_scale_and_auto_backend():
+    q, k, v = _inputs(1, 5, 5, 2, 1, 4)
+    o = attention(q, k, v, scale=0.3, window=2)
+    torch.testing.assert_close(o, naive_attention(q, k, v, window=2, scale=0.3), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_flex_backend_matches_naive(window):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = _inputs(1, 19, 19, 4, 2, 16, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
+        o = attention(q, k, v, window=window, backend="flex")
+    torch.testing.assert_close(o, naive_attention(q, k, v, window=window), rtol=1e-10, atol=1e-10)
+
+
+def test_float32_sdpa_close_to_float64():
+    q, k, v = _inputs(2, 16, 16, 4, 2, 32, seed=5)
+    o32 = attention(q.float(), k.float(), v.float(), window=6)
+    o64 = naive_attention(q, k, v, window=6)
+    assert o32.dtype == torch.float32
+    torch.testing.assert_close(o32.double(), o64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(h=3, hkv=2), "multiple of key/value heads"),
+        (dict(q_offset=5), "q_offset"),
+        (dict(causal=False, window=3), "causal"),
+        (dict(window=0), "window"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_attention_bad_input_errors(kwargs, match):
+    h, hkv = kwargs.pop("h", 4), kwargs.pop("hkv", 2)
+    q, k, v = _inputs(1, 4, 6, h, hkv, 4)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+
+
+def test_rope_is_a_rotation_by_position_times_frequency():
+    """Rotate-half pairs (i, i + D/2) as the complex number x_i + j x_{i+D/2}, turned by pos * theta^(-2i/D)."""
+    d, theta = 8, 500.0
+    x = torch.randn(2, 5, 3, d, dtype=F64)
+    pos = torch.tensor([0, 1, 7, 100, 12345])
+    cos, sin = rope_cos_sin(pos, d, theta, dtype=F64)
+    y = apply_rope(x, cos, sin)
+    z = torch.complex(x[..., : d // 2], x[..., d // 2 :])
+    freqs = torch.tensor([theta ** (-2 * i / d) for i in range(d // 2)], dtype=F64)
+    ang = pos.to(F64)[:, None] * freqs[None]
+    zr = z * torch.polar(torch.ones_like(ang), ang)[None, :, None, :]
+    torch.testing.assert_close(y, torch.cat([zr.real, zr.imag], dim=-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y[:, 0], x[:, 0])  # position 0 is the identity
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # a rotation keeps norms
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    d = 16
+    q = torch.randn(4, d, dtype=F64)
+    k = torch.randn(4, d, dtype=F64)
+
+    def score(m, n):
+        cq, sq = rope_cos_sin(torch.tensor([m]), d, 10000.0, dtype=F64)
+        ck, sk = rope_cos_sin(torch.tensor([n]), d, 10000.0, dtype=F64)
+        qr = apply_rope(q[None, None], cq, sq)[0, 0]
+        kr = apply_rope(k[None, None], ck, sk)[0, 0]
+        return (qr * kr).sum(-1)
+
+    base = score(5, 2)
+    for shift in (1, 17, 1000):
+        torch.testing.assert_close(score(5 + shift, 2 + shift), base, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(score(6, 2), base)  # and it does depend on the distance
+
+
+def test_rope_per_batch_tables_and_errors():
+    x = torch.randn(2, 3, 1, 4, dtype=F64)
+    cos, sin = rope_cos_sin(torch.arange(3), 4, dtype=F64)
+    y = apply_rope(x, cos[None].expand(2, 3, 4), sin[None].expand(2, 3, 4))
+    torch.testing.assert_close(y, apply_rope(x, cos, sin))
+    with pytest.raises(ValueError, match="even"):
+        rope_cos_sin(torch.arange(3), 5)
+    assert math.isclose(float(rope_cos_sin(torch.tensor([1]), 4, dtype=F64)[0][0, 0]), math.cos(1.0))
