@@ -1,0 +1,370 @@
+"""Triton kernels of Mamba's selective scan (forward, backward) and its one-token decode step.
+
+Work split (both passes): one program per (batch, block of ``BD`` channels); it walks the sequence in
+chunks of ``BL`` time steps. Inside a chunk, for each state ``n`` it forms ``a = exp(delta A_n)`` and
+``b = delta u B_n`` as ``[BD, BL]`` tiles and runs an associative scan over time, then adds the state
+carried in from the previous chunk. The carried state ``[BD, N]`` lives in registers; the forward
+also writes it at every chunk start (``[B, D, n_chunks, N]``, float32) so that the backward can
+recompute each chunk's states without rescanning from t = 0.
+
+Backward, per chunk in reverse order: recompute ``h`` by the forward scan, then the adjoint
+``g_t = dy_t C_t + a_{t+1} g_{t+1}`` by a reverse scan (``a_{t+1}`` comes from delta loaded one step
+ahead, so no register shift is needed), and ``a_t h_{t-1} = h_t - b_t`` gives the decay term.
+dB and dC are sums over the channels of a group: each program reduces its block and adds it with
+an atomic to a float32 ``[B, G, N, L]`` buffer.
+
+All arithmetic is float32 (float64 when the inputs are float64, which keeps the CPU interpreter
+tests tight). ``exp`` is ``exp2`` on ``A log2(e)`` in float32 mode.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _scan_combine(a1, b1, a2, b2):
+    # (a1, b1) precedes (a2, b2) in scan order: h -> a2 (a1 h + b1) + b2.
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)) with mamba_ssm's threshold (identity above 20); log1p via w = 1 + e,
+    # log(w) * e / (w - 1), accurate where 1 + e rounds (Goldberg's trick).
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    dw = w - 1.0
+    lp = tl.where(dw == 0.0, e, tl.log(w) * (e / tl.where(dw == 0.0, 1.0, dw)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _decay(dl, a_row, FP64: tl.constexpr):
+    # exp(dl * A) for a [BD, BL] tile and a [BD] row of A (pre-scaled by log2(e) in float32 mode).
+    if FP64:
+        return tl.exp(dl * a_row[:, None])
+    else:
+        return tl.exp2(dl * a_row[:, None])
+
+
+@triton.jit
+def _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr):
+    """Returns (delta after bias/softplus, pre-softplus value), zero where masked."""
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(CT)
+    if HAS_BIAS:
+        raw = raw + tl.load(bias_ptr + d).to(CT)[:, None]
+    dl = raw
+    if SOFTPLUS:
+        dl = _softplus(raw)
+    dl = tl.where(mask, dl, 0.0)
+    return dl, raw
+
+
+@triton.jit
+def selective_scan_fwd_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    h0_ptr,
+    out_ptr,
+    hlast_ptr,
+    hchunk_ptr,
+    DIM,
+    L,
+    N,
+    N_CHUNKS,
+    CH_PER_GROUP,
+    stride_bb,
+    stride_bg,
+    stride_bn,
+    stride_cb,
+    stride_cg,
+    stride_cn,
+    NP: tl.constexpr,
+    BD: tl.constexpr,
+    BL: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    grp = (pid_d * BD) // CH_PER_GROUP
+    nn = tl.arange(0, NP)
+    tt = tl.arange(0, BL)
+    row = (b * DIM + d).to(tl.int64) * L  # [BD] offsets of each channel's sequence in u/delta/z/out
+    st_mask = nn[None, :] < N
+    st_offs = (b * DIM + d).to(tl.int64)[:, None] * N + nn[None, :]  # [BD, NP] into [B, D, N]
+    if HAS_H0:
+        H = tl.load(h0_ptr + st_offs, mask=st_mask, other=0.0).to(CT)
+    else:
+        H = tl.zeros([BD, NP], dtype=CT)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d).to(CT)
+    B_base = B_ptr + b * stride_bb + grp * stride_bg
+    C_base = C_ptr + b * stride_cb + grp * stride_cg
+    for c in range(0, N_CHUNKS):
+        t = c * BL + tt
+        tmask = t < L
+        mask = tmask[None, :]
+        offs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+        dl, _ = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
+        du = dl * u
+        # chunk-start states for the backward pass: [B, D, n_chunks, N]
+        ck_offs = ((b * DIM + d).to(tl.int64)[:, None] * N_CHUNKS + c) * N + nn[None, :]
+        tl.store(hchunk_ptr + ck_offs, H.to(hchunk_ptr.dtype.element_ty), mask=st_mask)
+        y = tl.zeros([BD, BL], dtype=CT)
+        for n in range(0, N):
+            a_row = tl.load(A_ptr + d * N + n).to(CT)
+            if not FP64:
+                a_row = a_row * LOG2E
+            Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)
+            Cn = tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0).to(CT)
+            a = _decay(dl, a_row, FP64)
+            bb = du * Bn[None, :]
+            P, S = tl.associative_scan((a, bb), 1, _scan_combine)
+            sel = nn[None, :] == n
+            h_in = tl.sum(tl.where(sel, H, 0.0), 1)
+            h = S + P * h_in[:, None]
+            y += h * Cn[None, :]
+            h_end = tl.sum(tl.where(tt[None, :] == BL - 1, h, 0.0), 1)
+            H = tl.where(sel, h_end[:, None], H)
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(hlast_ptr + st_offs, H.to(hlast_ptr.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def selective_scan_bwd_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    hchunk_ptr,
+    dout_ptr,
+    dhlast_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    dB_ptr,
+    dC_ptr,
+    dA_part_ptr,
+    dD_part_ptr,
+    dbias_part_ptr,
+    dh0_ptr,
+    DIM,
+    L,
+    N,
+    N_CHUNKS,
+    CH_PER_GROUP,
+    stride_bb,
+    stride_bg,
+    stride_bn,
+    stride_cb,
+    stride_cg,
+    stride_cn,
+    stride_dbb,
+    stride_dbg,
+    stride_dbn,
+    stride_dcb,
+    stride_dcg,
+    stride_dcn,
+    NP: tl.constexpr,
+    BD: tl.constexpr,
+    BL: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_DHLAST: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    grp = (pid_d * BD) // CH_PER_GROUP
+    nn = tl.arange(0, NP)
+    tt = tl.arange(0, BL)
+    row = (b * DIM + d).to(tl.int64) * L
+    st_mask = nn[None, :] < N
+    st_offs = (b * DIM + d).to(tl.int64)[:, None] * N + nn[None, :]
+    # G: adjoint of the state at the first step of the chunk processed last (= g_{t0}); starts as
+    # d(last_state), which enters at t = L-1 with a unit decay.
+    if HAS_DHLAST:
+        G = tl.load(dhlast_ptr + st_offs, mask=st_mask, other=0.0).to(CT)
+    else:
+        G = tl.zeros([BD, NP], dtype=CT)
+    dA_acc = tl.zeros([BD, NP], dtype=CT)
+    dD_acc = tl.zeros([BD], dtype=CT)
+    dbias_acc = tl.zeros([BD], dtype=CT)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d).to(CT)
+    B_base = B_ptr + b * stride_bb + grp * stride_bg
+    C_base = C_ptr + b * stride_cb + grp * stride_cg
+    dB_base = dB_ptr + b * stride_dbb + grp * stride_dbg
+    dC_base = dC_ptr + b * stride_dcb + grp * stride_dcg
+    for ci in range(0, N_CHUNKS):
+        c = N_CHUNKS - 1 - ci
+        t = c * BL + tt
+        tmask = t < L
+        mask = tmask[None, :]
+        offs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+        dl, raw = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
+        # delta one step ahead: its decay a_{t+1} carries g_{t+1} back to t; zero (unit decay) at t >= L-1.
+        nmask = (t + 1 < L)[None, :]
+        dl_next, _ = _load_delta(delta_ptr, bias_ptr, offs + 1, d, nmask, HAS_BIAS, SOFTPLUS, CT)
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
+        if HAS_Z:
+            zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+            sz = tl.sigmoid(zz)
+            dy = dout * zz * sz
+        else:
+            dy = dout
+        du = dl * u
+        y = tl.zeros([BD, BL], dtype=CT)
+        du_acc = tl.zeros([BD, BL], dtype=CT)
+        ddl = tl.zeros([BD, BL], dtype=CT)
+        for n in range(0, N):
+            a_nat = tl.load(A_ptr + d * N + n).to(CT)
+            a_row = a_nat
+            if not FP64:
+                a_row = a_nat * LOG2E
+            Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)
+            Cn = tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0).to(CT)
+            h_in = tl.load(hchunk_ptr + ((b * DIM + d).to(tl.int64) * N_CHUNKS + c) * N + n).to(CT)
+            # forward recompute of this chunk's states
+            a = _decay(dl, a_row, FP64)
+            bb = du * Bn[None, :]
+            P, S = tl.associative_scan((a, bb), 1, _scan_combine)
+            h = S + P * h_in[:, None]
+            y += h * Cn[None, :]
+            # adjoint: g_t = dy_t C_t + a_{t+1} g_{t+1}
+            alpha = _decay(dl_next, a_row, FP64)
+            cc = dy * Cn[None, :]
+            Q, R = tl.associative_scan((alpha, cc), 1, _scan_combine, reverse=True)
+            sel = nn[None, :] == n
+            g_in = tl.sum(tl.where(sel, G, 0.0), 1)
+            g = R + Q * g_in[:, None]
+            g_start = tl.sum(tl.where(tt[None, :] == 0, g, 0.0), 1)
+            G = tl.where(sel, g_start[:, None], G)
+            hb = h - bb  # a_t h_{t-1}
+            gdl = g * dl
+            du_acc += gdl * Bn[None, :]
+            ddl += g * (Bn[None, :] * u + hb * a_nat[:, None])
+            dA_n = tl.sum(gdl * hb, 1)
+            dA_acc += tl.where(sel, dA_n[:, None], 0.0)
+            tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(gdl * u, 0), mask=tmask)
+            tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dy * h, 0), mask=tmask)
+        if HAS_D:
+            y += Dv[:, None] * u
+            du_acc += Dv[:, None] * dy
+            dD_acc += tl.sum(dy * u, 1)
+        if HAS_Z:
+            dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if SOFTPLUS:
+            ddl = ddl * tl.sigmoid(raw)
+        ddl = tl.where(mask, ddl, 0.0)
+        dbias_acc += tl.sum(ddl, 1)
+        tl.store(du_ptr + offs, du_acc.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask)
+    # d(initial state) = a_0 g_0
+    dl0, _ = _load_delta(delta_ptr, bias_ptr, row[:, None] + tt[None, :], d, (tt == 0)[None, :], HAS_BIAS, SOFTPLUS, CT)
+    dl0 = tl.sum(dl0, 1)
+    a_all = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(CT)
+    if FP64:
+        a0 = tl.exp(dl0[:, None] * a_all)
+    else:
+        a0 = tl.exp2(dl0[:, None] * a_all * LOG2E)
+    tl.store(dh0_ptr + st_offs, (a0 * G).to(dh0_ptr.dtype.element_ty), mask=st_mask)
+    tl.store(dA_part_ptr + st_offs, dA_acc.to(dA_part_ptr.dtype.element_ty), mask=st_mask)
+    part = b * DIM + d
+    tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
+    tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))
+
+
+@triton.jit
+def selective_state_update_kernel(
+    state_ptr,
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
+    DIM,
+    N,
+    CH_PER_GROUP,
+    stride_bb,
+    stride_bg,
+    stride_cb,
+    stride_cg,
+    NP: tl.constexpr,
+    BD: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    """One decode step, state updated in place: ``h = exp(dt A) h + dt B x``; ``y = C.h + D x``; ``y *= silu(z)``."""
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    dmask = d < DIM
+    nn = tl.arange(0, NP)
+    m2 = dmask[:, None] & (nn[None, :] < N)
+    grp = d // CH_PER_GROUP
+    st_offs = (b * DIM + d).to(tl.int64)[:, None] * N + nn[None, :]
+    h = tl.load(state_ptr + st_offs, mask=m2, other=0.0).to(CT)
+    x = tl.load(x_ptr + b * DIM + d, mask=dmask, other=0.0).to(CT)
+    dt = tl.load(dt_ptr + b * DIM + d, mask=dmask, other=0.0).to(CT)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(CT)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=m2, other=0.0).to(CT)
+    Bv = tl.load(B_ptr + b * stride_bb + grp[:, None] * stride_bg + nn[None, :], mask=m2, other=0.0).to(CT)
+    Cv = tl.load(C_ptr + b * stride_cb + grp[:, None] * stride_cg + nn[None, :], mask=m2, other=0.0).to(CT)
+    h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv
+    tl.store(state_ptr + st_offs, h.to(state_ptr.dtype.element_ty), mask=m2)
+    y = tl.sum(h * Cv, 1)
+    if HAS_D:
+        y += tl.load(D_ptr + d, mask=dmask, other=0.0).to(CT) * x
+    if HAS_Z:
+        z = tl.load(z_ptr + b * DIM + d, mask=dmask, other=0.0).to(CT)
+        y = y * z * tl.sigmoid(z)
+    tl.store(out_ptr + b * DIM + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(n)

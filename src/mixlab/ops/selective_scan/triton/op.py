@@ -1,0 +1,312 @@
+"""``torch.library`` custom ops around the selective-scan kernels, with autograd and fake tensors.
+
+``mixlab::selective_scan_fwd`` returns ``(out, last_state, chunk_states)``; the chunk-start states are
+saved for ``mixlab::selective_scan_bwd``. ``mixlab::selective_state_update`` is the decode step and
+updates its ``state`` argument in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .kernels import selective_scan_bwd_kernel, selective_scan_fwd_kernel, selective_state_update_kernel
+
+Tensor = torch.Tensor
+
+
+def state_dtype(u: Tensor) -> torch.dtype:
+    """The scan's state dtype: float32, or float64 for float64 inputs."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def default_config(dim: int, length: int, groups: int) -> tuple[int, int, int]:
+    """``(block_d, block_l, num_warps)``: channels per program (a power of two dividing D/G, so a block
+    never straddles two groups of B/C), time steps per chunk, warps per program."""
+    ch = dim // groups
+    bd = 8
+    while ch % bd:
+        bd //= 2
+    bl = min(64, max(16, triton.next_power_of_2(length)))
+    return bd, bl, 4
+
+
+def _n_chunks(length: int, block_l: int) -> int:
+    return triton.cdiv(length, block_l)
+
+
+@torch.library.custom_op("mixlab::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+    delta_softplus: bool,
+    block_d: int,
+    block_l: int,
+    num_warps: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """u, delta, z ``[B, D, L]`` contiguous; A ``[D, N]``; B, C ``[B, G, N, L]`` (L contiguous).
+    Returns ``out [B, D, L]`` (u's dtype), ``last_state [B, D, N]`` and ``chunk_states [B, D, n_chunks, N]``."""
+    bsz, dim, length = u.shape
+    n = A.shape[1]
+    groups = B.shape[1]
+    sd = state_dtype(u)
+    nc = _n_chunks(length, block_l)
+    out = torch.empty_like(u)
+    last = torch.empty(bsz, dim, n, device=u.device, dtype=sd)
+    chunks = torch.empty(bsz, dim, nc, n, device=u.device, dtype=sd)
+    dummy = u
+    grid = (dim // block_d, bsz)
+    selective_scan_fwd_kernel[grid](
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy,
+        initial_state if initial_state is not None else dummy,
+        out,
+        last,
+        chunks,
+        dim,
+        length,
+        n,
+        nc,
+        dim // groups,
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        C.stride(0),
+        C.stride(1),
+        C.stride(2),
+        NP=triton.next_power_of_2(n),
+        BD=block_d,
+        BL=block_l,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus,
+        HAS_H0=initial_state is not None,
+        FP64=sd == torch.float64,
+        num_warps=num_warps,
+    )
+    return out, last, chunks
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_d, block_l, num_warps):
+    bsz, dim, length = u.shape
+    n = A.shape[1]
+    sd = state_dtype(u)
+    return (
+        torch.empty_like(u),
+        u.new_empty(bsz, dim, n, dtype=sd),
+        u.new_empty(bsz, dim, _n_chunks(length, block_l), n, dtype=sd),
+    )
+
+
+@torch.library.custom_op("mixlab::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    chunk_states: Tensor,
+    dout: Tensor,
+    dlast: Tensor | None,
+    delta_softplus: bool,
+    block_d: int,
+    block_l: int,
+    num_warps: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``; those of absent
+    optional inputs come back as empty tensors."""
+    bsz, dim, length = u.shape
+    n = A.shape[1]
+    groups = B.shape[1]
+    sd = state_dtype(u)
+    nc = chunk_states.shape[2]
+    dout = dout.contiguous()
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    dB = torch.zeros(B.shape, device=u.device, dtype=sd)
+    dC = torch.zeros(C.shape, device=u.device, dtype=sd)
+    dA_part = torch.empty(bsz, dim, n, device=u.device, dtype=sd)
+    dD_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
+    dbias_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
+    dh0 = torch.empty(bsz, dim, n, device=u.device, dtype=sd)
+    dummy = u
+    grid = (dim // block_d, bsz)
+    selective_scan_bwd_kernel[grid](
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy,
+        chunk_states,
+        dout,
+        dlast.contiguous() if dlast is not None else dummy,
+        du,
+        ddelta,
+        dz if z is not None else dummy,
+        dB,
+        dC,
+        dA_part,
+        dD_part,
+        dbias_part,
+        dh0,
+        dim,
+        length,
+        n,
+        nc,
+        dim // groups,
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        C.stride(0),
+        C.stride(1),
+        C.stride(2),
+        dB.stride(0),
+        dB.stride(1),
+        dB.stride(2),
+        dC.stride(0),
+        dC.stride(1),
+        dC.stride(2),
+        NP=triton.next_power_of_2(n),
+        BD=block_d,
+        BL=block_l,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus,
+        HAS_DHLAST=dlast is not None,
+        FP64=sd == torch.float64,
+        num_warps=num_warps,
+    )
+    dA = dA_part.sum(0).to(A.dtype)
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
+    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dh0
+
+
+@selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dlast, delta_softplus, block_d, block_l, num_warps):
+    bsz, dim, _ = u.shape
+    n = A.shape[1]
+    sd = state_dtype(u)
+    return (
+        torch.empty_like(u),
+        torch.empty_like(delta),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        torch.empty_like(D) if D is not None else u.new_empty(0),
+        torch.empty_like(z) if z is not None else u.new_empty(0),
+        torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0),
+        u.new_empty(bsz, dim, n, dtype=sd),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_d, block_l, num_warps = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.cfg = (delta_softplus, block_d, block_l, num_warps)
+    ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+
+
+def _backward(ctx, dout, dlast, _dchunks):
+    u, delta, A, B, C, D, z, delta_bias, chunks = ctx.saved_tensors
+    delta_softplus, block_d, block_l, num_warps = ctx.cfg
+    if dout is None:
+        dout = torch.zeros_like(u)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, chunks, dout, dlast, delta_softplus, block_d, block_l, num_warps
+    )
+    return (
+        du,
+        ddelta,
+        dA,
+        dB,
+        dC,
+        dD if D is not None else None,
+        dz if z is not None else None,
+        dbias if delta_bias is not None else None,
+        dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("mixlab::selective_state_update", mutates_args=("state",))
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+) -> Tensor:
+    """state ``[B, D, N]`` (updated in place); x, dt, z ``[B, D]``; A ``[D, N]``; B, C ``[B, G, N]``. Returns y ``[B, D]``."""
+    bsz, dim, n = state.shape
+    groups = B.shape[1]
+    out = torch.empty_like(x)
+    bd = 32
+    grid = (triton.cdiv(dim, bd), bsz)
+    selective_state_update_kernel[grid](
+        state,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D if D is not None else x,
+        z if z is not None else x,
+        dt_bias if dt_bias is not None else x,
+        out,
+        dim,
+        n,
+        dim // groups,
+        B.stride(0),
+        B.stride(1),
+        C.stride(0),
+        C.stride(1),
+        NP=triton.next_power_of_2(n),
+        BD=bd,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=dt_softplus,
+        FP64=x.dtype == torch.float64 or state.dtype == torch.float64,
+        num_warps=4,
+    )
+    return out
+
+
+@selective_state_update.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x)

@@ -1,0 +1,191 @@
+"""Triton selective scan vs the plain recurrence: outputs, states and every gradient.
+
+Runs on the CPU under ``TRITON_INTERPRET=1`` (set here before Triton is imported) at tiny shapes;
+set ``TRITON_INTERPRET=0`` on a CUDA machine to run the same checks on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from mixlab.ops.selective_scan.triton import selective_scan_triton, selective_state_update_triton
+
+DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" or not torch.cuda.is_available() else "cuda"
+
+
+def _recurrence(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
+    """The definition, step by step in float64: returns (y, last_state)."""
+    u, delta, A = u.double(), delta.double(), A.double()
+    bsz, dim, length = u.shape
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    B = B.unsqueeze(1) if B.dim() == 3 else B
+    C = C.unsqueeze(1) if C.dim() == 3 else C
+    B = B.double().repeat_interleave(dim // B.shape[1], dim=1)
+    C = C.double().repeat_interleave(dim // C.shape[1], dim=1)
+    h = initial_state.double() if initial_state is not None else u.new_zeros(bsz, dim, A.shape[1])
+    ys = []
+    for t in range(length):
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
+        ys.append((h * C[..., t]).sum(-1))
+    y = torch.stack(ys, -1)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, h
+
+
+def _reference(*args, **kwargs):
+    """mixlab's own reference when it exists, else the recurrence above (both float64)."""
+    try:
+        from mixlab.ops.selective_scan.reference import selective_scan_reference
+    except ImportError:
+        return _recurrence(*args, **kwargs)
+    dbl = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    return selective_scan_reference(*dbl, **kw, return_last_state=True)
+
+
+def _inputs(bsz, dim, length, n, groups, dtype, seed, *, grouped=True, full=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE)
+
+    bc_shape = (bsz, groups, n, length) if grouped else (bsz, n, length)
+    ins = {
+        "u": r(bsz, dim, length),
+        "delta": r(bsz, dim, length, scale=0.5),
+        "A": -torch.rand(dim, n, generator=g, dtype=torch.float64).to(DEVICE) * 2 - 0.1,
+        "B": r(*bc_shape),
+        "C": r(*bc_shape),
+    }
+    if full:
+        ins |= {"D": r(dim), "z": r(bsz, dim, length), "delta_bias": r(dim, scale=0.5), "initial_state": r(bsz, dim, n)}
+    return {k: v.to(dtype if k != "A" else torch.float32 if dtype != torch.float64 else dtype) for k, v in ins.items()}
+
+
+def _check(ins, softplus, atol, rtol, **cfg):
+    leaves = {k: v.clone().requires_grad_() for k, v in ins.items()}
+    y, last = selective_scan_triton(**leaves, delta_softplus=softplus, return_last_state=True, **cfg)
+    ref_leaves = {k: v.detach().clone().double().requires_grad_() for k, v in ins.items()}
+    y_ref, last_ref = _reference(**ref_leaves, delta_softplus=softplus)
+    assert y.dtype == ins["u"].dtype and y.shape == ins["u"].shape
+    assert last.dtype == (torch.float64 if ins["u"].dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(last.double(), last_ref, atol=atol, rtol=rtol)
+    g = torch.Generator().manual_seed(123)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    gl = torch.randn(last.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    names = list(leaves)
+    grads = torch.autograd.grad((y.double() * gy).sum() + (last.double() * gl).sum(), [leaves[k] for k in names])
+    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (last_ref * gl).sum(), [ref_leaves[k] for k in names])
+    for k, a, b in zip(names, grads, grads_ref):
+        assert a.dtype == ins[k].dtype, k
+        torch.testing.assert_close(a.double(), b, atol=atol * max(1.0, b.abs().max().item()), rtol=rtol, msg=k)
+
+
+def test_all_features_float64_multi_chunk():
+    # grouped B/C (2 groups of 2 channels), D, z, bias + softplus, initial and last state,
+    # L=19 over chunks of 8 (the last one partial)
+    ins = _inputs(2, 4, 19, 3, 2, torch.float64, seed=0)
+    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, block_l=8)
+
+
+def test_plain_float64_ungrouped():
+    ins = _inputs(1, 4, 13, 4, 1, torch.float64, seed=1, grouped=False, full=False)
+    _check(ins, softplus=False, atol=1e-10, rtol=1e-10, block_l=8)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_low_precision_inputs(dtype, atol):
+    ins = _inputs(1, 4, 12, 2, 1, dtype, seed=2)
+    _check(ins, softplus=True, atol=atol, rtol=atol, block_l=16)
+
+
+def test_last_state_continues_the_sequence():
+    # scanning [0, L) equals scanning [0, k) and then [k, L) from the returned state
+    ins = _inputs(1, 4, 10, 3, 1, torch.float64, seed=3, full=False)
+    y_full, h_full = selective_scan_triton(**ins, return_last_state=True, block_l=8)
+    k = 6
+    first = {k2: (v[..., :k] if v.dim() >= 3 else v) for k2, v in ins.items()}
+    second = {k2: (v[..., k:] if v.dim() >= 3 else v) for k2, v in ins.items()}
+    y1, h1 = selective_scan_triton(**first, return_last_state=True, block_l=8)
+    y2, h2 = selective_scan_triton(**second, initial_state=h1, return_last_state=True, block_l=8)
+    torch.testing.assert_close(torch.cat([y1, y2], -1), y_full, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(h2, h_full, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_decode_step_matches_scan(groups):
+    ins = _inputs(2, 4, 3, 3, groups, torch.float64, seed=4)
+    y_ref, h_ref = _recurrence(**ins, delta_softplus=True)
+    state = ins["initial_state"].clone()
+    ys = []
+    for t in range(3):
+        ys.append(
+            selective_state_update_triton(
+                state,
+                ins["u"][..., t],
+                ins["delta"][..., t],
+                ins["A"],
+                ins["B"][..., t],
+                ins["C"][..., t],
+                ins["D"],
+                ins["z"][..., t],
+                ins["delta_bias"],
+                dt_softplus=True,
+            )
+        )
+    torch.testing.assert_close(torch.stack(ys, -1), y_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(state, h_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_bad_block_config_is_rejected():
+    ins = _inputs(1, 6, 4, 2, 2, torch.float64, seed=5, full=False)
+    with pytest.raises(ValueError, match="block_d"):
+        selective_scan_triton(**ins, block_d=2)
+
+
+def test_custom_op_traces_under_compile():
+    ins = _inputs(1, 4, 6, 2, 1, torch.float64, seed=6, full=False)
+    torch.library.opcheck(
+        torch.ops.mixlab.selective_scan_fwd.default,
+        (
+            ins["u"],
+            ins["delta"],
+            ins["A"],
+            ins["B"].unsqueeze(1),
+            ins["C"].unsqueeze(1),
+            None,
+            None,
+            None,
+            None,
+            False,
+            4,
+            8,
+            4,
+        ),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(u, delta, A, B, C):
+        return selective_scan_triton(u, delta, A, B, C) * 2
+
+    u = ins["u"].clone().requires_grad_()
+    y = f(u, ins["delta"], ins["A"], ins["B"], ins["C"])
+    torch.testing.assert_close(y, 2 * _recurrence(**ins)[0], atol=1e-12, rtol=1e-12)
+    y.sum().backward()
+    assert u.grad is not None and torch.isfinite(u.grad).all()
