@@ -57,22 +57,25 @@ def _chunked_dense(
     qc, kc, vc = (_to_chunks(x, N, C, pad) for x in (q, k, v))  # [B, H, N, C, D]
     bc = _to_chunks(beta, N, C, pad)  # [B, H, N, C]
 
-    ones = torch.ones(C, C, dtype=torch.bool, device=q.device)
-    incl = torch.tril(ones)
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     kb = kc * bc[..., None]
     kkt = kb @ kc.transpose(-1, -2)  # diag(beta) K K^T  [B, H, N, C, C]
     qkt = (qc * scale) @ kc.transpose(-1, -2)
     if g is not None:
-        G = _to_chunks(g, N, C, pad).cumsum(-1)  # [B, H, N, C]
-        # Mask before exp: exp(G_i - G_j) for i < j can overflow, and inf * 0 would poison the gradient.
-        gam_mat = (G[..., :, None] - G[..., None, :]).masked_fill(~incl, float("-inf")).exp()
-        A = (kkt * gam_mat).tril(-1)
-        P = qkt * gam_mat
+        gc = _to_chunks(g, N, C, pad)  # [B, H, N, C]
+        G = gc.cumsum(-1)
+        # Gamma strictly below the diagonal; masked before exp because exp(G_i - G_j) for i < j can
+        # overflow and inf * 0 would poison the gradient. The unit diagonal is added as a constant:
+        # computing it as exp(G_i - G_i) gives g gradients +x and -x that cancel only up to rounding,
+        # which swamps the true (tiny) gradient under strong decay.
+        gam_strict = (G[..., :, None] - G[..., None, :]).masked_fill(~strict, float("-inf")).exp()
+        A = kkt * gam_strict
+        P = qkt * gam_strict + torch.diag_embed(qkt.diagonal(dim1=-2, dim2=-1))
         gamma = G.exp()[..., None]  # [B, H, N, C, 1]
         rhs_k = kb * gamma
     else:
         A = kkt.tril(-1)
-        P = qkt.masked_fill(~incl, 0.0)
+        P = qkt.tril()
         rhs_k = kb
     # (I + A)^{-1} [beta V | beta gamma K] in one batched forward substitution; the unit diagonal is implied.
     UW = torch.linalg.solve_triangular(
@@ -82,7 +85,9 @@ def _chunked_dense(
 
     if g is not None:
         # What a chunk's token i is worth at the chunk's end: exp(G_C - G_i).
-        k_end = kc * (G[..., -1:] - G).exp()[..., None]
+        # G_C - G_i as the sum of g after i (a reverse exclusive cumsum), not a difference of cumsums.
+        to_end = F.pad(gc.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
+        k_end = kc * to_end.exp()[..., None]
         decay_end = G[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
         decays = decay_end.unbind(2)
     else:
