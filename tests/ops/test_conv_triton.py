@@ -1,0 +1,109 @@
+"""Triton causal depthwise conv vs the plain-PyTorch reference: outputs, final state, every gradient.
+
+CPU under ``TRITON_INTERPRET=1`` (set here before Triton is imported) at tiny shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mixlab.ops.conv.reference import causal_conv1d
+from mixlab.ops.conv.triton import causal_conv1d_triton, causal_conv1d_update_triton
+
+DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" or not torch.cuda.is_available() else "cuda"
+
+
+def _rand(g, *shape, dtype=torch.float64):
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "T,W,activation,has_bias,has_state",
+    [
+        (11, 4, "silu", True, True),  # the first taps read the initial state
+        (40, 4, "silu", True, False),  # two row tiles of 32
+        (2, 4, None, False, True),  # T < W-1: the final state still holds part of the initial state
+        (7, 2, "swish", True, False),
+        (5, 3, None, True, True),
+    ],
+)
+def test_matches_reference_float64(T, W, activation, has_bias, has_state):
+    g = torch.Generator().manual_seed(T * 10 + W)
+    B, C = 2, 5
+    x = _rand(g, B, T, C).requires_grad_()
+    w = _rand(g, C, W).requires_grad_()
+    b = _rand(g, C).requires_grad_() if has_bias else None
+    h0 = _rand(g, B, C, W - 1).requires_grad_() if has_state else None
+    y, fin = causal_conv1d_triton(x, w, b, activation, h0, output_final_state=True)
+    y_ref, fin_ref = causal_conv1d(x, w, b, activation, h0, output_final_state=True)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fin, fin_ref, atol=0, rtol=0)
+    gy, gf = _rand(g, *y.shape), _rand(g, *fin.shape)
+    leaves = [t for t in (x, w, b, h0) if t is not None]
+    grads = torch.autograd.grad((y * gy).sum() + (fin * gf).sum(), leaves)
+    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (fin_ref * gf).sum(), leaves)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-12)
+
+
+def test_strided_input_and_bf16():
+    # x is a channel slice of a wider projection (as in Mamba's in_proj output), in bfloat16
+    g = torch.Generator().manual_seed(7)
+    B, T, C, W = 2, 9, 6, 4
+    xz = _rand(g, B, T, 2 * C, dtype=torch.bfloat16)
+    x = xz[..., :C].detach().requires_grad_()
+    x_view = xz.detach().clone().requires_grad_()
+    w, b = _rand(g, C, W), _rand(g, C)
+    y, _ = causal_conv1d_triton(x_view[..., :C], w, b, "silu")
+    y_ref, _ = causal_conv1d(x.double(), w, b, "silu")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), y_ref, atol=2e-2, rtol=2e-2)
+    gy = _rand(g, B, T, C, dtype=torch.bfloat16)
+    (y * gy).sum().backward()
+    (dx_ref,) = torch.autograd.grad((y_ref * gy.double()).sum(), x)
+    torch.testing.assert_close(x_view.grad[..., :C].double(), dx_ref.double(), atol=3e-2, rtol=3e-2)
+    assert (x_view.grad[..., C:] == 0).all()
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_decode_update_continues_the_sequence(W):
+    g = torch.Generator().manual_seed(W)
+    B, T, C = 2, 4, 6
+    x, w, b, h0 = _rand(g, B, T, C), _rand(g, C, W), _rand(g, C), _rand(g, B, C, W - 1)
+    y_ref, fin_ref = causal_conv1d(x, w, b, "silu", h0, output_final_state=True)
+    state = h0.clone()
+    ys = [causal_conv1d_update_triton(x[:, t], state, w, b, "silu") for t in range(T)]
+    torch.testing.assert_close(torch.stack(ys, 1), y_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(state, fin_ref, atol=0, rtol=0)
+
+
+def test_bad_width_is_rejected():
+    with pytest.raises(ValueError, match="width"):
+        causal_conv1d_triton(torch.randn(1, 3, 2, device=DEVICE), torch.randn(2, 6, device=DEVICE))
+
+
+def test_custom_op_traces_under_compile():
+    g = torch.Generator().manual_seed(11)
+    x, w = _rand(g, 1, 5, 3), _rand(g, 3, 4)
+    torch.library.opcheck(
+        torch.ops.mixlab.causal_conv1d_fwd.default,
+        (x, w, None, None, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(x, w):
+        return causal_conv1d_triton(x, w, activation="silu")[0] + 1
+
+    xr = x.clone().requires_grad_()
+    y = f(xr, w)
+    torch.testing.assert_close(y, causal_conv1d(x, w, activation="silu")[0] + 1, atol=1e-12, rtol=1e-12)
+    y.sum().backward()
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()
