@@ -1,0 +1,769 @@
+"""Chunkwise Triton kernels for the gated delta rule and gated linear attention (Mamba2's SSD).
+
+One kernel family serves three mixers (DESIGN.md §2). Per chunk of ``BT = 64`` tokens and per head,
+with ``G = cumsum(g)`` inside the chunk, ``γ = exp(G)`` and ``Γ_ij = exp(G_i − G_j)``:
+
+* delta rule (``USE_DELTA``): ``A = strictly_lower(diag(β) K Kᵀ ⊙ Γ)``, ``T = (I + A)⁻¹`` (blocked
+  inversion of 16×16 diagonal blocks), ``W = T diag(βγ) K``, ``U = T diag(β) V``; across chunks
+  ``V_new = U − W S``.
+* gated linear attention (SSD): ``V_new = V`` (no T, no W).
+
+Then ``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` and ``S ← γ_C S + (diag(γ_C/γ) K)ᵀ V_new``.
+
+Tensors are handled as packed token streams: ``[B, T, H, D]`` is viewed as ``[B·T, H, D]`` and a
+sequence is a token range ``[bos, eos)`` (``cu_seqlens`` for varlen, ``n·T`` otherwise), so states
+never cross sequences. Queries/keys may have fewer heads ``HK`` than values (``H % HK == 0``; SSD's
+groups). Dots take operands in the input dtype and accumulate in float32; states are float32 in
+registers and stored per chunk (``h``) in the input dtype.
+
+Backward is recompute-based: the forward saves ``T``, ``W``, ``U``; the backward recomputes the
+per-chunk states, runs a reverse sequential pass for the state gradients, and two parallel passes
+for ``dq, dk, dw, dg`` and the WY (``T``) backward. Gate gradients are accumulated per position of
+the cumulative sum ``G`` and turned into ``dg`` with a reverse cumulative sum inside each chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+BT = 64  # chunk length (tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+#
+# Helpers are written inline on purpose: under TRITON_INTERPRET=1 every call of a nested
+# ``@triton.jit`` function re-patches ``triton.language`` (milliseconds each), which made the CPU
+# tests many times slower. Recurring snippets:
+#   chunk bounds     i_n (sequence), i_t (chunk in it), [bos, eos) its tokens, t0 the chunk's first
+#   rows / m_t       token indices of the chunk's BT rows (int64) / which of them are inside the sequence
+#   b_g / b_glast    G = cumsum(g) over the chunk (float32; padded rows repeat the last value) / G at its end
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _wy_fwd_kernel(
+    k, v, beta, g, Tm, w, u, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): ``T = (I + A)⁻¹`` into ``Tm`` [Ntok, H, BT] (float32), ``W``, ``U``."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    rows = (t0 + o_t).to(tl.int64)
+    dt = k.dtype.element_ty
+    p_k = k + rows[:, None] * (HK * K) + i_hk * K
+    p_T = Tm + rows[:, None] * (H * BT) + i_h * BT
+
+    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k = tl.load(p_k + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+        b_A += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
+    m_s = o_t[:, None] > o_t[None, :]
+    if USE_G:
+        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        b_A = b_A * tl.exp(tl.where(m_s, b_g[:, None] - b_g[None, :], 0.0))
+    b_A = tl.where(m_s, b_A * b_beta[:, None], 0.0)
+    tl.store(p_T + o_t[None, :], b_A, mask=m_t[:, None])
+    tl.debug_barrier()
+
+    # Blocked inversion of the unit lower-triangular (I + A). The 4 diagonal 16×16 blocks, as one
+    # [4, 16, 16] tile, by forward substitution: row i of (I + a)⁻¹ − I is −a_i − Σ_j a_ij (row j).
+    o_i = tl.arange(0, 16)
+    o_b = tl.arange(0, 4)
+    r3 = t0 + o_b[:, None, None] * 16 + o_i[None, :, None]
+    p3 = Tm + r3.to(tl.int64) * (H * BT) + i_h * BT + o_b[:, None, None] * 16 + o_i[None, None, :]
+    b_X = -tl.load(p3, mask=r3 < eos, other=0.0)
+    for i in range(2, 16):
+        sel = o_i[None, :, None] == i
+        b_row = tl.sum(tl.where(sel, b_X, 0.0), axis=1)
+        b_row = b_row + tl.sum(b_row[:, :, None] * b_X, axis=1)
+        b_X = tl.where(sel, b_row[:, None, :], b_X)
+    b_X += (o_i[:, None] == o_i[None, :]).to(tl.float32)[None, :, :]
+    b_X00 = tl.sum(tl.where(o_b[:, None, None] == 0, b_X, 0.0), axis=0)
+    b_X11 = tl.sum(tl.where(o_b[:, None, None] == 1, b_X, 0.0), axis=0)
+    b_X22 = tl.sum(tl.where(o_b[:, None, None] == 2, b_X, 0.0), axis=0)
+    b_X33 = tl.sum(tl.where(o_b[:, None, None] == 3, b_X, 0.0), axis=0)
+    # off-diagonal blocks: X_ij = −X_ii Σ_{k=j}^{i−1} A_ik X_kj
+    p16 = Tm + (t0 + o_i).to(tl.int64)[:, None] * (H * BT) + i_h * BT + o_i[None, :]
+    s16 = 16 * H * BT
+    b_A10 = tl.load(p16 + s16 + 0, mask=((t0 + 16 + o_i) < eos)[:, None], other=0.0)
+    b_A20 = tl.load(p16 + 2 * s16 + 0, mask=((t0 + 32 + o_i) < eos)[:, None], other=0.0)
+    b_A21 = tl.load(p16 + 2 * s16 + 16, mask=((t0 + 32 + o_i) < eos)[:, None], other=0.0)
+    b_A30 = tl.load(p16 + 3 * s16 + 0, mask=((t0 + 48 + o_i) < eos)[:, None], other=0.0)
+    b_A31 = tl.load(p16 + 3 * s16 + 16, mask=((t0 + 48 + o_i) < eos)[:, None], other=0.0)
+    b_A32 = tl.load(p16 + 3 * s16 + 32, mask=((t0 + 48 + o_i) < eos)[:, None], other=0.0)
+    P: tl.constexpr = "ieee"
+    b_X10 = -tl.dot(tl.dot(b_X11, b_A10, input_precision=P), b_X00, input_precision=P)
+    b_X21 = -tl.dot(tl.dot(b_X22, b_A21, input_precision=P), b_X11, input_precision=P)
+    b_X32 = -tl.dot(tl.dot(b_X33, b_A32, input_precision=P), b_X22, input_precision=P)
+    b_S = tl.dot(b_A20, b_X00, input_precision=P) + tl.dot(b_A21, b_X10, input_precision=P)
+    b_X20 = -tl.dot(b_X22, b_S, input_precision=P)
+    b_S = tl.dot(b_A31, b_X11, input_precision=P) + tl.dot(b_A32, b_X21, input_precision=P)
+    b_X31 = -tl.dot(b_X33, b_S, input_precision=P)
+    b_S = (
+        tl.dot(b_A30, b_X00, input_precision=P)
+        + tl.dot(b_A31, b_X10, input_precision=P)
+        + tl.dot(b_A32, b_X20, input_precision=P)
+    )
+    b_X30 = -tl.dot(b_X33, b_S, input_precision=P)
+    tl.debug_barrier()
+    tl.store(p3, b_X, mask=r3 < eos)
+    tl.store(p16 + s16 + 0, b_X10, mask=((t0 + 16 + o_i) < eos)[:, None])
+    tl.store(p16 + 2 * s16 + 0, b_X20, mask=((t0 + 32 + o_i) < eos)[:, None])
+    tl.store(p16 + 2 * s16 + 16, b_X21, mask=((t0 + 32 + o_i) < eos)[:, None])
+    tl.store(p16 + 3 * s16 + 0, b_X30, mask=((t0 + 48 + o_i) < eos)[:, None])
+    tl.store(p16 + 3 * s16 + 16, b_X31, mask=((t0 + 48 + o_i) < eos)[:, None])
+    tl.store(p16 + 3 * s16 + 32, b_X32, mask=((t0 + 48 + o_i) < eos)[:, None])
+    tl.debug_barrier()
+
+    b_T = tl.load(p_T + o_t[None, :], mask=m_t[:, None], other=0.0).to(dt)
+    if USE_G:
+        b_bg = b_beta * tl.exp(b_g)
+    else:
+        b_bg = b_beta
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(p_k + o_k[None, :], mask=m_k, other=0.0)
+        b_w = tl.dot(b_T, (b_k * b_bg[:, None]).to(dt), input_precision="ieee")
+        tl.store(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], b_w.to(dt), mask=m_k)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = m_t[:, None] & (o_v < V)[None, :]
+        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m_v, other=0.0)
+        b_u = tl.dot(b_T, (b_v * b_beta[:, None]).to(dt), input_precision="ieee")
+        tl.store(u + p_v, b_u.to(dt), mask=m_v)
+
+
+@triton.jit
+def _fwd_h_kernel(
+    k, v, w, g, h, vn, h0, ht, cu_seqlens, chunk_offsets, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, SAVE_VNEW: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Sequential over the chunks of one (sequence, head, V tile): states ``h`` [NC, H, K, V] entering
+    each chunk, and ``V_new`` (``U − W S`` with the delta rule, ``v`` holding ``U``; else ``v``)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+        nt = tl.cdiv(eos - bos, BT)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int32)
+    else:
+        bos = i_n * T
+        eos = bos + T
+        nt = NT
+        c0 = i_n * NT
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    dt = k.dtype.element_ty
+    p_s = o_k[:, None] * V + o_v[None, :]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    for i_t in range(nt):
+        t0 = bos + i_t * BT
+        m_t = (t0 + o_t) < eos
+        rows = (t0 + o_t).to(tl.int64)
+        tl.store(h + ((c0 + i_t).to(tl.int64) * H + i_h) * K * V + p_s, b_h.to(dt), mask=m_kv)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        m_v = m_t[:, None] & (o_v < V)[None, :]
+        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        b_k = tl.load(k + rows[:, None] * (HK * K) + i_hk * K + o_k[None, :], mask=m_k, other=0.0)
+        b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
+        if USE_DELTA:
+            b_w = tl.load(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0)
+            b_v -= tl.dot(b_w, b_h.to(dt), input_precision="ieee")
+            if SAVE_VNEW:
+                tl.store(vn + p_v, b_v.to(dt), mask=m_v)
+        if USE_G:
+            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+            b_v = b_v * tl.exp(b_glast - b_g)[:, None]
+            b_h *= tl.exp(b_glast)
+        b_h += tl.dot(tl.trans(b_k), b_v.to(dt), input_precision="ieee")
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + p_s, b_h, mask=m_kv)
+
+
+@triton.jit
+def _fwd_o_kernel(
+    q, k, vn, g, h, o, cu_seqlens, chunk_indices, scale, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` per (V tile, chunk, head)."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    rows = (t0 + o_t).to(tl.int64)
+    o_v = i_v * BV + tl.arange(0, BV)
+    dt = q.dtype.element_ty
+    p_qk = rows[:, None] * (HK * K) + i_hk * K
+    p_h = h + (i_c.to(tl.int64) * H + i_h) * K * V + o_v[None, :]
+
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        b_q = tl.load(q + p_qk + o_k[None, :], mask=m_k, other=0.0)
+        b_k = tl.load(k + p_qk + o_k[None, :], mask=m_k, other=0.0)
+        b_h = tl.load(p_h + o_k[:, None] * V, mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.0)
+        b_o += tl.dot(b_q, b_h, input_precision="ieee")
+        b_A += tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    m_i = o_t[:, None] >= o_t[None, :]
+    if USE_G:
+        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        b_o = b_o * tl.exp(b_g)[:, None]
+        b_A = b_A * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
+    b_A = tl.where(m_i, b_A, 0.0)
+    m_v = m_t[:, None] & (o_v < V)[None, :]
+    p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+    b_v = tl.load(vn + p_v, mask=m_v, other=0.0)
+    b_o = (b_o + tl.dot(b_A.to(dt), b_v.to(dt), input_precision="ieee")) * scale
+    tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _bwd_dv_local_kernel(
+    q, k, g, do, dv, cu_seqlens, chunk_indices, scale, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Intra-chunk part of ``dV_new``: ``scale·(Q Kᵀ ⊙ Γ_incl)ᵀ dO`` per (chunk, head)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    rows = (t0 + o_t).to(tl.int64)
+    dt = q.dtype.element_ty
+    p_qk = rows[:, None] * (HK * K) + i_hk * K
+
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j · q_i
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        b_q = tl.load(q + p_qk + o_k[None, :], mask=m_k, other=0.0)
+        b_k = tl.load(k + p_qk + o_k[None, :], mask=m_k, other=0.0)
+        b_A += tl.dot(b_k, tl.trans(b_q), input_precision="ieee")
+    m_u = o_t[:, None] <= o_t[None, :]
+    if USE_G:
+        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        b_A = b_A * tl.exp(tl.where(m_u, b_g[None, :] - b_g[:, None], 0.0))
+    b_A = (tl.where(m_u, b_A, 0.0) * scale).to(dt)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = m_t[:, None] & (o_v < V)[None, :]
+        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_v, other=0.0)
+        b_dv = tl.dot(b_A, b_do.to(dt), input_precision="ieee")
+        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    q, k, w, g, do, dvl, dh, dvn, dht, dh0, cu_seqlens, chunk_offsets, scale, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Reverse sequential pass: ``dh`` [NC, H, K, V] (gradient of the state leaving each chunk) and
+    ``dV_new = dvl + diag(γ_C/γ) K dh``; ``dS ← γ_C dS + scale·(diag(γ) Q)ᵀ dO − Wᵀ dV_new``."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+        nt = tl.cdiv(eos - bos, BT)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int32)
+    else:
+        bos = i_n * T
+        eos = bos + T
+        nt = NT
+        c0 = i_n * NT
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    dt = q.dtype.element_ty
+    p_s = o_k[:, None] * V + o_v[None, :]
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    for i_r in range(nt):
+        i_t = nt - 1 - i_r
+        t0 = bos + i_t * BT
+        m_t = (t0 + o_t) < eos
+        rows = (t0 + o_t).to(tl.int64)
+        tl.store(dh + ((c0 + i_t).to(tl.int64) * H + i_h) * K * V + p_s, b_dh.to(dt), mask=m_kv)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        m_v = m_t[:, None] & (o_v < V)[None, :]
+        p_qk = rows[:, None] * (HK * K) + i_hk * K + o_k[None, :]
+        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        b_q = tl.load(q + p_qk, mask=m_k, other=0.0)
+        b_k = tl.load(k + p_qk, mask=m_k, other=0.0)
+        b_do = tl.load(do + p_v, mask=m_v, other=0.0)
+        b_dv = tl.dot(b_k, b_dh.to(dt), input_precision="ieee")
+        if USE_G:
+            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+            b_dv = b_dv * tl.exp(b_glast - b_g)[:, None]
+            b_qs = (b_q * (tl.exp(b_g) * scale)[:, None]).to(dt)
+            b_dh *= tl.exp(b_glast)
+        else:
+            b_qs = (b_q * scale).to(dt)
+        b_dv += tl.load(dvl + p_v, mask=m_v, other=0.0).to(tl.float32)
+        tl.store(dvn + p_v, b_dv.to(dvn.dtype.element_ty), mask=m_v)
+        b_dh += tl.dot(tl.trans(b_qs), b_do.to(dt), input_precision="ieee")
+        if USE_DELTA:
+            b_w = tl.load(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0)
+            b_dh -= tl.dot(tl.trans(b_w), b_dv.to(dt), input_precision="ieee")
+    if STORE_INITIAL_STATE_GRADIENT:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_s, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _bwd_dqkwg_kernel(
+    q, k, vn, g, h, do, dh, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, T, NT, NTOK,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Per (K tile, chunk, head): ``dq``, ``dk`` (all but the WY part), ``dw = −dV_new Sᵀ`` (float32,
+    per value head) and this K tile's share of ``dG`` (gradient w.r.t. G = cumsum(g)) into
+    ``dG[i_k]`` [NS, Ntok, H]."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    rows = (t0 + o_t).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = m_t[:, None] & (o_k < K)[None, :]
+    dt = q.dtype.element_ty
+    p_s = (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V
+
+    p_qk = rows[:, None] * (HK * K) + i_hk * K + o_k[None, :]
+    b_q = tl.load(q + p_qk, mask=m_k, other=0.0)
+    b_k = tl.load(k + p_qk, mask=m_k, other=0.0)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dP = tl.zeros([BT, BT], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+        m_v = m_t[:, None] & (o_v < V)[None, :]
+        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        b_h = tl.load(h + p_s + o_v[None, :], mask=m_kv, other=0.0)
+        b_dh = tl.load(dh + p_s + o_v[None, :], mask=m_kv, other=0.0)
+        b_v = tl.load(vn + p_v, mask=m_v, other=0.0).to(dt)
+        b_do = tl.load(do + p_v, mask=m_v, other=0.0).to(dt)
+        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision="ieee")
+        b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision="ieee")
+        b_dP += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
+        if USE_DELTA:
+            b_dv = tl.load(dvn + p_v, mask=m_v, other=0.0).to(dt)
+            b_dw += tl.dot(b_dv, tl.trans(b_h), input_precision="ieee")
+        if USE_G:
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+    m_i = o_t[:, None] >= o_t[None, :]
+    b_qf = b_q.to(tl.float32)
+    b_kf = b_k.to(tl.float32)
+    if USE_G:
+        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+        b_dq = b_dq * (tl.exp(b_g) * scale)[:, None]
+        b_dk = b_dk * tl.exp(b_glast - b_g)[:, None]
+        # d G_last through γ_C S and through the decayed keys of the state update
+        b_dglast = tl.sum(b_hdh, axis=0) * tl.exp(b_glast) + tl.sum(tl.sum(b_dk * b_kf, axis=1), axis=0)
+        b_dP = b_dP * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
+    else:
+        b_dq = b_dq * scale
+    b_dP = (tl.where(m_i, b_dP, 0.0) * scale).to(dt)
+    b_dq += tl.dot(b_dP, b_k, input_precision="ieee")
+    b_dk += tl.dot(tl.trans(b_dP), b_q, input_precision="ieee")
+    p_d = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
+    tl.store(dq + p_d, b_dq, mask=m_k)
+    tl.store(dk + p_d, b_dk, mask=m_k)
+    if USE_DELTA:
+        tl.store(dw + p_d, -b_dw, mask=m_k)
+    if USE_G:
+        b_dG = tl.sum(b_dq * b_qf, axis=1) - tl.sum(b_dk * b_kf, axis=1)
+        i_last = tl.minimum(eos - t0, BT) - 1
+        b_dG += tl.where(o_t == i_last, b_dglast, 0.0)
+        tl.store(dG + i_k * NTOK * H + rows * H + i_h, b_dG, mask=m_t)
+
+
+@triton.jit
+def _wy_bwd_kernel(
+    k, v, beta, g, Tm, dvn, dw, dk, dv, dbeta, dG, cu_seqlens, chunk_indices, T, NT, NTOK, SLOT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Backward of ``U = T diag(β) V``, ``W = T diag(βγ) K``, ``T = (I + A)⁻¹`` per (chunk, head):
+    writes ``dv``, ``dbeta``, adds into ``dk`` (float32, per value head) and writes ``dG[SLOT]``."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    rows = (t0 + o_t).to(tl.int64)
+    dt = k.dtype.element_ty
+    p_k = k + rows[:, None] * (HK * K) + i_hk * K
+
+    b_T = tl.load(Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+    b_Tt = tl.trans(b_T).to(dt)
+    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    if USE_G:
+        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        b_gam = tl.exp(b_g)
+    else:
+        b_gam = tl.full([BT], 1.0, dtype=tl.float32)
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    b_dG = tl.zeros([BT], dtype=tl.float32)
+    b_KK = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = m_t[:, None] & (o_v < V)[None, :]
+        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
+        b_du = tl.load(dvn + p_v, mask=m_v, other=0.0).to(dt)
+        b_dT += tl.dot(b_du, tl.trans((b_v * b_beta[:, None]).to(dt)), input_precision="ieee")
+        b_tdu = tl.dot(b_Tt, b_du, input_precision="ieee")
+        tl.store(dv + p_v, (b_tdu * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_v)
+        b_db += tl.sum(b_tdu * b_v, axis=1)
+    b_bg = b_beta * b_gam
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        p_d = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
+        b_k = tl.load(p_k + o_k[None, :], mask=m_k, other=0.0)
+        b_kf = b_k.to(tl.float32)
+        b_dw = tl.load(dw + p_d, mask=m_k, other=0.0).to(dt)
+        b_dT += tl.dot(b_dw, tl.trans((b_kf * b_bg[:, None]).to(dt)), input_precision="ieee")
+        b_tdw = tl.dot(b_Tt, b_dw, input_precision="ieee")
+        b_dk = tl.load(dk + p_d, mask=m_k, other=0.0) + b_tdw * b_bg[:, None]
+        tl.store(dk + p_d, b_dk, mask=m_k)
+        b_tk = tl.sum(b_tdw * b_kf, axis=1)
+        b_db += b_tk * b_gam
+        b_dG += b_tk * b_bg
+        b_KK += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
+    m_s = o_t[:, None] > o_t[None, :]
+    b_dA = tl.dot(tl.dot(b_Tt, b_dT.to(dt), input_precision="ieee").to(dt), b_Tt, input_precision="ieee")
+    b_dA = tl.where(m_s, -b_dA, 0.0)
+    if USE_G:
+        b_dM = b_dA * tl.exp(tl.where(m_s, b_g[:, None] - b_g[None, :], 0.0))
+        b_dAA = b_dM * b_KK * b_beta[:, None]  # dA ⊙ A
+        b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
+        tl.store(dG + SLOT * NTOK * H + rows * H + i_h, b_dG, mask=m_t)
+    else:
+        b_dM = b_dA
+    b_db += tl.sum(b_dM * b_KK, axis=1)
+    tl.store(dbeta + rows * H + i_h, b_db, mask=m_t)
+    tl.debug_barrier()
+    b_dMb = (b_dM * b_beta[:, None]).to(dt)
+    b_dMt = tl.trans(b_dM).to(dt)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        p_d = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
+        b_k = tl.load(p_k + o_k[None, :], mask=m_k, other=0.0)
+        b_kb = (b_k.to(tl.float32) * b_beta[:, None]).to(dt)
+        b_dk = tl.load(dk + p_d, mask=m_k, other=0.0)
+        b_dk += tl.dot(b_dMb, b_k, input_precision="ieee") + tl.dot(b_dMt, b_kb, input_precision="ieee")
+        tl.store(dk + p_d, b_dk, mask=m_k)
+
+
+@triton.jit
+def _dg_finalize_kernel(
+    dG, dg, cu_seqlens, chunk_indices, T, NT, NTOK,
+    NS: tl.constexpr, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """``dg = reverse_cumsum(Σ_slots dG)`` inside each chunk, per (chunk, head)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    rows = (t0 + o_t).to(tl.int64)
+    b = tl.zeros([BT], dtype=tl.float32)
+    for s in range(NS):
+        b += tl.load(dG + s * NTOK * H + rows * H + i_h, mask=m_t, other=0.0)
+    b = tl.cumsum(b, axis=0, reverse=True)
+    tl.store(dg + rows * H + i_h, b.to(dg.dtype.element_ty), mask=m_t)
+
+
+# --------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------
+
+
+def _np2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+class _Layout:
+    """Chunk bookkeeping for a packed batch: ``B·T`` tokens, N sequences, NC chunks in total."""
+
+    def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device):
+        self.is_varlen = cu_seqlens is not None
+        self.ntok = B * T
+        if cu_seqlens is None:
+            self.T, self.N = T, B
+            self.NT = triton.cdiv(T, BT)
+            self.NC = B * self.NT
+            self.cu_seqlens = self.chunk_indices = self.chunk_offsets = torch.empty(1, dtype=torch.int32, device=device)
+        else:
+            bounds = [int(x) for x in cu_seqlens.tolist()]
+            lens = [b - a for a, b in itertools.pairwise(bounds)]
+            if any(n < 0 for n in lens):
+                raise ValueError("cu_seqlens must be non-decreasing")
+            counts = [triton.cdiv(n, BT) for n in lens]
+            self.T, self.N, self.NT = T, len(lens), 0
+            self.NC = sum(counts)
+            idx = [(n, i) for n, c in enumerate(counts) for i in range(c)]
+            offsets = [0]
+            for c in counts:
+                offsets.append(offsets[-1] + c)
+            self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+            self.chunk_indices = torch.tensor(idx or [(0, 0)], dtype=torch.int32, device=device).reshape(-1)
+            self.chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def _seq_tiles(K: int, V: int) -> tuple[int, int, int]:
+    """(BK, BV, num_warps) of the sequential state kernels: the whole K in one tile."""
+    BK = _np2(K)
+    BV = min(_np2(V), 64 if BK <= 128 else 32)
+    return BK, BV, 4
+
+
+def chunk_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    use_delta: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Forward. q, k ``[B, T, HK, K]``; v ``[B, T, H, V]``; beta/g ``[B, T, H]`` (contiguous, one dtype
+    for q/k/v). Returns ``(o [B, T, H, V], final state [N, H, K, V] float32 or None, Tm, w, u)`` where
+    ``Tm`` [B, T, H, 64] float32, ``w`` like k per value head, ``u`` like v (None without the delta rule)."""
+    B, T, HK, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    lay = _Layout(B, T, cu_seqlens, q.device)
+    dev = q.device
+    o = torch.empty_like(v)
+    ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    if lay.NC == 0:
+        if ht is not None:
+            ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
+        return o, ht, None, None, None
+    dummy = o
+    Tm = w = u = None
+    if use_delta:
+        Tm = torch.empty(B, T, H, BT, dtype=torch.float32, device=dev)
+        w = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
+        u = torch.empty_like(v)
+        _wy_fwd_kernel[(lay.NC, H)](
+            k, v, beta, g if g is not None else dummy, Tm, w, u, lay.cu_seqlens, lay.chunk_indices,
+            lay.T, lay.NT, H=H, HK=HK, K=K, V=V, BT=BT, BK=min(64, _np2(K)), BV=min(64, _np2(V)),
+            USE_G=g is not None, IS_VARLEN=lay.is_varlen, num_warps=4,
+        )  # fmt: skip
+    vsrc = u if use_delta else v
+    h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
+    vn = torch.empty_like(v) if use_delta else v
+    _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, H, HK, K, V, use_delta, save_vnew=use_delta)
+    BK, BV = min(128, _np2(K)), min(64, _np2(V))
+    _fwd_o_kernel[(triton.cdiv(V, BV), lay.NC, H)](
+        q, k, vn, g if g is not None else dummy, h, o, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
+        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, IS_VARLEN=lay.is_varlen, num_warps=4,
+    )  # fmt: skip
+    return o, ht, Tm, w, u
+
+
+def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, H, HK, K, V, use_delta, save_vnew):
+    BK, BV, nw = _seq_tiles(K, V)
+    dummy = vsrc
+    _fwd_h_kernel[(triton.cdiv(V, BV), lay.N * H)](
+        k, vsrc, w if w is not None else dummy, g if g is not None else dummy, h, vn,
+        initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
+        lay.cu_seqlens, lay.chunk_offsets, lay.T, lay.NT,
+        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, USE_DELTA=use_delta,
+        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
+        SAVE_VNEW=save_vnew, IS_VARLEN=lay.is_varlen, num_warps=nw,
+    )  # fmt: skip
+
+
+def chunk_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    Tm: torch.Tensor | None,
+    w: torch.Tensor | None,
+    u: torch.Tensor | None,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    use_delta: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Backward. Returns ``(dq, dk, dv, dbeta, dg, dh0)``: dq/dk float32 per value head ``[B, T, H, K]``
+    (sum over the heads of a group for grouped q/k), dv in v's dtype, dbeta/dg float32 ``[B, T, H]``
+    (None when unused), dh0 float32 (None without an initial state)."""
+    B, T, HK, K = q.shape
+    H, V = v.shape[2], v.shape[3]
+    dev = q.device
+    lay = _Layout(B, T, cu_seqlens, dev)
+    f32 = torch.float32
+    dq = torch.zeros(B, T, H, K, dtype=f32, device=dev)
+    dk = torch.zeros(B, T, H, K, dtype=f32, device=dev)
+    dv = torch.zeros_like(v)
+    dbeta = torch.zeros(B, T, H, dtype=f32, device=dev) if use_delta else None
+    dg = torch.zeros(B, T, H, dtype=f32, device=dev) if g is not None else None
+    dh0 = torch.zeros_like(initial_state, dtype=f32) if initial_state is not None else None
+    if lay.NC == 0:
+        if dh0 is not None and dht is not None:
+            dh0.copy_(dht)
+        return dq, dk, dv, dbeta, dg, dh0
+    do = do.contiguous()
+    use_g = g is not None
+    dummy = do
+    # recompute the chunk states and V_new
+    h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
+    vsrc = u if use_delta else v
+    vn = torch.empty_like(v) if use_delta else v
+    _chunk_h(k, vsrc, w, g, h, vn, initial_state, None, lay, H, HK, K, V, use_delta, save_vnew=use_delta)
+    # intra-chunk dV_new, then the reverse state pass
+    dvl = torch.empty_like(v)
+    _bwd_dv_local_kernel[(lay.NC, H)](
+        q, k, g if use_g else dummy, do, dvl, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
+        H=H, HK=HK, K=K, V=V, BT=BT, BK=min(128, _np2(K)), BV=min(64, _np2(V)), USE_G=use_g,
+        IS_VARLEN=lay.is_varlen, num_warps=4,
+    )  # fmt: skip
+    dh = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
+    dvn = torch.empty_like(v) if use_delta else dv
+    BKs, BVs, nws = _seq_tiles(K, V)
+    _bwd_dh_kernel[(triton.cdiv(V, BVs), lay.N * H)](
+        q, k, w if use_delta else dummy, g if use_g else dummy, do, dvl, dh, dvn,
+        dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
+        lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
+        H=H, HK=HK, K=K, V=V, BT=BT, BK=BKs, BV=BVs, USE_G=use_g, USE_DELTA=use_delta,
+        USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=dh0 is not None,
+        IS_VARLEN=lay.is_varlen, num_warps=nws,
+    )  # fmt: skip
+    # dq, dk, dw, dG
+    BK, BV = min(64, _np2(K)), min(64, _np2(V))
+    NK = triton.cdiv(K, BK)
+    ns = NK + (1 if use_delta else 0)
+    dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
+    dw = torch.empty(B, T, H, K, dtype=f32, device=dev) if use_delta else dummy
+    _bwd_dqkwg_kernel[(NK, lay.NC, H)](
+        q, k, vn, g if use_g else dummy, h, do, dh, dvn, dq, dk, dw, dG, lay.cu_seqlens, lay.chunk_indices,
+        scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
+        USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, num_warps=4,
+    )  # fmt: skip
+    if use_delta:
+        _wy_bwd_kernel[(lay.NC, H)](
+            k, v, beta, g if use_g else dummy, Tm, dvn, dw, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
+            lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=min(64, _np2(K)), BV=min(64, _np2(V)),
+            USE_G=use_g, IS_VARLEN=lay.is_varlen, num_warps=4,
+        )  # fmt: skip
+    if use_g:
+        _dg_finalize_kernel[(lay.NC, H)](
+            dG, dg, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT, B * T, NS=ns, H=H, BT=BT,
+            IS_VARLEN=lay.is_varlen, num_warps=1,
+        )  # fmt: skip
+    return dq, dk, dv, dbeta, dg, dh0

@@ -1,0 +1,137 @@
+"""``torch.library`` custom ops around the chunk kernels, so ``torch.compile`` traces around them.
+
+``mixlab::chunk_gated_delta_fwd`` / ``_bwd`` serve both the delta rule (``use_delta=True``) and gated
+linear attention (``use_delta=False``, SSD). Optional outputs come back as empty tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .chunk import BT, chunk_bwd, chunk_fwd
+
+
+def _empty(ref: Tensor) -> Tensor:
+    return ref.new_empty(0)
+
+
+@torch.library.custom_op("mixlab::chunk_gated_delta_fwd", mutates_args=())
+def chunk_gated_delta_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor | None,
+    g: Tensor | None,
+    scale: float,
+    initial_state: Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: Tensor | None,
+    use_delta: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(o, final_state | empty, Tm | empty, w | empty, u | empty)``; see ``chunk.chunk_fwd``."""
+    o, ht, Tm, w, u = chunk_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta)
+    B, T, H, K = *v.shape[:3], q.shape[-1]
+    if use_delta and Tm is None:  # no tokens
+        Tm = q.new_empty(B, T, H, BT, dtype=torch.float32)
+        w, u = q.new_empty(B, T, H, K), torch.empty_like(v)
+    return (
+        o,
+        ht if ht is not None else _empty(v).float(),
+        Tm if Tm is not None else _empty(v).float(),
+        w if w is not None else _empty(v),
+        u if u is not None else _empty(v),
+    )
+
+
+@chunk_gated_delta_fwd.register_fake
+def _(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta):
+    B, T, H, V = v.shape
+    K = q.shape[-1]
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    ht = v.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else v.new_empty(0, dtype=torch.float32)
+    if use_delta:
+        Tm, w, u = v.new_empty(B, T, H, BT, dtype=torch.float32), v.new_empty(B, T, H, K), torch.empty_like(v)
+    else:
+        Tm, w, u = v.new_empty(0, dtype=torch.float32), v.new_empty(0), v.new_empty(0)
+    return torch.empty_like(v), ht, Tm, w, u
+
+
+@torch.library.custom_op("mixlab::chunk_gated_delta_bwd", mutates_args=())
+def chunk_gated_delta_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor | None,
+    g: Tensor | None,
+    scale: float,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+    Tm: Tensor,
+    w: Tensor,
+    u: Tensor,
+    do: Tensor,
+    dht: Tensor | None,
+    use_delta: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dq, dk, dv, dbeta | empty, dg | empty, dh0 | empty)`` in the inputs' dtypes."""
+    dq, dk, dv, dbeta, dg, dh0 = chunk_bwd(
+        q, k, v, beta, g, scale, initial_state, cu_seqlens,
+        Tm if use_delta else None, w if use_delta else None, u if use_delta else None, do, dht, use_delta,
+    )  # fmt: skip
+    B, T, HK, K = q.shape
+    H = v.shape[2]
+    if HK != H:  # grouped queries/keys: sum the per-head gradients of each group
+        dq = dq.view(B, T, HK, H // HK, K).sum(3)
+        dk = dk.view(B, T, HK, H // HK, K).sum(3)
+    return (
+        dq.to(q.dtype),
+        dk.to(k.dtype),
+        dv,
+        dbeta.to(beta.dtype) if dbeta is not None else _empty(v),
+        dg.to(g.dtype) if dg is not None else _empty(v),
+        dh0.to(initial_state.dtype) if dh0 is not None else _empty(v),
+    )
+
+
+@chunk_gated_delta_bwd.register_fake
+def _(q, k, v, beta, g, scale, initial_state, cu_seqlens, Tm, w, u, do, dht, use_delta):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(beta) if use_delta else v.new_empty(0),
+        torch.empty_like(g) if g is not None else v.new_empty(0),
+        torch.empty_like(initial_state) if initial_state is not None else v.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta = inputs
+    _, _, Tm, w, u = output
+    ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u)
+    ctx.scale, ctx.output_final_state, ctx.use_delta = scale, output_final_state, use_delta
+
+
+def _backward(ctx, do, dht, dTm, dw, du):
+    q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u = ctx.saved_tensors
+    if not ctx.output_final_state or dht is None or dht.numel() == 0:
+        dht = None
+    dq, dk, dv, dbeta, dg, dh0 = chunk_gated_delta_bwd(
+        q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, Tm, w, u, do, dht, ctx.use_delta
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        dbeta if beta is not None else None,
+        dg if g is not None else None,
+        None,
+        dh0 if initial_state is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+chunk_gated_delta_fwd.register_autograd(_backward, setup_context=_setup_context)
