@@ -197,3 +197,201 @@ class ModelConfig:
         if self.d_intermediate is not None:
             return self.d_intermediate
         return 256 * math.ceil(8 * self.d_model / 3 / 256)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rest of the tree: run, data, train, parallel, log, and the root ``Config``.
+# Loading from YAML / ``key=value`` overrides and dumping back live in ``mixlab.configio``.
+# ----------------------------------------------------------------------------------------------
+
+SCHEDULES = ("cosine", "constant", "linear")
+PRECISIONS = ("auto", "bf16", "fp32")
+RESUME_MODES = ("auto", "never")
+PARALLEL_STRATEGIES = ("none", "ddp", "fsdp")
+DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
+MODEL_VOCAB_POLICIES = ("fit", "grow", "keep")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it is seeded.
+
+    ``dir``: the run directory; empty picks ``runs/<name>-<timestamp>``. ``name``: empty picks the
+    model's name. ``seed`` seeds model init and the data order (the loader is a pure function of
+    (seed, step, rank, world size)).
+    """
+
+    dir: str = ""
+    name: str = ""
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        _check(
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+            f"run.device={self.device!r}; allowed: auto, cpu, cuda, cuda:N, mps",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Text source, tokenizer, token shards and sequence length.
+
+    ``source``: ``"stdlib"`` (the embedded default corpus: the Python standard library's own
+    ``.py`` sources, without test directories) or one or more paths / globs / directories of text
+    files, ``.jsonl`` files (the ``text_field`` of each line), ``.parquet`` files (the
+    ``text_field`` column) or a ``datasets`` dataset saved with ``save_to_disk``. ``format`` forces
+    the kind instead of guessing it from the file name.
+
+    ``tokenizer``: ``"byte"`` (256 bytes + EOS, no files) or a path to a ``tokenizer.json``, a
+    SentencePiece ``.model``, a tiktoken ranks file, or a directory holding one of them (as written
+    by ``mixlab data tokenizer``).
+
+    Text is tokenised once into memory-mapped shards under ``cache_dir`` (empty:
+    ``$MIXLAB_CACHE`` or ``~/.cache/mixlab``) and reused while the source, tokenizer and split are
+    unchanged. ``val_fraction`` of the documents (at least ``val_min_tokens`` tokens) are held out.
+
+    ``model_vocab``: ``fit`` sets ``model.vocab_size`` to the tokenizer's vocabulary rounded up to
+    ``vocab_multiple`` (byte: 257 -> 320); ``grow`` does so only when the model's is smaller (a
+    125m preset keeps its 32000 rows, as in published throughput figures); ``keep`` leaves the
+    model's and fails if it is smaller than the tokenizer's.
+    """
+
+    source: str | list[str] = "stdlib"
+    format: str = "auto"
+    text_field: str = "text"
+    tokenizer: str = "byte"
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    val_min_tokens: int = 16384
+    cache_dir: str = ""
+    shard_tokens: int = 1 << 28  # tokens per shard file at most
+    model_vocab: str = "fit"  # fit | grow | keep: how model.vocab_size follows the tokenizer (see above)
+    vocab_multiple: int = 64  # "fit"/"grow" round the tokenizer's vocabulary up to this multiple
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, (list, tuple)):
+            self.source = [str(s) for s in self.source]
+            _check(len(self.source) > 0, "data.source must name at least one path (or be 'stdlib')")
+        _check(self.format in DATA_FORMATS, f"data.format={self.format!r}; allowed: {', '.join(DATA_FORMATS)}")
+        _check(self.seq_len > 0, "data.seq_len must be positive")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+        _check(self.val_min_tokens >= 0, "data.val_min_tokens must be >= 0")
+        _check(self.shard_tokens > 0, "data.shard_tokens must be positive")
+        _check(self.vocab_multiple > 0, "data.vocab_multiple must be positive")
+        _check(
+            self.model_vocab in MODEL_VOCAB_POLICIES,
+            f"data.model_vocab={self.model_vocab!r}; allowed: {', '.join(MODEL_VOCAB_POLICIES)}",
+        )
+
+    @property
+    def sources(self) -> list[str]:
+        """``source`` as a list."""
+        return list(self.source) if isinstance(self.source, list) else [self.source]
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe.
+
+    ``batch_size`` is the GLOBAL batch in sequences (of ``data.seq_len`` tokens) per optimizer
+    step, over all ranks; each rank processes ``batch_size / world_size`` of them in micro-batches
+    of ``micro_batch_size`` (0: the whole local batch at once), accumulating gradients.
+    The learning rate warms up linearly over ``warmup_steps`` to ``lr`` and then follows
+    ``schedule`` down to ``lr * min_lr_ratio`` at ``max_steps``.
+    """
+
+    max_steps: int = 600
+    batch_size: int = 16
+    micro_batch_size: int = 0
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # <= 0: no clipping (the norm is still logged)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 8
+    save_every: int = 200  # 0: only at the end
+    keep_last: int = 2  # checkpoints kept (the newest ones); 0 keeps all
+    resume: str = "auto"  # auto (newest complete checkpoint of run.dir, if any) | never | a checkpoint dir
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    export: bool = True  # write config.json + model.safetensors to the run dir at the end
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        _check(self.max_steps > 0, "train.max_steps must be positive")
+        _check(self.batch_size > 0, "train.batch_size must be positive")
+        _check(self.micro_batch_size >= 0, "train.micro_batch_size must be >= 0 (0: no accumulation)")
+        _check(self.lr > 0, "train.lr must be positive")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
+        _check(self.schedule in SCHEDULES, f"train.schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two values in [0, 1)")
+        _check(self.precision in PRECISIONS, f"train.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        _check(self.log_every > 0, "train.log_every must be positive")
+        _check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every / train.save_every must be >= 0")
+        _check(self.eval_batches > 0, "train.eval_batches must be positive")
+        _check(self.keep_last >= 0, "train.keep_last must be >= 0")
+        _check(self.max_bad_steps > 0, "train.max_bad_steps must be positive")
+        _check(bool(self.resume), "train.resume must be 'auto', 'never' or a checkpoint directory")
+
+
+@dataclass
+class ParallelConfig:
+    """Multi-GPU strategy. ``none`` runs one process; ``ddp`` / ``fsdp`` run under ``torchrun``."""
+
+    strategy: str = "none"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.strategy in PARALLEL_STRATEGIES,
+            f"parallel.strategy={self.strategy!r}; allowed: {', '.join(PARALLEL_STRATEGIES)}",
+        )
+
+
+@dataclass
+class LogConfig:
+    """Metric sinks. ``metrics.jsonl`` in the run directory is always written."""
+
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "mixlab"
+    wandb_mode: str = "offline"
+    peak_tflops: float = 0.0  # for MFU; 0: look the device up (H100/H200/A100 bf16 dense), else no MFU
+
+    def __post_init__(self) -> None:
+        _check(self.wandb_mode in WANDB_MODES, f"log.wandb_mode={self.wandb_mode!r}; allowed: {', '.join(WANDB_MODES)}")
+        _check(self.peak_tflops >= 0, "log.peak_tflops must be >= 0")
+
+
+@dataclass
+class Config:
+    """The root of the tree: everything ``mixlab train`` needs.
+
+    ``Config()`` uses ``ModelConfig()``'s defaults; the command line and ``mixlab.configio`` start
+    from the ``gated_deltanet-tiny`` preset instead (``model=<preset>`` picks another).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.train.micro_batch_size == 0 or self.train.batch_size % self.train.micro_batch_size == 0,
+            f"train.batch_size={self.train.batch_size} must be a multiple of "
+            f"train.micro_batch_size={self.train.micro_batch_size}",
+        )
