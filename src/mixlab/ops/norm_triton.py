@@ -1,0 +1,288 @@
+"""Fused Triton RMSNorm and gated RMSNorm (forward + backward), same semantics as :mod:`mixlab.ops.norm`.
+
+``gated_rms_norm_triton(x, z, weight, eps, group_size, norm_before_gate)``:
+``norm_before_gate=False``: ``rmsnorm(x * silu(z)) * weight`` (Mamba2); ``True``: ``rmsnorm(x) * weight * silu(z)``
+(Gated DeltaNet); z None: plain RMSNorm. Statistics over groups of ``group_size`` channels of the
+last dim, in float32 (float64 for float64 inputs); output in x's dtype.
+
+One program normalises ``BM`` rows of one group; the forward keeps ``1/rms`` per (row, group) for the
+backward, which recomputes everything else from x and z. The weight gradient is a per-program partial
+sum over rows (the backward programs loop over row blocks to keep few partials), added up at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+__all__ = ["gated_rms_norm_triton", "rms_norm_triton"]
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    x_ptr,
+    z_ptr,
+    w_ptr,
+    y_ptr,
+    rstd_ptr,
+    M,
+    D,
+    NG,
+    eps,
+    GS: tl.constexpr,
+    GSP: tl.constexpr,
+    BM: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_W: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    g = tl.program_id(1)
+    j = tl.arange(0, GSP)
+    cols = g * GS + j
+    m = (rows < M)[:, None] & (j < GS)[None, :]
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    a = tl.load(x_ptr + offs, mask=m, other=0.0).to(CT)
+    if HAS_Z:
+        z = tl.load(z_ptr + offs, mask=m, other=0.0).to(CT)
+        gate = z * tl.sigmoid(z)
+        if not NORM_BEFORE_GATE:
+            a = a * gate
+    r = 1.0 / tl.sqrt(tl.sum(a * a, 1) / GS + eps)
+    y = a * r[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=j < GS, other=0.0).to(CT)[None, :]
+    if HAS_Z and NORM_BEFORE_GATE:
+        y = y * gate
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(rstd_ptr + rows.to(tl.int64) * NG + g, r, mask=rows < M)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    x_ptr,
+    z_ptr,
+    w_ptr,
+    rstd_ptr,
+    dy_ptr,
+    dx_ptr,
+    dz_ptr,
+    dw_part_ptr,
+    M,
+    D,
+    NG,
+    ITERS,
+    GS: tl.constexpr,
+    GSP: tl.constexpr,
+    BM: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_W: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    j = tl.arange(0, GSP)
+    cols = g * GS + j
+    cmask = j < GS
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(CT)
+    dw_acc = tl.zeros([GSP], dtype=CT)
+    for it in range(ITERS):
+        rows = (pid * ITERS + it) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        m = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(CT)
+        dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(CT)
+        r = tl.load(rstd_ptr + rows.to(tl.int64) * NG + g, mask=rmask, other=0.0).to(CT)
+        if HAS_Z:
+            z = tl.load(z_ptr + offs, mask=m, other=0.0).to(CT)
+            sz = tl.sigmoid(z)
+            gate = z * sz
+            dgate = sz * (1.0 + z * (1.0 - sz))
+        a = x
+        if HAS_Z and not NORM_BEFORE_GATE:
+            a = x * gate
+        xhat = a * r[:, None]
+        dn = dy
+        if HAS_Z and NORM_BEFORE_GATE:
+            n = xhat
+            if HAS_W:
+                n = n * w[None, :]
+            dz = dy * n * dgate
+            dn = dy * gate
+        dxhat = dn
+        if HAS_W:
+            dw_acc += tl.sum(dn * xhat, 0)
+            dxhat = dn * w[None, :]
+        da = r[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, 1) / GS)[:, None])
+        dx = da
+        if HAS_Z:
+            if not NORM_BEFORE_GATE:
+                dx = da * gate
+                dz = da * x * dgate
+            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    if HAS_W:
+        tl.store(dw_part_ptr + pid.to(tl.int64) * D + cols, dw_acc, mask=cmask)
+
+
+def _block_rows(gsp: int) -> int:
+    return max(1, min(16, 4096 // gsp))
+
+
+@torch.library.custom_op("mixlab::gated_rms_norm_fwd", mutates_args=())
+def gated_rms_norm_fwd(
+    x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float, group_size: int, norm_before_gate: bool
+) -> tuple[Tensor, Tensor]:
+    """x, z ``[M, D]`` contiguous; weight ``[D]``. Returns ``(y [M, D], rstd [M, D // group_size] float32)``."""
+    M, D = x.shape
+    ng = D // group_size
+    gsp = triton.next_power_of_2(group_size)
+    bm = _block_rows(gsp)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.empty_like(x)
+    rstd = torch.empty(M, ng, device=x.device, dtype=acc)
+    _norm_fwd_kernel[(triton.cdiv(M, bm), ng)](
+        x,
+        z if z is not None else x,
+        weight if weight is not None else x,
+        y,
+        rstd,
+        M,
+        D,
+        ng,
+        eps,
+        GS=group_size,
+        GSP=gsp,
+        BM=bm,
+        HAS_Z=z is not None,
+        HAS_W=weight is not None,
+        NORM_BEFORE_GATE=norm_before_gate,
+        FP64=acc == torch.float64,
+        num_warps=4 if gsp <= 1024 else 8,
+    )
+    return y, rstd
+
+
+@gated_rms_norm_fwd.register_fake
+def _(x, z, weight, eps, group_size, norm_before_gate):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[1] // group_size, dtype=acc)
+
+
+@torch.library.custom_op("mixlab::gated_rms_norm_bwd", mutates_args=())
+def gated_rms_norm_bwd(
+    x: Tensor,
+    z: Tensor | None,
+    weight: Tensor | None,
+    rstd: Tensor,
+    dy: Tensor,
+    group_size: int,
+    norm_before_gate: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dz, dweight)``; dz / dweight are empty when z / weight are absent."""
+    M, D = x.shape
+    ng = D // group_size
+    gsp = triton.next_power_of_2(group_size)
+    bm = _block_rows(gsp)
+    dy = dy.contiguous()
+    n_blocks = triton.cdiv(M, bm)
+    max_prog = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    n_prog = max(1, min(n_blocks, max(1, max_prog // ng)))
+    iters = triton.cdiv(n_blocks, n_prog)
+    n_prog = triton.cdiv(n_blocks, iters)
+    dx = torch.empty_like(x)
+    dz = torch.empty_like(z) if z is not None else x.new_empty(0)
+    dw_part = torch.empty(n_prog, D, device=x.device, dtype=rstd.dtype) if weight is not None else rstd
+    _norm_bwd_kernel[(n_prog, ng)](
+        x,
+        z if z is not None else x,
+        weight if weight is not None else x,
+        rstd,
+        dy,
+        dx,
+        dz if z is not None else x,
+        dw_part,
+        M,
+        D,
+        ng,
+        iters,
+        GS=group_size,
+        GSP=gsp,
+        BM=bm,
+        HAS_Z=z is not None,
+        HAS_W=weight is not None,
+        NORM_BEFORE_GATE=norm_before_gate,
+        FP64=rstd.dtype == torch.float64,
+        num_warps=4 if gsp <= 1024 else 8,
+    )
+    dw = dw_part.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    return dx, dz, dw
+
+
+@gated_rms_norm_bwd.register_fake
+def _(x, z, weight, rstd, dy, group_size, norm_before_gate):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(z) if z is not None else x.new_empty(0),
+        torch.empty_like(weight) if weight is not None else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, z, weight, _eps, group_size, norm_before_gate = inputs
+    ctx.save_for_backward(x, z, weight, output[1])
+    ctx.cfg = (group_size, norm_before_gate)
+
+
+def _backward(ctx, dy, _drstd):
+    x, z, weight, rstd = ctx.saved_tensors
+    dx, dz, dw = gated_rms_norm_bwd(x, z, weight, rstd, dy, *ctx.cfg)
+    return dx, dz if z is not None else None, dw if weight is not None else None, None, None, None
+
+
+gated_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_rms_norm_triton(
+    x: Tensor,
+    z: Tensor | None,
+    weight: Tensor | None,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+) -> Tensor:
+    """Fused gated RMSNorm; x, z ``[..., D]``, weight ``[D]``; returns ``[..., D]`` in x's dtype."""
+    D = x.shape[-1]
+    gs = D if group_size is None else int(group_size)
+    if gs <= 0 or D % gs:
+        raise ValueError(f"gated_rms_norm_triton: group_size={gs} must divide the last dim {D}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"gated_rms_norm_triton: z must have x's shape {list(x.shape)}, got {list(z.shape)}")
+    if weight is not None and weight.shape != (D,):
+        raise ValueError(f"gated_rms_norm_triton: weight must be [{D}], got {list(weight.shape)}")
+    if gs > 65536:
+        raise ValueError(f"gated_rms_norm_triton: group_size={gs} is over 65536; use the plain gated_rms_norm")
+    shape = x.shape
+    y, _ = gated_rms_norm_fwd(
+        x.reshape(-1, D).contiguous(),
+        z.reshape(-1, D).contiguous() if z is not None else None,
+        weight.contiguous() if weight is not None else None,
+        float(eps),
+        gs,
+        bool(norm_before_gate),
+    )
+    return y.reshape(shape)
+
+
+def rms_norm_triton(x: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Fused RMSNorm over the last dim; x ``[..., D]``, weight ``[D]``."""
+    return gated_rms_norm_triton(x, None, weight, eps)
