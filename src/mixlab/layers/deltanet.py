@@ -1,0 +1,346 @@
+"""DeltaNet and Gated DeltaNet mixers over :func:`mixlab.ops.delta_rule`.
+
+Parameter names and shapes follow fla's ``DeltaNet`` / ``GatedDeltaNet`` layers so that their
+checkpoints map one to one: ``q_proj``, ``k_proj`` ``[H*K, d]``, ``v_proj`` ``[H*V, d]``, ``b_proj``
+``[H, d]``, ``q_conv1d.weight``/``k_conv1d.weight``/``v_conv1d.weight`` ``[C, 1, W]`` (depthwise, no
+bias), ``o_norm.weight`` ``[V]`` (one norm shared by every head), ``o_proj`` ``[d, H*V]``; Gated
+DeltaNet adds ``a_proj`` ``[H, d]``, ``A_log`` ``[H]``, ``dt_bias`` ``[H]`` and ``g_proj`` ``[H*V, d]``.
+
+Forward, per token (K = ``head_dim``, V = ``head_dim * expand_v``):
+``q, k, v = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v))``; q, k L2-normalised per head;
+``beta = sigmoid(x W_b)``; (Gated) ``g = -exp(A_log) * softplus(x W_a + dt_bias)``; the delta rule
+with scale ``K ** -0.5``; per-head RMSNorm of the output, times ``silu(x W_g)`` when gated;
+``o_proj``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.conv import causal_conv1d
+from ..ops.delta_rule import delta_rule
+from .base import Mixer
+from .norm import GatedRMSNorm, RMSNorm
+
+# fla's l2norm epsilon (inside the square root), kept so that imported checkpoints compute the same.
+L2_EPS = 1e-6
+
+
+def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
+    """``x / sqrt(sum(x^2) + eps)`` over the last dim, in float32 (float64 for float64), cast back."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise convolution over time with a SiLU, holding an ``nn.Conv1d``-shaped weight
+    ``[C, 1, W]`` (no bias) so that state dicts match fla's ``ShortConvolution``."""
+
+    def __init__(self, channels: int, kernel_size: int, device=None, dtype=None) -> None:
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"ShortConvolution: kernel_size (conv_size) must be >= 1, got {kernel_size}")
+        self.channels, self.kernel_size = channels, kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv1d's default (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = W.
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x ``[B, T, C]``, state ``[B, C, W-1]`` (the previous inputs) -> ``(silu(conv(x)), new state | None)``."""
+        return causal_conv1d(x, self.weight, None, "silu", initial_state=state, output_final_state=output_final_state)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}"
+
+
+@dataclass
+class DeltaNetCache:
+    """Decode state of a DeltaNet / Gated DeltaNet layer (updated in place by the layer's forward).
+
+    ``conv_q``, ``conv_k`` ``[B, H*K, W-1]`` and ``conv_v`` ``[B, H*V, W-1]``: the last inputs of the
+    short convolutions (None without them). ``state``: the delta-rule memory ``[B, H, K, V]``,
+    float32 (float64 for a float64 layer). ``pos``: tokens consumed so far. Carries no gradient.
+    """
+
+    conv_q: torch.Tensor | None
+    conv_k: torch.Tensor | None
+    conv_v: torch.Tensor | None
+    state: torch.Tensor
+    pos: int = 0
+
+
+class DeltaNet(Mixer):
+    """DeltaNet: linear attention whose memory is written by the delta rule (beta-weighted error correction).
+
+    ``x [B, T, d_model] -> [B, T, d_model]``. ``use_output_gate`` multiplies the normed output by
+    ``silu(x W_g)`` (adds ``g_proj``). ``chunk_size`` is the chunk of the chunked/Triton backends.
+    """
+
+    residual_out_proj = ("o_proj",)
+    _gated_decay = False
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 4,
+        head_dim: int = 64,
+        expand_v: float = 1.0,
+        conv_size: int = 4,
+        use_short_conv: bool = True,
+        use_output_gate: bool = False,
+        chunk_size: int = 64,
+        *,
+        layer_idx: int | None = None,
+        backend: str = "auto",
+        norm_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self._build(
+            d_model,
+            n_heads,
+            head_dim,
+            expand_v,
+            conv_size,
+            use_short_conv,
+            use_output_gate,
+            chunk_size,
+            layer_idx,
+            backend,
+            norm_eps,
+            device,
+            dtype,
+        )
+        self.reset_parameters()
+
+    def _build(
+        self,
+        d_model,
+        n_heads,
+        head_dim,
+        expand_v,
+        conv_size,
+        use_short_conv,
+        use_output_gate,
+        chunk_size,
+        layer_idx,
+        backend,
+        norm_eps,
+        device,
+        dtype,
+    ) -> None:
+        name = type(self).__name__
+        if n_heads <= 0 or head_dim <= 0:
+            raise ValueError(f"{name}: n_heads={n_heads} and head_dim={head_dim} must be positive")
+        if not float(head_dim * expand_v).is_integer() or head_dim * expand_v <= 0:
+            raise ValueError(f"{name}: head_dim * expand_v = {head_dim * expand_v} must be a positive integer")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim
+        self.head_v_dim = int(head_dim * expand_v)
+        self.key_dim, self.value_dim = n_heads * head_dim, n_heads * self.head_v_dim
+        self.expand_v, self.conv_size, self.use_short_conv = expand_v, conv_size, use_short_conv
+        self.use_output_gate, self.chunk_size = use_output_gate, chunk_size
+        self.layer_idx, self.backend, self.norm_eps = layer_idx, backend, norm_eps
+
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(d_model, self.key_dim, bias=False, **kw)
+        self.k_proj = nn.Linear(d_model, self.key_dim, bias=False, **kw)
+        self.v_proj = nn.Linear(d_model, self.value_dim, bias=False, **kw)
+        if self._gated_decay:
+            self.a_proj = nn.Linear(d_model, n_heads, bias=False, **kw)
+        self.b_proj = nn.Linear(d_model, n_heads, bias=False, **kw)
+        if self._gated_decay:
+            self.A_log = nn.Parameter(torch.empty(n_heads, **kw))
+            self.A_log._no_weight_decay = True
+            self.dt_bias = nn.Parameter(torch.empty(n_heads, **kw))
+            self.dt_bias._no_weight_decay = True
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, **kw)
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, **kw)
+            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, **kw)
+        if use_output_gate:
+            self.g_proj = nn.Linear(d_model, self.value_dim, bias=False, **kw)
+            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps, norm_before_gate=True, **kw)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps, **kw)
+        self.o_proj = nn.Linear(self.value_dim, d_model, bias=False, **kw)
+
+    def reset_parameters(self) -> None:
+        """Init the convs and the output norm (and, gated, A_log and dt_bias); Linear weights are the model's job."""
+        if self.use_short_conv:
+            for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+                conv.reset_parameters()
+        self.o_norm.reset_parameters()
+
+    def init_cache(
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> DeltaNetCache:
+        """Zero decode state for ``batch_size`` sequences (its size does not depend on ``max_len``)."""
+        p = self.q_proj.weight
+        device = p.device if device is None else device
+        dtype = p.dtype if dtype is None else dtype
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        W1 = self.conv_size - 1
+
+        def conv(c: int) -> torch.Tensor | None:
+            return torch.zeros(batch_size, c, W1, device=device, dtype=dtype) if self.use_short_conv else None
+
+        return DeltaNetCache(
+            conv_q=conv(self.key_dim),
+            conv_k=conv(self.key_dim),
+            conv_v=conv(self.value_dim),
+            state=torch.zeros(
+                batch_size, self.n_heads, self.head_dim, self.head_v_dim, device=device, dtype=state_dtype
+            ),
+        )
+
+    def _decay(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor, cache: DeltaNetCache | None = None) -> torch.Tensor:
+        """``x [B, T, d_model]``; with ``cache``, continue the cached sequences and update the cache in place."""
+        B, T, _ = x.shape
+        if cache is not None and cache.state.shape[0] != B:
+            raise ValueError(
+                f"{type(self).__name__}: cache was made for batch {cache.state.shape[0]}, input has batch {B}"
+            )
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            keep = cache is not None
+            q, cq = self.q_conv1d(q, cache.conv_q if keep else None, keep)
+            k, ck = self.k_conv1d(k, cache.conv_k if keep else None, keep)
+            v, cv = self.v_conv1d(v, cache.conv_v if keep else None, keep)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q = l2_normalize(q.view(B, T, self.n_heads, self.head_dim))
+        k = l2_normalize(k.view(B, T, self.n_heads, self.head_dim))
+        v = v.view(B, T, self.n_heads, self.head_v_dim)
+        beta = torch.sigmoid(_acc(self.b_proj(x)))
+        o, state = delta_rule(
+            q,
+            k,
+            v,
+            beta,
+            self._decay(x),
+            scale=self.head_dim**-0.5,
+            initial_state=cache.state if cache is not None else None,
+            output_final_state=cache is not None,
+            backend=self.backend,
+        )
+        if cache is not None:
+            with torch.no_grad():
+                cache.state.copy_(state)
+                if self.use_short_conv:
+                    cache.conv_q.copy_(cq)
+                    cache.conv_k.copy_(ck)
+                    cache.conv_v.copy_(cv)
+            cache.pos += T
+        if self.use_output_gate:
+            o = self.o_norm(o, self.g_proj(x).view(B, T, self.n_heads, self.head_v_dim))
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.reshape(B, T, self.value_dim).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_heads={self.n_heads}, head_dim={self.head_dim}, head_v_dim={self.head_v_dim}, "
+            f"conv_size={self.conv_size if self.use_short_conv else None}, backend={self.backend!r}"
+        )
+
+
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet: DeltaNet with a per-head, data-dependent decay of the memory and an output gate.
+
+    ``g = -exp(A_log) * softplus(x W_a + dt_bias)`` (log-decay, <= 0), ``A ~ U(A_init_range)``,
+    ``dt_bias = softplus^-1(dt)`` with dt log-uniform in ``[dt_min, dt_max]`` floored at
+    ``dt_init_floor`` (as Mamba2); output ``o_norm(o) * silu(x W_g)``; value heads ``expand_v`` (2)
+    times wider than key heads.
+    """
+
+    _gated_decay = True
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 4,
+        head_dim: int = 64,
+        expand_v: float = 2.0,
+        conv_size: int = 4,
+        use_short_conv: bool = True,
+        A_init_range: tuple[float, float] = (0.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        chunk_size: int = 64,
+        *,
+        layer_idx: int | None = None,
+        backend: str = "auto",
+        norm_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ) -> None:
+        Mixer.__init__(self)
+        lo, hi = A_init_range
+        if not 0 <= lo <= hi:
+            raise ValueError(f"GatedDeltaNet: A_init_range={A_init_range} must satisfy 0 <= lo <= hi")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"GatedDeltaNet: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.A_init_range = (float(lo), float(hi))
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self._build(
+            d_model,
+            n_heads,
+            head_dim,
+            expand_v,
+            conv_size,
+            use_short_conv,
+            True,
+            chunk_size,
+            layer_idx,
+            backend,
+            norm_eps,
+            device,
+            dtype,
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Init convs and norm, then A_log = log U(A_init_range) and dt_bias = softplus^-1(dt) (as Mamba2)."""
+        super().reset_parameters()
+        dev = self.A_log.device
+        lo, hi = self.A_init_range
+        A = torch.empty(self.n_heads, device=dev, dtype=torch.float32).uniform_(lo, hi)
+        # U(0, hi) can draw exactly 0: clamp so that A_log stays finite.
+        self.A_log.copy_(A.clamp_min(torch.finfo(torch.float32).tiny).log())
+        log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
+        u = torch.rand(self.n_heads, device=dev, dtype=torch.float32)
+        dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp_min(self.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def _decay(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-decay ``g [B, T, H]`` (<= 0), in float32 (float64 for a float64 layer)."""
+        a = _acc(self.a_proj(x)) + _acc(self.dt_bias)
+        return -_acc(self.A_log).exp() * F.softplus(a)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, A_init_range={self.A_init_range}, dt=[{self.dt_min}, {self.dt_max}]"
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype for gates: float32, or float64 for float64 tensors."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+__all__ = ["DeltaNet", "DeltaNetCache", "GatedDeltaNet", "ShortConvolution", "l2_normalize"]
