@@ -96,33 +96,41 @@ def _check(ins, softplus, atol, rtol, **cfg):
         torch.testing.assert_close(a.double(), b, atol=atol * max(1.0, b.abs().max().item()), rtol=rtol, msg=k)
 
 
-def test_all_features_float64_multi_chunk():
+def _cfg(block_l, block_d, variant):
+    """Launch config (see ``default_config``): the same block for forward and backward."""
+    return [block_l, block_d, 4, variant, block_d, 4, variant]
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+def test_all_features_float64_multi_chunk(variant):
     # grouped B/C (2 groups of 2 channels), D, z, bias + softplus, initial and last state,
-    # L=19 over chunks of 8 (the last one partial)
+    # L=19 over chunks of 8 (the last one partial); N=3 is padded to 4 inside the kernels
     ins = _inputs(2, 4, 19, 3, 2, torch.float64, seed=0)
-    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, block_l=8)
+    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, config=_cfg(8, 2, variant))
 
 
-def test_plain_float64_ungrouped():
+@pytest.mark.parametrize("variant", [0, 1])
+def test_plain_float64_ungrouped(variant):
     ins = _inputs(1, 4, 13, 4, 1, torch.float64, seed=1, grouped=False, full=False)
-    _check(ins, softplus=False, atol=1e-10, rtol=1e-10, block_l=8)
+    _check(ins, softplus=False, atol=1e-10, rtol=1e-10, config=_cfg(8, 4, variant))
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
 def test_low_precision_inputs(dtype, atol):
     ins = _inputs(1, 4, 12, 2, 1, dtype, seed=2)
-    _check(ins, softplus=True, atol=atol, rtol=atol, block_l=16)
+    _check(ins, softplus=True, atol=atol, rtol=atol)
 
 
 def test_last_state_continues_the_sequence():
     # scanning [0, L) equals scanning [0, k) and then [k, L) from the returned state
     ins = _inputs(1, 4, 10, 3, 1, torch.float64, seed=3, full=False)
-    y_full, h_full = selective_scan_triton(**ins, return_last_state=True, block_l=8)
+    cfg = _cfg(8, 4, 1)
+    y_full, h_full = selective_scan_triton(**ins, return_last_state=True, config=cfg)
     k = 6
     first = {k2: (v[..., :k] if v.dim() >= 3 else v) for k2, v in ins.items()}
     second = {k2: (v[..., k:] if v.dim() >= 3 else v) for k2, v in ins.items()}
-    y1, h1 = selective_scan_triton(**first, return_last_state=True, block_l=8)
-    y2, h2 = selective_scan_triton(**second, initial_state=h1, return_last_state=True, block_l=8)
+    y1, h1 = selective_scan_triton(**first, return_last_state=True, config=cfg)
+    y2, h2 = selective_scan_triton(**second, initial_state=h1, return_last_state=True, config=cfg)
     torch.testing.assert_close(torch.cat([y1, y2], -1), y_full, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(h2, h_full, atol=1e-12, rtol=1e-12)
 
@@ -153,9 +161,9 @@ def test_decode_step_matches_scan(groups):
 
 
 def test_bad_block_config_is_rejected():
-    ins = _inputs(1, 6, 4, 2, 2, torch.float64, seed=5, full=False)
+    ins = _inputs(1, 6, 4, 2, 2, torch.float64, seed=5, full=False)  # 3 channels per group
     with pytest.raises(ValueError, match="block_d"):
-        selective_scan_triton(**ins, block_d=2)
+        selective_scan_triton(**ins, config=_cfg(8, 2, 0))
 
 
 def test_custom_op_traces_under_compile():
@@ -173,9 +181,7 @@ def test_custom_op_traces_under_compile():
             None,
             None,
             False,
-            4,
-            8,
-            4,
+            _cfg(8, 4, 1),
         ),
         test_utils=("test_schema", "test_faketensor"),
     )

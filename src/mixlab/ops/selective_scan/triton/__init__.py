@@ -26,15 +26,13 @@ def selective_scan_triton(
     initial_state: torch.Tensor | None = None,
     return_last_state: bool = False,
     *,
-    block_d: int | None = None,
-    block_l: int | None = None,
-    num_warps: int | None = None,
+    config: list[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Selective scan on Triton.
 
     u, delta, z ``[B, D, L]``; A ``[D, N]`` (real); B, C ``[B, N, L]`` or ``[B, G, N, L]`` with D % G == 0;
     D, delta_bias ``[D]``; initial_state ``[B, D, N]``. Returns ``y [B, D, L]`` or ``(y, last_state [B, D, N])``.
-    ``block_d``/``block_l``/``num_warps`` override the launch configuration (benchmarks, tests).
+    ``config`` overrides the launch configuration (see :func:`default_config`; for benchmarks and tests).
     """
     if A.is_complex():
         raise NotImplementedError("selective_scan_triton: complex A is not supported; use a real A [D, N]")
@@ -47,11 +45,13 @@ def selective_scan_triton(
     dim, length = u.shape[1], u.shape[2]
     if B.shape[1] != C.shape[1]:
         raise ValueError(f"selective_scan_triton: B has {B.shape[1]} groups but C has {C.shape[1]}; use the same G")
-    bd, bl, nw = default_config(dim, length, B.shape[1])
-    block_d, block_l, num_warps = block_d or bd, block_l or bl, num_warps or nw
-    if (dim // B.shape[1]) % block_d:
+    cfg = list(config) if config is not None else default_config(dim, length, B.shape[1])
+    if len(cfg) != 7:
+        raise ValueError("selective_scan_triton: config must have 7 entries, see default_config")
+    per_group = dim // B.shape[1]
+    if per_group % cfg[1] or per_group % cfg[4]:
         raise ValueError(
-            f"selective_scan_triton: block_d={block_d} must divide the channels per group {dim // B.shape[1]}"
+            f"selective_scan_triton: block_d={cfg[1]}/{cfg[4]} must divide the channels per group {per_group}"
         )
     out, last, _ = selective_scan_fwd(
         u.contiguous(),
@@ -64,9 +64,7 @@ def selective_scan_triton(
         delta_bias.contiguous() if delta_bias is not None else None,
         initial_state.contiguous() if initial_state is not None else None,
         bool(delta_softplus),
-        int(block_d),
-        int(block_l),
-        int(num_warps),
+        [int(c) for c in cfg],
     )
     return (out, last) if return_last_state else out
 

@@ -368,3 +368,244 @@ def selective_state_update_kernel(
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Variant with all states of a chunk in one [BD, NP, BL] tile: no loop over n, so the carried state
+# [BD, NP] needs no per-n extraction, at the price of larger register tiles.
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decay3(dl, a_tile, FP64: tl.constexpr):
+    # exp(dl * A) as a [BD, NP, BL] tile from dl [BD, BL] and A [BD, NP] (times log2(e) in float32 mode)
+    if FP64:
+        return tl.exp(dl[:, None, :] * a_tile[:, :, None])
+    else:
+        return tl.exp2(dl[:, None, :] * a_tile[:, :, None])
+
+
+@triton.jit
+def selective_scan_fwd_kernel_3d(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    h0_ptr,
+    out_ptr,
+    hlast_ptr,
+    hchunk_ptr,
+    DIM,
+    L,
+    N,
+    N_CHUNKS,
+    CH_PER_GROUP,
+    stride_bb,
+    stride_bg,
+    stride_bn,
+    stride_cb,
+    stride_cg,
+    stride_cn,
+    NP: tl.constexpr,
+    BD: tl.constexpr,
+    BL: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    grp = (pid_d * BD) // CH_PER_GROUP
+    nn = tl.arange(0, NP)
+    tt = tl.arange(0, BL)
+    row = (b * DIM + d).to(tl.int64) * L
+    nmask = nn < N
+    st_mask = nmask[None, :]
+    st_offs = (b * DIM + d).to(tl.int64)[:, None] * N + nn[None, :]
+    if HAS_H0:
+        H = tl.load(h0_ptr + st_offs, mask=st_mask, other=0.0).to(CT)
+    else:
+        H = tl.zeros([BD, NP], dtype=CT)
+    A2 = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(CT)
+    if not FP64:
+        A2 = A2 * LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + d).to(CT)
+    B_base = B_ptr + b * stride_bb + grp * stride_bg + nn[:, None] * stride_bn
+    C_base = C_ptr + b * stride_cb + grp * stride_cg + nn[:, None] * stride_cn
+    for c in range(0, N_CHUNKS):
+        t = c * BL + tt
+        tmask = t < L
+        mask = tmask[None, :]
+        offs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+        dl, _ = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
+        ck_offs = ((b * DIM + d).to(tl.int64)[:, None] * N_CHUNKS + c) * N + nn[None, :]
+        tl.store(hchunk_ptr + ck_offs, H.to(hchunk_ptr.dtype.element_ty), mask=st_mask)
+        bc_mask = nmask[:, None] & tmask[None, :]
+        Bc = tl.load(B_base + t[None, :], mask=bc_mask, other=0.0).to(CT)
+        Cc = tl.load(C_base + t[None, :], mask=bc_mask, other=0.0).to(CT)
+        a = _decay3(dl, A2, FP64)
+        bb = (dl * u)[:, None, :] * Bc[None, :, :]
+        P, S = tl.associative_scan((a, bb), 2, _scan_combine)
+        h = S + P * H[:, :, None]
+        y = tl.sum(h * Cc[None, :, :], 1)
+        H = tl.sum(tl.where(tt[None, None, :] == BL - 1, h, 0.0), 2)
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(hlast_ptr + st_offs, H.to(hlast_ptr.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def selective_scan_bwd_kernel_3d(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    hchunk_ptr,
+    dout_ptr,
+    dhlast_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    dB_ptr,
+    dC_ptr,
+    dA_part_ptr,
+    dD_part_ptr,
+    dbias_part_ptr,
+    dh0_ptr,
+    DIM,
+    L,
+    N,
+    N_CHUNKS,
+    CH_PER_GROUP,
+    stride_bb,
+    stride_bg,
+    stride_bn,
+    stride_cb,
+    stride_cg,
+    stride_cn,
+    stride_dbb,
+    stride_dbg,
+    stride_dbn,
+    stride_dcb,
+    stride_dcg,
+    stride_dcn,
+    NP: tl.constexpr,
+    BD: tl.constexpr,
+    BL: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_DHLAST: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    grp = (pid_d * BD) // CH_PER_GROUP
+    nn = tl.arange(0, NP)
+    tt = tl.arange(0, BL)
+    row = (b * DIM + d).to(tl.int64) * L
+    nmask = nn < N
+    st_mask = nmask[None, :]
+    st_offs = (b * DIM + d).to(tl.int64)[:, None] * N + nn[None, :]
+    if HAS_DHLAST:
+        G = tl.load(dhlast_ptr + st_offs, mask=st_mask, other=0.0).to(CT)
+    else:
+        G = tl.zeros([BD, NP], dtype=CT)
+    A_nat = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(CT)
+    A2 = A_nat
+    if not FP64:
+        A2 = A_nat * LOG2E
+    dA_acc = tl.zeros([BD, NP], dtype=CT)
+    dD_acc = tl.zeros([BD], dtype=CT)
+    dbias_acc = tl.zeros([BD], dtype=CT)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d).to(CT)
+    B_base = B_ptr + b * stride_bb + grp * stride_bg + nn[:, None] * stride_bn
+    C_base = C_ptr + b * stride_cb + grp * stride_cg + nn[:, None] * stride_cn
+    dB_base = dB_ptr + b * stride_dbb + grp * stride_dbg + nn[:, None] * stride_dbn
+    dC_base = dC_ptr + b * stride_dcb + grp * stride_dcg + nn[:, None] * stride_dcn
+    for ci in range(0, N_CHUNKS):
+        c = N_CHUNKS - 1 - ci
+        t = c * BL + tt
+        tmask = t < L
+        mask = tmask[None, :]
+        offs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+        dl, raw = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
+        dl_next, _ = _load_delta(delta_ptr, bias_ptr, offs + 1, d, (t + 1 < L)[None, :], HAS_BIAS, SOFTPLUS, CT)
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
+        if HAS_Z:
+            zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+            sz = tl.sigmoid(zz)
+            dy = dout * zz * sz
+        else:
+            dy = dout
+        bc_mask = nmask[:, None] & tmask[None, :]
+        Bc = tl.load(B_base + t[None, :], mask=bc_mask, other=0.0).to(CT)
+        Cc = tl.load(C_base + t[None, :], mask=bc_mask, other=0.0).to(CT)
+        H0 = tl.load(hchunk_ptr + ((b * DIM + d).to(tl.int64)[:, None] * N_CHUNKS + c) * N + nn[None, :], mask=st_mask)
+        # forward recompute
+        a = _decay3(dl, A2, FP64)
+        bb = (dl * u)[:, None, :] * Bc[None, :, :]
+        P, S = tl.associative_scan((a, bb), 2, _scan_combine)
+        h = S + P * H0.to(CT)[:, :, None]
+        y = tl.sum(h * Cc[None, :, :], 1)
+        # adjoint g_t = dy_t C_t + a_{t+1} g_{t+1}
+        alpha = _decay3(dl_next, A2, FP64)
+        cc = dy[:, None, :] * Cc[None, :, :]
+        Q, R = tl.associative_scan((alpha, cc), 2, _scan_combine, reverse=True)
+        g = R + Q * G[:, :, None]
+        G = tl.sum(tl.where(tt[None, None, :] == 0, g, 0.0), 2)
+        hb = h - bb
+        gdl = g * dl[:, None, :]
+        du_acc = tl.sum(gdl * Bc[None, :, :], 1)
+        ddl = tl.sum(g * (Bc[None, :, :] * u[:, None, :] + hb * A_nat[:, :, None]), 1)
+        dA_acc += tl.sum(gdl * hb, 2)
+        tl.atomic_add(dB_base + t[None, :], tl.sum(gdl * u[:, None, :], 0), mask=bc_mask)
+        tl.atomic_add(dC_base + t[None, :], tl.sum(dy[:, None, :] * h, 0), mask=bc_mask)
+        if HAS_D:
+            y += Dv[:, None] * u
+            du_acc += Dv[:, None] * dy
+            dD_acc += tl.sum(dy * u, 1)
+        if HAS_Z:
+            dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if SOFTPLUS:
+            ddl = ddl * tl.sigmoid(raw)
+        ddl = tl.where(mask, ddl, 0.0)
+        dbias_acc += tl.sum(ddl, 1)
+        tl.store(du_ptr + offs, du_acc.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask)
+    dl0, _ = _load_delta(delta_ptr, bias_ptr, row[:, None] + tt[None, :], d, (tt == 0)[None, :], HAS_BIAS, SOFTPLUS, CT)
+    dl0 = tl.sum(dl0, 1)
+    if FP64:
+        a0 = tl.exp(dl0[:, None] * A2)
+    else:
+        a0 = tl.exp2(dl0[:, None] * A2)
+    tl.store(dh0_ptr + st_offs, (a0 * G).to(dh0_ptr.dtype.element_ty), mask=st_mask)
+    tl.store(dA_part_ptr + st_offs, dA_acc.to(dA_part_ptr.dtype.element_ty), mask=st_mask)
+    part = b * DIM + d
+    tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
+    tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))

@@ -10,7 +10,17 @@ from __future__ import annotations
 import torch
 import triton
 
-from .kernels import selective_scan_bwd_kernel, selective_scan_fwd_kernel, selective_state_update_kernel
+from .kernels import (
+    selective_scan_bwd_kernel,
+    selective_scan_bwd_kernel_3d,
+    selective_scan_fwd_kernel,
+    selective_scan_fwd_kernel_3d,
+    selective_state_update_kernel,
+)
+
+#: kernel variants: 0 loops over the states n with [BD, BL] tiles; 1 holds all states in a [BD, N, BL] tile
+_FWD = (selective_scan_fwd_kernel, selective_scan_fwd_kernel_3d)
+_BWD = (selective_scan_bwd_kernel, selective_scan_bwd_kernel_3d)
 
 Tensor = torch.Tensor
 
@@ -20,15 +30,18 @@ def state_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
-def default_config(dim: int, length: int, groups: int) -> tuple[int, int, int]:
-    """``(block_d, block_l, num_warps)``: channels per program (a power of two dividing D/G, so a block
-    never straddles two groups of B/C), time steps per chunk, warps per program."""
+def default_config(dim: int, length: int, groups: int) -> list[int]:
+    """Launch configuration ``[block_l, fwd_block_d, fwd_warps, fwd_variant, bwd_block_d, bwd_warps, bwd_variant]``.
+
+    block_l: time steps per chunk (shared: the saved chunk states depend on it); block_d: channels per
+    program, a power of two dividing D/G so that a block never straddles two groups of B/C.
+    """
     ch = dim // groups
-    bd = 8
+    bd = 4
     while ch % bd:
         bd //= 2
-    bl = min(64, max(16, triton.next_power_of_2(length)))
-    return bd, bl, 4
+    bl = min(32, max(16, triton.next_power_of_2(length)))
+    return [bl, bd, 4, 1, bd, 4, 1]
 
 
 def _n_chunks(length: int, block_l: int) -> int:
@@ -47,9 +60,7 @@ def selective_scan_fwd(
     delta_bias: Tensor | None,
     initial_state: Tensor | None,
     delta_softplus: bool,
-    block_d: int,
-    block_l: int,
-    num_warps: int,
+    cfg: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """u, delta, z ``[B, D, L]`` contiguous; A ``[D, N]``; B, C ``[B, G, N, L]`` (L contiguous).
     Returns ``out [B, D, L]`` (u's dtype), ``last_state [B, D, N]`` and ``chunk_states [B, D, n_chunks, N]``."""
@@ -57,13 +68,14 @@ def selective_scan_fwd(
     n = A.shape[1]
     groups = B.shape[1]
     sd = state_dtype(u)
+    block_l, block_d, num_warps, variant = cfg[:4]
     nc = _n_chunks(length, block_l)
     out = torch.empty_like(u)
     last = torch.empty(bsz, dim, n, device=u.device, dtype=sd)
     chunks = torch.empty(bsz, dim, nc, n, device=u.device, dtype=sd)
     dummy = u
     grid = (dim // block_d, bsz)
-    selective_scan_fwd_kernel[grid](
+    _FWD[variant][grid](
         u,
         delta,
         A,
@@ -102,14 +114,14 @@ def selective_scan_fwd(
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_d, block_l, num_warps):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cfg):
     bsz, dim, length = u.shape
     n = A.shape[1]
     sd = state_dtype(u)
     return (
         torch.empty_like(u),
         u.new_empty(bsz, dim, n, dtype=sd),
-        u.new_empty(bsz, dim, _n_chunks(length, block_l), n, dtype=sd),
+        u.new_empty(bsz, dim, _n_chunks(length, cfg[0]), n, dtype=sd),
     )
 
 
@@ -127,9 +139,7 @@ def selective_scan_bwd(
     dout: Tensor,
     dlast: Tensor | None,
     delta_softplus: bool,
-    block_d: int,
-    block_l: int,
-    num_warps: int,
+    cfg: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``; those of absent
     optional inputs come back as empty tensors."""
@@ -138,6 +148,7 @@ def selective_scan_bwd(
     groups = B.shape[1]
     sd = state_dtype(u)
     nc = chunk_states.shape[2]
+    block_l, block_d, num_warps, variant = cfg[0], *cfg[4:7]
     dout = dout.contiguous()
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
@@ -150,7 +161,7 @@ def selective_scan_bwd(
     dh0 = torch.empty(bsz, dim, n, device=u.device, dtype=sd)
     dummy = u
     grid = (dim // block_d, bsz)
-    selective_scan_bwd_kernel[grid](
+    _BWD[variant][grid](
         u,
         delta,
         A,
@@ -206,7 +217,7 @@ def selective_scan_bwd(
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dlast, delta_softplus, block_d, block_l, num_warps):
+def _(u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dlast, delta_softplus, cfg):
     bsz, dim, _ = u.shape
     n = A.shape[1]
     sd = state_dtype(u)
@@ -224,19 +235,19 @@ def _(u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dlast, delta_soft
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, block_d, block_l, num_warps = inputs
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cfg = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
-    ctx.cfg = (delta_softplus, block_d, block_l, num_warps)
+    ctx.cfg = (delta_softplus, cfg)
     ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
 
 
 def _backward(ctx, dout, dlast, _dchunks):
     u, delta, A, B, C, D, z, delta_bias, chunks = ctx.saved_tensors
-    delta_softplus, block_d, block_l, num_warps = ctx.cfg
+    delta_softplus, cfg = ctx.cfg
     if dout is None:
         dout = torch.zeros_like(u)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, chunks, dout, dlast, delta_softplus, block_d, block_l, num_warps
+        u, delta, A, B, C, D, z, delta_bias, chunks, dout, dlast, delta_softplus, cfg
     )
     return (
         du,
@@ -248,8 +259,6 @@ def _backward(ctx, dout, dlast, _dchunks):
         dz if z is not None else None,
         dbias if delta_bias is not None else None,
         dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None,
-        None,
-        None,
         None,
         None,
     )
