@@ -142,27 +142,51 @@ def _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, max_ne
 # the cache as a tree of leaves (mixers' caches are dataclasses / tuples / dicts of tensors)
 
 
+def _is_counter(owner: Any, value: Any) -> bool:
+    """Whether a scalar field of a layer cache only counts tokens (the layer never reads it).
+
+    A cache class may say which of its fields are counters with a ``decode_counters`` class
+    attribute. Otherwise: the integer fields of recurrent caches are counters (their math is state
+    only), while an attention cache's ``pos`` is the position its next keys are written at.
+    """
+    if hasattr(type(owner), "decode_counters"):
+        return False  # decided per field by the caller
+    from .layers.attention import AttentionCache
+
+    return isinstance(value, int) and not isinstance(value, bool) and not isinstance(owner, AttentionCache)
+
+
 def _children(obj: Any) -> Iterator[tuple[Any, Any]]:
+    """The fields of a cache node, leaving out token counters (see :func:`_is_counter`)."""
     if isinstance(obj, (list, tuple)):
         yield from enumerate(obj)
-    elif isinstance(obj, dict):
+        return
+    if isinstance(obj, dict):
         yield from obj.items()
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield f.name, getattr(obj, f.name)
+        return
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
     elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, nn.Module)):
-        yield from vars(obj).items()
+        items = list(vars(obj).items())
+    else:
+        return
+    declared = getattr(type(obj), "decode_counters", None)
+    for key, value in items:
+        if (declared is not None and key in declared) or _is_counter(obj, value):
+            continue
+        yield key, value
 
 
 def _leaves(obj: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    """``(path, leaf)`` for every tensor or scalar in a cache tree."""
+    """``(path, leaf)`` for every tensor or scalar in a cache tree (token counters left out)."""
     if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (bool, int, float, str)):
         yield path, obj
         return
-    kids = list(_children(obj))
-    if not kids and not isinstance(obj, (list, tuple, dict)):
-        yield path, obj  # opaque object
-    for key, value in kids:
+    container = isinstance(obj, (list, tuple, dict)) or dataclasses.is_dataclass(obj) or hasattr(obj, "__dict__")
+    if not container or isinstance(obj, nn.Module):
+        yield path, obj  # opaque: compared with ==
+        return
+    for key, value in _children(obj):
         yield from _leaves(value, (*path, key))
 
 
