@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "reference", "chunked", "triton")
+_FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)  # head sizes FlexAttention's kernels handle on every version we support
 
 
 def attention(
@@ -166,7 +167,14 @@ def _resolve(backend: str, q: torch.Tensor, window, q_offset: int, tq: int, s: i
     # auto: FlexAttention pays off for the block-sparse mask of full-sequence windowed attention.
     # It is compiled per (length, window); cached decoding (q_offset > 0) stays on masked SDPA,
     # where the mask is small and changes every call.
-    if window is not None and q.is_cuda and q_offset == 0 and tq == s and _flex_available():
+    if (
+        window is not None
+        and q.is_cuda
+        and q_offset == 0
+        and tq == s
+        and q.shape[-1] in _FLEX_HEAD_DIMS
+        and _flex_available()
+    ):
         return "flex"
     return "sdpa"
 
