@@ -94,7 +94,7 @@ def test_custom_op_traces_under_compile():
     x, w = _rand(g, 1, 5, 3), _rand(g, 3, 4)
     torch.library.opcheck(
         torch.ops.mixlab.causal_conv1d_fwd.default,
-        (x, w, None, None, True),
+        (x, w, None, None, True, [32, 4, 4, 32, 4, 4]),
         test_utils=("test_schema", "test_faketensor"),
     )
 

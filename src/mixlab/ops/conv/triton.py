@@ -20,7 +20,7 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
-__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
+__all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton", "default_config"]
 
 
 @triton.jit
@@ -213,21 +213,22 @@ def _conv_update_kernel(
     tl.store(st + kk[None, :], shifted.to(state_ptr.dtype.element_ty), mask=cmask[:, None] & (kk[None, :] < W - 1))
 
 
-def _config(T: int, C: int) -> tuple[int, int, int]:
+def default_config(T: int, C: int) -> list[int]:
+    """``[fwd_rows, fwd_channels, fwd_warps, bwd_rows, bwd_channels, bwd_warps]``: the tile of one program."""
     bc = min(128, triton.next_power_of_2(C))
     bt = min(32, triton.next_power_of_2(max(T, 1)))
-    return bt, bc, 4
+    return [bt, bc, 4, bt, bc, 4]
 
 
 @torch.library.custom_op("mixlab::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd(
-    x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None, silu: bool
+    x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None, silu: bool, config: list[int]
 ) -> tuple[Tensor, Tensor]:
     """x ``[B, T, C]`` (unit channel stride), weight ``[C, W]`` contiguous. Returns ``(y, final_state)``."""
     bsz, T, C = x.shape
     W = weight.shape[1]
     y = torch.empty(bsz, T, C, device=x.device, dtype=x.dtype)
-    bt, bc, nw = _config(T, C)
+    bt, bc, nw = config[:3]
     h0 = initial_state
     grid = (triton.cdiv(T, bt), triton.cdiv(C, bc), bsz)
     _conv_fwd_kernel[grid](
@@ -257,7 +258,7 @@ def causal_conv1d_fwd(
 
 
 @causal_conv1d_fwd.register_fake
-def _(x, weight, bias, initial_state, silu):
+def _(x, weight, bias, initial_state, silu, config):
     bsz, T, C = x.shape
     return x.new_empty(bsz, T, C), x.new_empty(bsz, C, weight.shape[1] - 1)
 
@@ -271,6 +272,7 @@ def causal_conv1d_bwd(
     dy: Tensor,
     dfinal: Tensor | None,
     silu: bool,
+    config: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias, dinitial_state)`` (empty tensors for absent bias / initial state)."""
     bsz, T, C = x.shape
@@ -280,7 +282,7 @@ def causal_conv1d_bwd(
     dx = torch.empty(bsz, T, C, device=x.device, dtype=x.dtype)
     h0 = initial_state
     dh0 = torch.empty(bsz, C, W - 1, device=x.device, dtype=h0.dtype) if h0 is not None else x.new_empty(0)
-    bt, bc, nw = _config(T + W - 1, C)
+    bt, bc, nw = config[3:6]
     n_tiles = triton.cdiv(T + W - 1, bt)
     iters = max(1, min(8, n_tiles))
     n_p = triton.cdiv(n_tiles, iters)
@@ -324,7 +326,7 @@ def causal_conv1d_bwd(
 
 
 @causal_conv1d_bwd.register_fake
-def _(x, weight, bias, initial_state, dy, dfinal, silu):
+def _(x, weight, bias, initial_state, dy, dfinal, silu, config):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weight),
@@ -334,17 +336,17 @@ def _(x, weight, bias, initial_state, dy, dfinal, silu):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, initial_state, silu = inputs
+    x, weight, bias, initial_state, silu, config = inputs
     ctx.save_for_backward(x, weight, bias, initial_state)
-    ctx.silu = silu
+    ctx.cfg = (silu, config)
 
 
 def _backward(ctx, dy, dfinal):
     x, weight, bias, initial_state = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
-    dx, dw, db, dh0 = causal_conv1d_bwd(x, weight, bias, initial_state, dy, dfinal, ctx.silu)
-    return dx, dw, db if bias is not None else None, dh0 if initial_state is not None else None, None
+    dx, dw, db, dh0 = causal_conv1d_bwd(x, weight, bias, initial_state, dy, dfinal, *ctx.cfg)
+    return dx, dw, db if bias is not None else None, dh0 if initial_state is not None else None, None, None
 
 
 causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -398,11 +400,14 @@ def causal_conv1d_triton(
     activation: str | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    *,
+    config: list[int] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Causal depthwise conv on Triton; same arguments and results as the reference ``causal_conv1d``.
 
     x ``[B, T, C]`` (a view with unit channel stride is read in place), weight ``[C, W]`` or ``[C, 1, W]``
     with W in 2..4, bias ``[C]``, initial_state ``[B, C, W-1]``. Returns ``(y [B, T, C], final_state | None)``.
+    ``config`` overrides the tiles (see :func:`default_config`; for benchmarks).
     """
     if x.dim() != 3:
         raise ValueError(f"causal_conv1d_triton: x must be [B, T, C], got shape {tuple(x.shape)}")
@@ -424,6 +429,7 @@ def causal_conv1d_triton(
         bias.contiguous() if bias is not None else None,
         initial_state.contiguous() if initial_state is not None else None,
         silu,
+        list(config) if config is not None else default_config(T, C),
     )
     return y, (final if output_final_state else None)
 
