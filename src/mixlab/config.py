@@ -316,11 +316,11 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
     activation_checkpointing: bool = False
     compile: bool = False
-    log_every: int = 10
+    log_every: int = 1
     eval_every: int = 200  # 0: only at the end
     eval_batches: int = 8
     save_every: int = 200  # 0: only at the end
-    keep_last: int = 2  # checkpoints kept (the newest ones); 0 keeps all
+    keep_last: int = 3  # checkpoints kept (the newest ones); 0 keeps all
     resume: str = "auto"  # auto (newest complete checkpoint of run.dir, if any) | never | a checkpoint dir
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     export: bool = True  # write config.json + model.safetensors to the run dir at the end

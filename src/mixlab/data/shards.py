@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +49,9 @@ class TokenShards:
     """Memory-mapped token shards of one prepared corpus (1-D arrays of token ids)."""
 
     dir: Path
-    manifest: dict[str, Any]
-    train: list[np.ndarray]
-    val: list[np.ndarray]
+    manifest: dict[str, Any] = field(repr=False)
+    train: list[np.ndarray] = field(repr=False)
+    val: list[np.ndarray] = field(repr=False)
 
     @property
     def vocab_size(self) -> int:
