@@ -487,7 +487,8 @@ def _decode(
         sampled = sample_next(scores, temperature, top_k, top_p, min_p, generator)
         teacher = prompts.gather(1, pos.clamp(max=prompts.shape[1] - 1)[:, None])[:, 0]
         producing = ~in_prompt & ~done
-        tok = torch.where(in_prompt, teacher, torch.where(producing, sampled, torch.full_like(sampled, pad)))
+        # Finished rows keep being fed (their outputs are ignored) a valid id: the one they sampled.
+        tok = torch.where(in_prompt, teacher, sampled)
         out[arange[producing], n_gen[producing]] = tok[producing]
         n_gen += producing.long()
         if repetition_penalty != 1.0:
