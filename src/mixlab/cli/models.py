@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     right = {1, 2, 3, 4, 6, 7}  # numbers right-aligned
 
     def fmt(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     out = [fmt(header), fmt(["-" * w for w in widths]), *(fmt(row) for row in table)]
     sys.stdout.write("\n".join(out) + "\n")
