@@ -1,0 +1,63 @@
+"""AdamW parameter groups and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mixlab.config import ModelConfig, TrainConfig
+from mixlab.models import build_model
+from mixlab.train.optim import LRSchedule, build_optimizer, param_groups
+
+
+def test_no_weight_decay_on_vectors_and_flagged_params() -> None:
+    model = build_model(ModelConfig(name="t", vocab_size=64, d_model=16, n_layers=2, pattern="A", d_intermediate=32))
+    flagged = nn.Parameter(torch.zeros(3, 3))
+    flagged._no_weight_decay = True
+    model.register_parameter("flagged", flagged)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    names = dict(model.named_parameters())
+    for n in no_decay["names"]:
+        assert names[n].ndim < 2 or getattr(names[n], "_no_weight_decay", False), n
+    assert "flagged" in no_decay["names"] and any("norm" in n for n in no_decay["names"])
+    assert "embed.weight" in decay["names"] and "lm_head.weight" not in decay["names"]  # tied: once
+    n_all = len({id(p) for p in model.parameters()})
+    assert len(decay["params"]) + len(no_decay["params"]) == n_all
+
+
+def test_gated_deltanet_special_params_get_no_decay() -> None:
+    model = build_model(ModelConfig(name="g", vocab_size=64, d_model=32, n_layers=1, pattern="G", d_intermediate=0))
+    _, no_decay = param_groups(model, 0.1)
+    assert any("A_log" in n for n in no_decay["names"]) and any("dt_bias" in n for n in no_decay["names"])
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedules(kind: str) -> None:
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, schedule=kind)
+    s = LRSchedule(cfg)
+    assert [s(i) for i in range(3)] == pytest.approx([0.1, 0.2, 0.3])  # linear warmup
+    assert s(9) == pytest.approx(1.0) and s(10) == pytest.approx(1.0)
+    if kind == "constant":
+        assert s(60) == s(110) == 1.0
+    elif kind == "linear":
+        assert s(60) == pytest.approx(0.55) and s(110) == pytest.approx(0.1)
+    else:
+        assert s(60) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+        assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
+    values = [s(i) for i in range(10, 111)]
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(values))  # never rises after warmup
+
+
+def test_optimizer_uses_the_schedule() -> None:
+    model = nn.Linear(4, 4)
+    cfg = TrainConfig(lr=0.5, warmup_steps=2, max_steps=10)
+    opt = build_optimizer(model, cfg)
+    assert LRSchedule(cfg).apply(opt, 0) == 0.25
+    assert all(g["lr"] == 0.25 for g in opt.param_groups)
+    assert opt.param_groups[0]["betas"] == cfg.betas
