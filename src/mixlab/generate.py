@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "DecodeStep",
     "Streamer",
     "TextStreamer",
     "apply_repetition_penalty",
@@ -319,6 +320,41 @@ class _GraphedStep:
         return self.logits
 
 
+class DecodeStep:
+    """One decode step over ``cache``: ``tokens [B] -> logits [B, V]`` (the cache advances in place).
+
+    ``cuda_graph=True`` on CUDA captures it in a CUDA graph; build it right after ``init_cache``
+    (before the prefill) and call :meth:`after_prefill` once the prompt is in the cache. When the
+    graph cannot be used, ``graph`` is None, ``why_eager`` says why and steps run eagerly.
+    """
+
+    def __init__(self, model: nn.Module, cache: Any, batch: int, cuda_graph: bool = False) -> None:
+        self.model, self.cache = model, cache
+        self.graph: _GraphedStep | None = None
+        self.why_eager: str | None = None
+        if cuda_graph:
+            device = next(model.parameters()).device
+            if device.type != "cuda":
+                self.why_eager = f"the model is on {device}, CUDA graphs need a CUDA device"
+            else:
+                try:
+                    self.graph = _GraphedStep(model, cache, batch, device)
+                except _NoGraph as e:
+                    self.why_eager = str(e)
+
+    def after_prefill(self) -> None:
+        if self.graph is not None:
+            self.graph.repin()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self.model(tokens[:, None], self.cache)[:, -1]
+        logits = self.graph(tokens)
+        if hasattr(self.cache, "position"):
+            self.cache.position += 1
+        return logits
+
+
 # ----------------------------------------------------------------------------------------------
 # generate
 
@@ -454,23 +490,16 @@ def _decode(
     max_len = max(lens) + max_new_tokens
     cache = model.init_cache(batch, max_len, device=device)
 
-    step = None
-    if cuda_graph:
-        if device.type != "cuda":
-            warnings.warn("generate: cuda_graph=True needs a CUDA model; decoding eagerly", stacklevel=3)
-        else:
-            try:
-                step = _GraphedStep(model, cache, batch, device)
-            except _NoGraph as e:
-                warnings.warn(f"generate: no CUDA graph ({e}); decoding eagerly", stacklevel=3)
+    step = DecodeStep(model, cache, batch, cuda_graph=cuda_graph)
+    if cuda_graph and step.graph is None:
+        warnings.warn(f"generate: no CUDA graph ({step.why_eager}); decoding eagerly", stacklevel=3)
 
     prompts = torch.zeros(batch, max(lens), dtype=torch.long, device=device)
     for i, r in enumerate(rows):
         prompts[i, : lens[i]] = r
     lens_t = torch.tensor(lens, device=device)
     logits, pos = _prefill(model, cache, rows, lens, prompts, max_len, device)
-    if step is not None:
-        step.repin()
+    step.after_prefill()
 
     vocab = logits.shape[-1]
     seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
@@ -501,12 +530,7 @@ def _decode(
             streamer.put(torch.where(producing, tok, torch.full_like(tok, pad)).cpu())
         if bool(done.all()):
             break
-        if step is not None:
-            logits = step(tok)
-            if hasattr(cache, "position"):
-                cache.position += 1
-        else:
-            logits = model(tok[:, None], cache)[:, -1]
+        logits = step(tok)
         pos = pos + 1
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
