@@ -23,6 +23,7 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the (gated) delta rule over a sequence.
@@ -34,6 +35,7 @@ def delta_rule(
         initial_state: ``[N, H, K, V]`` (N = B, or the number of sequences with ``cu_seqlens``).
         output_final_state: also return the final state ``[N, H, K, V]`` (float32).
         cu_seqlens: ``[N + 1]`` int offsets of packed sequences (B must be 1); states never cross them.
+        chunk_size: chunk length of the ``chunked`` backend (the Triton kernels use 64).
         backend: ``auto`` | ``reference`` | ``chunked`` | ``triton``.
 
     Returns:
@@ -53,7 +55,7 @@ def delta_rule(
     if impl == "chunked":
         from .chunked import delta_rule_chunked
 
-        return delta_rule_chunked(q, k, v, beta, g, **kwargs)
+        return delta_rule_chunked(q, k, v, beta, g, chunk_size=chunk_size, **kwargs)
     from .triton import delta_rule_triton
 
     return delta_rule_triton(q, k, v, beta, g, **kwargs)
