@@ -236,6 +236,7 @@ class DeltaNet(Mixer):
             scale=self.head_dim**-0.5,
             initial_state=cache.state if cache is not None else None,
             output_final_state=cache is not None,
+            chunk_size=self.chunk_size,
             backend=self.backend,
         )
         if cache is not None:
