@@ -25,6 +25,8 @@ the cumulative sum ``G`` and turned into ``dg`` with a reverse cumulative sum in
 from __future__ import annotations
 
 import itertools
+import json
+import os
 
 import torch
 import triton
@@ -583,9 +585,36 @@ def _dg_finalize_kernel(
 # host side
 # --------------------------------------------------------------------------------------------------
 
+#: Launch settings per kernel: tile caps (BK, BV: the largest tile along K / V; sequential kernels
+#: always take the whole K), num_warps and num_stages. Chosen from the sm_90 compiler's register
+#: report at K = V = 128 (no spills). ``MIXLAB_TRITON_CHUNK_CONFIG`` (JSON, same keys) overrides
+#: entries for tuning runs, e.g. ``{"fwd_h": {"num_warps": 4}}``.
+CONFIG: dict[str, dict[str, int]] = {
+    "wy_fwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 2},
+    "fwd_h": {"BV": 64, "num_warps": 8, "num_stages": 2},
+    "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 2},
+    "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 2},
+    "bwd_dh": {"BV": 64, "num_warps": 8, "num_stages": 2},
+    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 2},
+    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 2},
+}
+if os.environ.get("MIXLAB_TRITON_CHUNK_CONFIG"):
+    for _name, _cfg in json.loads(os.environ["MIXLAB_TRITON_CHUNK_CONFIG"]).items():
+        CONFIG[_name] = {**CONFIG[_name], **_cfg}
+
 
 def _np2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
+
+
+def _launch(name: str, K: int, V: int, seq: bool = False) -> tuple[int, int, dict[str, int]]:
+    """(BK, BV, launch kwargs) of kernel ``name`` for head dims K, V."""
+    cfg = CONFIG[name]
+    BK = _np2(K) if seq else min(cfg["BK"], _np2(K))
+    BV = min(cfg["BV"], _np2(V))
+    if seq and BK > 128:  # keep the float32 state tile [K, BV] within the register file
+        BV = min(BV, 32)
+    return BK, BV, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 class _Layout:
@@ -603,24 +632,16 @@ class _Layout:
             bounds = [int(x) for x in cu_seqlens.tolist()]
             lens = [b - a for a, b in itertools.pairwise(bounds)]
             if any(n < 0 for n in lens):
-                raise ValueError("cu_seqlens must be non-decreasing")
+                raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
             counts = [triton.cdiv(n, BT) for n in lens]
             self.T, self.N, self.NT = T, len(lens), 0
             self.NC = sum(counts)
             idx = [(n, i) for n, c in enumerate(counts) for i in range(c)]
-            offsets = [0]
-            for c in counts:
-                offsets.append(offsets[-1] + c)
             self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
             self.chunk_indices = torch.tensor(idx or [(0, 0)], dtype=torch.int32, device=device).reshape(-1)
-            self.chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
-
-
-def _seq_tiles(K: int, V: int) -> tuple[int, int, int]:
-    """(BK, BV, num_warps) of the sequential state kernels: the whole K in one tile."""
-    BK = _np2(K)
-    BV = min(_np2(V), 64 if BK <= 128 else 32)
-    return BK, BV, 4
+            self.chunk_offsets = torch.tensor(
+                list(itertools.accumulate(counts, initial=0)), dtype=torch.int32, device=device
+            )
 
 
 def chunk_fwd(
@@ -637,7 +658,7 @@ def chunk_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Forward. q, k ``[B, T, HK, K]``; v ``[B, T, H, V]``; beta/g ``[B, T, H]`` (contiguous, one dtype
     for q/k/v). Returns ``(o [B, T, H, V], final state [N, H, K, V] float32 or None, Tm, w, u)`` where
-    ``Tm`` [B, T, H, 64] float32, ``w`` like k per value head, ``u`` like v (None without the delta rule)."""
+    ``Tm`` [B, T, H, 64] float32, ``w`` [B, T, H, K], ``u`` like v (None without the delta rule)."""
     B, T, HK, K = q.shape
     H, V = v.shape[2], v.shape[3]
     lay = _Layout(B, T, cu_seqlens, q.device)
@@ -649,38 +670,42 @@ def chunk_fwd(
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return o, ht, None, None, None
     dummy = o
+    use_g = g is not None
+    gp = g if use_g else dummy
     Tm = w = u = None
     if use_delta:
         Tm = torch.empty(B, T, H, BT, dtype=torch.float32, device=dev)
         w = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
         u = torch.empty_like(v)
+        BK, BV, kw = _launch("wy_fwd", K, V)
         _wy_fwd_kernel[(lay.NC, H)](
-            k, v, beta, g if g is not None else dummy, Tm, w, u, lay.cu_seqlens, lay.chunk_indices,
-            lay.T, lay.NT, H=H, HK=HK, K=K, V=V, BT=BT, BK=min(64, _np2(K)), BV=min(64, _np2(V)),
-            USE_G=g is not None, IS_VARLEN=lay.is_varlen, num_warps=4,
+            k, v, beta, gp, Tm, w, u, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
+            H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
-    vsrc = u if use_delta else v
     h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
     vn = torch.empty_like(v) if use_delta else v
-    _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, H, HK, K, V, use_delta, save_vnew=use_delta)
-    BK, BV = min(128, _np2(K)), min(64, _np2(V))
+    _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, ht, lay, use_delta)
+    BK, BV, kw = _launch("fwd_o", K, V)
     _fwd_o_kernel[(triton.cdiv(V, BV), lay.NC, H)](
-        q, k, vn, g if g is not None else dummy, h, o, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
-        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, IS_VARLEN=lay.is_varlen, num_warps=4,
+        q, k, vn, gp, h, o, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
+        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
     )  # fmt: skip
     return o, ht, Tm, w, u
 
 
-def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, H, HK, K, V, use_delta, save_vnew):
-    BK, BV, nw = _seq_tiles(K, V)
+def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta):
+    """Run the sequential state kernel: fills ``h`` (and ``vn`` with the delta rule), optionally ``ht``."""
+    HK, K = k.shape[2], k.shape[3]
+    H, V = vsrc.shape[2], vsrc.shape[3]
+    BK, BV, kw = _launch("fwd_h", K, V, seq=True)
     dummy = vsrc
     _fwd_h_kernel[(triton.cdiv(V, BV), lay.N * H)](
         k, vsrc, w if w is not None else dummy, g if g is not None else dummy, h, vn,
         initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, USE_DELTA=use_delta,
-        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
-        SAVE_VNEW=save_vnew, IS_VARLEN=lay.is_varlen, num_warps=nw,
+        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None, SAVE_VNEW=use_delta,
+        IS_VARLEN=lay.is_varlen, **kw,
     )  # fmt: skip
 
 
@@ -708,58 +733,59 @@ def chunk_bwd(
     dev = q.device
     lay = _Layout(B, T, cu_seqlens, dev)
     f32 = torch.float32
-    dq = torch.zeros(B, T, H, K, dtype=f32, device=dev)
-    dk = torch.zeros(B, T, H, K, dtype=f32, device=dev)
-    dv = torch.zeros_like(v)
-    dbeta = torch.zeros(B, T, H, dtype=f32, device=dev) if use_delta else None
-    dg = torch.zeros(B, T, H, dtype=f32, device=dev) if g is not None else None
-    dh0 = torch.zeros_like(initial_state, dtype=f32) if initial_state is not None else None
+    use_g = g is not None
+    dq = torch.empty(B, T, H, K, dtype=f32, device=dev)
+    dk = torch.empty(B, T, H, K, dtype=f32, device=dev)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty(B, T, H, dtype=f32, device=dev) if use_delta else None
+    dg = torch.empty(B, T, H, dtype=f32, device=dev) if use_g else None
+    dh0 = torch.empty_like(initial_state, dtype=f32) if initial_state is not None else None
     if lay.NC == 0:
-        if dh0 is not None and dht is not None:
-            dh0.copy_(dht)
+        if dh0 is not None:
+            dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         return dq, dk, dv, dbeta, dg, dh0
     do = do.contiguous()
-    use_g = g is not None
     dummy = do
+    gp = g if use_g else dummy
     # recompute the chunk states and V_new
     h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
-    vsrc = u if use_delta else v
     vn = torch.empty_like(v) if use_delta else v
-    _chunk_h(k, vsrc, w, g, h, vn, initial_state, None, lay, H, HK, K, V, use_delta, save_vnew=use_delta)
-    # intra-chunk dV_new, then the reverse state pass
+    _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta)
+    # intra-chunk part of dV_new, then the reverse state pass
     dvl = torch.empty_like(v)
+    BK, BV, kw = _launch("dv_local", K, V)
     _bwd_dv_local_kernel[(lay.NC, H)](
-        q, k, g if use_g else dummy, do, dvl, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
-        H=H, HK=HK, K=K, V=V, BT=BT, BK=min(128, _np2(K)), BV=min(64, _np2(V)), USE_G=use_g,
-        IS_VARLEN=lay.is_varlen, num_warps=4,
+        q, k, gp, do, dvl, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
+        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
     )  # fmt: skip
     dh = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
     dvn = torch.empty_like(v) if use_delta else dv
-    BKs, BVs, nws = _seq_tiles(K, V)
-    _bwd_dh_kernel[(triton.cdiv(V, BVs), lay.N * H)](
-        q, k, w if use_delta else dummy, g if use_g else dummy, do, dvl, dh, dvn,
+    BK, BV, kw = _launch("bwd_dh", K, V, seq=True)
+    _bwd_dh_kernel[(triton.cdiv(V, BV), lay.N * H)](
+        q, k, w if use_delta else dummy, gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
-        H=H, HK=HK, K=K, V=V, BT=BT, BK=BKs, BV=BVs, USE_G=use_g, USE_DELTA=use_delta,
+        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=dh0 is not None,
-        IS_VARLEN=lay.is_varlen, num_warps=nws,
+        IS_VARLEN=lay.is_varlen, **kw,
     )  # fmt: skip
-    # dq, dk, dw, dG
-    BK, BV = min(64, _np2(K)), min(64, _np2(V))
+    # dq, dk, dw and the K tiles' shares of dG
+    BK, BV, kw = _launch("dqkwg", K, V)
     NK = triton.cdiv(K, BK)
     ns = NK + (1 if use_delta else 0)
     dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
     dw = torch.empty(B, T, H, K, dtype=f32, device=dev) if use_delta else dummy
     _bwd_dqkwg_kernel[(NK, lay.NC, H)](
-        q, k, vn, g if use_g else dummy, h, do, dh, dvn, dq, dk, dw, dG, lay.cu_seqlens, lay.chunk_indices,
+        q, k, vn, gp, h, do, dh, dvn, dq, dk, dw, dG, lay.cu_seqlens, lay.chunk_indices,
         scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
-        USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, num_warps=4,
+        USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, **kw,
     )  # fmt: skip
     if use_delta:
+        BK, BV, kw = _launch("wy_bwd", K, V)
         _wy_bwd_kernel[(lay.NC, H)](
-            k, v, beta, g if use_g else dummy, Tm, dvn, dw, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
-            lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=min(64, _np2(K)), BV=min(64, _np2(V)),
-            USE_G=use_g, IS_VARLEN=lay.is_varlen, num_warps=4,
+            k, v, beta, gp, Tm, dvn, dw, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
+            lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV,
+            USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
     if use_g:
         _dg_finalize_kernel[(lay.NC, H)](
