@@ -148,22 +148,61 @@ def test_greedy_decoding_through_the_cache_matches_full_forwards(pattern):
     assert generate(model, [prompt], 10, temperature=0.0)[0] == got  # deterministic
 
 
-@pytest.mark.parametrize("pattern, aligned", [("GD", True), ("Mm", True), ("GS", False), ("A", False)])
-def test_ragged_batch_equals_each_prompt_alone(pattern, aligned, monkeypatch):
+@pytest.mark.parametrize(
+    "pattern, row_positions, aligned",
+    [
+        ("GD", True, True),
+        ("Mm", True, True),
+        ("GS", True, True),
+        ("A", True, True),
+        ("GS", False, False),
+        ("A", False, False),
+    ],
+)
+def test_ragged_batch_equals_each_prompt_alone(pattern, row_positions, aligned, monkeypatch):
     import mixlab.generate as gen
+    from mixlab.layers.attention import AttentionCache
 
     model = _model(pattern)
     prompts = _prompts([9, 2, 5, 2])
     merges = []
     real_merge = gen._merge_rows
     monkeypatch.setattr(gen, "_merge_rows", lambda *a: (merges.append(1), real_merge(*a)))
+    # Without per-row positions in the attention cache (one int position for the batch) generate falls
+    # back to lockstep decoding, teacher-forcing the longer prompts; with them, length groups are
+    # prefilled separately and merged into the batch cache.
+    monkeypatch.setattr(AttentionCache, "supports_row_positions", row_positions)
     batched = generate(model, prompts, 8, temperature=0.0)
-    # recurrent caches are prefilled per length group and merged; an attention KV cache with one
-    # position for the batch is decoded in lockstep (teacher-forcing the longer prompts)
     assert bool(merges) == aligned
     for p, row in zip(prompts, batched):
         assert len(row) == len(p) + 8
         assert row == generate(model, [p], 8, temperature=0.0)[0]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_rows_at_different_positions_match_full_forward(window):
+    from mixlab.layers.attention import Attention
+
+    torch.manual_seed(0)
+    layer = Attention(32, n_heads=4, n_kv_heads=2, window=window, dtype=torch.float64)
+    x = torch.randn(2, 8, 32, dtype=torch.float64)
+    want = layer(x)
+    cache = layer.init_cache(2, 16)
+    for row, n in ((0, 5), (1, 3)):  # row 0 holds 5 tokens, row 1 holds 3
+        c = layer.init_cache(1, 16)
+        layer(x[row : row + 1, :n], c)
+        cache.k[row], cache.v[row] = c.k[0], c.v[0]
+    cache.pos = torch.tensor([5, 3])
+    if cache.ring:
+        with pytest.raises(ValueError, match="one token per call"):
+            layer(torch.stack([x[0, 5:7], x[1, 3:5]]), cache)
+        steps = [torch.stack([x[0, 5 + i], x[1, 3 + i]])[:, None] for i in range(2)]
+        got = torch.cat([layer(s, cache) for s in steps], dim=1)
+    else:
+        got = layer(torch.stack([x[0, 5:7], x[1, 3:5]]), cache)
+    assert torch.allclose(got[0], want[0, 5:7], atol=1e-12)
+    assert torch.allclose(got[1], want[1, 3:5], atol=1e-12)
+    assert cache.pos.tolist() == [7, 5]
 
 
 def test_padded_tensor_with_attention_mask_equals_lists():
@@ -252,18 +291,16 @@ def test_zero_new_tokens_and_bad_inputs():
 
 def test_language_model_generate_method():
     model = _model("G")
-    if not hasattr(model, "generate"):
-        pytest.skip("LanguageModel.generate not wired yet")
     prompt = torch.tensor([_prompts([5])[0]])
     assert torch.equal(model.generate(prompt, 6, temperature=0.0), generate(model, prompt, 6, temperature=0.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("pattern", ["G", "M", "m", "D"])
+@pytest.mark.parametrize("pattern", ["G", "M", "m", "D", "GS", "A"])
 def test_cuda_graph_decoding_matches_eager(pattern):
     importlib.import_module("mixlab.layers")
     model = _model(pattern, dtype=torch.float32, backend="auto").cuda()
-    prompts = _prompts([6, 6, 6])
+    prompts = _prompts([6, 3, 6])
     eager = generate(model, prompts, 16, temperature=0.0)
     import warnings
 

@@ -210,6 +210,16 @@ def _layer_caches(cache: Any) -> Any:
     return getattr(cache, "layers", cache)
 
 
+def _use_row_positions(cache: Any, batch: int, device: torch.device) -> Any:
+    """Give every layer cache that supports it (``supports_row_positions``, e.g. the attention KV cache)
+    one position per row, a LongTensor ``[B]``: rows can then decode from different positions and the
+    step reads no Python int. Returns ``cache``."""
+    for layer in _layer_caches(cache) if isinstance(_layer_caches(cache), (list, tuple)) else ():
+        if getattr(type(layer), "supports_row_positions", False) and isinstance(layer.pos, int):
+            layer.pos = torch.full((batch,), layer.pos, dtype=torch.long, device=device)
+    return cache
+
+
 def _mergeable(dst: Any, src: Any, batch: int) -> bool:
     """Whether ``src`` (a cache of n < ``batch`` rows, after a prefill) can be copied into rows of
     ``dst`` (a fresh cache of ``batch`` rows): same tree, every tensor batch-major or unchanged, every
@@ -488,7 +498,7 @@ def _decode(
 ) -> list[list[int]]:  # fmt: skip
     batch = len(rows)
     max_len = max(lens) + max_new_tokens
-    cache = model.init_cache(batch, max_len, device=device)
+    cache = _use_row_positions(model.init_cache(batch, max_len, device=device), batch, device)
 
     step = DecodeStep(model, cache, batch, cuda_graph=cuda_graph)
     if cuda_graph and step.graph is None:
@@ -553,7 +563,7 @@ def _prefill(model, cache, rows, lens, prompts, max_len, device) -> tuple[torch.
     logits = None
     for gi, (n, idx) in enumerate(sorted(groups.items())):
         rows_t = torch.tensor(idx, dtype=torch.long, device=device)
-        gcache = model.init_cache(len(idx), max_len, device=device)
+        gcache = _use_row_positions(model.init_cache(len(idx), max_len, device=device), len(idx), device)
         glogits = model(prompts[rows_t, :n], gcache)[:, -1]
         if not _mergeable(cache, gcache, batch):
             if gi > 0:

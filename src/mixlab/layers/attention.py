@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.attention import apply_rope, attention, rope_cos_sin
@@ -19,12 +21,20 @@ class AttentionCache:
     position ``p`` in slot ``p`` and ``L = max_len``. A sliding-window cache (``ring=True``) is a ring
     buffer of ``L = window`` slots holding position ``p`` in slot ``p % window``: memory stays constant
     however long the context grows. ``pos``: number of tokens consumed so far.
+
+    ``pos`` may also be a LongTensor ``[B]``, one position per row (set it so after ``init_cache``):
+    rows then decode from different positions (prompts of different lengths in one batch), and a
+    one-token step reads no Python int, so it can be captured in a CUDA graph. The layer updates
+    that tensor in place. (``mixlab.generate`` does this; see :meth:`Attention._attend_rows`.)
     """
+
+    #: ``pos`` may be a per-row LongTensor ``[B]`` (read by ``mixlab.generate``)
+    supports_row_positions: ClassVar[bool] = True
 
     k: torch.Tensor
     v: torch.Tensor
     ring: bool
-    pos: int = 0
+    pos: int | torch.Tensor = 0
 
     @property
     def capacity(self) -> int:
@@ -100,6 +110,8 @@ class Attention(Mixer):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if cache is not None and isinstance(cache.pos, torch.Tensor):
+            return self.o_proj(self._forward_rows(q, k, v, cache).reshape(b, t, self.n_heads * self.head_dim))
         start = 0 if cache is None else cache.pos
         cos, sin = rope_cos_sin(
             torch.arange(start, start + t, device=x.device), self.head_dim, self.rope_theta, dtype=q.dtype
@@ -153,6 +165,71 @@ class Attention(Mixer):
             cache.v[:, slots] = v[:, t - m :].to(cache.v.dtype)
         cache.pos = pos + t
         return o
+
+    def _forward_rows(self, q, k, v, cache: AttentionCache) -> torch.Tensor:
+        """RoPE + cached attention when ``cache.pos`` is a per-row LongTensor ``[B]``.
+
+        Rows that all sit at one position with several new tokens (a prefill) take the shared-position
+        path (one host sync to check); otherwise :meth:`_attend_rows`.
+        """
+        rows_pos = cache.pos
+        if q.shape[1] > 1 and bool((rows_pos == rows_pos[0]).all()):
+            start = int(rows_pos[0])
+            cos, sin = rope_cos_sin(
+                torch.arange(start, start + q.shape[1], device=q.device), self.head_dim, self.rope_theta, dtype=q.dtype
+            )
+            cache.pos = start
+            try:
+                o = self._attend_cached(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache)
+            finally:
+                rows_pos.fill_(cache.pos)
+                cache.pos = rows_pos
+            return o
+        return self._attend_rows(q, k, v, cache)
+
+    def _attend_rows(self, q, k, v, cache: AttentionCache) -> torch.Tensor:
+        """Attention with one position per row: row ``b``'s new tokens sit at ``cache.pos[b] + 0..T-1``.
+
+        Writes the keys/values at their slots (``pos % window`` in a ring buffer) and attends over the
+        whole cache under a per-row mask (causal, window, slots not yet written), so shapes and control
+        flow never depend on the positions' values: capturable in a CUDA graph. A full cache must have
+        room (``pos + T <= max_len``; not checked, that would need a host sync). A ring buffer takes one
+        token per call here (more could overwrite keys that earlier new tokens still need).
+        """
+        b, t = q.shape[:2]
+        cap = cache.capacity
+        if cache.ring and t > 1:
+            raise ValueError(
+                "Attention: a sliding-window cache with per-row positions takes one token per call when "
+                "the rows sit at different positions; prefill rows of one length together"
+            )
+        if cache.k.shape[0] != b:
+            raise ValueError(f"Attention: cache was made for batch {cache.k.shape[0]}, input has batch {b}")
+        qpos = cache.pos[:, None] + torch.arange(t, device=q.device)  # [B, T]
+        cos, sin = rope_cos_sin(qpos.reshape(-1), self.head_dim, self.rope_theta, dtype=q.dtype)
+        q = apply_rope(q, cos.view(b, t, -1), sin.view(b, t, -1))
+        k = apply_rope(k, cos.view(b, t, -1), sin.view(b, t, -1))
+        slots = qpos % cap if cache.ring else qpos
+        rows = torch.arange(b, device=q.device)[:, None].expand(b, t)
+        cache.k[rows, slots] = k.to(cache.k.dtype)
+        cache.v[rows, slots] = v.to(cache.v.dtype)
+        j = torch.arange(cap, device=q.device)
+        if cache.ring:
+            last = qpos[:, -1:]
+            kpos = last - (last - j) % cap  # [B, cap]: the position each slot holds now
+        else:
+            kpos = j.expand(b, cap)
+        kpos = kpos[:, None, :]
+        visible = (kpos <= qpos[:, :, None]) & (kpos >= 0)  # [B, T, cap]
+        if self.window is not None:
+            visible = visible & (kpos > qpos[:, :, None] - self.window)
+        qt, kt, vt = q.transpose(1, 2), cache.k.transpose(1, 2).to(q.dtype), cache.v.transpose(1, 2).to(q.dtype)
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            kt, vt = kt.repeat_interleave(groups, dim=1), vt.repeat_interleave(groups, dim=1)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=visible[:, None])
+        cache.pos.add_(t)
+        return o.transpose(1, 2)
 
     def extra_repr(self) -> str:
         return (

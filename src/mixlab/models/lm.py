@@ -140,6 +140,12 @@ class LanguageModel(nn.Module):
         """Logits ``[B, T, vocab_size]`` for ``input_ids [B, T]`` (continuing ``cache`` when given)."""
         return self.lm_head(self.forward_hidden(input_ids, cache))
 
+    def generate(self, input_ids: torch.Tensor | list[list[int]], max_new_tokens: int, **kwargs: Any):
+        """Sample continuations through the decode cache: see :func:`mixlab.generate.generate`."""
+        from ..generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     # ------------------------------------------------------------------------------------------
     # introspection
 
