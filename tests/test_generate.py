@@ -308,3 +308,58 @@ def test_cuda_graph_decoding_matches_eager(pattern):
         warnings.simplefilter("error")  # a refused graph warns: fail instead
         graphed = generate(model, prompts, 16, temperature=0.0, cuda_graph=True)
     assert graphed == eager
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _saved_model(path, vocab: int = 320):
+    from mixlab.models.hub import save_pretrained
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=vocab, d_model=32, n_layers=2, pattern="GS", d_intermediate=64, tie_embeddings=False, init_std=0.2,
+        attention=AttentionConfig(n_heads=2, window=8), gated_deltanet=GatedDeltaNetConfig(n_heads=2, head_dim=16),
+    )  # fmt: skip
+    model = build_model(cfg).eval()
+    save_pretrained(model, path)
+    return model
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_cli_generate_streams_the_greedy_continuation(tmp_path, capsys, tokenizer):
+    from mixlab.cli import main
+    from mixlab.data.tokenizer import save_tokenizer_to_dir, train_bpe
+    from mixlab.models.hub import load_tokenizer_for
+
+    model = _saved_model(tmp_path)
+    if tokenizer == "byte":
+        save_tokenizer_to_dir("byte", tmp_path)
+    else:
+        train_bpe(["def add(a, b):\n    return a + b\n"] * 20, 300, tmp_path)
+    tok = load_tokenizer_for(tmp_path)
+    assert type(tok).__name__ == ("ByteTokenizer" if tokenizer == "byte" else "HFTokenizer")
+    prompt = "def add(a, b):"
+    ids = tok.encode(prompt)
+    want = generate(model, [ids], 12, temperature=0.0, eos_token_id=tok.eos_id)[0][len(ids) :]
+    want = [t for t in want if t != tok.eos_id]
+    rc = main(["generate", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "12", "--greedy", "--device", "cpu"])
+    assert rc == 0
+    assert capsys.readouterr().out == prompt + tok.decode(want) + "\n"
+
+
+def test_cli_generate_and_convert_errors(tmp_path, capsys):
+    from mixlab.cli import main
+    from mixlab.models.hub import from_pretrained
+
+    model = _saved_model(tmp_path / "m")
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "x", "--device", "cpu"]) == 2
+    assert "names no tokenizer" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "out")]) == 0
+    ids = torch.randint(0, 320, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "out")(ids), model(ids))
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "out")]) == 2  # exists
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "ms"), "--to", "mamba_ssm"]) == 2
+    assert "cannot export to mamba_ssm" in capsys.readouterr().err
