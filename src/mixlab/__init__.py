@@ -7,6 +7,8 @@ Quick tour::
     model = mixlab.build_model(cfg)                     # meta-device build, materialised and initialised
     logits = model(input_ids)                           # [B, T] -> [B, T, vocab]
     cache = model.init_cache(batch_size, max_len)       # decode: model(next_ids, cache=cache)
+    out = model.generate(input_ids, max_new_tokens=50)  # sampling over the decode cache
+    model = mixlab.from_pretrained("path/to/dir")       # mixlab / mamba_ssm / Hugging Face / fla checkpoints
 
 The ops (``delta_rule``, ``ssd``, ``selective_scan``, ``causal_conv1d``, ``attention``) are plain
 functions on ``[B, T, H, D]`` tensors with ``reference`` / ``chunked`` / ``triton`` backends.
@@ -22,6 +24,7 @@ from .config import (
     ModelConfig,
 )
 from .models import LanguageModel, ModelCache, build_model, get_preset, list_presets
+from .models.hub import from_pretrained, save_pretrained
 from .ops import causal_conv1d, delta_rule, selective_scan, ssd
 from .ops.attention import apply_rope, attention
 
@@ -43,8 +46,10 @@ __all__ = [
     "build_model",
     "causal_conv1d",
     "delta_rule",
+    "from_pretrained",
     "get_preset",
     "list_presets",
+    "save_pretrained",
     "selective_scan",
     "ssd",
 ]

@@ -253,7 +253,9 @@ def test_mixlab_export_round_trip(tmp_path):
     model = build_model(cfg)
     save_pretrained(model, tmp_path)
     assert detect_format(tmp_path) == "mixlab"
-    again = from_pretrained(tmp_path)
+    import mixlab
+
+    again = mixlab.from_pretrained(tmp_path)
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
