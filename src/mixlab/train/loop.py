@@ -74,10 +74,13 @@ class RunResult:
 def resolve_device(spec: str) -> torch.device:
     """``auto``: CUDA when present, else CPU."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={spec!r} but CUDA is not available; use run.device=auto or cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device={spec!r} but CUDA is not available; use run.device=auto or cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
