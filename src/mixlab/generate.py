@@ -46,6 +46,7 @@ __all__ = [
     "filter_logits",
     "generate",
     "sample_next",
+    "use_row_positions",
 ]
 
 
@@ -210,11 +211,12 @@ def _layer_caches(cache: Any) -> Any:
     return getattr(cache, "layers", cache)
 
 
-def _use_row_positions(cache: Any, batch: int, device: torch.device) -> Any:
+def use_row_positions(cache: Any, batch: int, device: torch.device) -> Any:
     """Give every layer cache that supports it (``supports_row_positions``, e.g. the attention KV cache)
     one position per row, a LongTensor ``[B]``: rows can then decode from different positions and the
     step reads no Python int. Returns ``cache``."""
-    for layer in _layer_caches(cache) if isinstance(_layer_caches(cache), (list, tuple)) else ():
+    layers = _layer_caches(cache)
+    for layer in layers if isinstance(layers, (list, tuple)) else ():
         if getattr(type(layer), "supports_row_positions", False) and isinstance(layer.pos, int):
             layer.pos = torch.full((batch,), layer.pos, dtype=torch.long, device=device)
     return cache
@@ -498,7 +500,7 @@ def _decode(
 ) -> list[list[int]]:  # fmt: skip
     batch = len(rows)
     max_len = max(lens) + max_new_tokens
-    cache = _use_row_positions(model.init_cache(batch, max_len, device=device), batch, device)
+    cache = use_row_positions(model.init_cache(batch, max_len, device=device), batch, device)
 
     step = DecodeStep(model, cache, batch, cuda_graph=cuda_graph)
     if cuda_graph and step.graph is None:
@@ -563,7 +565,7 @@ def _prefill(model, cache, rows, lens, prompts, max_len, device) -> tuple[torch.
     logits = None
     for gi, (n, idx) in enumerate(sorted(groups.items())):
         rows_t = torch.tensor(idx, dtype=torch.long, device=device)
-        gcache = _use_row_positions(model.init_cache(len(idx), max_len, device=device), len(idx), device)
+        gcache = use_row_positions(model.init_cache(len(idx), max_len, device=device), len(idx), device)
         glogits = model(prompts[rows_t, :n], gcache)[:, -1]
         if not _mergeable(cache, gcache, batch):
             if gi > 0:

@@ -117,7 +117,7 @@ def measure_point(
     model, batch: int, context: int, steps: int, warmup: int, prefill_repeats: int, prefill_chunk: int, cuda_graph: bool
 ) -> dict[str, Any]:
     """One (batch, context) point of one model: see the module doc for the fields."""
-    from ..generate import DecodeStep
+    from ..generate import DecodeStep, use_row_positions
 
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
@@ -131,7 +131,7 @@ def measure_point(
     for _ in range(max(1, prefill_repeats)):
         cache = step = None
         _free(device)
-        cache = model.init_cache(batch, max_len)
+        cache = use_row_positions(model.init_cache(batch, max_len), batch, device)
         step = DecodeStep(model, cache, batch, cuda_graph=cuda_graph)
         _reset_peak(device)
         _sync(device)
@@ -144,7 +144,7 @@ def measure_point(
             cache = step = None
             _free(device)
             chunk = prefill_chunk
-            cache = model.init_cache(batch, max_len)
+            cache = use_row_positions(model.init_cache(batch, max_len), batch, device)
             step = DecodeStep(model, cache, batch, cuda_graph=cuda_graph)
             _reset_peak(device)
             _sync(device)
