@@ -316,7 +316,8 @@ class _GraphedStep:
         for _, t in self.tensors:
             t.zero_()
         for p, v in self.scalars:
-            _set_leaf(self.tree, p, v)
+            if _get_leaf(self.tree, p) != v:
+                _set_leaf(self.tree, p, v)
 
     def repin(self) -> None:
         """Make the cache hold the captured tensors again (copying in values a layer rebound)."""
