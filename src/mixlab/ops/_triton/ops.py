@@ -117,8 +117,10 @@ def _backward(ctx, do, dht, dTm, dw, du):
     q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u = ctx.saved_tensors
     if not ctx.output_final_state or dht is None or dht.numel() == 0:
         dht = None
+    else:  # e.g. SSD hands back the gradient of a transposed view
+        dht = dht.contiguous()
     dq, dk, dv, dbeta, dg, dh0 = chunk_gated_delta_bwd(
-        q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, Tm, w, u, do, dht, ctx.use_delta
+        q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, Tm, w, u, do.contiguous(), dht, ctx.use_delta
     )
     return (
         dq,
