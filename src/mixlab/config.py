@@ -302,13 +302,13 @@ class TrainConfig:
     ``schedule`` down to ``lr * min_lr_ratio`` at ``max_steps``.
     """
 
-    max_steps: int = 600
-    batch_size: int = 16
+    max_steps: int = 200
+    batch_size: int = 8
     micro_batch_size: int = 0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -317,9 +317,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     log_every: int = 1
-    eval_every: int = 200  # 0: only at the end
+    eval_every: int = 100  # 0: only at the end
     eval_batches: int = 8
-    save_every: int = 200  # 0: only at the end
+    save_every: int = 100  # 0: only at the end
     keep_last: int = 3  # checkpoints kept (the newest ones); 0 keeps all
     resume: str = "auto"  # auto (newest complete checkpoint of run.dir, if any) | never | a checkpoint dir
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -374,6 +374,31 @@ class LogConfig:
         _check(self.peak_tflops >= 0, "log.peak_tflops must be >= 0")
 
 
+TASKS = ("text", "mqar", "selective_copying")
+
+
+@dataclass
+class SyntheticConfig:
+    """Settings of the synthetic tasks that ``task=mqar`` / ``task=selective_copying`` train on
+    instead of the text corpus (``mixlab.data.synthetic``). The sequence length is
+    ``data.seq_len``; the model's vocabulary follows ``vocab_size`` as ``data.model_vocab`` says.
+    """
+
+    vocab_size: int = 8192
+    num_kv_pairs: int = 16  # mqar: key-value pairs per sequence
+    power_a: float = 0.01  # mqar: query gaps drawn with p(g) ∝ (g + 1)^(a - 1)
+    random_non_queries: bool = True  # mqar: blanks hold random tokens (else 0)
+    num_tokens: int = 16  # selective_copying: tokens to copy
+    eval_examples: int = 1000  # held-out sequences (val loss), a stream training never draws
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size >= 3, "synthetic.vocab_size must be >= 3")
+        _check(self.num_kv_pairs > 0, "synthetic.num_kv_pairs must be positive")
+        _check(self.power_a > 0, "synthetic.power_a must be positive")
+        _check(self.num_tokens > 0, "synthetic.num_tokens must be positive")
+        _check(self.eval_examples > 0, "synthetic.eval_examples must be positive")
+
+
 @dataclass
 class Config:
     """The root of the tree: everything ``mixlab train`` needs.
@@ -388,8 +413,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    task: str = "text"  # text (data.source) | mqar | selective_copying (synthetic.*)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
+        _check(self.task in TASKS, f"task={self.task!r}; allowed: {', '.join(TASKS)}")
         _check(
             self.train.micro_batch_size == 0 or self.train.batch_size % self.train.micro_batch_size == 0,
             f"train.batch_size={self.train.batch_size} must be a multiple of "

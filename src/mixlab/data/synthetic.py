@@ -26,7 +26,7 @@ markers (token ``V - 1``); the label at the ``i``-th marker is the ``i``-th data
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,22 +47,42 @@ TASKS = ("mqar", "selective_copying")
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 
-class LabeledBatch(NamedTuple):
-    """``inputs [B, T]`` int64 token ids, ``labels [B, T]`` int64 targets (``-100`` = not scored)."""
+class LabeledBatch:
+    """``inputs [B, T]`` int64 token ids, ``labels [B, T]`` int64 targets (``-100`` = not scored).
 
-    inputs: torch.Tensor
-    labels: torch.Tensor
+    Behaves like the text loader's ``[B, T + 1]`` token tensor where the training loop needs it:
+    ``batch[a:b]`` is a micro-batch of rows, ``.to(device)`` moves both, ``.shape`` is the inputs'."""
+
+    __slots__ = ("inputs", "labels")
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        if inputs.shape != labels.shape or inputs.dim() != 2:
+            raise ValueError(
+                f"LabeledBatch: inputs {tuple(inputs.shape)} and labels {tuple(labels.shape)} must be [B, T]"
+            )
+        self.inputs, self.labels = inputs, labels
 
     @property
     def shape(self) -> torch.Size:
         return self.inputs.shape
 
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, rows: slice) -> LabeledBatch:
+        if not isinstance(rows, slice):
+            raise TypeError("LabeledBatch: index rows with a slice, e.g. batch[0:4]")
+        return LabeledBatch(self.inputs[rows], self.labels[rows])
+
+    def __iter__(self):  # unpacking: inputs, labels = batch
+        return iter((self.inputs, self.labels))
+
     def to(self, *args: Any, **kwargs: Any) -> LabeledBatch:
         return LabeledBatch(self.inputs.to(*args, **kwargs), self.labels.to(*args, **kwargs))
-
-    def rows(self, sl: slice) -> LabeledBatch:
-        """The rows ``sl`` of both tensors (a micro-batch)."""
-        return LabeledBatch(self.inputs[sl], self.labels[sl])
 
     def num_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
@@ -188,7 +208,7 @@ def synthetic_batch(
         b = selective_copying_batch(rng, batch_size, seq_len, num_tokens, vocab_size)
     else:
         raise ValueError(f"unknown synthetic task {task!r}; available: {', '.join(TASKS)}")
-    return b if world_size == 1 else b.rows(slice(rank, None, world_size))
+    return b if world_size == 1 else b[rank::world_size]
 
 
 class SyntheticLoader:

@@ -32,6 +32,7 @@ from mixlab.config import Config, ConfigError
 from mixlab.configio import config_to_dict, save_config
 from mixlab.data.loader import TrainLoader, eval_batches
 from mixlab.data.shards import prepare_shards
+from mixlab.data.synthetic import LabeledBatch, SyntheticLoader
 from mixlab.data.tokenizer import load_tokenizer
 from mixlab.train.checkpoint import CheckpointError, find_resume, load_checkpoint, save_checkpoint, verify_checkpoint
 from mixlab.train.export import export
@@ -113,10 +114,14 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 
 
 def _compute_loss(model: nn.Module, tokens: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``tokens [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
+    """Mean next-token cross-entropy of ``tokens [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``),
+    or of a synthetic task's ``LabeledBatch`` (inputs and labels ``[B, T]``, -100 = not scored)."""
     from mixlab.ops.loss import linear_cross_entropy
 
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if isinstance(tokens, LabeledBatch):
+        inputs, targets = tokens.inputs, tokens.labels
+    else:
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
     device_type = tokens.device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         hidden = model.forward_hidden(inputs)
@@ -137,13 +142,14 @@ def _prepare_config(config: Config) -> tuple[Config, Any]:
     tok = load_tokenizer(config.data.tokenizer)
     model_cfg = config.model
     policy, m = config.data.model_vocab, config.data.vocab_multiple
-    fitted = int(math.ceil(tok.vocab_size / m) * m)
-    if policy == "fit" or (policy == "grow" and model_cfg.vocab_size < tok.vocab_size):
+    vocab = tok.vocab_size if config.task == "text" else config.synthetic.vocab_size
+    fitted = int(math.ceil(vocab / m) * m)
+    if policy == "fit" or (policy == "grow" and model_cfg.vocab_size < vocab):
         model_cfg = dataclasses.replace(model_cfg, vocab_size=fitted)
-    elif model_cfg.vocab_size < tok.vocab_size:
+    elif model_cfg.vocab_size < vocab:
         raise ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({tok.vocab_size}); raise it or set data.model_vocab=fit"
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's (or synthetic task's) vocabulary "
+            f"({vocab}); raise it or set data.model_vocab=fit"
         )
     run = config.run
     name = run.name or model_cfg.name or "run"
@@ -190,14 +196,21 @@ def train(config: Config, log=None) -> RunResult:
     ckpt_root = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    # data
-    shards = prepare_shards(dc, tokenizer=tok, log=say)
-    if not shards.train:
-        raise ValueError(f"data.source {dc.sources} gave no training tokens")
-    loader = TrainLoader(shards.train, dc.seq_len, tc.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
-    val = eval_batches(shards.val, dc.seq_len, loader.local_batch_size, tc.eval_batches, rank, world)
-    if not val:
-        say(f"note: the held-out split ({shards.val_tokens} tokens) is shorter than one window; no evaluation")
+    # data: the text corpus, or a synthetic task's labeled batches (task=mqar | selective_copying)
+    loader: TrainLoader | SyntheticLoader
+    if cfg.task != "text":
+        loader = SyntheticLoader(cfg.task, cfg.synthetic, dc.seq_len, tc.batch_size, cfg.run.seed, rank, world)
+        val = loader.eval_batches()
+        data_desc = f"synthetic task {cfg.task} ({cfg.synthetic.eval_examples} held-out sequences)"
+    else:
+        shards = prepare_shards(dc, tokenizer=tok, log=say)
+        if not shards.train:
+            raise ValueError(f"data.source {dc.sources} gave no training tokens")
+        loader = TrainLoader(shards.train, dc.seq_len, tc.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
+        val = eval_batches(shards.val, dc.seq_len, loader.local_batch_size, tc.eval_batches, rank, world)
+        if not val:
+            say(f"note: the held-out split ({shards.val_tokens} tokens) is shorter than one window; no evaluation")
+        data_desc = f"data {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens"
     micro = tc.micro_batch_size or loader.local_batch_size
     if loader.local_batch_size % micro:
         raise ConfigError(
@@ -264,7 +277,7 @@ def train(config: Config, log=None) -> RunResult:
             f"run {run_dir}: {cfg.model.name} ({n_params / 1e6:.2f}M params, pattern {cfg.model.pattern!r}) on "
             f"{device}{' bf16 autocast' if amp_dtype else ' fp32'}; {tc.max_steps} steps x {tc.batch_size} seqs x "
             f"{dc.seq_len} tokens ({accum} micro-batch{'es' if accum > 1 else ''} of {micro}); "
-            f"data {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens"
+            f"{data_desc}"
         )
 
     bar = tqdm(
@@ -286,7 +299,7 @@ def train(config: Config, log=None) -> RunResult:
         with torch.no_grad():
             for b in val:
                 b = b.to(device, non_blocking=True)
-                n = b.shape[0] * (b.shape[1] - 1)
+                n = b.num_targets() if isinstance(b, LabeledBatch) else b.shape[0] * (b.shape[1] - 1)
                 total += float(_compute_loss(model, b, amp_dtype)) * n
                 count += n
         model.train()
