@@ -197,8 +197,11 @@ def from_pretrained(
     UnsupportedCheckpointError` for settings mixlab cannot represent and
     :class:`~mixlab.models.convert.CheckpointMismatchError` listing every tensor that does not fit.
     """
+    from ..config import OP_BACKENDS
     from .lm import build_model
 
+    if backend is not None and backend not in OP_BACKENDS:
+        raise ValueError(f"from_pretrained: backend={backend!r}; allowed: {', '.join(OP_BACKENDS)}")
     config, state, origin, fmt = load_checkpoint(path)
     if backend is not None:
         config.backend = backend
