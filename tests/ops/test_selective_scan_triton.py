@@ -96,23 +96,22 @@ def _check(ins, softplus, atol, rtol, **cfg):
         torch.testing.assert_close(a.double(), b, atol=atol * max(1.0, b.abs().max().item()), rtol=rtol, msg=k)
 
 
-def _cfg(block_l, block_d, variant):
+def _cfg(block_l, block_d):
     """Launch config (see ``default_config``): the same block for forward and backward."""
-    return [block_l, block_d, 4, variant, block_d, 4, variant]
+    return [block_l, block_d, 4, block_d, 4]
 
 
-@pytest.mark.parametrize("variant", [0, 1])
-def test_all_features_float64_multi_chunk(variant):
+@pytest.mark.parametrize("block_d", [1, 2])
+def test_all_features_float64_multi_chunk(block_d):
     # grouped B/C (2 groups of 2 channels), D, z, bias + softplus, initial and last state,
     # L=19 over chunks of 8 (the last one partial); N=3 is padded to 4 inside the kernels
     ins = _inputs(2, 4, 19, 3, 2, torch.float64, seed=0)
-    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, config=_cfg(8, 2, variant))
+    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, config=_cfg(8, block_d))
 
 
-@pytest.mark.parametrize("variant", [0, 1])
-def test_plain_float64_ungrouped(variant):
+def test_plain_float64_ungrouped():
     ins = _inputs(1, 4, 13, 4, 1, torch.float64, seed=1, grouped=False, full=False)
-    _check(ins, softplus=False, atol=1e-10, rtol=1e-10, config=_cfg(8, 4, variant))
+    _check(ins, softplus=False, atol=1e-10, rtol=1e-10, config=_cfg(8, 4))
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
@@ -124,7 +123,7 @@ def test_low_precision_inputs(dtype, atol):
 def test_last_state_continues_the_sequence():
     # scanning [0, L) equals scanning [0, k) and then [k, L) from the returned state
     ins = _inputs(1, 4, 10, 3, 1, torch.float64, seed=3, full=False)
-    cfg = _cfg(8, 4, 1)
+    cfg = _cfg(8, 4)
     y_full, h_full = selective_scan_triton(**ins, return_last_state=True, config=cfg)
     k = 6
     first = {k2: (v[..., :k] if v.dim() >= 3 else v) for k2, v in ins.items()}
@@ -163,7 +162,7 @@ def test_decode_step_matches_scan(groups):
 def test_bad_block_config_is_rejected():
     ins = _inputs(1, 6, 4, 2, 2, torch.float64, seed=5, full=False)  # 3 channels per group
     with pytest.raises(ValueError, match="block_d"):
-        selective_scan_triton(**ins, config=_cfg(8, 2, 0))
+        selective_scan_triton(**ins, config=_cfg(8, 2))
 
 
 def test_custom_op_traces_under_compile():
@@ -181,7 +180,7 @@ def test_custom_op_traces_under_compile():
             None,
             None,
             False,
-            _cfg(8, 4, 1),
+            _cfg(8, 4),
         ),
         test_utils=("test_schema", "test_faketensor"),
     )

@@ -218,18 +218,18 @@ def _scan_time_once(ins, cfg) -> None:
 
 
 def _scan_sweep_configs(smoke: bool) -> list[list[int]]:
-    # [block_l, fwd_bd, fwd_warps, fwd_variant, bwd_bd, bwd_warps, bwd_variant]
+    # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps]; 8 elements per thread in each tile
     if smoke:
-        return [[8, 4, 4, 1, 4, 4, 1], [8, 4, 4, 0, 4, 4, 0]]
+        return [[8, 4, 1, 4, 1], [8, 2, 1, 2, 1]]
     return [
-        [32, 4, 4, 1, 4, 4, 1],
-        [32, 8, 4, 1, 8, 8, 1],
-        [32, 16, 4, 0, 16, 4, 0],
-        [64, 4, 4, 1, 4, 8, 1],
-        [64, 2, 4, 1, 2, 4, 1],
-        [64, 8, 4, 0, 8, 4, 0],
-        [128, 8, 8, 0, 8, 8, 0],
-        [16, 8, 4, 1, 8, 4, 1],
+        [64, 16, 4, 16, 4],
+        [64, 4, 1, 4, 1],
+        [64, 8, 2, 8, 2],
+        [64, 32, 8, 32, 8],
+        [32, 32, 4, 8, 1],
+        [32, 8, 1, 16, 2],
+        [128, 8, 4, 8, 4],
+        [256, 4, 4, 4, 4],
     ]
 
 
@@ -299,7 +299,7 @@ def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
             same = [r for r in results if r[0][0] == bl]
             f = min(same, key=lambda r: r[1])
             b = min(same, key=lambda r: r[2] - r[1])
-            combos.append((f[1] + (b[2] - b[1]), [bl, *f[0][1:4], *b[0][4:7]]))
+            combos.append((f[1] + (b[2] - b[1]), [bl, *f[0][1:3], *b[0][3:5]]))
         if combos:
             best = min(combos)[1]
             print(f"best scan config {best}", flush=True)
@@ -403,7 +403,7 @@ def _conv_bench(args, dev, rows, ceil, clock) -> None:
     floor_f, floor_fb = 4 * el / bw * 1e3, 10 * el / bw * 1e3
     cfgs = [default_config(T, C)]
     if args.sweep and not args.smoke:
-        cfgs += [[64, 128, 4, 64, 128, 4], [16, 256, 4, 16, 256, 4], [32, 256, 8, 32, 128, 8], [128, 64, 4, 64, 64, 4]]
+        cfgs += [[32, 128, 4, 8, 128, 4], [32, 128, 4, 16, 64, 4], [32, 128, 4, 32, 64, 8], [16, 256, 4, 16, 128, 4]]
 
     def timed(fn_fwd, fn_fb):
         with torch.no_grad():

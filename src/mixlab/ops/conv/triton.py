@@ -7,8 +7,9 @@ before the sequence. Write ``xp = cat(initial_state, x)`` along time (length T+W
 
 Backward works in xp's index space p in [0, T+W-1): ``dxp[p] = sum_i w[i] dpre[p-i] + dfinal[p-T]``,
 which is dx for p >= W-1 and d(initial_state) below. ``dpre = dy * act'(pre)`` is recomputed from
-x (its W shifted tiles come from cache), so the backward reads x and dy once and writes dx once.
-dweight and dbias are per-program partial sums (deterministic), added up at the end.
+x (its 2W-1 shifted tiles come from cache), so the backward reads x and dy once and writes dx once.
+dweight and dbias are per-program partial sums (deterministic), added up at the end. Widths up to 4: the kernels
+name each of the 2W-1 shifted tiles explicitly.
 Arithmetic is float32 (float64 for float64 inputs).
 """
 
@@ -81,6 +82,26 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
+def _pick(s: tl.constexpr, xm3, xm2, xm1, x0, xp1, xp2, xp3):
+    """The tile of xp rows shifted by the compile-time offset s in [-3, 3]."""
+    if s == -3:
+        r = xm3
+    elif s == -2:
+        r = xm2
+    elif s == -1:
+        r = xm1
+    elif s == 0:
+        r = x0
+    elif s == 1:
+        r = xp1
+    elif s == 2:
+        r = xp2
+    else:
+        r = xp3
+    return r
+
+
+@triton.jit
 def _conv_bwd_kernel(
     x_ptr,
     w_ptr,
@@ -111,6 +132,8 @@ def _conv_bwd_kernel(
     SILU: tl.constexpr,
     FP64: tl.constexpr,
 ):
+    # Rows p of xp; dxp[p] = sum_i w[i] dpre[p - i] with pre[p - i] = bias + sum_k w[k] xp[p - i + k]:
+    # only the 2W-1 shifts s = k - i in [-(W-1), W-1] of xp are loaded, once per tile.
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -119,36 +142,67 @@ def _conv_bwd_kernel(
     cmask = c < C
     if HAS_BIAS:
         bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(CT)
-    kk = tl.arange(0, WP)
-    dw_acc = tl.zeros([BC, WP], dtype=CT)
-    db_acc = tl.zeros([BC], dtype=CT)
+    w0 = tl.load(w_ptr + c * W + 0, mask=cmask, other=0.0).to(CT)
+    w1 = tl.load(w_ptr + c * W + 1, mask=cmask, other=0.0).to(CT)
+    w2 = w1
+    w3 = w1
+    if W > 2:
+        w2 = tl.load(w_ptr + c * W + 2, mask=cmask, other=0.0).to(CT)
+    if W > 3:
+        w3 = tl.load(w_ptr + c * W + 3, mask=cmask, other=0.0).to(CT)
+    # per-tap dweight and dbias accumulated as tiles, reduced over rows once at the end
+    dw0 = tl.zeros([BT, BC], dtype=CT)
+    dw1 = tl.zeros([BT, BC], dtype=CT)
+    dw2 = tl.zeros([BT, BC], dtype=CT)
+    dw3 = tl.zeros([BT, BC], dtype=CT)
+    db = tl.zeros([BT, BC], dtype=CT)
     for it in range(ITERS):
         p = (pid_p * ITERS + it) * BT + tl.arange(0, BT)  # rows of xp
+        x0 = _load_xp(x_ptr, h0_ptr, b, p, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
+        xm1 = _load_xp(x_ptr, h0_ptr, b, p - 1, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
+        xp1 = _load_xp(x_ptr, h0_ptr, b, p + 1, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
+        xm2 = x0
+        xp2 = x0
+        xm3 = x0
+        xp3 = x0
+        if W > 2:
+            xm2 = _load_xp(x_ptr, h0_ptr, b, p - 2, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
+            xp2 = _load_xp(x_ptr, h0_ptr, b, p + 2, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
+        if W > 3:
+            xm3 = _load_xp(x_ptr, h0_ptr, b, p - 3, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
+            xp3 = _load_xp(x_ptr, h0_ptr, b, p + 3, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
         dxp = tl.zeros([BT, BC], dtype=CT)
         for i in tl.static_range(W):
-            # dpre at q = p - i, recomputed from xp[q : q + W]
             q = p - i
-            pre = tl.zeros([BT, BC], dtype=CT)
+            pre = w0[None, :] * _pick(0 - i, xm3, xm2, xm1, x0, xp1, xp2, xp3)
+            pre += w1[None, :] * _pick(1 - i, xm3, xm2, xm1, x0, xp1, xp2, xp3)
+            if W > 2:
+                pre += w2[None, :] * _pick(2 - i, xm3, xm2, xm1, x0, xp1, xp2, xp3)
+            if W > 3:
+                pre += w3[None, :] * _pick(3 - i, xm3, xm2, xm1, x0, xp1, xp2, xp3)
             if HAS_BIAS:
                 pre += bias[None, :]
-            for k in tl.static_range(W):
-                wk = tl.load(w_ptr + c * W + k, mask=cmask, other=0.0).to(CT)
-                xv = _load_xp(x_ptr, h0_ptr, b, q + k, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
-                pre += wk[None, :] * xv
-            qmask = (q >= 0) & (q < T)
-            m = qmask[:, None] & cmask[None, :]
+            m = ((q >= 0) & (q < T))[:, None] & cmask[None, :]
             dpre = tl.load(dy_ptr + (b * T + q[:, None]).to(tl.int64) * C + c[None, :], mask=m, other=0.0).to(CT)
             if SILU:
-                s = tl.sigmoid(pre)
-                dpre = dpre * s * (1.0 + pre * (1.0 - s))
-            wi = tl.load(w_ptr + c * W + i, mask=cmask, other=0.0).to(CT)
-            dxp += wi[None, :] * dpre
+                sg = tl.sigmoid(pre)
+                dpre = dpre * sg * (1.0 + pre * (1.0 - sg))
             if i == 0:
-                # dweight[k] += sum_q dpre[q] xp[q + k] over the unshifted rows (taps reloaded from cache)
-                db_acc += tl.sum(dpre, 0)
-                for k in tl.static_range(W):
-                    xv = _load_xp(x_ptr, h0_ptr, b, q + k, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
-                    dw_acc += tl.where(kk[None, :] == k, tl.sum(dpre * xv, 0)[:, None], 0.0)
+                # rows q = p: dweight[k] += dpre[p] xp[p + k]
+                db += dpre
+                dw0 += dpre * x0
+                dw1 += dpre * xp1
+                if W > 2:
+                    dw2 += dpre * xp2
+                if W > 3:
+                    dw3 += dpre * xp3
+                dxp += w0[None, :] * dpre
+            elif i == 1:
+                dxp += w1[None, :] * dpre
+            elif i == 2:
+                dxp += w2[None, :] * dpre
+            else:
+                dxp += w3[None, :] * dpre
         if HAS_DFINAL:
             j = p - T
             jm = (j >= 0) & (j < W - 1)
@@ -170,9 +224,14 @@ def _conv_bwd_kernel(
                 dxp.to(dh0_ptr.dtype.element_ty),
                 mask=in_h[:, None] & cmask[None, :],
             )
-    part = (b * tl.num_programs(0) + pid_p).to(tl.int64) * C
-    tl.store(dw_part_ptr + (part + c[:, None]) * W + kk[None, :], dw_acc, mask=cmask[:, None] & (kk[None, :] < W))
-    tl.store(db_part_ptr + part + c, db_acc, mask=cmask)
+    part = ((b * tl.num_programs(0) + pid_p) * C + c).to(tl.int64)
+    tl.store(db_part_ptr + part, tl.sum(db, 0), mask=cmask)
+    tl.store(dw_part_ptr + part * W + 0, tl.sum(dw0, 0), mask=cmask)
+    tl.store(dw_part_ptr + part * W + 1, tl.sum(dw1, 0), mask=cmask)
+    if W > 2:
+        tl.store(dw_part_ptr + part * W + 2, tl.sum(dw2, 0), mask=cmask)
+    if W > 3:
+        tl.store(dw_part_ptr + part * W + 3, tl.sum(dw3, 0), mask=cmask)
 
 
 @triton.jit
@@ -214,10 +273,14 @@ def _conv_update_kernel(
 
 
 def default_config(T: int, C: int) -> list[int]:
-    """``[fwd_rows, fwd_channels, fwd_warps, bwd_rows, bwd_channels, bwd_warps]``: the tile of one program."""
+    """``[fwd_rows, fwd_channels, fwd_warps, bwd_rows, bwd_channels, bwd_warps]``: the tile of one program.
+
+    The backward holds 2W-1 shifted tiles and five accumulators, so its tile is smaller (8 elements a thread).
+    """
     bc = min(128, triton.next_power_of_2(C))
     bt = min(32, triton.next_power_of_2(max(T, 1)))
-    return [bt, bc, 4, bt, bc, 4]
+    bt_b = min(16, triton.next_power_of_2(T + 3))
+    return [bt, bc, 4, bt_b, bc, 8 if bt_b * bc >= 2048 else 4]
 
 
 @torch.library.custom_op("mixlab::causal_conv1d_fwd", mutates_args=())

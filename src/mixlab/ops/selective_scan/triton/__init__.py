@@ -46,12 +46,12 @@ def selective_scan_triton(
     if B.shape[1] != C.shape[1]:
         raise ValueError(f"selective_scan_triton: B has {B.shape[1]} groups but C has {C.shape[1]}; use the same G")
     cfg = list(config) if config is not None else default_config(dim, length, B.shape[1])
-    if len(cfg) != 7:
-        raise ValueError("selective_scan_triton: config must have 7 entries, see default_config")
+    if len(cfg) != 5:
+        raise ValueError("selective_scan_triton: config must have 5 entries, see default_config")
     per_group = dim // B.shape[1]
-    if per_group % cfg[1] or per_group % cfg[4]:
+    if per_group % cfg[1] or per_group % cfg[3]:
         raise ValueError(
-            f"selective_scan_triton: block_d={cfg[1]}/{cfg[4]} must divide the channels per group {per_group}"
+            f"selective_scan_triton: block_d={cfg[1]}/{cfg[3]} must divide the channels per group {per_group}"
         )
     out, last, _ = selective_scan_fwd(
         u.contiguous(),

@@ -1,17 +1,22 @@
 """Triton kernels of Mamba's selective scan (forward, backward) and its one-token decode step.
 
 Work split (both passes): one program per (batch, block of ``BD`` channels); it walks the sequence in
-chunks of ``BL`` time steps. Inside a chunk, for each state ``n`` it forms ``a = exp(delta A_n)`` and
-``b = delta u B_n`` as ``[BD, BL]`` tiles and runs an associative scan over time, then adds the state
-carried in from the previous chunk. The carried state ``[BD, N]`` lives in registers; the forward
-also writes it at every chunk start (``[B, D, n_chunks, N]``, float32) so that the backward can
-recompute each chunk's states without rescanning from t = 0.
+chunks of ``BL`` time steps and, inside a chunk, loops over the states n. For each n it forms
+``a = exp(delta A_n)`` and ``b = delta u B_n`` as ``[BD, BL]`` tiles and scans them over time with
+``tl.associative_scan`` (Triton keeps 8 consecutive steps in each thread and scans across lanes),
+then adds the state carried in from the previous chunk.
+
+The carried states go through a float32 buffer ``[B, n_chunks + 1, N, D]`` instead of registers: the
+forward reads chunk c's start states from slot c and writes the end states to slot c + 1 (a masked
+store from the one lane that holds the last step), with a barrier between chunks. Slot 0 is the
+initial state, the last slot the final state, and the backward reads the chunk starts from it.
 
 Backward, per chunk in reverse order: recompute ``h`` by the forward scan, then the adjoint
 ``g_t = dy_t C_t + a_{t+1} g_{t+1}`` by a reverse scan (``a_{t+1}`` comes from delta loaded one step
-ahead, so no register shift is needed), and ``a_t h_{t-1} = h_t - b_t`` gives the decay term.
-dB and dC are sums over the channels of a group: each program reduces its block and adds it with
-an atomic to a float32 ``[B, G, N, L]`` buffer.
+ahead, so no register shift is needed); ``a_t h_{t-1} = h_t - b_t`` gives the decay term. The
+adjoint carried between chunks lives in a two-slot buffer ``[B, 2, N, D]`` (ping-pong). dB and dC are
+sums over the channels of a group: each program reduces its block and adds it with an atomic to a
+float32 ``[B, G, N, L]`` buffer; dA likewise into ``[B, N, D]``.
 
 All arithmetic is float32 (float64 when the inputs are float64, which keeps the CPU interpreter
 tests tight). ``exp`` is ``exp2`` on ``A log2(e)`` in float32 mode.
@@ -22,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -74,10 +79,8 @@ def selective_scan_fwd_kernel(
     D_ptr,
     z_ptr,
     bias_ptr,
-    h0_ptr,
-    out_ptr,
-    hlast_ptr,
     hchunk_ptr,
+    out_ptr,
     DIM,
     L,
     N,
@@ -89,14 +92,12 @@ def selective_scan_fwd_kernel(
     stride_cb,
     stride_cg,
     stride_cn,
-    NP: tl.constexpr,
     BD: tl.constexpr,
     BL: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr,
     FP64: tl.constexpr,
 ):
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -104,15 +105,9 @@ def selective_scan_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     grp = (pid_d * BD) // CH_PER_GROUP
-    nn = tl.arange(0, NP)
     tt = tl.arange(0, BL)
     row = (b * DIM + d).to(tl.int64) * L  # [BD] offsets of each channel's sequence in u/delta/z/out
-    st_mask = nn[None, :] < N
-    st_offs = (b * DIM + d).to(tl.int64)[:, None] * N + nn[None, :]  # [BD, NP] into [B, D, N]
-    if HAS_H0:
-        H = tl.load(h0_ptr + st_offs, mask=st_mask, other=0.0).to(CT)
-    else:
-        H = tl.zeros([BD, NP], dtype=CT)
+    last = (tt == BL - 1)[None, :]
     if HAS_D:
         Dv = tl.load(D_ptr + d).to(CT)
     B_base = B_ptr + b * stride_bb + grp * stride_bg
@@ -125,32 +120,30 @@ def selective_scan_fwd_kernel(
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
         dl, _ = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
         du = dl * u
-        # chunk-start states for the backward pass: [B, D, n_chunks, N]
-        ck_offs = ((b * DIM + d).to(tl.int64)[:, None] * N_CHUNKS + c) * N + nn[None, :]
-        tl.store(hchunk_ptr + ck_offs, H.to(hchunk_ptr.dtype.element_ty), mask=st_mask)
         y = tl.zeros([BD, BL], dtype=CT)
+        st_in = hchunk_ptr + (b * (N_CHUNKS + 1) + c) * N * DIM + d  # slot c, state n at + n * DIM
         for n in range(0, N):
             a_row = tl.load(A_ptr + d * N + n).to(CT)
             if not FP64:
                 a_row = a_row * LOG2E
             Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)
             Cn = tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0).to(CT)
+            h_in = tl.load(st_in + n * DIM).to(CT)
             a = _decay(dl, a_row, FP64)
             bb = du * Bn[None, :]
             P, S = tl.associative_scan((a, bb), 1, _scan_combine)
-            sel = nn[None, :] == n
-            h_in = tl.sum(tl.where(sel, H, 0.0), 1)
             h = S + P * h_in[:, None]
             y += h * Cn[None, :]
-            h_end = tl.sum(tl.where(tt[None, :] == BL - 1, h, 0.0), 1)
-            H = tl.where(sel, h_end[:, None], H)
+            # end state -> slot c + 1 (masked steps have a = 1, b = 0, so the chunk's last column is it)
+            tl.store((st_in + (N + n) * DIM)[:, None] + 0 * tt[None, :], h.to(hchunk_ptr.dtype.element_ty), mask=last)
+        # the next chunk's start states were written by other threads
+        tl.debug_barrier()
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
             zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
             y = y * zz * tl.sigmoid(zz)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(hlast_ptr + st_offs, H.to(hlast_ptr.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit
@@ -164,17 +157,16 @@ def selective_scan_bwd_kernel(
     z_ptr,
     bias_ptr,
     hchunk_ptr,
+    gbuf_ptr,
     dout_ptr,
-    dhlast_ptr,
     du_ptr,
     ddelta_ptr,
     dz_ptr,
     dB_ptr,
     dC_ptr,
-    dA_part_ptr,
+    dA_ptr,
     dD_part_ptr,
     dbias_part_ptr,
-    dh0_ptr,
     DIM,
     L,
     N,
@@ -192,14 +184,12 @@ def selective_scan_bwd_kernel(
     stride_dcb,
     stride_dcg,
     stride_dcn,
-    NP: tl.constexpr,
     BD: tl.constexpr,
     BL: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
-    HAS_DHLAST: tl.constexpr,
     FP64: tl.constexpr,
 ):
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -207,18 +197,9 @@ def selective_scan_bwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     grp = (pid_d * BD) // CH_PER_GROUP
-    nn = tl.arange(0, NP)
     tt = tl.arange(0, BL)
     row = (b * DIM + d).to(tl.int64) * L
-    st_mask = nn[None, :] < N
-    st_offs = (b * DIM + d).to(tl.int64)[:, None] * N + nn[None, :]
-    # G: adjoint of the state at the first step of the chunk processed last (= g_{t0}); starts as
-    # d(last_state), which enters at t = L-1 with a unit decay.
-    if HAS_DHLAST:
-        G = tl.load(dhlast_ptr + st_offs, mask=st_mask, other=0.0).to(CT)
-    else:
-        G = tl.zeros([BD, NP], dtype=CT)
-    dA_acc = tl.zeros([BD, NP], dtype=CT)
+    first = (tt == 0)[None, :]
     dD_acc = tl.zeros([BD], dtype=CT)
     dbias_acc = tl.zeros([BD], dtype=CT)
     if HAS_D:
@@ -227,6 +208,7 @@ def selective_scan_bwd_kernel(
     C_base = C_ptr + b * stride_cb + grp * stride_cg
     dB_base = dB_ptr + b * stride_dbb + grp * stride_dbg
     dC_base = dC_ptr + b * stride_dcb + grp * stride_dcg
+    dA_row = dA_ptr + b * N * DIM + d  # [B, N, D], state n at + n * DIM
     for ci in range(0, N_CHUNKS):
         c = N_CHUNKS - 1 - ci
         t = c * BL + tt
@@ -235,7 +217,8 @@ def selective_scan_bwd_kernel(
         offs = row[:, None] + t[None, :]
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
         dl, raw = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
-        # delta one step ahead: its decay a_{t+1} carries g_{t+1} back to t; zero (unit decay) at t >= L-1.
+        # delta one step ahead: its decay a_{t+1} carries g_{t+1} back to t; zero (unit decay) at t >= L-1,
+        # where the adjoint of the final state enters.
         nmask = (t + 1 < L)[None, :]
         dl_next, _ = _load_delta(delta_ptr, bias_ptr, offs + 1, d, nmask, HAS_BIAS, SOFTPLUS, CT)
         dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
@@ -249,6 +232,9 @@ def selective_scan_bwd_kernel(
         y = tl.zeros([BD, BL], dtype=CT)
         du_acc = tl.zeros([BD, BL], dtype=CT)
         ddl = tl.zeros([BD, BL], dtype=CT)
+        st_in = hchunk_ptr + (b * (N_CHUNKS + 1) + c) * N * DIM + d
+        g_in_ptr = gbuf_ptr + (b * 2 + c % 2) * N * DIM + d  # adjoint at the next chunk's first step
+        g_out_ptr = gbuf_ptr + (b * 2 + (c + 1) % 2) * N * DIM + d
         for n in range(0, N):
             a_nat = tl.load(A_ptr + d * N + n).to(CT)
             a_row = a_nat
@@ -256,7 +242,8 @@ def selective_scan_bwd_kernel(
                 a_row = a_nat * LOG2E
             Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)
             Cn = tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0).to(CT)
-            h_in = tl.load(hchunk_ptr + ((b * DIM + d).to(tl.int64) * N_CHUNKS + c) * N + n).to(CT)
+            h_in = tl.load(st_in + n * DIM).to(CT)
+            g_in = tl.load(g_in_ptr + n * DIM).to(CT)
             # forward recompute of this chunk's states
             a = _decay(dl, a_row, FP64)
             bb = du * Bn[None, :]
@@ -267,19 +254,18 @@ def selective_scan_bwd_kernel(
             alpha = _decay(dl_next, a_row, FP64)
             cc = dy * Cn[None, :]
             Q, R = tl.associative_scan((alpha, cc), 1, _scan_combine, reverse=True)
-            sel = nn[None, :] == n
-            g_in = tl.sum(tl.where(sel, G, 0.0), 1)
             g = R + Q * g_in[:, None]
-            g_start = tl.sum(tl.where(tt[None, :] == 0, g, 0.0), 1)
-            G = tl.where(sel, g_start[:, None], G)
+            tl.store((g_out_ptr + n * DIM)[:, None] + 0 * tt[None, :], g.to(gbuf_ptr.dtype.element_ty), mask=first)
             hb = h - bb  # a_t h_{t-1}
             gdl = g * dl
             du_acc += gdl * Bn[None, :]
             ddl += g * (Bn[None, :] * u + hb * a_nat[:, None])
-            dA_n = tl.sum(gdl * hb, 1)
-            dA_acc += tl.where(sel, dA_n[:, None], 0.0)
-            tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(gdl * u, 0), mask=tmask)
-            tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dy * h, 0), mask=tmask)
+            # atomics (relaxed: only the sums matter), not load + store: a row can span several warps
+            tl.atomic_add(dA_row + n * DIM, tl.sum(gdl * hb, 1), sem="relaxed")
+            tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(gdl * u, 0), mask=tmask, sem="relaxed")
+            tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dy * h, 0), mask=tmask, sem="relaxed")
+        # the adjoint slot written above is read by other threads in the next chunk
+        tl.debug_barrier()
         if HAS_D:
             y += Dv[:, None] * u
             du_acc += Dv[:, None] * dy
@@ -293,16 +279,6 @@ def selective_scan_bwd_kernel(
         dbias_acc += tl.sum(ddl, 1)
         tl.store(du_ptr + offs, du_acc.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask)
-    # d(initial state) = a_0 g_0
-    dl0, _ = _load_delta(delta_ptr, bias_ptr, row[:, None] + tt[None, :], d, (tt == 0)[None, :], HAS_BIAS, SOFTPLUS, CT)
-    dl0 = tl.sum(dl0, 1)
-    a_all = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(CT)
-    if FP64:
-        a0 = tl.exp(dl0[:, None] * a_all)
-    else:
-        a0 = tl.exp2(dl0[:, None] * a_all * LOG2E)
-    tl.store(dh0_ptr + st_offs, (a0 * G).to(dh0_ptr.dtype.element_ty), mask=st_mask)
-    tl.store(dA_part_ptr + st_offs, dA_acc.to(dA_part_ptr.dtype.element_ty), mask=st_mask)
     part = b * DIM + d
     tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
     tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))
@@ -364,248 +340,3 @@ def selective_state_update_kernel(
         z = tl.load(z_ptr + b * DIM + d, mask=dmask, other=0.0).to(CT)
         y = y * z * tl.sigmoid(z)
     tl.store(out_ptr + b * DIM + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
-
-
-def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(n)
-
-
-# --------------------------------------------------------------------------------------------------
-# Variant with all states of a chunk in one [BD, NP, BL] tile: no loop over n, so the carried state
-# [BD, NP] needs no per-n extraction, at the price of larger register tiles.
-# --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _decay3(dl, a_tile, FP64: tl.constexpr):
-    # exp(dl * A) as a [BD, NP, BL] tile from dl [BD, BL] and A [BD, NP] (times log2(e) in float32 mode)
-    if FP64:
-        return tl.exp(dl[:, None, :] * a_tile[:, :, None])
-    else:
-        return tl.exp2(dl[:, None, :] * a_tile[:, :, None])
-
-
-@triton.jit
-def selective_scan_fwd_kernel_3d(
-    u_ptr,
-    delta_ptr,
-    A_ptr,
-    B_ptr,
-    C_ptr,
-    D_ptr,
-    z_ptr,
-    bias_ptr,
-    h0_ptr,
-    out_ptr,
-    hlast_ptr,
-    hchunk_ptr,
-    DIM,
-    L,
-    N,
-    N_CHUNKS,
-    CH_PER_GROUP,
-    stride_bb,
-    stride_bg,
-    stride_bn,
-    stride_cb,
-    stride_cg,
-    stride_cn,
-    NP: tl.constexpr,
-    BD: tl.constexpr,
-    BL: tl.constexpr,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    FP64: tl.constexpr,
-):
-    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    d = pid_d * BD + tl.arange(0, BD)
-    grp = (pid_d * BD) // CH_PER_GROUP
-    nn = tl.arange(0, NP)
-    tt = tl.arange(0, BL)
-    row = (b * DIM + d).to(tl.int64) * L
-    nmask = nn < N
-    st_mask = nmask[None, :]
-    st_offs = (b * DIM + d).to(tl.int64)[:, None] * N + nn[None, :]
-    if HAS_H0:
-        H = tl.load(h0_ptr + st_offs, mask=st_mask, other=0.0).to(CT)
-    else:
-        H = tl.zeros([BD, NP], dtype=CT)
-    A2 = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(CT)
-    if not FP64:
-        A2 = A2 * LOG2E
-    if HAS_D:
-        Dv = tl.load(D_ptr + d).to(CT)
-    B_base = B_ptr + b * stride_bb + grp * stride_bg + nn[:, None] * stride_bn
-    C_base = C_ptr + b * stride_cb + grp * stride_cg + nn[:, None] * stride_cn
-    for c in range(0, N_CHUNKS):
-        t = c * BL + tt
-        tmask = t < L
-        mask = tmask[None, :]
-        offs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
-        dl, _ = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
-        ck_offs = ((b * DIM + d).to(tl.int64)[:, None] * N_CHUNKS + c) * N + nn[None, :]
-        tl.store(hchunk_ptr + ck_offs, H.to(hchunk_ptr.dtype.element_ty), mask=st_mask)
-        bc_mask = nmask[:, None] & tmask[None, :]
-        Bc = tl.load(B_base + t[None, :], mask=bc_mask, other=0.0).to(CT)
-        Cc = tl.load(C_base + t[None, :], mask=bc_mask, other=0.0).to(CT)
-        a = _decay3(dl, A2, FP64)
-        bb = (dl * u)[:, None, :] * Bc[None, :, :]
-        P, S = tl.associative_scan((a, bb), 2, _scan_combine)
-        h = S + P * H[:, :, None]
-        y = tl.sum(h * Cc[None, :, :], 1)
-        H = tl.sum(tl.where(tt[None, None, :] == BL - 1, h, 0.0), 2)
-        if HAS_D:
-            y += Dv[:, None] * u
-        if HAS_Z:
-            zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(hlast_ptr + st_offs, H.to(hlast_ptr.dtype.element_ty), mask=st_mask)
-
-
-@triton.jit
-def selective_scan_bwd_kernel_3d(
-    u_ptr,
-    delta_ptr,
-    A_ptr,
-    B_ptr,
-    C_ptr,
-    D_ptr,
-    z_ptr,
-    bias_ptr,
-    hchunk_ptr,
-    dout_ptr,
-    dhlast_ptr,
-    du_ptr,
-    ddelta_ptr,
-    dz_ptr,
-    dB_ptr,
-    dC_ptr,
-    dA_part_ptr,
-    dD_part_ptr,
-    dbias_part_ptr,
-    dh0_ptr,
-    DIM,
-    L,
-    N,
-    N_CHUNKS,
-    CH_PER_GROUP,
-    stride_bb,
-    stride_bg,
-    stride_bn,
-    stride_cb,
-    stride_cg,
-    stride_cn,
-    stride_dbb,
-    stride_dbg,
-    stride_dbn,
-    stride_dcb,
-    stride_dcg,
-    stride_dcn,
-    NP: tl.constexpr,
-    BD: tl.constexpr,
-    BL: tl.constexpr,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    HAS_DHLAST: tl.constexpr,
-    FP64: tl.constexpr,
-):
-    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    d = pid_d * BD + tl.arange(0, BD)
-    grp = (pid_d * BD) // CH_PER_GROUP
-    nn = tl.arange(0, NP)
-    tt = tl.arange(0, BL)
-    row = (b * DIM + d).to(tl.int64) * L
-    nmask = nn < N
-    st_mask = nmask[None, :]
-    st_offs = (b * DIM + d).to(tl.int64)[:, None] * N + nn[None, :]
-    if HAS_DHLAST:
-        G = tl.load(dhlast_ptr + st_offs, mask=st_mask, other=0.0).to(CT)
-    else:
-        G = tl.zeros([BD, NP], dtype=CT)
-    A_nat = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(CT)
-    A2 = A_nat
-    if not FP64:
-        A2 = A_nat * LOG2E
-    dA_acc = tl.zeros([BD, NP], dtype=CT)
-    dD_acc = tl.zeros([BD], dtype=CT)
-    dbias_acc = tl.zeros([BD], dtype=CT)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d).to(CT)
-    B_base = B_ptr + b * stride_bb + grp * stride_bg + nn[:, None] * stride_bn
-    C_base = C_ptr + b * stride_cb + grp * stride_cg + nn[:, None] * stride_cn
-    dB_base = dB_ptr + b * stride_dbb + grp * stride_dbg + nn[:, None] * stride_dbn
-    dC_base = dC_ptr + b * stride_dcb + grp * stride_dcg + nn[:, None] * stride_dcn
-    for ci in range(0, N_CHUNKS):
-        c = N_CHUNKS - 1 - ci
-        t = c * BL + tt
-        tmask = t < L
-        mask = tmask[None, :]
-        offs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
-        dl, raw = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
-        dl_next, _ = _load_delta(delta_ptr, bias_ptr, offs + 1, d, (t + 1 < L)[None, :], HAS_BIAS, SOFTPLUS, CT)
-        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
-        if HAS_Z:
-            zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-            sz = tl.sigmoid(zz)
-            dy = dout * zz * sz
-        else:
-            dy = dout
-        bc_mask = nmask[:, None] & tmask[None, :]
-        Bc = tl.load(B_base + t[None, :], mask=bc_mask, other=0.0).to(CT)
-        Cc = tl.load(C_base + t[None, :], mask=bc_mask, other=0.0).to(CT)
-        H0 = tl.load(hchunk_ptr + ((b * DIM + d).to(tl.int64)[:, None] * N_CHUNKS + c) * N + nn[None, :], mask=st_mask)
-        # forward recompute
-        a = _decay3(dl, A2, FP64)
-        bb = (dl * u)[:, None, :] * Bc[None, :, :]
-        P, S = tl.associative_scan((a, bb), 2, _scan_combine)
-        h = S + P * H0.to(CT)[:, :, None]
-        y = tl.sum(h * Cc[None, :, :], 1)
-        # adjoint g_t = dy_t C_t + a_{t+1} g_{t+1}
-        alpha = _decay3(dl_next, A2, FP64)
-        cc = dy[:, None, :] * Cc[None, :, :]
-        Q, R = tl.associative_scan((alpha, cc), 2, _scan_combine, reverse=True)
-        g = R + Q * G[:, :, None]
-        G = tl.sum(tl.where(tt[None, None, :] == 0, g, 0.0), 2)
-        hb = h - bb
-        gdl = g * dl[:, None, :]
-        du_acc = tl.sum(gdl * Bc[None, :, :], 1)
-        ddl = tl.sum(g * (Bc[None, :, :] * u[:, None, :] + hb * A_nat[:, :, None]), 1)
-        dA_acc += tl.sum(gdl * hb, 2)
-        tl.atomic_add(dB_base + t[None, :], tl.sum(gdl * u[:, None, :], 0), mask=bc_mask)
-        tl.atomic_add(dC_base + t[None, :], tl.sum(dy[:, None, :] * h, 0), mask=bc_mask)
-        if HAS_D:
-            y += Dv[:, None] * u
-            du_acc += Dv[:, None] * dy
-            dD_acc += tl.sum(dy * u, 1)
-        if HAS_Z:
-            dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-        if SOFTPLUS:
-            ddl = ddl * tl.sigmoid(raw)
-        ddl = tl.where(mask, ddl, 0.0)
-        dbias_acc += tl.sum(ddl, 1)
-        tl.store(du_ptr + offs, du_acc.to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask)
-    dl0, _ = _load_delta(delta_ptr, bias_ptr, row[:, None] + tt[None, :], d, (tt == 0)[None, :], HAS_BIAS, SOFTPLUS, CT)
-    dl0 = tl.sum(dl0, 1)
-    if FP64:
-        a0 = tl.exp(dl0[:, None] * A2)
-    else:
-        a0 = tl.exp2(dl0[:, None] * A2)
-    tl.store(dh0_ptr + st_offs, (a0 * G).to(dh0_ptr.dtype.element_ty), mask=st_mask)
-    tl.store(dA_part_ptr + st_offs, dA_acc.to(dA_part_ptr.dtype.element_ty), mask=st_mask)
-    part = b * DIM + d
-    tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
-    tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))

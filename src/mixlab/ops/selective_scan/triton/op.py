@@ -1,7 +1,7 @@
 """``torch.library`` custom ops around the selective-scan kernels, with autograd and fake tensors.
 
-``mixlab::selective_scan_fwd`` returns ``(out, last_state, chunk_states)``; the chunk-start states are
-saved for ``mixlab::selective_scan_bwd``. ``mixlab::selective_state_update`` is the decode step and
+``mixlab::selective_scan_fwd`` returns ``(out, last_state, states)``; the buffer of chunk-boundary
+states is saved for ``mixlab::selective_scan_bwd``. ``mixlab::selective_state_update`` is the decode step and
 updates its ``state`` argument in place.
 """
 
@@ -10,17 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .kernels import (
-    selective_scan_bwd_kernel,
-    selective_scan_bwd_kernel_3d,
-    selective_scan_fwd_kernel,
-    selective_scan_fwd_kernel_3d,
-    selective_state_update_kernel,
-)
-
-#: kernel variants: 0 loops over the states n with [BD, BL] tiles; 1 holds all states in a [BD, N, BL] tile
-_FWD = (selective_scan_fwd_kernel, selective_scan_fwd_kernel_3d)
-_BWD = (selective_scan_bwd_kernel, selective_scan_bwd_kernel_3d)
+from .kernels import selective_scan_bwd_kernel, selective_scan_fwd_kernel, selective_state_update_kernel
 
 Tensor = torch.Tensor
 
@@ -31,17 +21,18 @@ def state_dtype(u: Tensor) -> torch.dtype:
 
 
 def default_config(dim: int, length: int, groups: int) -> list[int]:
-    """Launch configuration ``[block_l, fwd_block_d, fwd_warps, fwd_variant, bwd_block_d, bwd_warps, bwd_variant]``.
+    """Launch configuration ``[block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps]``.
 
-    block_l: time steps per chunk (shared: the saved chunk states depend on it); block_d: channels per
-    program, a power of two dividing D/G so that a block never straddles two groups of B/C.
+    block_l: time steps per chunk (shared by both passes: the saved chunk states depend on it); a
+    [block_d, block_l] tile of 8 elements per thread lets Triton keep 8 consecutive steps in a thread.
+    block_d: channels per program, a power of two dividing D/G so that a block never straddles two
+    groups of B/C.
     """
-    ch = dim // groups
-    bd = 4
-    while ch % bd:
+    bl = min(64, max(16, triton.next_power_of_2(length)))
+    bd = 16 * 64 // bl
+    while (dim // groups) % bd:
         bd //= 2
-    bl = min(32, max(16, triton.next_power_of_2(length)))
-    return [bl, bd, 4, 1, bd, 4, 1]
+    return [bl, bd, 4, bd, 4]
 
 
 def _n_chunks(length: int, block_l: int) -> int:
@@ -63,19 +54,23 @@ def selective_scan_fwd(
     cfg: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """u, delta, z ``[B, D, L]`` contiguous; A ``[D, N]``; B, C ``[B, G, N, L]`` (L contiguous).
-    Returns ``out [B, D, L]`` (u's dtype), ``last_state [B, D, N]`` and ``chunk_states [B, D, n_chunks, N]``."""
+
+    Returns ``out [B, D, L]`` (u's dtype), ``last_state [B, D, N]`` and the state buffer
+    ``[B, n_chunks + 1, N, D]`` (slot c: the states entering chunk c; the last slot: the final states).
+    """
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
-    sd = state_dtype(u)
-    block_l, block_d, num_warps, variant = cfg[:4]
+    block_l, block_d, num_warps = cfg[:3]
     nc = _n_chunks(length, block_l)
     out = torch.empty_like(u)
-    last = torch.empty(bsz, dim, n, device=u.device, dtype=sd)
-    chunks = torch.empty(bsz, dim, nc, n, device=u.device, dtype=sd)
+    states = torch.empty(bsz, nc + 1, n, dim, device=u.device, dtype=state_dtype(u))
+    if initial_state is not None:
+        states[:, 0] = initial_state.transpose(1, 2)
+    else:
+        states[:, 0] = 0
     dummy = u
-    grid = (dim // block_d, bsz)
-    _FWD[variant][grid](
+    selective_scan_fwd_kernel[(dim // block_d, bsz)](
         u,
         delta,
         A,
@@ -84,10 +79,8 @@ def selective_scan_fwd(
         D if D is not None else dummy,
         z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
-        initial_state if initial_state is not None else dummy,
+        states,
         out,
-        last,
-        chunks,
         dim,
         length,
         n,
@@ -99,18 +92,16 @@ def selective_scan_fwd(
         C.stride(0),
         C.stride(1),
         C.stride(2),
-        NP=triton.next_power_of_2(n),
         BD=block_d,
         BL=block_l,
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus,
-        HAS_H0=initial_state is not None,
-        FP64=sd == torch.float64,
+        FP64=states.dtype == torch.float64,
         num_warps=num_warps,
     )
-    return out, last, chunks
+    return out, states[:, nc].transpose(1, 2).contiguous(), states
 
 
 @selective_scan_fwd.register_fake
@@ -121,7 +112,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, cfg):
     return (
         torch.empty_like(u),
         u.new_empty(bsz, dim, n, dtype=sd),
-        u.new_empty(bsz, dim, _n_chunks(length, cfg[0]), n, dtype=sd),
+        u.new_empty(bsz, _n_chunks(length, cfg[0]) + 1, n, dim, dtype=sd),
     )
 
 
@@ -135,33 +126,35 @@ def selective_scan_bwd(
     D: Tensor | None,
     z: Tensor | None,
     delta_bias: Tensor | None,
-    chunk_states: Tensor,
+    states: Tensor,
     dout: Tensor,
     dlast: Tensor | None,
     delta_softplus: bool,
     cfg: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``; those of absent
-    optional inputs come back as empty tensors."""
+    optional inputs come back as empty tensors. ``states`` is the forward's state buffer."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
     sd = state_dtype(u)
-    nc = chunk_states.shape[2]
-    block_l, block_d, num_warps, variant = cfg[0], *cfg[4:7]
+    nc = states.shape[1] - 1
+    block_l, block_d, num_warps = cfg[0], *cfg[3:5]
     dout = dout.contiguous()
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
     dB = torch.zeros(B.shape, device=u.device, dtype=sd)
     dC = torch.zeros(C.shape, device=u.device, dtype=sd)
-    dA_part = torch.empty(bsz, dim, n, device=u.device, dtype=sd)
+    dA_t = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
     dD_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
     dbias_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
-    dh0 = torch.empty(bsz, dim, n, device=u.device, dtype=sd)
+    # adjoint carried between chunks, two slots used in turn; the last chunk reads d(last_state)
+    gbuf = torch.zeros(bsz, 2, n, dim, device=u.device, dtype=sd)
+    if dlast is not None:
+        gbuf[:, (nc - 1) % 2] = dlast.transpose(1, 2)
     dummy = u
-    grid = (dim // block_d, bsz)
-    _BWD[variant][grid](
+    selective_scan_bwd_kernel[(dim // block_d, bsz)](
         u,
         delta,
         A,
@@ -170,18 +163,17 @@ def selective_scan_bwd(
         D if D is not None else dummy,
         z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
-        chunk_states,
+        states,
+        gbuf,
         dout,
-        dlast.contiguous() if dlast is not None else dummy,
         du,
         ddelta,
         dz if z is not None else dummy,
         dB,
         dC,
-        dA_part,
+        dA_t,
         dD_part,
         dbias_part,
-        dh0,
         dim,
         length,
         n,
@@ -199,25 +191,30 @@ def selective_scan_bwd(
         dC.stride(0),
         dC.stride(1),
         dC.stride(2),
-        NP=triton.next_power_of_2(n),
         BD=block_d,
         BL=block_l,
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus,
-        HAS_DHLAST=dlast is not None,
         FP64=sd == torch.float64,
         num_warps=num_warps,
     )
-    dA = dA_part.sum(0).to(A.dtype)
+    # d(initial state) = a_0 * g_0, with g_0 (the adjoint at t = 0) left in slot 1 by the first chunk
+    dl0 = delta[:, :, 0].to(sd)
+    if delta_bias is not None:
+        dl0 = dl0 + delta_bias.to(sd)
+    if delta_softplus:
+        dl0 = torch.nn.functional.softplus(dl0)
+    dh0 = torch.exp(dl0[..., None] * A.to(sd)) * gbuf[:, 1].transpose(1, 2)
+    dA = dA_t.sum(0).t().to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dh0
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, chunk_states, dout, dlast, delta_softplus, cfg):
+def _(u, delta, A, B, C, D, z, delta_bias, states, dout, dlast, delta_softplus, cfg):
     bsz, dim, _ = u.shape
     n = A.shape[1]
     sd = state_dtype(u)
@@ -241,13 +238,13 @@ def _setup_context(ctx, inputs, output):
     ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
 
 
-def _backward(ctx, dout, dlast, _dchunks):
-    u, delta, A, B, C, D, z, delta_bias, chunks = ctx.saved_tensors
+def _backward(ctx, dout, dlast, _dstates):
+    u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
     delta_softplus, cfg = ctx.cfg
     if dout is None:
         dout = torch.zeros_like(u)
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, chunks, dout, dlast, delta_softplus, cfg
+        u, delta, A, B, C, D, z, delta_bias, states, dout, dlast, delta_softplus, cfg
     )
     return (
         du,
