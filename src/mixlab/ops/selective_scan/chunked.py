@@ -29,7 +29,7 @@ from .reference import _acc_dtype
 
 #: Elements (batch x channels x states x steps) of one time block: a few MB, cache-friendly.
 BLOCK_ELEMENTS = 1 << 19
-MAX_BLOCK_STEPS = 256
+MAX_BLOCK_STEPS = 1024
 LOG2_E = 1.0 / math.log(2.0)
 
 
