@@ -275,12 +275,12 @@ def _conv_update_kernel(
 def default_config(T: int, C: int) -> list[int]:
     """``[fwd_rows, fwd_channels, fwd_warps, bwd_rows, bwd_channels, bwd_warps]``: the tile of one program.
 
-    The backward holds 2W-1 shifted tiles and five accumulators, so its tile is smaller (8 elements a thread).
+    The backward holds 2W-1 shifted tiles and five accumulators, so its tile is smaller (8 elements a
+    thread). Chosen from an H100 sweep (benchmarks/NOTES-mamba-kernels.md).
     """
     bc = min(128, triton.next_power_of_2(C))
     bt = min(32, triton.next_power_of_2(max(T, 1)))
-    bt_b = min(16, triton.next_power_of_2(T + 3))
-    return [bt, bc, 4, bt_b, bc, 8 if bt_b * bc >= 2048 else 4]
+    return [bt, bc, 4, min(16, triton.next_power_of_2(T + 3)), min(64, bc), 4]
 
 
 @torch.library.custom_op("mixlab::causal_conv1d_fwd", mutates_args=())

@@ -23,16 +23,19 @@ def state_dtype(u: Tensor) -> torch.dtype:
 def default_config(dim: int, length: int, groups: int) -> list[int]:
     """Launch configuration ``[block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps]``.
 
-    block_l: time steps per chunk (shared by both passes: the saved chunk states depend on it); a
-    [block_d, block_l] tile of 8 elements per thread lets Triton keep 8 consecutive steps in a thread.
-    block_d: channels per program, a power of two dividing D/G so that a block never straddles two
-    groups of B/C.
+    block_l: time steps per chunk (shared by both passes: the saved chunk states depend on it); each
+    [block_d, block_l] tile holds 8 elements a thread, so that Triton keeps 8 consecutive steps in a
+    thread. block_d: channels per program, a power of two dividing D/G so that a block never straddles
+    two groups of B/C. Measured on an H100 (bf16, D4096 N16, 65,536 tokens; benchmarks/NOTES-mamba-kernels.md):
+    the forward is fastest with 4 warps, the register-heavy backward with 1 warp (no cross-warp reductions).
     """
     bl = min(64, max(16, triton.next_power_of_2(length)))
-    bd = 16 * 64 // bl
-    while (dim // groups) % bd:
-        bd //= 2
-    return [bl, bd, 4, bd, 4]
+    bd_f, bd_b = 1024 // bl, 256 // bl
+    while (dim // groups) % bd_f:
+        bd_f //= 2
+    while (dim // groups) % bd_b:
+        bd_b //= 2
+    return [bl, bd_f, 4 if bd_f * bl >= 1024 else 1, bd_b, 1]
 
 
 def _n_chunks(length: int, block_l: int) -> int:
