@@ -1,0 +1,196 @@
+"""Mamba2 (state-space duality) over :func:`mixlab.ops.ssd`.
+
+Parameter names and shapes follow mamba_ssm's ``Mamba2`` so that its checkpoints map one to one
+(``d_inner = expand * d_model``, ``H = d_inner / headdim`` heads, ``G = ngroups``, ``N = d_state``,
+``W = d_conv``): ``in_proj`` ``[2*d_inner + 2*G*N + H, d_model]`` (rows: z, x, B, C, dt),
+``conv1d.weight`` ``[d_inner + 2*G*N, 1, W]`` and ``conv1d.bias`` (depthwise, over x, B and C),
+``dt_bias`` ``[H]``, ``A_log`` ``[H]``, ``D`` ``[H]``, ``norm.weight`` ``[d_inner]``, ``out_proj``
+``[d_model, d_inner]``.
+
+Forward: ``z, xBC, dt = in_proj(u)``; ``x, B, C = silu(conv(xBC))``;
+``y = ssd(x, dt, -exp(A_log), B, C, D, dt_bias, softplus)`` with ``chunk_size``;
+``y = rmsnorm(y * silu(z))`` per group of ``d_inner / G`` channels (``norm_before_gate=False``,
+mamba_ssm's default; ``True`` gives ``rmsnorm(y) * silu(z)``); ``out_proj(y)``.
+A_log, D and dt_bias are kept in float32 (float64 for a float64 layer) whatever the layer dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops.conv import causal_conv1d
+from ..ops.ssd import ssd
+from .base import Mixer
+from .mamba import _state_dtype, inverse_softplus, sample_dt
+from .norm import GatedRMSNorm
+
+
+@dataclass
+class Mamba2Cache:
+    """Decode state of a Mamba2 layer (updated in place by the layer's forward).
+
+    ``conv_state``: the last ``d_conv - 1`` conv inputs ``[B, d_inner + 2*G*N, d_conv - 1]`` (layer
+    dtype); ``ssm_state``: ``[B, H, headdim, d_state]`` in float32 (float64 for a float64 layer);
+    ``pos``: tokens consumed so far (a counter; the math reads the states only).
+    """
+
+    conv_state: torch.Tensor
+    ssm_state: torch.Tensor
+    pos: int = 0
+
+
+class Mamba2(Mixer):
+    """Mamba2 mixer: ``x [B, T, d_model] -> [B, T, d_model]`` (mamba_ssm's ``Mamba2`` parameterisation)."""
+
+    residual_out_proj = ("out_proj",)
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        norm_before_gate: bool = False,
+        chunk_size: int = 256,
+        *,
+        layer_idx: int | None = None,
+        backend: str = "auto",
+        norm_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        d_inner = int(expand * d_model)
+        if d_model <= 0 or d_state <= 0 or headdim <= 0 or ngroups <= 0:
+            raise ValueError(
+                f"Mamba2: d_model={d_model}, d_state={d_state}, headdim={headdim}, ngroups={ngroups} must be positive"
+            )
+        if d_inner % headdim != 0:
+            raise ValueError(f"Mamba2: expand * d_model = {d_inner} must be a multiple of headdim={headdim}")
+        nheads = d_inner // headdim
+        if nheads % ngroups != 0:
+            raise ValueError(
+                f"Mamba2: the number of heads {nheads} (d_inner / headdim) must be a multiple of ngroups={ngroups}"
+            )
+        if d_conv < 1:
+            raise ValueError(f"Mamba2: d_conv={d_conv} must be >= 1")
+        lo, hi = A_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"Mamba2: A_init_range={A_init_range} must satisfy 0 < lo <= hi")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"Mamba2: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if chunk_size < 1:
+            raise ValueError(f"Mamba2: chunk_size={chunk_size} must be positive")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner, self.headdim, self.nheads, self.ngroups = d_inner, headdim, nheads, ngroups
+        self.A_init_range = (float(lo), float(hi))
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.norm_before_gate, self.chunk_size = norm_before_gate, chunk_size
+        self.layer_idx, self.backend, self.norm_eps = layer_idx, backend, norm_eps
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+
+        kw = dict(device=device, dtype=dtype)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias, **kw)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias, **kw
+        )
+        sdt = _state_dtype(dtype)
+        self.dt_bias = nn.Parameter(torch.empty(nheads, device=device, dtype=sdt))
+        self.A_log = nn.Parameter(torch.empty(nheads, device=device, dtype=sdt))
+        self.D = nn.Parameter(torch.empty(nheads, device=device, dtype=sdt))
+        self.norm = GatedRMSNorm(
+            d_inner, eps=norm_eps, group_size=d_inner // ngroups, norm_before_gate=norm_before_gate, **kw
+        )
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **kw)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init of the conv, dt_bias = softplus^-1 of log-uniform dt in [dt_min, dt_max]
+        (floored), A_log = log U(A_init_range) per head, D = 1, norm weight = 1.
+        in_proj/out_proj are the model's job."""
+        # Flags live on the Parameter objects, which ``to_empty()`` replaces: set them again at every init.
+        for p in (self.A_log, self.D, self.dt_bias):
+            p._no_weight_decay = True
+        self.conv1d.reset_parameters()
+        dev = self.dt_bias.device
+        dt = sample_dt(self.nheads, self.dt_min, self.dt_max, self.dt_init_floor, dev, torch.float32)
+        self.dt_bias.copy_(inverse_softplus(dt))
+        A = torch.empty(self.nheads, device=dev, dtype=torch.float32).uniform_(*self.A_init_range)
+        self.A_log.copy_(torch.log(A))
+        self.D.fill_(1.0)
+        self.norm.reset_parameters()
+
+    def init_cache(
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Mamba2Cache:
+        """Zero decode state for ``batch_size`` sequences (its size does not depend on ``max_len``)."""
+        p = self.in_proj.weight
+        device = p.device if device is None else device
+        dtype = p.dtype if dtype is None else dtype
+        return Mamba2Cache(
+            conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(
+                batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=_state_dtype(dtype)
+            ),
+        )
+
+    def forward(self, x: torch.Tensor, cache: Mamba2Cache | None = None) -> torch.Tensor:
+        """``x [B, T, d_model]``; with ``cache``, continue the cached sequences and update the cache in place."""
+        B, T, _ = x.shape
+        if cache is not None and cache.ssm_state.shape[0] != B:
+            raise ValueError(f"Mamba2: cache was made for batch {cache.ssm_state.shape[0]}, input has batch {B}")
+        G, N, H, P = self.ngroups, self.d_state, self.nheads, self.headdim
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        keep = cache is not None
+        xBC, conv_state = causal_conv1d(
+            xBC,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            activation="silu",
+            initial_state=cache.conv_state if keep else None,
+            output_final_state=keep,
+        )
+        xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
+        acc = _state_dtype(self.A_log.dtype)
+        y, final = ssd(
+            xs.reshape(B, T, H, P),
+            dt,
+            -torch.exp(self.A_log.to(acc)),
+            Bm.reshape(B, T, G, N),
+            Cm.reshape(B, T, G, N),
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            chunk_size=self.chunk_size,
+            initial_state=cache.ssm_state if keep else None,
+            output_final_state=keep,
+            backend=self.backend,
+        )
+        if keep:
+            with torch.no_grad():
+                cache.ssm_state.copy_(final)
+                cache.conv_state.copy_(conv_state)
+            cache.pos += T
+        y = self.norm(y.reshape(B, T, self.d_inner), z)
+        return self.out_proj(y.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, headdim={self.headdim}, "
+            f"ngroups={self.ngroups}, d_state={self.d_state}, chunk_size={self.chunk_size}, backend={self.backend!r}"
+        )
+
+
+__all__ = ["Mamba2", "Mamba2Cache"]
