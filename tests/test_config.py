@@ -140,3 +140,14 @@ def test_cli_reports_config_errors(capsys) -> None:
     assert main(["train", "--print-config", "model=transformer-tiny", "train.lr=1e-3"]) == 0
     out = capsys.readouterr().out
     assert load_config_text(out).train.lr == 1e-3
+
+
+def test_example_configs_load_and_default_yaml_is_the_default() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "train"
+    files = sorted(root.glob("*.yaml"))
+    assert files, root
+    for f in files:
+        load_config(f)
+    assert load_config(root / "default.yaml") == load_config()

@@ -302,13 +302,13 @@ class TrainConfig:
     ``schedule`` down to ``lr * min_lr_ratio`` at ``max_steps``.
     """
 
-    max_steps: int = 200
+    max_steps: int = 120
     batch_size: int = 8
     micro_batch_size: int = 0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
-    warmup_steps: int = 20
+    warmup_steps: int = 15
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -317,9 +317,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     log_every: int = 1
-    eval_every: int = 100  # 0: only at the end
+    eval_every: int = 60  # 0: only at the end
     eval_batches: int = 8
-    save_every: int = 100  # 0: only at the end
+    save_every: int = 60  # 0: only at the end
     keep_last: int = 3  # checkpoints kept (the newest ones); 0 keeps all
     resume: str = "auto"  # auto (newest complete checkpoint of run.dir, if any) | never | a checkpoint dir
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops

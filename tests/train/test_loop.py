@@ -198,3 +198,22 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny) -> None:
         torch.testing.assert_close(p.grad, q.grad, msg=n)
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in ckpt.named_parameters()]
     build_optimizer(ckpt, tiny("x").train)  # the wrapped model still builds its optimizer
+
+
+def test_resuming_into_a_different_model_says_what_to_do(tiny) -> None:
+    train(tiny("run", "train.max_steps=2", "train.save_every=2", "train.export=false"), log=_quiet)
+    with pytest.raises(Exception, match=r"different model or config.*train.resume=never"):
+        train(tiny("run", "train.max_steps=4", "model.d_model=48"), log=_quiet)
+
+
+def test_metric_sinks_tensorboard_and_wandb_offline(tiny, monkeypatch) -> None:
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    res = train(
+        tiny("run", "train.max_steps=3", "log.tensorboard=true", "log.wandb=true", "log.wandb_mode=offline"),
+        log=_quiet,
+    )
+    assert res.ok
+    assert list((res.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((res.run_dir / "wandb").glob("offline-run-*"))

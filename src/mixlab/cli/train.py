@@ -4,6 +4,7 @@ embedded stdlib corpus with the byte tokenizer), with resumable checkpoints and 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -42,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"mixlab train: error: {e}", file=sys.stderr)
+        if os.environ.get("MIXLAB_DEBUG"):
+            raise
+        print(f"mixlab train: error: {e}  (MIXLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     print(summary(result))
     if result.status == "diverged":

@@ -247,7 +247,13 @@ def train(config: Config, log=None) -> RunResult:
                 raise CheckpointError(f"train.resume={tc.resume!r}: {e}") from None
         if found is not None:
             resumed_from, doc = found
-            load_checkpoint(resumed_from, model, optimizer, doc=doc)
+            try:
+                load_checkpoint(resumed_from, model, optimizer, doc=doc)
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"cannot resume from {resumed_from}: {e}. It was written by a different model or config; "
+                    "start a new run.dir, or set train.resume=never to train from scratch here"
+                ) from None
             loader.load_state_dict(doc["loader"])
             start_step = int(doc["step"])
             tokens_seen = int(doc.get("tokens", 0))
@@ -286,6 +292,7 @@ def train(config: Config, log=None) -> RunResult:
         disable=not (cfg.log.progress and is_main),
         unit="step",
         dynamic_ncols=True,
+        mininterval=1.0,
         leave=True,
     )
     if log is None and not bar.disable:
