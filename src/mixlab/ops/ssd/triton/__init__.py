@@ -38,10 +38,14 @@ def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, initial_state):
 
 
 def _finish(y, x, D, z):
+    """``(y + D x) · silu(z)`` in float32, cast to x's dtype (as the reference rounds once)."""
+    if D is None and z is None:
+        return y
+    y = y.float()
     if D is not None:
-        y = y + x * (D[:, None] if D.dim() == 1 else D).to(y.dtype)
+        y = y + x.float() * (D[:, None] if D.dim() == 1 else D).float()
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
+        y = y * F.silu(z.float())
     return y.to(x.dtype)
 
 
