@@ -29,7 +29,7 @@ def test_tiny_run_writes_every_op(tmp_path, capsys):
         "--ssd-chunk",
         "16",
         "--channels",
-        "8",
+        "8,12",
         "--state",
         "4",
         "--warmup",
@@ -44,8 +44,9 @@ def test_tiny_run_writes_every_op(tmp_path, capsys):
     assert len(files) == 1
     data = json.loads(files[0].read_text())
     assert data["suite"] == "ops-cpu" and data["env"]["torch"] and data["config"]["seqlen"] == 40
-    rows = {r["op"]: r for r in data["rows"]}
-    assert set(rows) == set(OPS)
+    rows = {(r["op"], r["shape"]): r for r in data["rows"]}
+    assert {op for op, _ in rows} == set(OPS)
+    assert {shape for op, shape in rows if op == "selective_scan"} == {"B1 D8 N4", "B1 D12 N4"}
     for r in rows.values():
         assert r["T"] == 40 and r["reference_ms"] > 0 and r["chunked_ms"] > 0
         assert r["speedup"] == pytest.approx(r["reference_ms"] / r["chunked_ms"])

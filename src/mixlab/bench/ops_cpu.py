@@ -2,7 +2,9 @@
 (the step-by-step recurrence) on the CPU, at T = 2048 by default.
 
 Ops: ``delta_rule`` (DeltaNet), ``gated_delta_rule`` (Gated DeltaNet), ``ssd`` (Mamba2) and
-``selective_scan`` (Mamba), each at one modest shape (flags below). One timed call is a forward and
+``selective_scan`` (Mamba), each at one modest shape (flags below; ``selective_scan`` once per
+channel count in ``--channels``: its reference costs about the same per step at any width, while
+the chunked scan's cost grows with it). One timed call is a forward and
 a backward against a fixed random cotangent (``torch.autograd.grad``), reported as the median of
 ``--repeat`` calls after ``--warmup``: wall time and process CPU time (the CPU time is the steadier
 figure on a shared machine). The same run also reports each chunked op's largest error relative
@@ -50,7 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssd-headdim", type=int, default=32, help="ssd: head dim P (default 32)")
     parser.add_argument("--ssd-state", type=int, default=64, help="ssd: state size N (default 64)")
     parser.add_argument("--ssd-chunk", type=int, default=64, help="ssd: chunk size (default 64)")
-    parser.add_argument("--channels", type=int, default=256, help="selective_scan: channels D (default 256)")
+    parser.add_argument(
+        "--channels",
+        default="64,256",
+        help="selective_scan: comma list of channel counts D, one row each (default 64,256)",
+    )
     parser.add_argument("--state", type=int, default=16, help="selective_scan: state size N (default 16)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
@@ -115,10 +121,10 @@ def ssd_case(args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator)
     return f"B{B} H{H} P{P} N{N} G1 chunk{args.ssd_chunk}", fn
 
 
-def selective_scan_case(args: argparse.Namespace, dtype: torch.dtype, gen: torch.Generator) -> Case:
+def selective_scan_case(args: argparse.Namespace, D: int, dtype: torch.dtype, gen: torch.Generator) -> Case:
     from ..ops.selective_scan import selective_scan
 
-    B, T, D, N = args.batch, args.seqlen, args.channels, args.state
+    B, T, N = args.batch, args.seqlen, args.state
     # [B, L, D] activations seen as [B, D, L], as the Mamba layer passes them
     u = torch.randn(B, T, D, generator=gen, dtype=dtype).transpose(1, 2)
     delta = (torch.randn(B, T, D, generator=gen, dtype=dtype) - 2).transpose(1, 2)
@@ -197,16 +203,22 @@ def run(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
     dtype = getattr(torch, args.dtype)
+    try:
+        channels = [int(c) for c in str(args.channels).split(",") if c.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"mixlab bench ops-cpu: --channels must be a comma list of ints, got {args.channels!r}"
+        ) from None
     rows = []
     try:
-        for name in ops:
+        for name, variant in [(o, c) for o in ops for c in (channels if o == "selective_scan" else [None])]:
             gen = torch.Generator().manual_seed(args.seed)
             if name in ("delta_rule", "gated_delta_rule"):
                 case = delta_rule_case(args, name == "gated_delta_rule", dtype, gen)
             elif name == "ssd":
                 case = ssd_case(args, dtype, gen)
             else:
-                case = selective_scan_case(args, dtype, gen)
+                case = selective_scan_case(args, variant, dtype, gen)
             row = run_case(name, case, args.warmup, args.repeat, args.seqlen)
             print(
                 f"{name:17s} {row['shape']:28s} reference {row['reference_ms']:9.1f} ms  "
