@@ -64,7 +64,8 @@ def _rope(x, theta):
     t, dh = x.shape[0], x.shape[-1]
     inv = theta ** (-torch.arange(0, dh, 2, dtype=torch.float64) / dh)
     ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]
-    cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+    cos = torch.cat([ang, ang], -1).cos()[:, None].to(x.dtype)
+    sin = torch.cat([ang, ang], -1).sin()[:, None].to(x.dtype)
     x1, x2 = x.chunk(2, -1)
     return x * cos + torch.cat([-x2, x1], -1) * sin
 

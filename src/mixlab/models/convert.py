@@ -75,6 +75,13 @@ def _unsupported(fmt: str, what: str, fix: str = "") -> UnsupportedCheckpointErr
     )
 
 
+def _json_float(x: Any) -> float:
+    """A float from config.json: a number, a string ("Infinity"), or transformers' ``{"__float__": "Infinity"}``."""
+    if isinstance(x, dict) and "__float__" in x:
+        x = x["__float__"]
+    return float(x)
+
+
 def _pad_vocab(vocab: int, multiple: int) -> int:
     return vocab if vocab % multiple == 0 else vocab + multiple - vocab % multiple
 
@@ -110,7 +117,7 @@ def _mamba_ssm_ssm_config(ssm_cfg: dict[str, Any], d_model: int) -> tuple[str, M
     if not ssm_cfg.get("rmsnorm", True):
         raise _unsupported(fmt, "ssm_cfg.rmsnorm=False (Mamba2 without its gated RMSNorm)")
     dt_limit = ssm_cfg.get("dt_limit", (0.0, float("inf")))
-    if tuple(dt_limit) != (0.0, float("inf")):
+    if tuple(_json_float(x) for x in dt_limit) != (0.0, float("inf")):
         raise _unsupported(fmt, f"ssm_cfg.dt_limit={dt_limit} (a clamp on dt)")
     unknown = set(ssm_cfg) - _MAMBA2_KEYS - _MAMBA2_INIT_ONLY - {"d_ssm", "D_has_hdim", "rmsnorm", "dt_limit"}
     if unknown:
@@ -375,7 +382,7 @@ def from_hf_mamba(cfg: dict[str, Any], state: State) -> tuple[ModelConfig, State
         ssm: MambaConfig | Mamba2Config = MambaConfig(dt_rank=rank if rank == "auto" else int(rank), **common)
         letter = "m"
     elif kind == "mamba2":
-        limit = tuple(float(x) for x in cfg.get("time_step_limit", (0.0, float("inf"))))
+        limit = tuple(_json_float(x) for x in cfg.get("time_step_limit", (0.0, float("inf"))))
         if limit != (0.0, float("inf")):
             raise _unsupported(fmt, f"time_step_limit={list(limit)} (a clamp on dt)")
         n_heads, head_dim = int(cfg.get("num_heads", 128)), int(cfg.get("head_dim", 64))
