@@ -21,6 +21,7 @@ buffer reused in place (large fresh allocations cost more than the arithmetic on
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,7 @@ class _Workspace:
     (broadcasting over a short innermost dim of 16 states is several times slower)."""
 
     def __init__(self, plan: _Plan, b: int, G: int, N: int, R: int, like: torch.Tensor, backward: bool) -> None:
+        self.key: tuple = ()
         shape = (plan.nq, plan.Q, b, G, N, R)
         self.a, self.cum, self.h = (like.new_empty(shape) for _ in range(3))
         self.a_k, self.cum_k, self.h_k = self.a.unbind(1), self.cum.unbind(1), self.h.unbind(1)
@@ -83,6 +85,26 @@ class _Workspace:
             self.lam = like.new_empty(shape)
             self.lam_k = self.lam.unbind(1)
             self.lam_first = self.lam_k[0].unbind(0)
+
+
+_CACHE = threading.local()
+
+
+def _workspace(plan: _Plan, b: int, G: int, N: int, R: int, like: torch.Tensor, backward: bool) -> _Workspace:
+    """A workspace for this call. On the CPU the last one of each kind is kept per thread and reused:
+    fresh multi-MB buffers cost page faults on every call, a measurable share of the scan's time.
+    A workspace only lives inside one forward or one backward, which never nest."""
+    if like.device.type != "cpu":
+        return _Workspace(plan, b, G, N, R, like, backward)
+    key = (plan.nq, plan.Q, b, G, N, R, like.dtype, backward)
+    cached = getattr(_CACHE, "fwd_bwd", {})
+    ws = cached.get(backward)
+    if ws is None or ws.key != key:
+        ws = _Workspace(plan, b, G, N, R, like, backward)
+        ws.key = key
+        cached[backward] = ws
+        _CACHE.fwd_bwd = cached
+    return ws
 
 
 def _block_states(ws: _Workspace, d: torch.Tensor, du: torch.Tensor, A2: torch.Tensor, Bb: torch.Tensor) -> None:
@@ -124,7 +146,7 @@ class _ChunkedScan(torch.autograd.Function):
         BT, CT = _time_major_bc(B, plan), _time_major_bc(C, plan)
         C_rows = CT.view(-1, 1, N)
         A2 = A.reshape(G, R, N).transpose(1, 2) * LOG2_E
-        ws = _Workspace(plan, b, G, N, R, dT, backward=False)
+        ws = _workspace(plan, b, G, N, R, dT, backward=False)
         yT = dT.new_empty(plan.Lp * b * G, 1, R)
         entry = dT.new_empty(plan.nblocks, b, G, N, R)  # the state entering every block, for the backward
         ws.carry_j[-1].copy_(h0.reshape(b, G, R, N).transpose(-1, -2))
@@ -155,7 +177,7 @@ class _ChunkedScan(torch.autograd.Function):
         gyT = _time_major(gy, plan, G)
         A3 = A.reshape(G, R, N).transpose(1, 2).contiguous()
         A2 = A3 * LOG2_E
-        ws = _Workspace(plan, b, G, N, R, dT, backward=True)
+        ws = _workspace(plan, b, G, N, R, dT, backward=True)
         a, cum, h, lam, carry_j = ws.a, ws.cum, ws.h, ws.lam, ws.carry_j
         a_k, cum_k, lam_k = ws.a_k, ws.cum_k, ws.lam_k
         a_t, h_t, w_t = a.view(Tb, b, G, N, R), h.view(Tb, b, G, N, R), cum.view(Tb, b, G, N, R)
