@@ -182,7 +182,8 @@ class _ChunkedScan(torch.autograd.Function):
         a_k, cum_k, lam_k = ws.a_k, ws.cum_k, ws.lam_k
         a_t, h_t, w_t = a.view(Tb, b, G, N, R), h.view(Tb, b, G, N, R), cum.view(Tb, b, G, N, R)
         # gradient w.r.t. the state leaving the current block (entering the next one)
-        grad_carry = gH.reshape(b, G, R, N).transpose(-1, -2).contiguous()
+        grad_carry = dT.new_empty(b, G, N, R)  # a fresh tensor: it is updated in place below
+        grad_carry.copy_(gH.reshape(b, G, R, N).transpose(-1, -2))
         g_delta = dT.new_empty(Lp, b, G, 1, R)
         g_du = dT.new_empty(Lp, b, G, 1, R)  # through x_t = du_t B_t
         g_B = dT.new_empty(Lp, b, G, N)
