@@ -21,7 +21,6 @@ from mixlab.generate import TextStreamer, apply_repetition_penalty, filter_logit
 from mixlab.models import build_model
 
 V = 40
-_LAYER_MODULE = {"m": "mamba", "M": "mamba2", "D": "deltanet", "G": "deltanet", "A": "attention", "S": "attention"}
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +33,6 @@ def _one_thread():
 
 
 def _model(pattern: str, dtype=torch.float64, seed: int = 0, backend: str = "chunked"):
-    for letter in set(pattern):
-        pytest.importorskip(f"mixlab.layers.{_LAYER_MODULE[letter]}")
     torch.manual_seed(seed)
     cfg = ModelConfig(
         vocab_size=V, d_model=32, n_layers=len(pattern), pattern=pattern, d_intermediate=64, tie_embeddings=False,
