@@ -89,6 +89,19 @@ def test_block_geometry_covers_many_shapes(monkeypatch):
             assert_rel(g_c[k], g_r[k], what=f"grad {k} ({block_elements})")
 
 
+@pytest.mark.parametrize("d, n, groups", [(3, 1, 3), (4, 2, 4), (2, 1, 0)])
+def test_one_channel_per_group_or_one_state(d, n, groups):
+    """Degenerate widths (a group per channel, a single state) where views of size 1 alias easily."""
+    gen = torch.Generator().manual_seed(d * 10 + n)
+    inp = make_inputs(gen, b=2, d=d, L=33, n=n, groups=groups)
+    y_r, s_r, g_r = outputs_and_grads(selective_scan_reference, inp)
+    y_c, s_c, g_c = outputs_and_grads(selective_scan_chunked, inp)
+    assert_rel(y_c, y_r, what="y")
+    assert_rel(s_c, s_r, what="last state")
+    for k in g_r:
+        assert_rel(g_c[k], g_r[k], what=f"grad {k}")
+
+
 def selective_scan_ref_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """mamba_ssm's ``selective_scan_ref`` (real A, variable B/C), transcribed: precomputed
     ``deltaA = exp(delta A)``, ``deltaB_u = delta B u`` for all steps, then ``x = deltaA x + deltaB_u``."""
