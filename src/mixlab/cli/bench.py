@@ -9,6 +9,10 @@ import importlib
 SUITES: dict[str, tuple[str, str]] = {
     "ops-cpu": ("mixlab.bench.ops_cpu", "chunked vs reference ops, forward+backward, on the CPU"),
     "kernels": ("mixlab.bench.kernels", "Triton kernels vs peers at 65,536 tokens per call (GPU)"),
+    "kernels-mamba": (
+        "mixlab.bench.cases_mamba",
+        "Mamba scan, causal conv, (gated) RMSNorm and chunked loss vs their floors (GPU)",
+    ),
     "train": ("mixlab.bench.train", "training throughput, MFU and memory of the model presets (GPU)"),
     "decode": ("mixlab.bench.decode", "prefill and per-token decode latency and memory (GPU)"),
 }
