@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from mixlab.layers import Attention, Block
+from mixlab import ModelConfig
+from mixlab.layers import Attention, Block, DeltaNet, GatedDeltaNet, Mamba, Mamba2, build_mixer, mixer_kwargs
 
 F64 = torch.float64
 
@@ -63,3 +67,16 @@ def test_block_passes_the_cache_to_its_mixer():
     y = torch.cat([block(x[:, :4], cache)] + [block(x[:, t : t + 1], cache) for t in range(4, 10)], dim=1)
     assert cache.pos == 10
     torch.testing.assert_close(y, block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_registry_builds_every_letter_from_its_sub_config():
+    cfg = ModelConfig(d_model=64, pattern="ASmMDG", n_layers=6)
+    cfg.attention = dataclasses.replace(cfg.attention, n_heads=2, window=16)
+    expected = {"A": Attention, "S": Attention, "m": Mamba, "M": Mamba2, "D": DeltaNet, "G": GatedDeltaNet}
+    for i, letter in enumerate(cfg.layer_types):
+        mixer = build_mixer(letter, cfg, i)
+        assert type(mixer) is expected[letter]
+    assert build_mixer("A", cfg).window is None and build_mixer("S", cfg).window == 16
+    assert mixer_kwargs("M", cfg) == dataclasses.asdict(cfg.mamba2)
+    with pytest.raises(ValueError, match="allowed"):
+        build_mixer("X", cfg)

@@ -6,18 +6,9 @@ import pytest
 import torch
 
 from mixlab import LanguageModel, ModelConfig, get_preset, list_presets
-from mixlab.layers import mixer_class
 from mixlab.models.presets import ARCHS, SIZES, preset_label
 
 REPORT = {"report-transformer-3.5b": 3.5e9, "report-deltanet-3.7b": 3.7e9, "report-mamba-3.2b": 3.2e9}
-
-
-def _require(pattern: str) -> None:
-    for letter in set(pattern):
-        try:
-            mixer_class(letter)
-        except ModuleNotFoundError as e:  # the recurrent mixers land in separate modules
-            pytest.skip(f"mixer {letter!r} is not available yet: {e}")
 
 
 def test_every_arch_and_size_is_listed():
@@ -31,7 +22,6 @@ def test_every_arch_and_size_is_listed():
 def test_preset_builds_on_meta_with_its_documented_size(name):
     cfg = get_preset(name)
     assert isinstance(cfg, ModelConfig) and cfg.name == name
-    _require(cfg.pattern)
     with torch.device("meta"):
         model = LanguageModel(cfg)
     n = model.num_parameters()

@@ -8,26 +8,27 @@ Pattern letter -> class (constructor kwargs = the fields of the letter's sub-con
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
 from ..config import MIXER_LETTERS, ModelConfig
 from .attention import Attention, AttentionCache
 from .base import Mixer
 from .block import Block
+from .deltanet import DeltaNet, GatedDeltaNet
+from .mamba import Mamba
+from .mamba2 import Mamba2
 from .mlp import SwiGLU
 from .norm import GatedRMSNorm, RMSNorm
 
-#: pattern letter -> (module in this package, class name, ModelConfig field holding its sub-config)
-MIXER_REGISTRY: dict[str, tuple[str, str, str]] = {
-    "A": ("attention", "Attention", "attention"),
-    "S": ("attention", "Attention", "attention"),
-    "m": ("mamba", "Mamba", "mamba"),
-    "M": ("mamba2", "Mamba2", "mamba2"),
-    "D": ("deltanet", "DeltaNet", "deltanet"),
-    "G": ("deltanet", "GatedDeltaNet", "gated_deltanet"),
+#: pattern letter -> (Mixer class, ModelConfig field holding its sub-config)
+MIXER_REGISTRY: dict[str, tuple[type[Mixer], str]] = {
+    "A": (Attention, "attention"),
+    "S": (Attention, "attention"),
+    "m": (Mamba, "mamba"),
+    "M": (Mamba2, "mamba2"),
+    "D": (DeltaNet, "deltanet"),
+    "G": (GatedDeltaNet, "gated_deltanet"),
 }
-_LAZY = {"Mamba": "mamba", "Mamba2": "mamba2", "DeltaNet": "deltanet", "GatedDeltaNet": "deltanet"}
 
 
 def mixer_class(letter: str) -> type[Mixer]:
@@ -35,13 +36,13 @@ def mixer_class(letter: str) -> type[Mixer]:
     if letter not in MIXER_REGISTRY:
         allowed = ", ".join(f"{k}={v}" for k, v in MIXER_LETTERS.items())
         raise ValueError(f"unknown mixer letter {letter!r}; allowed: {allowed}")
-    module, name, _ = MIXER_REGISTRY[letter]
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    return MIXER_REGISTRY[letter][0]
 
 
 def mixer_kwargs(letter: str, cfg: ModelConfig) -> dict[str, Any]:
     """Constructor kwargs of the mixer of ``letter`` (its sub-config's fields) as ``cfg`` sets them."""
-    kwargs = dataclasses.asdict(getattr(cfg, MIXER_REGISTRY[letter][2]))
+    mixer_class(letter)  # validates the letter
+    kwargs = dataclasses.asdict(getattr(cfg, MIXER_REGISTRY[letter][1]))
     if letter == "A":
         kwargs["window"] = None  # full causal attention; the window applies to ``S`` layers only
     return kwargs
@@ -59,13 +60,6 @@ def build_mixer(letter: str, cfg: ModelConfig, layer_idx: int | None = None, dev
         device=device,
         dtype=dtype,
     )
-
-
-def __getattr__(name: str) -> Any:
-    # The recurrent mixers are imported on first use, so that importing mixlab stays light.
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

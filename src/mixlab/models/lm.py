@@ -70,6 +70,8 @@ class LanguageModel(nn.Module):
            ``residual_out_proj``) scaled by 1/sqrt(number of residual branches): 2·n_layers with
            MLPs (GPT-2), n_layers for mixer-only blocks (mamba_ssm's ``n_residuals_per_layer``).
         """
+        if self.embed.weight.is_meta:
+            return  # nothing to initialise yet: build_model calls this again after to_empty()
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
