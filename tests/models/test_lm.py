@@ -155,3 +155,29 @@ def test_input_and_cache_errors():
     cache = model.init_cache(2, 8)
     with pytest.raises(ValueError, match="batch"):
         model(torch.zeros(3, 1, dtype=torch.long), cache=cache)
+
+
+def test_mixer_inits_survive_the_model_init():
+    """Mamba's dt_proj / A_log / D and Mamba2's dt_bias / A_log come out as mamba_ssm sets them,
+    not as the generic N(0, init_std) init, and their out_proj is depth-scaled (mixer-only blocks)."""
+    torch.manual_seed(0)
+    cfg = get_preset("mamba-tiny")
+    model = build_model(cfg)
+    n_layers = cfg.n_layers
+    for block in model.layers:
+        m = block.mixer
+        torch.testing.assert_close(m.A_log.exp(), torch.arange(1.0, cfg.mamba.d_state + 1).expand_as(m.A_log))
+        assert torch.all(m.D == 1)
+        dt = nn.functional.softplus(m.dt_proj.bias.double())
+        assert dt.min() >= cfg.mamba.dt_min * 0.999 and dt.max() <= cfg.mamba.dt_max * 1.001
+        assert _std(m.dt_proj.weight) == pytest.approx(m.dt_rank**-0.5 / math.sqrt(3), rel=0.1)
+        assert _std(m.in_proj.weight) == pytest.approx(cfg.init_std, rel=0.05)
+    out = torch.cat([b.mixer.out_proj.weight.flatten() for b in model.layers])
+    assert _std(out) == pytest.approx(cfg.init_std / math.sqrt(n_layers), rel=0.05)
+
+    cfg2 = get_preset("mamba2-tiny")
+    m2 = build_model(cfg2).layers[0].mixer
+    lo, hi = cfg2.mamba2.A_init_range
+    assert torch.all(m2.A_log.exp() >= lo * 0.999) and torch.all(m2.A_log.exp() <= hi * 1.001)
+    dt = nn.functional.softplus(m2.dt_bias.double())
+    assert dt.min() >= cfg2.mamba2.dt_min * 0.999 and dt.max() <= cfg2.mamba2.dt_max * 1.001
