@@ -81,7 +81,12 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load :func:`model_state_dict` output; keys left out must be aliases of loaded ones."""
     aliases = _alias_map(model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
+        raise CheckpointError("model weights do not match the model: " + " ".join(lines[1:3]) + more) from None
     real_missing = [k for k in missing if aliases.get(k) not in state]
     if real_missing or unexpected:
         raise CheckpointError(
