@@ -44,6 +44,7 @@ def test_tiny_run_writes_every_op(tmp_path, capsys):
     assert len(files) == 1
     data = json.loads(files[0].read_text())
     assert data["suite"] == "ops-cpu" and data["env"]["torch"] and data["config"]["seqlen"] == 40
+    assert data["config"]["channels"] == "8,12" and data["config"]["ssd_chunk"] == 16
     rows = {(r["op"], r["shape"]): r for r in data["rows"]}
     assert {op for op, _ in rows} == set(OPS)
     assert {shape for op, shape in rows if op == "selective_scan"} == {"B1 D8 N4", "B1 D12 N4"}

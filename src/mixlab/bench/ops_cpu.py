@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     extra = {
         "config": {
-            k: getattr(args, k) for k in ("ops", "seqlen", "batch", "dtype", "warmup", "repeat", "threads", "seed")
+            k: v for k, v in vars(args).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))
         },
         "timing": "forward + backward (autograd.grad of every input), median of `repeat` calls; ms",
     }
