@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS), metavar="ARCH", help="architectures to check"
     )
-    parser.add_argument("--seq-len", type=int, default=48, help="tokens per sequence (default 48)")
-    parser.add_argument("--prefill", type=int, default=16, help="tokens fed at once before decoding (default 16)")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default 32)")
+    parser.add_argument("--prefill", type=int, default=12, help="tokens fed at once before decoding (default 12)")
     parser.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps")
     parser.add_argument("--backend", default="auto", help="op backend: auto | reference | chunked | triton")
