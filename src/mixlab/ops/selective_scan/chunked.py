@@ -128,21 +128,31 @@ def _block_states(ws: _Workspace, d: torch.Tensor, du: torch.Tensor, A2: torch.T
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """Core scan ``(delta, delta*u, A, B, C, h0) -> (y, h_last)``; inputs already in the compute dtype.
+    """The whole op ``(u, delta, A, B, C, h0, D, z, delta_bias) -> (y, h_last)``; tensors already in the
+    compute dtype, D / z / delta_bias may be None.
 
-    delta, du: ``[B, D, L]``; A: ``[D, N]``; B, C: ``[B, G, N, L]``; h0: ``[B, D, N]``. Internally
-    time-major ``[Lp, B, G, ., R]`` (R = D/G channels innermost); y comes back as a ``[B, D, L]`` view.
+    u, delta, z: ``[B, D, L]``; A: ``[D, N]``; B, C: ``[B, G, N, L]``; h0: ``[B, D, N]``. Internally
+    time-major ``[Lp, B, G, ., R]`` (R = D/G channels innermost), where the elementwise work around
+    the scan (bias, softplus, the D skip, the z gate) runs on contiguous rows too; y comes back as a
+    ``[B, D, L]`` view of that layout.
     """
 
     @staticmethod
-    def forward(ctx, delta, du, A, B, C, h0):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, h0, D_skip, z, delta_bias, softplus):  # type: ignore[override]
         b, D, L = delta.shape
         G, N = B.shape[1], B.shape[2]
         R = D // G
         plan = _Plan(L, b * D * N)
         blk = (plan.nq, plan.Q)
         rows = plan.Tb * b * G  # rows of a block in the batched product C_t^T h_t
-        dT, duT = _time_major(delta, plan, G), _time_major(du, plan, G)
+        dT, uT = _time_major(delta, plan, G), _time_major(u, plan, G)
+        if delta_bias is not None:
+            dT += delta_bias.view(G, 1, R)
+        if softplus:
+            dT = F.softplus(dT)
+        if delta_bias is not None or softplus:
+            dT[L:] = 0.0  # padding steps must not decay the state
+        duT = dT * uT
         BT, CT = _time_major_bc(B, plan), _time_major_bc(C, plan)
         C_rows = CT.view(-1, 1, N)
         A2 = A.reshape(G, R, N).transpose(1, 2) * LOG2_E
@@ -158,14 +168,22 @@ class _ChunkedScan(torch.autograd.Function):
             _block_states(ws, dT[s].view(*blk, b, G, 1, R), duT[s].view(*blk, b, G, 1, R), A2, B_b)
             r = slice(i * rows, (i + 1) * rows)
             yT[r] = torch.bmm(C_rows[r], ws.h.view(rows, N, R))  # y_t = C_t^T h_t
-        ctx.save_for_backward(dT, duT, A, BT, CT, entry)
-        ctx.plan = plan
+        yT = yT.view(plan.Lp, b, G, 1, R)
+        if D_skip is not None:
+            yT.addcmul_(uT, D_skip.view(G, 1, R))
+        zT = None
+        if z is not None:
+            zT = _time_major(z, plan, G)
+            ctx.y_pre = yT.clone()  # before the gate, for the gate's gradient
+            yT.mul_(F.silu(zT))
+        ctx.save_for_backward(dT, uT, duT, A, BT, CT, entry, D_skip, zT)
+        ctx.plan, ctx.softplus, ctx.has_bias = plan, softplus, delta_bias is not None
         y = yT.view(plan.Lp, b, D)[:L].permute(1, 2, 0)  # a view: [B, D, L] with D innermost in memory
         return y, ws.carry_j[-1].transpose(-1, -2).reshape(b, D, N).clone()
 
     @staticmethod
     def backward(ctx, gy, gH):  # type: ignore[override]
-        dT, duT, A, BT, CT, entry = ctx.saved_tensors
+        dT, uT, duT, A, BT, CT, entry, D_skip, zT = ctx.saved_tensors
         plan: _Plan = ctx.plan
         Lp, b, G, _, R = dT.shape
         N = BT.shape[-1]
@@ -174,7 +192,17 @@ class _ChunkedScan(torch.autograd.Function):
         blk = (nq, Q)
         rows = Tb * b * G
         B_rows = BT.view(-1, 1, N)
-        gyT = _time_major(gy, plan, G)
+        gyT = _time_major(gy, plan, G)  # d loss / d y, then d loss / d (C.h + D u) below
+        grad_z = None
+        if zT is not None:
+            sig = torch.sigmoid(zT)
+            silu = zT * sig
+            gate_grad = gyT * ctx.y_pre * sig * (1 + zT * (1 - sig))  # d silu(z)/dz = sig (1 + z (1 - sig))
+            grad_z = gate_grad
+            gyT.mul_(silu)
+        grad_D = None
+        if D_skip is not None:
+            grad_D = (gyT * uT).sum((0, 1)).view(D)
         A3 = A.reshape(G, R, N).transpose(1, 2).contiguous()
         A2 = A3 * LOG2_E
         ws = _workspace(plan, b, G, N, R, dT, backward=True)
@@ -227,13 +255,24 @@ class _ChunkedScan(torch.autograd.Function):
         def back(t: torch.Tensor) -> torch.Tensor:  # [Lp, ...] -> a [B, ..., L] view
             return t.view(Lp, b, -1)[:L].permute(1, 2, 0)
 
+        grad_u = g_du * dT  # x_t = delta_t u_t B_t
+        if D_skip is not None:
+            grad_u.addcmul_(gyT, D_skip.view(G, 1, R))
+        g_delta.addcmul_(g_du, uT)
+        if ctx.softplus:  # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
+            g_delta.mul_(torch.expm1(-dT).neg_())
+        grad_bias = g_delta[:L].sum((0, 1)).view(D) if ctx.has_bias else None
         return (
+            back(grad_u),
             back(g_delta),
-            back(g_du),
             g_A.transpose(1, 2).reshape(D, N),
             back(g_B).view(b, G, N, L),
             back(g_C).view(b, G, N, L),
             grad_carry.transpose(-1, -2).reshape(b, D, N),
+            grad_D,
+            None if grad_z is None else back(grad_z),
+            grad_bias,
+            None,
         )
 
 
@@ -256,23 +295,19 @@ def selective_scan_chunked(
     acc = _acc_dtype(u)
     b, d, _ = u.shape
     n = A.shape[1]
-    uf = u.to(acc)
-    dt = delta.to(acc)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(acc)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
     Bg = (B.unsqueeze(1) if B.dim() == 3 else B).to(acc)
     Cg = (C.unsqueeze(1) if C.dim() == 3 else C).to(acc)
     if Bg.shape[1] != Cg.shape[1]:  # different groupings: give both one group per channel
         Bg = Bg.repeat_interleave(d // Bg.shape[1], dim=1)
         Cg = Cg.repeat_interleave(d // Cg.shape[1], dim=1)
-    h0 = initial_state.to(acc) if initial_state is not None else uf.new_zeros(b, d, n)
-    y, last = _ChunkedScan.apply(dt, dt * uf, A.to(acc), Bg, Cg, h0)
-    if D is not None:
-        y = y + D.to(acc)[:, None] * uf
-    if z is not None:
-        y = y * F.silu(z.to(acc))
+    h0 = initial_state.to(acc) if initial_state is not None else u.new_zeros(b, d, n, dtype=acc)
+
+    def opt(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(acc)
+
+    y, last = _ChunkedScan.apply(
+        u.to(acc), delta.to(acc), A.to(acc), Bg, Cg, h0, opt(D), opt(z), opt(delta_bias), delta_softplus
+    )
     y = y.to(u.dtype)
     return (y, last) if return_last_state else y
 
