@@ -1,0 +1,283 @@
+"""The MQAR science check: which 2-layer models recall 16 key-value pairs in 256 tokens.
+
+    python -m mixlab.eval.mqar_sweep --budget-min 60                 # the whole sweep on one GPU
+    python -m mixlab.eval.mqar_sweep --device cpu --budget-min 10 --seq-len 64 --kv-pairs 4 \\
+        --archs transformer,gated_deltanet --d-models 64 --lrs 3e-3 --vocab-size 256 --batch-size 32
+
+For every architecture × d_model × learning rate it trains a model on Zoology's MQAR generator
+with ``mixlab train task=mqar`` (the one training loop: ``mixlab.train.train``), then measures
+accuracy over the queries of a held-out test set (``mixlab.eval.mqar``). The time budget is split
+evenly over the points still to run; each point first times a few steps, then trains for as many
+steps as its share allows (``--max-steps`` at most). Models follow Zoology's MQAR setup: 2 layers,
+mixer-only blocks (no MLP), vocabulary 8192, AdamW with weight decay 0.1, best accuracy over the
+learning rates. Attention has 1 head; DeltaNet and Gated DeltaNet 2 heads of d_model/2 (Gated
+DeltaNet with expand_v 1, the same state as DeltaNet); Mamba uses d_state 16, expand 2.
+
+Results go to ``benchmarks/results/mqar-L{L}-kv{n}-{device}.json`` (rewritten after every point, so
+an interrupted sweep keeps what it finished, and a rerun skips the points already there unless
+``--fresh``) and a PNG of the best accuracy per model; the last lines printed are the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ARCHS", "add_arguments", "main", "model_overrides", "run", "run_sweep"]
+
+#: architecture -> (preset whose defaults start the model, mixer overrides at width d)
+ARCHS: dict[str, str] = {
+    "transformer": "transformer-tiny",
+    "deltanet": "deltanet-tiny",
+    "gated_deltanet": "gated_deltanet-tiny",
+    "mamba": "mamba-tiny",
+    "mamba2": "mamba2-tiny",
+}
+DEFAULT_ARCHS = ("transformer", "gated_deltanet", "deltanet", "mamba")
+
+
+def model_overrides(arch: str, d_model: int) -> list[str]:
+    """``key=value`` overrides of the 2-layer MQAR model of ``arch`` at width ``d_model``."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(ARCHS)}")
+    ov = [
+        f"model={ARCHS[arch]}",
+        f"model.name=mqar-{arch}-d{d_model}",
+        f"model.d_model={d_model}",
+        "model.n_layers=2",
+        "model.d_intermediate=0",
+    ]
+    if arch == "transformer":
+        ov += ["model.attention.n_heads=1"]
+    elif arch == "deltanet":
+        ov += ["model.deltanet.n_heads=2", f"model.deltanet.head_dim={d_model // 2}"]
+    elif arch == "gated_deltanet":
+        ov += ["model.gated_deltanet.n_heads=2", f"model.gated_deltanet.head_dim={d_model // 2}"]
+        ov += ["model.gated_deltanet.expand_v=1.0"]
+    elif arch == "mamba2":
+        ov += [f"model.mamba2.headdim={min(64, d_model)}", "model.mamba2.d_state=64", "model.mamba2.chunk_size=64"]
+    return ov
+
+
+def _csv(text: str, cast=str) -> list:
+    return [cast(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help=f"comma-separated, from {', '.join(ARCHS)}")
+    parser.add_argument("--d-models", default="64,128", help="model widths (default 64,128)")
+    parser.add_argument("--lrs", default="1e-3,3e-3", help="learning rates; the best is reported (default 1e-3,3e-3)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--kv-pairs", type=int, default=16)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=256, help="sequences per step (Zoology: 256)")
+    parser.add_argument("--budget-min", type=float, default=60.0, help="wall-clock budget of the whole sweep")
+    parser.add_argument("--max-steps", type=int, default=20000, help="steps per point at most")
+    parser.add_argument("--min-steps", type=int, default=50, help="steps per point at least")
+    parser.add_argument("--eval-examples", type=int, default=1000, help="held-out sequences per point")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default="runs/mqar-sweep", help="where the runs are trained")
+    parser.add_argument("--fresh", action="store_true", help="redo points already in the result file")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
+
+
+def _step_seconds(run_dir: Path) -> float:
+    """Median seconds per optimizer step of a run (its first steps left out as warm-up)."""
+    from mixlab.train.metrics import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if r.get("tokens_per_s")]
+    per_step = rows[0]["tokens"] / rows[0]["step"] if rows else 1
+    times = [per_step / r["tokens_per_s"] for r in rows[3:] or rows]
+    return statistics.median(times) if times else float("inf")
+
+
+def _plot(path: Path, best: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(dict.fromkeys(b["arch"] for b in best))
+    widths = sorted({b["d_model"] for b in best})
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(widths) * max(1, len(archs)) / 2.5, 4))
+    w = 0.8 / max(1, len(archs))
+    for i, arch in enumerate(archs):
+        xs, ys = [], []
+        for j, d in enumerate(widths):
+            hit = [b for b in best if b["arch"] == arch and b["d_model"] == d]
+            if hit:
+                xs.append(j + (i - (len(archs) - 1) / 2) * w)
+                ys.append(hit[0]["accuracy"])
+        bars = ax.bar(xs, ys, width=w, label=arch)
+        for bar, y in zip(bars, ys):
+            ax.text(bar.get_x() + bar.get_width() / 2, y + 0.01, f"{y:.2f}", ha="center", fontsize=7)
+    ax.axhline(0.95, color="grey", ls=":", lw=1)
+    ax.set_xticks(range(len(widths)))
+    ax.set_xticklabels([f"d_model {d}" for d in widths])
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("MQAR accuracy (queries)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("accuracy") is None:
+            continue
+        key = (r["arch"], r["d_model"])
+        if key not in best or r["accuracy"] > best[key]["accuracy"]:
+            best[key] = r
+    return [
+        {"arch": a, "d_model": d, "accuracy": r["accuracy"], "lr": r["lr"], "steps": r["steps"], "params": r["params"]}
+        for (a, d), r in sorted(best.items(), key=lambda kv: (list(ARCHS).index(kv[0][0]), kv[0][1]))
+    ]
+
+
+def run_sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    """Run the sweep described by ``args`` (see :func:`add_arguments`); returns the result document."""
+    from mixlab.bench.common import device_slug, environment
+    from mixlab.configio import load_config
+    from mixlab.eval.mqar import evaluate_mqar
+    from mixlab.train.export import load_model
+    from mixlab.train.loop import resolve_device, train
+
+    archs, widths, lrs = _csv(args.archs), _csv(args.d_models, int), _csv(args.lrs)
+    for a in archs:
+        model_overrides(a, 64)  # validates the name
+    env = environment()
+    if args.device != "auto":
+        env["device"] = env["device"] if args.device.startswith("cuda") else "cpu"
+    L, n, V = args.seq_len, args.kv_pairs, args.vocab_size
+    out_dir = Path(getattr(args, "out_dir", None) or "benchmarks/results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"mqar-L{L}-kv{n}-{device_slug(env)}{'-' + args.tag if args.tag else ''}"
+    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    settings = {
+        "seq_len": L, "num_kv_pairs": n, "vocab_size": V, "batch_size": args.batch_size, "seed": args.seed,
+        "eval_examples": args.eval_examples, "n_layers": 2, "budget_min": args.budget_min,
+    }  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    if json_path.is_file() and not args.fresh:
+        old = json.loads(json_path.read_text())
+        if {k: v for k, v in old.get("settings", {}).items() if k != "budget_min"} == {
+            k: v for k, v in settings.items() if k != "budget_min"
+        }:
+            rows = [r for r in old.get("rows", []) if r.get("accuracy") is not None]
+            if rows:
+                log(f"{json_path}: reusing {len(rows)} finished point(s) (--fresh to redo them)")
+    done = {(r["arch"], r["d_model"], r["lr"]) for r in rows}
+    points = [(a, d, lr) for a in archs for d in widths for lr in lrs if (a, d, lr) not in done]
+    work = Path(args.work_dir)
+    common = [
+        "task=mqar", f"synthetic.vocab_size={V}", f"synthetic.num_kv_pairs={n}",
+        f"synthetic.eval_examples={args.eval_examples}", f"data.seq_len={L}", f"train.batch_size={args.batch_size}",
+        "train.weight_decay=0.1", "train.eval_every=0", "train.save_every=0", "train.keep_last=1",
+        "train.resume=never", f"run.seed={args.seed}", f"run.device={args.device}", "log.progress=false",
+    ]  # fmt: skip
+    deadline = time.monotonic() + 60.0 * args.budget_min
+    step_s: dict[tuple[str, int], float] = {}
+    command = env.get("command", "")
+
+    def save() -> list[dict[str, Any]]:
+        best = _best(rows)
+        doc = {"suite": "mqar", "env": env, "command": command, "settings": settings, "rows": rows, "best": best}
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        tmp.replace(json_path)
+        if best:
+            try:
+                _plot(png_path, best, f"MQAR L={L}, {n} key-value pairs, vocab {V}, 2 layers ({env['device']})")
+            except ImportError:
+                log("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return best
+
+    def quiet(_m: str) -> None:
+        pass
+
+    log(f"MQAR sweep: {len(points)} point(s) to run within {args.budget_min:g} min on {env['device']}; "
+        f"results in {json_path}")  # fmt: skip
+    try:
+        for i, (arch, d, lr) in enumerate(points):
+            left = deadline - time.monotonic()
+            share = left / (len(points) - i)
+            if share < 5:
+                log(f"budget spent: {len(points) - i} point(s) not run")
+                break
+            t0 = time.monotonic()
+            base = [*model_overrides(arch, d), *common, f"train.lr={lr}"]
+            row: dict[str, Any] = {"arch": arch, "d_model": d, "lr": lr}
+            try:
+                if (arch, d) not in step_s:  # time a few steps once per model
+                    calib = 12
+                    cfg = load_config(None, [*base, f"train.max_steps={calib}", "train.warmup_steps=1",
+                                             "train.export=false", f"run.dir={work / 'calibrate' / f'{arch}-d{d}'}"])  # fmt: skip
+                    train(cfg, log=quiet)
+                    step_s[(arch, d)] = _step_seconds(Path(cfg.run.dir))
+                overhead = (time.monotonic() - t0) + 5.0 + args.eval_examples * L * 2e-6
+                steps = int((share - overhead) * 0.9 / step_s[(arch, d)])
+                steps = max(args.min_steps, min(args.max_steps, steps))
+                run_dir = work / f"{arch}-d{d}-lr{lr}"
+                cfg = load_config(None, [*base, f"train.max_steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+                                         f"run.dir={run_dir}"])  # fmt: skip
+                t1 = time.monotonic()
+                res = train(cfg, log=quiet)
+                train_s = time.monotonic() - t1
+                if not res.ok:
+                    raise RuntimeError(res.message or res.status)
+                model, _ = load_model(run_dir, device=resolve_device(args.device))
+                acc = evaluate_mqar(model, [(L, n)], vocab_size=V, examples=args.eval_examples)["results"][0]
+                row.update(
+                    steps=steps, params=int(model.num_parameters()), step_ms=1e3 * step_s[(arch, d)],
+                    train_s=round(train_s, 1), final_loss=res.losses.get(steps), val_loss=res.val_loss,
+                    accuracy=acc["accuracy"], sequence_accuracy=acc["sequence_accuracy"],
+                )  # fmt: skip
+                del model
+            except Exception as e:  # a failed point (e.g. out of memory) must not lose the sweep
+                row.update(error=f"{type(e).__name__}: {e}")
+                log(f"  {arch} d{d} lr {lr}: failed: {row['error']}")
+            rows.append(row)
+            if "accuracy" in row:
+                log(f"  {arch:15s} d{d:<4d} lr {lr:<6s} {row['steps']:6d} steps in {row['train_s']:7.1f}s  "
+                    f"loss {row['final_loss']:.3f}  accuracy {row['accuracy']:.3f}")  # fmt: skip
+            save()
+    except KeyboardInterrupt:
+        log("interrupted: keeping the finished points")
+    best = save()
+    return {"json": json_path, "png": png_path, "rows": rows, "best": best}
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixlab.bench.common import format_table
+
+    out = run_sweep(args)
+    if not out["best"]:
+        print("no point finished", file=sys.stderr)
+        return 1
+    print(f"\nwrote {out['json']} and {out['png']}")
+    print("best accuracy over learning rates (MQAR, held-out queries):")
+    table = [{**b, "accuracy": f"{b['accuracy']:.3f}", "params": f"{b['params'] / 1e3:.0f}k"} for b in out["best"]]
+    print(format_table(table, ["arch", "d_model", "accuracy", "lr", "steps", "params"]))
+    failed = [r for r in out["rows"] if "error" in r]
+    return 1 if failed and len(failed) == len(out["rows"]) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mixlab.eval.mqar_sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", default=None, help="where to write the JSON and PNG (default benchmarks/results)")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The MQAR sweep command: one tiny point end to end, result files, reuse, and the model shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mixlab.configio import load_config
+from mixlab.eval.mqar_sweep import main, model_overrides
+
+
+def test_model_overrides_follow_the_zoology_setup() -> None:
+    for arch, letter in (("transformer", "A"), ("deltanet", "D"), ("gated_deltanet", "G"), ("mamba", "m")):
+        cfg = load_config(None, [*model_overrides(arch, 64), "task=mqar"]).model
+        assert cfg.pattern == letter and cfg.n_layers == 2 and cfg.d_intermediate == 0 and cfg.d_model == 64
+    gdn = load_config(None, model_overrides("gated_deltanet", 128)).model.gated_deltanet
+    assert (gdn.n_heads, gdn.head_dim, gdn.expand_v) == (2, 64, 1.0)
+    assert load_config(None, model_overrides("transformer", 64)).model.attention.n_heads == 1
+    with pytest.raises(ValueError, match="unknown architecture"):
+        model_overrides("rwkv", 64)
+
+
+def test_tiny_sweep_writes_json_png_and_table(tmp_path, capsys) -> None:
+    args = [
+        "--device", "cpu", "--budget-min", "2", "--archs", "transformer", "--d-models", "16", "--lrs", "3e-3",
+        "--seq-len", "16", "--kv-pairs", "2", "--vocab-size", "32", "--batch-size", "8", "--eval-examples", "16",
+        "--min-steps", "3", "--max-steps", "4", "--work-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path),
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "mqar-L16-kv2-cpu.json").read_text())
+    assert (tmp_path / "mqar-L16-kv2-cpu.png").stat().st_size > 1000
+    (row,) = doc["rows"]
+    assert row["arch"] == "transformer" and row["steps"] == 4 and 0.0 <= row["accuracy"] <= 1.0
+    assert doc["best"][0]["accuracy"] == row["accuracy"] and doc["settings"]["num_kv_pairs"] == 2
+    assert out.strip().splitlines()[-1].split()[:2] == ["transformer", "16"]  # the table is printed last
+    # a rerun reuses the finished point
+    assert main(args) == 0
+    assert "reusing 1 finished point" in capsys.readouterr().out
