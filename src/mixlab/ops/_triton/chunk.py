@@ -48,12 +48,120 @@ BT = 64  # chunk length (tokens)
 
 
 @triton.jit
-def _wy_fwd_kernel(
+def _kkt_solve_kernel(
+    k, beta, g, Tm, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Per (chunk, head): ``T = (I + A)⁻¹`` with ``A = strictly_lower(diag(β) K Kᵀ ⊙ Γ)``, into ``Tm``
+    [Ntok, H, BT] float32. ``A`` is staged in ``Tm`` itself; a few warps suffice (latency-bound loop)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    rows = (t0 + o_t).to(tl.int64)
+    p_k = k + rows[:, None] * (HK * K) + i_hk * K
+
+    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k = tl.load(p_k + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+        b_A += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
+    m_s = o_t[:, None] > o_t[None, :]
+    if USE_G:
+        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        b_A = b_A * tl.exp(tl.where(m_s, b_g[:, None] - b_g[None, :], 0.0))
+    b_A = tl.where(m_s, b_A * b_beta[:, None], 0.0)
+    tl.store(Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], b_A, mask=m_t[:, None])
+    tl.debug_barrier()
+
+    # Blocked inversion of the unit lower-triangular (I + A). Diagonal 16×16 blocks by forward
+    # substitution, the four blocks side by side: row i of (I + a)⁻¹ − I is −a_i − Σ_j a_ij (row j);
+    # rows of a are read back from Tm.
+    o_i = tl.arange(0, 16)
+    s16 = 16 * H * BT
+    p16 = Tm + (t0 + o_i).to(tl.int64)[:, None] * (H * BT) + i_h * BT + o_i[None, :]  # block (0, 0)
+    m0 = ((t0 + o_i) < eos)[:, None]
+    m1 = ((t0 + 16 + o_i) < eos)[:, None]
+    m2 = ((t0 + 32 + o_i) < eos)[:, None]
+    m3 = ((t0 + 48 + o_i) < eos)[:, None]
+    b_X00 = -tl.load(p16, mask=m0, other=0.0)
+    b_X11 = -tl.load(p16 + s16 + 16, mask=m1, other=0.0)
+    b_X22 = -tl.load(p16 + 2 * s16 + 32, mask=m2, other=0.0)
+    b_X33 = -tl.load(p16 + 3 * s16 + 48, mask=m3, other=0.0)
+    p_r = Tm + (t0 + o_i * 0).to(tl.int64) * (H * BT) + i_h * BT + o_i  # row 0 of block (0, 0), as a vector
+    for i in range(2, 16):
+        sel = o_i[:, None] == i
+        b_a = -tl.load(p_r + i * H * BT, mask=(t0 + i + o_i * 0) < eos, other=0.0)
+        b_a = b_a + tl.sum(b_a[:, None] * b_X00, 0)
+        b_X00 = tl.where(sel, b_a[None, :], b_X00)
+        b_a = -tl.load(p_r + (16 + i) * H * BT + 16, mask=(t0 + 16 + i + o_i * 0) < eos, other=0.0)
+        b_a = b_a + tl.sum(b_a[:, None] * b_X11, 0)
+        b_X11 = tl.where(sel, b_a[None, :], b_X11)
+        b_a = -tl.load(p_r + (32 + i) * H * BT + 32, mask=(t0 + 32 + i + o_i * 0) < eos, other=0.0)
+        b_a = b_a + tl.sum(b_a[:, None] * b_X22, 0)
+        b_X22 = tl.where(sel, b_a[None, :], b_X22)
+        b_a = -tl.load(p_r + (48 + i) * H * BT + 48, mask=(t0 + 48 + i + o_i * 0) < eos, other=0.0)
+        b_a = b_a + tl.sum(b_a[:, None] * b_X33, 0)
+        b_X33 = tl.where(sel, b_a[None, :], b_X33)
+    b_I = (o_i[:, None] == o_i[None, :]).to(tl.float32)
+    b_X00 += b_I
+    b_X11 += b_I
+    b_X22 += b_I
+    b_X33 += b_I
+    # off-diagonal blocks: X_ij = −X_ii Σ_{k=j}^{i−1} A_ik X_kj
+    b_A10 = tl.load(p16 + s16, mask=m1, other=0.0)
+    b_A20 = tl.load(p16 + 2 * s16, mask=m2, other=0.0)
+    b_A21 = tl.load(p16 + 2 * s16 + 16, mask=m2, other=0.0)
+    b_A30 = tl.load(p16 + 3 * s16, mask=m3, other=0.0)
+    b_A31 = tl.load(p16 + 3 * s16 + 16, mask=m3, other=0.0)
+    b_A32 = tl.load(p16 + 3 * s16 + 32, mask=m3, other=0.0)
+    P: tl.constexpr = "ieee"
+    b_X10 = -tl.dot(tl.dot(b_X11, b_A10, input_precision=P), b_X00, input_precision=P)
+    b_X21 = -tl.dot(tl.dot(b_X22, b_A21, input_precision=P), b_X11, input_precision=P)
+    b_X32 = -tl.dot(tl.dot(b_X33, b_A32, input_precision=P), b_X22, input_precision=P)
+    b_S = tl.dot(b_A20, b_X00, input_precision=P) + tl.dot(b_A21, b_X10, input_precision=P)
+    b_X20 = -tl.dot(b_X22, b_S, input_precision=P)
+    b_S = tl.dot(b_A31, b_X11, input_precision=P) + tl.dot(b_A32, b_X21, input_precision=P)
+    b_X31 = -tl.dot(b_X33, b_S, input_precision=P)
+    b_S = (
+        tl.dot(b_A30, b_X00, input_precision=P)
+        + tl.dot(b_A31, b_X10, input_precision=P)
+        + tl.dot(b_A32, b_X20, input_precision=P)
+    )
+    b_X30 = -tl.dot(b_X33, b_S, input_precision=P)
+    tl.debug_barrier()
+    tl.store(p16, b_X00, mask=m0)
+    tl.store(p16 + s16, b_X10, mask=m1)
+    tl.store(p16 + s16 + 16, b_X11, mask=m1)
+    tl.store(p16 + 2 * s16, b_X20, mask=m2)
+    tl.store(p16 + 2 * s16 + 16, b_X21, mask=m2)
+    tl.store(p16 + 2 * s16 + 32, b_X22, mask=m2)
+    tl.store(p16 + 3 * s16, b_X30, mask=m3)
+    tl.store(p16 + 3 * s16 + 16, b_X31, mask=m3)
+    tl.store(p16 + 3 * s16 + 32, b_X32, mask=m3)
+    tl.store(p16 + 3 * s16 + 48, b_X33, mask=m3)
+
+
+@triton.jit
+def _wu_fwd_kernel(
     k, v, beta, g, Tm, w, u, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """Per (chunk, head): ``T = (I + A)⁻¹`` into ``Tm`` [Ntok, H, BT] (float32), ``W``, ``U``."""
+    """Per (chunk, head): ``W = T diag(βγ) K`` and ``U = T diag(β) V`` in the input dtype."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (H // HK)
     if IS_VARLEN:
@@ -72,74 +180,11 @@ def _wy_fwd_kernel(
     rows = (t0 + o_t).to(tl.int64)
     dt = k.dtype.element_ty
     p_k = k + rows[:, None] * (HK * K) + i_hk * K
-    p_T = Tm + rows[:, None] * (H * BT) + i_h * BT
 
+    b_T = tl.load(Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.0).to(dt)
     b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_k = tl.load(p_k + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-        b_A += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
-    m_s = o_t[:, None] > o_t[None, :]
     if USE_G:
         b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-        b_A = b_A * tl.exp(tl.where(m_s, b_g[:, None] - b_g[None, :], 0.0))
-    b_A = tl.where(m_s, b_A * b_beta[:, None], 0.0)
-    tl.store(p_T + o_t[None, :], b_A, mask=m_t[:, None])
-    tl.debug_barrier()
-
-    # Blocked inversion of the unit lower-triangular (I + A). The 4 diagonal 16×16 blocks, as one
-    # [4, 16, 16] tile, by forward substitution: row i of (I + a)⁻¹ − I is −a_i − Σ_j a_ij (row j).
-    o_i = tl.arange(0, 16)
-    o_b = tl.arange(0, 4)
-    r3 = t0 + o_b[:, None, None] * 16 + o_i[None, :, None]
-    p3 = Tm + r3.to(tl.int64) * (H * BT) + i_h * BT + o_b[:, None, None] * 16 + o_i[None, None, :]
-    b_X = -tl.load(p3, mask=r3 < eos, other=0.0)
-    for i in range(2, 16):
-        sel = o_i[None, :, None] == i
-        b_row = tl.sum(tl.where(sel, b_X, 0.0), axis=1)
-        b_row = b_row + tl.sum(b_row[:, :, None] * b_X, axis=1)
-        b_X = tl.where(sel, b_row[:, None, :], b_X)
-    b_X += (o_i[:, None] == o_i[None, :]).to(tl.float32)[None, :, :]
-    b_X00 = tl.sum(tl.where(o_b[:, None, None] == 0, b_X, 0.0), axis=0)
-    b_X11 = tl.sum(tl.where(o_b[:, None, None] == 1, b_X, 0.0), axis=0)
-    b_X22 = tl.sum(tl.where(o_b[:, None, None] == 2, b_X, 0.0), axis=0)
-    b_X33 = tl.sum(tl.where(o_b[:, None, None] == 3, b_X, 0.0), axis=0)
-    # off-diagonal blocks: X_ij = −X_ii Σ_{k=j}^{i−1} A_ik X_kj
-    p16 = Tm + (t0 + o_i).to(tl.int64)[:, None] * (H * BT) + i_h * BT + o_i[None, :]
-    s16 = 16 * H * BT
-    b_A10 = tl.load(p16 + s16 + 0, mask=((t0 + 16 + o_i) < eos)[:, None], other=0.0)
-    b_A20 = tl.load(p16 + 2 * s16 + 0, mask=((t0 + 32 + o_i) < eos)[:, None], other=0.0)
-    b_A21 = tl.load(p16 + 2 * s16 + 16, mask=((t0 + 32 + o_i) < eos)[:, None], other=0.0)
-    b_A30 = tl.load(p16 + 3 * s16 + 0, mask=((t0 + 48 + o_i) < eos)[:, None], other=0.0)
-    b_A31 = tl.load(p16 + 3 * s16 + 16, mask=((t0 + 48 + o_i) < eos)[:, None], other=0.0)
-    b_A32 = tl.load(p16 + 3 * s16 + 32, mask=((t0 + 48 + o_i) < eos)[:, None], other=0.0)
-    P: tl.constexpr = "ieee"
-    b_X10 = -tl.dot(tl.dot(b_X11, b_A10, input_precision=P), b_X00, input_precision=P)
-    b_X21 = -tl.dot(tl.dot(b_X22, b_A21, input_precision=P), b_X11, input_precision=P)
-    b_X32 = -tl.dot(tl.dot(b_X33, b_A32, input_precision=P), b_X22, input_precision=P)
-    b_S = tl.dot(b_A20, b_X00, input_precision=P) + tl.dot(b_A21, b_X10, input_precision=P)
-    b_X20 = -tl.dot(b_X22, b_S, input_precision=P)
-    b_S = tl.dot(b_A31, b_X11, input_precision=P) + tl.dot(b_A32, b_X21, input_precision=P)
-    b_X31 = -tl.dot(b_X33, b_S, input_precision=P)
-    b_S = (
-        tl.dot(b_A30, b_X00, input_precision=P)
-        + tl.dot(b_A31, b_X10, input_precision=P)
-        + tl.dot(b_A32, b_X20, input_precision=P)
-    )
-    b_X30 = -tl.dot(b_X33, b_S, input_precision=P)
-    tl.debug_barrier()
-    tl.store(p3, b_X, mask=r3 < eos)
-    tl.store(p16 + s16 + 0, b_X10, mask=((t0 + 16 + o_i) < eos)[:, None])
-    tl.store(p16 + 2 * s16 + 0, b_X20, mask=((t0 + 32 + o_i) < eos)[:, None])
-    tl.store(p16 + 2 * s16 + 16, b_X21, mask=((t0 + 32 + o_i) < eos)[:, None])
-    tl.store(p16 + 3 * s16 + 0, b_X30, mask=((t0 + 48 + o_i) < eos)[:, None])
-    tl.store(p16 + 3 * s16 + 16, b_X31, mask=((t0 + 48 + o_i) < eos)[:, None])
-    tl.store(p16 + 3 * s16 + 32, b_X32, mask=((t0 + 48 + o_i) < eos)[:, None])
-    tl.debug_barrier()
-
-    b_T = tl.load(p_T + o_t[None, :], mask=m_t[:, None], other=0.0).to(dt)
-    if USE_G:
         b_bg = b_beta * tl.exp(b_g)
     else:
         b_bg = b_beta
@@ -385,11 +430,11 @@ def _bwd_dqkwg_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """Per (K tile, chunk, head): ``dq``, ``dk`` (all but the WY part), ``dw = −dV_new Sᵀ`` (float32,
-    per value head) and this K tile's share of ``dG`` (gradient w.r.t. G = cumsum(g)) into
-    ``dG[i_k]`` [NS, Ntok, H]."""
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_hk = i_h // (H // HK)
+    """Per (K tile, chunk, query/key head): ``dq``, ``dk`` summed over the value heads that share the
+    query/key head (all but the WY part of dk), per value head ``dw = −dV_new Sᵀ`` (input dtype) and
+    this K tile's share of ``dG`` (gradient w.r.t. G = cumsum(g)) into ``dG[i_k]`` [NS, Ntok, H]."""
+    i_k, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NG: tl.constexpr = H // HK
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
         i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
@@ -406,70 +451,76 @@ def _bwd_dqkwg_kernel(
     rows = (t0 + o_t).to(tl.int64)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = m_t[:, None] & (o_k < K)[None, :]
+    m_i = o_t[:, None] >= o_t[None, :]
     dt = q.dtype.element_ty
-    p_s = (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V
 
     p_qk = rows[:, None] * (HK * K) + i_hk * K + o_k[None, :]
     b_q = tl.load(q + p_qk, mask=m_k, other=0.0)
     b_k = tl.load(k + p_qk, mask=m_k, other=0.0)
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dP = tl.zeros([BT, BT], dtype=tl.float32)
-    b_hdh = tl.zeros([BK], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-        m_v = m_t[:, None] & (o_v < V)[None, :]
-        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
-        b_h = tl.load(h + p_s + o_v[None, :], mask=m_kv, other=0.0)
-        b_dh = tl.load(dh + p_s + o_v[None, :], mask=m_kv, other=0.0)
-        b_v = tl.load(vn + p_v, mask=m_v, other=0.0).to(dt)
-        b_do = tl.load(do + p_v, mask=m_v, other=0.0).to(dt)
-        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision="ieee")
-        b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision="ieee")
-        b_dP += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
-        if USE_DELTA:
-            b_dv = tl.load(dvn + p_v, mask=m_v, other=0.0).to(dt)
-            b_dw += tl.dot(b_dv, tl.trans(b_h), input_precision="ieee")
-        if USE_G:
-            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
-    m_i = o_t[:, None] >= o_t[None, :]
     b_qf = b_q.to(tl.float32)
     b_kf = b_k.to(tl.float32)
-    if USE_G:
-        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-        b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
-        b_dq = b_dq * (tl.exp(b_g) * scale)[:, None]
-        b_dk = b_dk * tl.exp(b_glast - b_g)[:, None]
-        # d G_last through γ_C S and through the decayed keys of the state update
-        b_dglast = tl.sum(b_hdh, axis=0) * tl.exp(b_glast) + tl.sum(tl.sum(b_dk * b_kf, axis=1), axis=0)
-        b_dP = b_dP * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
-    else:
-        b_dq = b_dq * scale
-    b_dP = (tl.where(m_i, b_dP, 0.0) * scale).to(dt)
-    b_dq += tl.dot(b_dP, b_k, input_precision="ieee")
-    b_dk += tl.dot(tl.trans(b_dP), b_q, input_precision="ieee")
-    p_d = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
-    tl.store(dq + p_d, b_dq, mask=m_k)
-    tl.store(dk + p_d, b_dk, mask=m_k)
-    if USE_DELTA:
-        tl.store(dw + p_d, -b_dw, mask=m_k)
-    if USE_G:
-        b_dG = tl.sum(b_dq * b_qf, axis=1) - tl.sum(b_dk * b_kf, axis=1)
-        i_last = tl.minimum(eos - t0, BT) - 1
-        b_dG += tl.where(o_t == i_last, b_dglast, 0.0)
-        tl.store(dG + i_k * NTOK * H + rows * H + i_h, b_dG, mask=m_t)
+    b_dq_sum = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk_sum = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_g in range(NG):
+        i_h = i_hk * NG + i_g
+        p_s = (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dP = tl.zeros([BT, BT], dtype=tl.float32)
+        b_hdh = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+            m_v = m_t[:, None] & (o_v < V)[None, :]
+            p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+            b_h = tl.load(h + p_s + o_v[None, :], mask=m_kv, other=0.0)
+            b_dh = tl.load(dh + p_s + o_v[None, :], mask=m_kv, other=0.0)
+            b_v = tl.load(vn + p_v, mask=m_v, other=0.0).to(dt)
+            b_do = tl.load(do + p_v, mask=m_v, other=0.0).to(dt)
+            b_dq += tl.dot(b_do, tl.trans(b_h), input_precision="ieee")
+            b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision="ieee")
+            b_dP += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
+            if USE_DELTA:
+                b_dv = tl.load(dvn + p_v, mask=m_v, other=0.0).to(dt)
+                b_dw += tl.dot(b_dv, tl.trans(b_h), input_precision="ieee")
+            if USE_G:
+                b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+        if USE_G:
+            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+            b_dq = b_dq * (tl.exp(b_g) * scale)[:, None]
+            b_dk = b_dk * tl.exp(b_glast - b_g)[:, None]
+            # d G_last through γ_C S and through the decayed keys of the state update
+            b_dglast = tl.sum(b_hdh, axis=0) * tl.exp(b_glast) + tl.sum(tl.sum(b_dk * b_kf, axis=1), axis=0)
+            b_dP = b_dP * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
+        else:
+            b_dq = b_dq * scale
+        b_dP = (tl.where(m_i, b_dP, 0.0) * scale).to(dt)
+        b_dq += tl.dot(b_dP, b_k, input_precision="ieee")
+        b_dk += tl.dot(tl.trans(b_dP), b_q, input_precision="ieee")
+        if USE_DELTA:
+            p_w = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
+            tl.store(dw + p_w, (-b_dw).to(dw.dtype.element_ty), mask=m_k)
+        if USE_G:
+            b_dG = tl.sum(b_dq * b_qf, axis=1) - tl.sum(b_dk * b_kf, axis=1)
+            i_last = tl.minimum(eos - t0, BT) - 1
+            b_dG += tl.where(o_t == i_last, b_dglast, 0.0)
+            tl.store(dG + i_k * NTOK * H + rows * H + i_h, b_dG, mask=m_t)
+        b_dq_sum += b_dq
+        b_dk_sum += b_dk
+    tl.store(dq + p_qk, b_dq_sum.to(dq.dtype.element_ty), mask=m_k)
+    tl.store(dk + p_qk, b_dk_sum.to(dk.dtype.element_ty), mask=m_k)
 
 
 @triton.jit
 def _wy_bwd_kernel(
-    k, v, beta, g, Tm, dvn, dw, dk, dv, dbeta, dG, cu_seqlens, chunk_indices, T, NT, NTOK, SLOT,
+    k, v, beta, g, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, cu_seqlens, chunk_indices, T, NT, NTOK, SLOT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``U = T diag(β) V``, ``W = T diag(βγ) K``, ``T = (I + A)⁻¹`` per (chunk, head):
-    writes ``dv``, ``dbeta``, adds into ``dk`` (float32, per value head) and writes ``dG[SLOT]``."""
+    writes ``dv``, ``dbeta``, ``dG[SLOT]`` and the final ``dk = dk_part + WY terms`` (H == HK)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (H // HK)
     if IS_VARLEN:
@@ -515,15 +566,11 @@ def _wy_bwd_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = m_t[:, None] & (o_k < K)[None, :]
-        p_d = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
         b_k = tl.load(p_k + o_k[None, :], mask=m_k, other=0.0)
         b_kf = b_k.to(tl.float32)
-        b_dw = tl.load(dw + p_d, mask=m_k, other=0.0).to(dt)
+        b_dw = tl.load(dw + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0).to(dt)
         b_dT += tl.dot(b_dw, tl.trans((b_kf * b_bg[:, None]).to(dt)), input_precision="ieee")
-        b_tdw = tl.dot(b_Tt, b_dw, input_precision="ieee")
-        b_dk = tl.load(dk + p_d, mask=m_k, other=0.0) + b_tdw * b_bg[:, None]
-        tl.store(dk + p_d, b_dk, mask=m_k)
-        b_tk = tl.sum(b_tdw * b_kf, axis=1)
+        b_tk = tl.sum(tl.dot(b_Tt, b_dw, input_precision="ieee") * b_kf, axis=1)
         b_db += b_tk * b_gam
         b_dG += b_tk * b_bg
         b_KK += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
@@ -539,7 +586,6 @@ def _wy_bwd_kernel(
         b_dM = b_dA
     b_db += tl.sum(b_dM * b_KK, axis=1)
     tl.store(dbeta + rows * H + i_h, b_db, mask=m_t)
-    tl.debug_barrier()
     b_dMb = (b_dM * b_beta[:, None]).to(dt)
     b_dMt = tl.trans(b_dM).to(dt)
     for i_k in range(tl.cdiv(K, BK)):
@@ -548,9 +594,11 @@ def _wy_bwd_kernel(
         p_d = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
         b_k = tl.load(p_k + o_k[None, :], mask=m_k, other=0.0)
         b_kb = (b_k.to(tl.float32) * b_beta[:, None]).to(dt)
-        b_dk = tl.load(dk + p_d, mask=m_k, other=0.0)
+        b_dw = tl.load(dw + p_d, mask=m_k, other=0.0).to(dt)
+        b_dk = tl.load(dk_part + p_d, mask=m_k, other=0.0).to(tl.float32)
+        b_dk += tl.dot(b_Tt, b_dw, input_precision="ieee") * b_bg[:, None]
         b_dk += tl.dot(b_dMb, b_k, input_precision="ieee") + tl.dot(b_dMt, b_kb, input_precision="ieee")
-        tl.store(dk + p_d, b_dk, mask=m_k)
+        tl.store(dk + p_d, b_dk.to(dk.dtype.element_ty), mask=m_k)
 
 
 @triton.jit
@@ -587,16 +635,18 @@ def _dg_finalize_kernel(
 
 #: Launch settings per kernel: tile caps (BK, BV: the largest tile along K / V; sequential kernels
 #: always take the whole K), num_warps and num_stages. Chosen from the sm_90 compiler's register
-#: report at K = V = 128 (no spills). ``MIXLAB_TRITON_CHUNK_CONFIG`` (JSON, same keys) overrides
-#: entries for tuning runs, e.g. ``{"fwd_h": {"num_warps": 4}}``.
+#: report at K = V = 128 (no spills) and the H100 variants in benchmarks/NOTES-kernels.md.
+#: ``MIXLAB_TRITON_CHUNK_CONFIG`` (JSON, same keys) overrides entries for tuning runs, e.g.
+#: ``{"fwd_h": {"num_warps": 8}}``.
 CONFIG: dict[str, dict[str, int]] = {
-    "wy_fwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 2},
-    "fwd_h": {"BV": 64, "num_warps": 8, "num_stages": 2},
-    "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 2},
-    "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 2},
-    "bwd_dh": {"BV": 64, "num_warps": 8, "num_stages": 2},
-    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 2},
-    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 2},
+    "kkt_solve": {"BK": 64, "BV": 64, "num_warps": 2, "num_stages": 2},
+    "wu_fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
+    "fwd_h": {"BV": 32, "num_warps": 4, "num_stages": 2},
+    "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
+    "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
+    "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2},
+    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3},
+    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3},
 }
 if os.environ.get("MIXLAB_TRITON_CHUNK_CONFIG"):
     for _name, _cfg in json.loads(os.environ["MIXLAB_TRITON_CHUNK_CONFIG"]).items():
@@ -677,8 +727,13 @@ def chunk_fwd(
         Tm = torch.empty(B, T, H, BT, dtype=torch.float32, device=dev)
         w = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
         u = torch.empty_like(v)
-        BK, BV, kw = _launch("wy_fwd", K, V)
-        _wy_fwd_kernel[(lay.NC, H)](
+        BK, _, kw = _launch("kkt_solve", K, V)
+        _kkt_solve_kernel[(lay.NC, H)](
+            k, beta, gp, Tm, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
+            H=H, HK=HK, K=K, BT=BT, BK=BK, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
+        )  # fmt: skip
+        BK, BV, kw = _launch("wu_fwd", K, V)
+        _wu_fwd_kernel[(lay.NC, H)](
             k, v, beta, gp, Tm, w, u, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
@@ -725,22 +780,24 @@ def chunk_bwd(
     dht: torch.Tensor | None,
     use_delta: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Backward. Returns ``(dq, dk, dv, dbeta, dg, dh0)``: dq/dk float32 per value head ``[B, T, H, K]``
-    (sum over the heads of a group for grouped q/k), dv in v's dtype, dbeta/dg float32 ``[B, T, H]``
-    (None when unused), dh0 float32 (None without an initial state)."""
+    """Backward. Returns ``(dq, dk, dv, dbeta, dg, dh0)``: dq/dk/dv in the inputs' dtype and shapes
+    (grouped q/k gradients summed over their value heads in-kernel), dbeta/dg float32 ``[B, T, H]``
+    (None when unused), dh0 float32 (None without an initial state). The delta rule needs H == HK."""
     B, T, HK, K = q.shape
     H, V = v.shape[2], v.shape[3]
     dev = q.device
     lay = _Layout(B, T, cu_seqlens, dev)
     f32 = torch.float32
     use_g = g is not None
-    dq = torch.empty(B, T, H, K, dtype=f32, device=dev)
-    dk = torch.empty(B, T, H, K, dtype=f32, device=dev)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty(B, T, H, dtype=f32, device=dev) if use_delta else None
     dg = torch.empty(B, T, H, dtype=f32, device=dev) if use_g else None
     dh0 = torch.empty_like(initial_state, dtype=f32) if initial_state is not None else None
     if lay.NC == 0:
+        dq.zero_()
+        dk.zero_()
         if dh0 is not None:
             dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         return dq, dk, dv, dbeta, dg, dh0
@@ -774,16 +831,17 @@ def chunk_bwd(
     NK = triton.cdiv(K, BK)
     ns = NK + (1 if use_delta else 0)
     dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
-    dw = torch.empty(B, T, H, K, dtype=f32, device=dev) if use_delta else dummy
-    _bwd_dqkwg_kernel[(NK, lay.NC, H)](
-        q, k, vn, gp, h, do, dh, dvn, dq, dk, dw, dG, lay.cu_seqlens, lay.chunk_indices,
+    dw = torch.empty(B, T, H, K, dtype=q.dtype, device=dev) if use_delta else dummy
+    dk_part = torch.empty(B, T, H, K, dtype=f32, device=dev) if use_delta else dk  # the WY part comes next
+    _bwd_dqkwg_kernel[(NK, lay.NC, HK)](
+        q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
         scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
         USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, **kw,
     )  # fmt: skip
     if use_delta:
         BK, BV, kw = _launch("wy_bwd", K, V)
         _wy_bwd_kernel[(lay.NC, H)](
-            k, v, beta, gp, Tm, dvn, dw, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
+            k, v, beta, gp, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
             lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV,
             USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip

@@ -79,14 +79,9 @@ def chunk_gated_delta_bwd(
         q, k, v, beta, g, scale, initial_state, cu_seqlens,
         Tm if use_delta else None, w if use_delta else None, u if use_delta else None, do, dht, use_delta,
     )  # fmt: skip
-    B, T, HK, K = q.shape
-    H = v.shape[2]
-    if HK != H:  # grouped queries/keys: sum the per-head gradients of each group
-        dq = dq.view(B, T, HK, H // HK, K).sum(3)
-        dk = dk.view(B, T, HK, H // HK, K).sum(3)
     return (
-        dq.to(q.dtype),
-        dk.to(k.dtype),
+        dq,
+        dk,
         dv,
         dbeta.to(beta.dtype) if dbeta is not None else _empty(v),
         dg.to(g.dtype) if dg is not None else _empty(v),
