@@ -662,9 +662,10 @@ def _launch(name: str, K: int, V: int, seq: bool = False) -> tuple[int, int, dic
     cfg = CONFIG[name]
     BK = _np2(K) if seq else min(cfg["BK"], _np2(K))
     BV = min(cfg["BV"], _np2(V))
-    if seq and BK > 128:  # keep the float32 state tile [K, BV] within the register file
-        BV = min(BV, 32)
-    return BK, BV, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    nw = cfg["num_warps"]
+    if seq and BK > 128:  # keep the float32 state tile [K, BV] within the register file (no spills at K=256)
+        BV, nw = min(BV, 32), max(nw, 8)
+    return BK, BV, {"num_warps": nw, "num_stages": cfg["num_stages"]}
 
 
 class _Layout:
