@@ -208,6 +208,8 @@ SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MODES = ("auto", "never")
 PARALLEL_STRATEGIES = ("none", "ddp", "fsdp")
+PARALLEL_BACKENDS = ("auto", "nccl", "gloo")
+AC_MODES = ("none", "full", "selective")
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
 MODEL_VOCAB_POLICIES = ("fit", "grow", "keep")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -300,6 +302,11 @@ class TrainConfig:
     of ``micro_batch_size`` (0: the whole local batch at once), accumulating gradients.
     The learning rate warms up linearly over ``warmup_steps`` to ``lr`` and then follows
     ``schedule`` down to ``lr * min_lr_ratio`` at ``max_steps``.
+
+    ``activation_checkpointing`` recomputes block activations in backward: ``full`` every block,
+    ``selective`` every other block (blocks 0, 2, 4, ...: about half the activation memory of
+    ``none`` for half the recompute of ``full``); ``true`` / ``false`` mean ``full`` / ``none``.
+    ``compile`` compiles each block with ``torch.compile`` (not the whole model).
     """
 
     max_steps: int = 120
@@ -314,7 +321,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # <= 0: no clipping (the norm is still logged)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: str | bool = "none"  # none | full | selective (every other block); true = full
     compile: bool = False
     log_every: int = 1
     eval_every: int = 60  # 0: only at the end
@@ -337,6 +344,12 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two values in [0, 1)")
         _check(self.precision in PRECISIONS, f"train.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if isinstance(self.activation_checkpointing, bool):
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
+        _check(
+            self.activation_checkpointing in AC_MODES,
+            f"train.activation_checkpointing={self.activation_checkpointing!r}; allowed: {', '.join(AC_MODES)}",
+        )
         _check(self.log_every > 0, "train.log_every must be positive")
         _check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every / train.save_every must be >= 0")
         _check(self.eval_batches > 0, "train.eval_batches must be positive")
@@ -347,15 +360,39 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """Multi-GPU strategy. ``none`` runs one process; ``ddp`` / ``fsdp`` run under ``torchrun``."""
+    """Multi-process training (``mixlab.train.distributed`` / ``mixlab.train.parallel``).
+
+    ``strategy``: ``none`` (one process), ``ddp`` (replicated model, gradients all-reduced once
+    per optimizer step) or ``fsdp`` (FSDP2 ``fully_shard`` per block and the root; bf16 parameters
+    with float32 gradient reduction when training in bf16 on CUDA, float32 otherwise). Launch
+    ``ddp`` / ``fsdp`` with ``torchrun`` (or ``srun``, one task per GPU); started as a plain
+    process they run as a group of one.
+
+    ``backend``: ``auto`` is NCCL on CUDA and gloo on the CPU. ``timeout_s`` bounds every
+    collective (``init_process_group(timeout=...)``) and every training step: a rank that waits
+    longer ends with an error naming the rank, the step and what to check. ``io_timeout_s``
+    bounds host-side waits instead: token-shard preparation and checkpoint writes and reads.
+    ``fsdp_reshard_after_forward``: free the gathered parameters after each block's forward
+    (ZeRO-3; False keeps them until backward: ZeRO-2-like, faster, more memory).
+    """
 
     strategy: str = "none"
+    backend: str = "auto"
+    timeout_s: float = 600.0
+    io_timeout_s: float = 3600.0
+    fsdp_reshard_after_forward: bool = True
 
     def __post_init__(self) -> None:
         _check(
             self.strategy in PARALLEL_STRATEGIES,
             f"parallel.strategy={self.strategy!r}; allowed: {', '.join(PARALLEL_STRATEGIES)}",
         )
+        _check(
+            self.backend in PARALLEL_BACKENDS,
+            f"parallel.backend={self.backend!r}; allowed: {', '.join(PARALLEL_BACKENDS)}",
+        )
+        _check(self.timeout_s > 0, "parallel.timeout_s must be positive (seconds)")
+        _check(self.io_timeout_s > 0, "parallel.io_timeout_s must be positive (seconds)")
 
 
 @dataclass

@@ -21,16 +21,29 @@ from mixlab.config import ModelConfig
 __all__ = ["export", "load_model", "model_config_from_dict"]
 
 
-def export(model: nn.Module, model_config: ModelConfig, out_dir: str | Path, tokenizer: str | None = None) -> Path:
-    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` (tied weights stored once)
-    and, when ``tokenizer`` (a ``data.tokenizer`` spec) is given, the tokenizer. Returns ``out_dir``."""
+def export(
+    model: nn.Module | None,
+    model_config: ModelConfig,
+    out_dir: str | Path,
+    tokenizer: str | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` (one file, tied weights stored
+    once) and, when ``tokenizer`` (a ``data.tokenizer`` spec) is given, the tokenizer. Returns ``out_dir``.
+
+    ``state``: the whole model state to write instead of ``model``'s (a sharded model's, gathered
+    by :func:`mixlab.train.parallel.full_model_state` on rank 0)."""
     from mixlab.data.tokenizer import save_tokenizer_to_dir
     from mixlab.train.checkpoint import model_state_dict
 
+    if state is None:
+        if model is None:
+            raise ValueError("export needs a model or its state")
+        state = model_state_dict(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
-    save_file(model_state_dict(model), str(tmp), metadata={"format": "pt", "producer": "mixlab"})
+    save_file(state, str(tmp), metadata={"format": "pt", "producer": "mixlab"})
     tmp.replace(out / "model.safetensors")
     cfg = json.dumps(_plain(dataclasses.asdict(model_config)), indent=2) + "\n"
     (out / "config.json").write_text(cfg)
@@ -54,7 +67,7 @@ def load_model(
     A run directory without an export (a stopped run) falls back to its newest intact checkpoint.
     """
     from mixlab.models import build_model
-    from mixlab.train.checkpoint import find_resume, load_model_state_dict
+    from mixlab.train.checkpoint import find_resume, load_model_state_dict, read_model_state
 
     d = Path(path)
     cfg_file = d / "config.json"
@@ -63,14 +76,16 @@ def load_model(
         found = find_resume(d / "checkpoints", log=lambda _m: None)
         if found is None:
             raise FileNotFoundError(f"{d} holds no model.safetensors and no intact checkpoint under checkpoints/")
-        weights = found[0] / "model.safetensors"
+        state = read_model_state(found[0])  # a checkpoint of any number of ranks
         cfg = model_config_from_dict(found[1]["config"]["model"])
     else:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{d} holds model.safetensors but no config.json")
         cfg = model_config_from_dict(json.loads(cfg_file.read_text()))
+        state = load_file(str(weights))
     model = build_model(cfg, device=device, dtype=dtype)
-    state = load_file(str(weights), device=str(next(model.parameters()).device))
+    target = next(model.parameters()).device
+    state = {k: v.to(target) for k, v in state.items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     load_model_state_dict(model, state)

@@ -1,15 +1,26 @@
-"""The one training loop, for every architecture.
+"""The one training loop, for every architecture, from one CPU process to many GPUs on many nodes.
 
-``train(config)``: resolve the run directory → tokenizer and token shards (prepared once, then
-reused) → model built on the meta device, materialised and initialised → optional activation
-checkpointing / ``torch.compile`` per block → AdamW + schedule → resume from the newest intact
-checkpoint (``train.resume=auto``) → for each step: the loader's batch for that step, forward and
-backward over micro-batches (gradient accumulation), clip, step → metrics → eval every
+``train(config)``: join the process group (``parallel.strategy`` ``none`` | ``ddp`` | ``fsdp``;
+``mixlab.train.distributed``) → resolve the run directory → tokenizer and token shards (prepared
+once per node, then reused) → model built on the meta device, materialised and initialised with
+the run's seed, made identical on every rank → activation checkpointing / ``torch.compile`` per
+block → DDP or FSDP2 (``mixlab.train.parallel``) → AdamW + schedule → resume from the newest intact
+checkpoint (``train.resume=auto``; any number of ranks may have written it) → for each step: this
+rank's share of the loader's global batch for that step, forward and backward over micro-batches
+(gradient accumulation; only the last micro-batch all-reduces), clip, step → metrics → eval every
 ``train.eval_every`` → checkpoint every ``train.save_every`` → export at the end.
+
+``train.batch_size`` is the global batch whatever the world size: each rank takes
+``batch_size / world_size`` sequences, in micro-batches of ``train.micro_batch_size``. Losses,
+gradient norms and evaluation losses are averaged over ranks; metrics, ``config.yaml`` and the
+export are written by rank 0, checkpoints by all ranks (``mixlab.train.checkpoint``).
 
 Precision: float32 master weights; bf16 autocast on CUDA (``train.precision=auto``), float32 on
 the CPU. A non-finite loss or gradient norm skips the step (no update, the batch is consumed);
 ``train.max_bad_steps`` consecutive ones stop the run, leaving the last good checkpoint in place.
+
+SIGTERM / SIGUSR1 (preemption; with several ranks SIGINT too) stop the run at the end of the
+current step with a checkpoint (``RunResult.status == "preempted"``).
 """
 
 from __future__ import annotations
@@ -34,10 +45,19 @@ from mixlab.data.loader import TrainLoader, eval_batches
 from mixlab.data.shards import prepare_shards
 from mixlab.data.synthetic import LabeledBatch, SyntheticLoader
 from mixlab.data.tokenizer import load_tokenizer
+from mixlab.train import distributed
 from mixlab.train.checkpoint import CheckpointError, find_resume, load_checkpoint, save_checkpoint, verify_checkpoint
 from mixlab.train.export import export
 from mixlab.train.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from mixlab.train.optim import LRSchedule, build_optimizer
+from mixlab.train.parallel import (
+    apply_activation_checkpointing,
+    broadcast_parameters,
+    clip_grad_norm,
+    full_model_state,
+    lm_loss,
+    parallelize,
+)
 
 __all__ = ["RunResult", "TrainingDiverged", "apply_activation_checkpointing", "resolve_device", "train"]
 
@@ -48,13 +68,13 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a run did. ``status``: ``completed`` | ``diverged`` | ``interrupted``."""
+    """What a run did. ``status``: ``completed`` | ``diverged`` | ``interrupted`` | ``preempted``."""
 
     run_dir: Path
     status: str
     step: int
     start_step: int
-    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss of every step
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss of every step (mean over ranks)
     val_loss: float | None = None
     checkpoint: Path | None = None
     exported: Path | None = None
@@ -63,6 +83,8 @@ class RunResult:
     elapsed_s: float = 0.0
     message: str = ""
     config: Config | None = None
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def ok(self) -> bool:
@@ -91,43 +113,19 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each block's activations in backward (``torch.utils.checkpoint``, non-reentrant).
-
-    Applied from outside the model by wrapping each block's ``forward``; parameter names and the
-    state dict are unchanged. Blocks called with a decode cache or without grad run normally.
-    Returns the number of wrapped blocks."""
-    blocks = getattr(model, "layers", None)
-    if blocks is None:
-        raise TypeError(f"{type(model).__name__} has no .layers; cannot apply activation checkpointing")
-    for block in blocks:
-        inner = block.forward
-
-        def forward(*args: Any, _inner=inner, **kwargs: Any) -> Any:
-            uses_cache = (len(args) > 1 and args[1] is not None) or kwargs.get("cache") is not None
-            if not torch.is_grad_enabled() or uses_cache:
-                return _inner(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
-    return len(blocks)
-
-
-def _compute_loss(model: nn.Module, tokens: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+def _compute_loss(model: nn.Module, tokens: Any, amp_dtype: torch.dtype | None) -> torch.Tensor:
     """Mean next-token cross-entropy of ``tokens [B, T+1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``),
-    or of a synthetic task's ``LabeledBatch`` (inputs and labels ``[B, T]``, -100 = not scored)."""
-    from mixlab.ops.loss import linear_cross_entropy
+    or of a synthetic task's ``LabeledBatch`` (inputs and labels ``[B, T]``, -100 = not scored).
 
+    ``model``: a bare ``LanguageModel``, or the runner of :func:`~mixlab.train.parallel.parallelize`
+    (a ``LossModule``, possibly inside DDP / FSDP, which knows its own autocast dtype)."""
     if isinstance(tokens, LabeledBatch):
         inputs, targets = tokens.inputs, tokens.labels
     else:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    device_type = tokens.device.type
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        hidden = model.forward_hidden(inputs)
-    if amp_dtype is not None:
-        hidden = hidden.to(amp_dtype)  # the LM head in bf16 too, as under autocast
-    return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten())
+    if hasattr(model, "forward_hidden"):
+        return lm_loss(model, inputs, targets, amp_dtype)
+    return model(inputs, targets)
 
 
 def format_duration(seconds: float) -> str:
@@ -158,43 +156,66 @@ def _prepare_config(config: Config) -> tuple[Config, Any]:
     return dataclasses.replace(config, model=model_cfg, run=run), tok
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _check_batch(batch_size: int, micro: int, world: int) -> tuple[int, int, int]:
+    """``(local batch, micro-batch, accumulation steps)`` of a global batch over ``world`` ranks."""
+    if batch_size % world:
+        lo, hi = (batch_size // world) * world, (batch_size // world + 1) * world
+        raise ConfigError(
+            f"train.batch_size={batch_size} (the global batch, in sequences) must be a multiple of the number of "
+            f"ranks {world}; use e.g. train.batch_size={hi}" + (f" or {lo}" if lo else "")
+        )
+    local = batch_size // world
+    micro = micro or local
+    if local % micro:
+        raise ConfigError(
+            f"the per-rank batch {local} (train.batch_size={batch_size} / {world} ranks) must be a multiple of "
+            f"train.micro_batch_size={micro}; pick a micro-batch that divides {local}"
+        )
+    return local, micro, local // micro
 
 
 # ------------------------------------------------------------------ the loop
 
 
 def train(config: Config, log=None) -> RunResult:
-    """Train ``config`` (see the module docstring); returns a :class:`RunResult`.
+    """Train ``config`` (see the module docstring); returns a :class:`RunResult` (on every rank).
 
     ``log``: a ``print``-like function for progress messages (default: print, or tqdm.write
-    while the progress bar is shown)."""
+    while the progress bar is shown); only rank 0 logs progress."""
+    say = log or print
+    ctx = distributed.setup(config.parallel, config.run.device, log=say)
+    try:
+        return _train(config, ctx, log)
+    finally:
+        ctx.close()
+
+
+def _train(config: Config, ctx: distributed.DistContext, log) -> RunResult:
     from tqdm.auto import tqdm
 
     from mixlab.models import build_model
 
     t_start = time.perf_counter()
-    say = log or print
-    if config.parallel.strategy != "none":
-        raise ConfigError(
-            f"parallel.strategy={config.parallel.strategy!r} is not implemented yet; use parallel.strategy=none"
-        )
-    rank, world = _world()
-    device = resolve_device(config.run.device)
+    is_main = ctx.is_main
+    say = (log or print) if is_main else (lambda _m: None)
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
     amp_dtype = _amp_dtype(config.train.precision, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # Preemption: SIGTERM / SIGUSR1 always; SIGINT too with several ranks (they must stop at the same step).
+    ctx.preempt = distributed.PreemptionFlag(sigint=world > 1)
 
     cfg, tok = _prepare_config(config)
+    if ctx.distributed:  # every rank must use rank 0's run directory (its default name holds a timestamp)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=ctx.broadcast_object(cfg.run.dir)))
     tc, dc = cfg.train, cfg.data
+    local_batch, micro, accum = _check_batch(tc.batch_size, tc.micro_batch_size, world)
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     # data: the text corpus, or a synthetic task's labeled batches (task=mqar | selective_copying)
     loader: TrainLoader | SyntheticLoader
@@ -203,52 +224,56 @@ def train(config: Config, log=None) -> RunResult:
         val = loader.eval_batches()
         data_desc = f"synthetic task {cfg.task} ({cfg.synthetic.eval_examples} held-out sequences)"
     else:
+        # The first rank of each node tokenises (or finds the cache); the others then reuse its shards.
+        if ctx.local_rank != 0:
+            ctx.barrier()
         shards = prepare_shards(dc, tokenizer=tok, log=say)
+        if ctx.local_rank == 0:
+            ctx.barrier()
         if not shards.train:
             raise ValueError(f"data.source {dc.sources} gave no training tokens")
         loader = TrainLoader(shards.train, dc.seq_len, tc.batch_size, seed=cfg.run.seed, rank=rank, world_size=world)
-        val = eval_batches(shards.val, dc.seq_len, loader.local_batch_size, tc.eval_batches, rank, world)
+        # batches of the global size, split over ranks: the same held-out windows at any world size
+        val = eval_batches(shards.val, dc.seq_len, tc.batch_size, tc.eval_batches, rank, world)
         if not val:
             say(f"note: the held-out split ({shards.val_tokens} tokens) is shorter than one window; no evaluation")
         data_desc = f"data {shards.train_tokens:,} train / {shards.val_tokens:,} val tokens"
-    micro = tc.micro_batch_size or loader.local_batch_size
-    if loader.local_batch_size % micro:
-        raise ConfigError(
-            f"the per-rank batch {loader.local_batch_size} (train.batch_size / world size) must be a multiple of "
-            f"train.micro_batch_size={micro}"
-        )
-    accum = loader.local_batch_size // micro
 
-    # model and optimizer
+    # model: the same seeded init as one process, then rank 0's weights everywhere
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % (1 << 32))
     model = build_model(cfg.model, device=device, dtype=torch.float32)
     n_params = model.num_parameters()
-    if tc.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if tc.compile:
-        for block in model.layers:
-            block.compile()
+    fpt = flops_per_token(model, cfg.model, dc.seq_len)
+    broadcast_parameters(model)
+    par = parallelize(model, cfg.parallel, device, amp_dtype, tc.activation_checkpointing, tc.compile)
+    runner = par.runner
     optimizer = build_optimizer(model, tc)
     schedule = LRSchedule(tc)
 
-    # resume
+    # resume: rank 0 picks and verifies the checkpoint, every rank loads its share
     start_step, tokens_seen, bad_total = 0, 0, 0
     resumed_from: Path | None = None
     if tc.resume != "never":
-        found: tuple[Path, dict] | None
-        if tc.resume == "auto":
-            found = find_resume(ckpt_root, log=say)
-        else:
-            try:
-                found = (Path(tc.resume), verify_checkpoint(tc.resume))
-            except CheckpointError as e:
-                raise CheckpointError(f"train.resume={tc.resume!r}: {e}") from None
+        found: tuple[Path, dict] | None = None
+        error: str | None = None
+        if is_main:
+            if tc.resume == "auto":
+                found = find_resume(ckpt_root, log=say)
+            else:
+                try:
+                    found = (Path(tc.resume), verify_checkpoint(tc.resume))
+                except CheckpointError as e:
+                    error = f"train.resume={tc.resume!r}: {e}"
+        found, error = ctx.broadcast_object((found, error))
+        if error is not None:
+            raise CheckpointError(error)
         if found is not None:
             resumed_from, doc = found
             try:
-                load_checkpoint(resumed_from, model, optimizer, doc=doc)
+                with ctx.phase("checkpoint load", start_step, timeout=ctx.io_timeout_s):
+                    load_checkpoint(resumed_from, model, optimizer, doc=doc, process_group=ctx.io_group)
             except CheckpointError as e:
                 raise CheckpointError(
                     f"cannot resume from {resumed_from}: {e}. It was written by a different model or config; "
@@ -258,12 +283,14 @@ def train(config: Config, log=None) -> RunResult:
             start_step = int(doc["step"])
             tokens_seen = int(doc.get("tokens", 0))
             bad_total = int(doc.get("bad_steps", 0))
-            say(f"resuming from {resumed_from} (step {start_step})")
-    elif list(ckpt_root.glob("step_*")):
+            saved_world = int(doc.get("world_size", 1))
+            resharded = f", saved on {saved_world} rank(s), resumed on {world}" if saved_world != world else ""
+            say(f"resuming from {resumed_from} (step {start_step}{resharded})")
+    elif is_main and list(ckpt_root.glob("step_*")):
         say(f"train.resume=never: starting fresh; older checkpoints in {ckpt_root} will be rotated out")
-    save_config(cfg, run_dir / "config.yaml")
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
 
-    is_main = rank == 0
     metrics = MetricsLogger(
         run_dir,
         cfg.log,
@@ -272,18 +299,24 @@ def train(config: Config, log=None) -> RunResult:
         enabled=is_main,
         log=say,
     )
-    fpt = flops_per_token(model, cfg.model, dc.seq_len)
     peak = device_peak_flops(device, cfg.log.peak_tflops)
     tokens_per_step = tc.batch_size * dc.seq_len
     if resumed_from is not None:
-        metrics.log({"event": "resume", "step": start_step, "from": str(resumed_from)})
+        metrics.log({"event": "resume", "step": start_step, "from": str(resumed_from), "world_size": world})
 
     if is_main:
+        ac = tc.activation_checkpointing
+        extras = [
+            f"{cfg.parallel.strategy} on {world} rank(s)" if ctx.distributed else "",
+            f"activation checkpointing {ac}" if ac != "none" else "",
+            "compiled blocks" if tc.compile else "",
+        ]
+        extra = "; ".join(e for e in extras if e)
         say(
             f"run {run_dir}: {cfg.model.name} ({n_params / 1e6:.2f}M params, pattern {cfg.model.pattern!r}) on "
             f"{device}{' bf16 autocast' if amp_dtype else ' fp32'}; {tc.max_steps} steps x {tc.batch_size} seqs x "
-            f"{dc.seq_len} tokens ({accum} micro-batch{'es' if accum > 1 else ''} of {micro}); "
-            f"{data_desc}"
+            f"{dc.seq_len} tokens ({local_batch} per rank, {accum} micro-batch{'es' if accum > 1 else ''} of "
+            f"{micro}); {data_desc}" + (f"; {extra}" if extra else "")
         )
 
     bar = tqdm(
@@ -298,19 +331,20 @@ def train(config: Config, log=None) -> RunResult:
     if log is None and not bar.disable:
         say = tqdm.write
 
-    def evaluate() -> float | None:
+    def evaluate(step: int) -> float | None:
         if not val:
             return None
         model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * targets, targets
+        with ctx.phase("eval", step, timeout=max(ctx.timeout_s, ctx.io_timeout_s)), torch.no_grad():
             for b in val:
                 b = b.to(device, non_blocking=True)
                 n = b.num_targets() if isinstance(b, LabeledBatch) else b.shape[0] * (b.shape[1] - 1)
-                total += float(_compute_loss(model, b, amp_dtype)) * n
-                count += n
+                sums[0] += _compute_loss(runner, b, amp_dtype).double() * n
+                sums[1] += n
+            ctx.all_reduce_sum(sums)
         model.train()
-        return total / max(count, 1)
+        return float(sums[0] / sums[1].clamp(min=1))
 
     def checkpoint(step: int) -> Path:
         state = {
@@ -320,31 +354,52 @@ def train(config: Config, log=None) -> RunResult:
             "bad_steps": bad_total,
             "config": config_to_dict(cfg),
         }
-        return save_checkpoint(ckpt_root, step, model, optimizer, state, keep_last=tc.keep_last)
+        with ctx.phase("checkpoint save", step, timeout=ctx.io_timeout_s):
+            return save_checkpoint(
+                ckpt_root, step, model, optimizer, state, keep_last=tc.keep_last, process_group=ctx.io_group
+            )
 
-    result = RunResult(run_dir=run_dir, status="completed", step=start_step, start_step=start_step, config=cfg)
+    result = RunResult(
+        run_dir=run_dir, status="completed", step=start_step, start_step=start_step, config=cfg, rank=rank,
+        world_size=world,
+    )  # fmt: skip
     result.checkpoint = resumed_from
     params = [p for g in optimizer.param_groups for p in g["params"]]
     consecutive_bad = 0
     window_tokens, window_time, window_losses = 0, 0.0, []
     val_loss: float | None = None
     in_update = False
+    preempted: str | None = None
     model.train()
     step = start_step
     try:
         while step < tc.max_steps:
             t0 = time.perf_counter()
             lr = schedule.apply(optimizer, step)
-            tokens = loader.batch(step).to(device, non_blocking=True)
-            loss_sum = torch.zeros((), device=device)
-            for i in range(accum):
-                mb = tokens[i * micro : (i + 1) * micro]
-                loss = _compute_loss(model, mb, amp_dtype)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            loss_val = float(loss_sum) / accum
-            max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            # The first step compiles and autotunes: give it more time before calling it a hang.
+            step_timeout = ctx.timeout_s * (4 if step == start_step else 1)
+            with ctx.phase("train step", step + 1, timeout=step_timeout):
+                tokens = loader.batch(step).to(device, non_blocking=True)
+                loss_sum = torch.zeros((), device=device)
+                for i in range(accum):
+                    mb = tokens[i * micro : (i + 1) * micro]
+                    with par.grad_sync(i == accum - 1):
+                        loss = _compute_loss(runner, mb, amp_dtype)
+                        (loss / accum).backward()
+                    loss_sum += loss.detach()
+                # one all-reduce for the mean loss and the preemption vote of every rank
+                stats = torch.stack([loss_sum / accum, torch.zeros((), device=device)])
+                if ctx.preempt is not None and ctx.preempt.requested:
+                    stats[1] = 1.0
+                ctx.all_reduce_sum(stats)
+                loss_val = float(stats[0]) / world
+                stop_votes = round(float(stats[1]))
+                max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+                grad_norm = clip_grad_norm(params, max_norm)
+            if stop_votes and preempted is None:
+                preempted = (ctx.preempt.requested if ctx.preempt and ctx.preempt.requested else None) or (
+                    f"a signal on {stop_votes} other rank(s)"
+                )
             step += 1
             loader.step = step
             tokens_seen += tokens_per_step
@@ -367,6 +422,8 @@ def train(config: Config, log=None) -> RunResult:
                     metrics.log({"event": "diverged", "step": step, "message": msg})
                     result.status, result.message = "diverged", msg
                     break
+                if preempted:
+                    break  # no checkpoint of a skipped step: the last good one stays the newest
                 continue
             in_update = True
             optimizer.step()
@@ -382,7 +439,7 @@ def train(config: Config, log=None) -> RunResult:
             window_losses.append(loss_val)
             bar.update(1)
             last_step = step == tc.max_steps
-            if step % tc.log_every == 0 or step == start_step + 1 or last_step:
+            if step % tc.log_every == 0 or step == start_step + 1 or last_step or preempted:
                 tps = window_tokens / max(window_time, 1e-9)
                 row: dict[str, Any] = {
                     "step": step,
@@ -401,8 +458,11 @@ def train(config: Config, log=None) -> RunResult:
                 metrics.log(row)
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                 window_tokens, window_time, window_losses = 0, 0.0, []
+            if preempted:
+                result.checkpoint = checkpoint(step)
+                break
             if (tc.eval_every and step % tc.eval_every == 0) or last_step:
-                val_loss = evaluate()
+                val_loss = evaluate(step)
                 if val_loss is not None:
                     metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
                     say(f"step {step}: val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50.0)):.2f})")
@@ -410,7 +470,9 @@ def train(config: Config, log=None) -> RunResult:
                 result.checkpoint = checkpoint(step)
     except KeyboardInterrupt:
         result.status = "interrupted"
-        if not in_update and consecutive_bad == 0 and step > start_step:
+        # With several ranks a checkpoint needs every rank: SIGINT is handled as a preemption there,
+        # so reaching this point means a second Ctrl-C: stop at once.
+        if world == 1 and not in_update and consecutive_bad == 0 and step > start_step:
             result.checkpoint = checkpoint(step)
             result.message = f"interrupted at step {step}; checkpoint written to {result.checkpoint}"
         else:
@@ -418,12 +480,25 @@ def train(config: Config, log=None) -> RunResult:
         say(result.message)
     finally:
         bar.close()
+    if preempted and result.status == "completed":
+        result.status = "preempted"
+        result.message = (
+            f"stopped by {preempted} after step {step}; checkpoint written to {result.checkpoint}. "
+            "Rerun the same command with train.resume=auto to continue."
+        )
+        metrics.log({"event": "preempted", "step": step, "signal": preempted, "checkpoint": str(result.checkpoint)})
+        say(result.message)
     result.step = step
     result.val_loss = val_loss
     result.tokens = tokens_seen
     result.bad_steps = bad_total
-    if result.status == "completed" and tc.export and is_main:
-        result.exported = export(model, cfg.model, run_dir, tokenizer=dc.tokenizer)
+    if result.status == "completed" and tc.export:
+        with ctx.phase("export", step, timeout=ctx.io_timeout_s):
+            # a collective under FSDP; otherwise rank 0 holds the whole model already
+            state = full_model_state(model) if is_main or par.strategy == "fsdp" else {}
+            if is_main:
+                result.exported = export(None, cfg.model, run_dir, tokenizer=dc.tokenizer, state=state)
+    ctx.barrier()
     result.elapsed_s = time.perf_counter() - t_start
     metrics.close()
     return result

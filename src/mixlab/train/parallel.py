@@ -1,0 +1,246 @@
+"""Model-side parallelism: the loss module, activation checkpointing, per-block compile, DDP and FSDP2.
+
+Everything here works on the model from the outside; parameter names (and so checkpoints and
+exports) are the same for ``none``, ``ddp`` and ``fsdp``.
+
+:class:`LossModule` puts the whole loss (blocks, final norm, the chunked LM-head cross-entropy)
+inside one ``forward``, so DDP's reducer and FSDP's hooks see every use of every parameter,
+including the LM head that the memory-lean loss applies outside ``LanguageModel.forward``.
+
+:func:`parallelize` applies, in this order: activation checkpointing per block → ``torch.compile``
+per block → the strategy. ``ddp`` wraps the loss module in ``DistributedDataParallel``;
+``fsdp`` calls ``fully_shard`` on every block and then on the loss module (the root: embedding,
+final norm, LM head), with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32,
+cast_forward_inputs=False)`` when training in bf16 on CUDA (the float32 residual stream stays
+float32) and float32 otherwise. :meth:`Parallel.grad_sync` skips the gradient all-reduce /
+reduce-scatter on all but the last micro-batch of an accumulated step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mixlab.config import ParallelConfig
+
+__all__ = [
+    "LossModule",
+    "Parallel",
+    "apply_activation_checkpointing",
+    "broadcast_parameters",
+    "clip_grad_norm",
+    "full_model_state",
+    "lm_loss",
+    "parallelize",
+    "tied_aliases",
+]
+
+
+def lm_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, amp_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Mean cross-entropy of ``model`` (a ``LanguageModel``) on ``inputs [B, T]`` against ``targets [B, T]``
+    (-100 = not scored), with the chunked LM head (no ``[B, T, vocab]`` logits); bf16 autocast when
+    ``amp_dtype`` is given."""
+    from mixlab.ops.loss import linear_cross_entropy
+
+    device_type = inputs.device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        hidden = model.forward_hidden(inputs)
+    weight = model.lm_head.weight
+    if amp_dtype is not None:
+        hidden = hidden.to(amp_dtype)  # the LM head in bf16 too, as under autocast
+    elif hidden.dtype != weight.dtype:  # FSDP bf16 parameters without autocast
+        hidden = hidden.to(weight.dtype)
+    return linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
+
+
+class LossModule(nn.Module):
+    """``forward(inputs [B, T], targets [B, T]) -> scalar loss`` around a ``LanguageModel``.
+
+    Holds the model as ``.model`` (so its parameter names gain a ``model.`` prefix here; checkpoints
+    always use the bare model's names)."""
+
+    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.amp_dtype = amp_dtype
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.model, inputs, targets, self.amp_dtype)
+
+
+# ------------------------------------------------------------------ activation checkpointing
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> int:
+    """Recompute block activations in backward (``torch.utils.checkpoint``, non-reentrant).
+
+    ``mode``: ``full`` (every block), ``selective`` (every other block: 0, 2, 4, ...) or ``none``.
+    Applied from outside by wrapping each chosen block's ``forward``; parameter names and the state
+    dict are unchanged. Blocks called with a decode cache or without grad run normally.
+    Returns the number of wrapped blocks."""
+    if mode not in ("none", "full", "selective"):
+        raise ValueError(f"activation checkpointing mode {mode!r}; allowed: none, full, selective")
+    blocks = getattr(model, "layers", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} has no .layers; cannot apply activation checkpointing")
+    if mode == "none":
+        return 0
+    wrapped = 0
+    for i, block in enumerate(blocks):
+        if mode == "selective" and i % 2:
+            continue
+        inner = block.forward
+
+        def forward(*args: Any, _inner=inner, **kwargs: Any) -> Any:
+            uses_cache = (len(args) > 1 and args[1] is not None) or kwargs.get("cache") is not None
+            if not torch.is_grad_enabled() or uses_cache:
+                return _inner(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        wrapped += 1
+    return wrapped
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias name: first name}`` of parameters and buffers registered under several names (tied weights)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        owner = first.setdefault(id(t), name)
+        if owner != name:
+            out[name] = owner
+    return out
+
+
+@torch.no_grad()
+def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers equal to rank ``src``'s (identical initialisation
+    whatever each device's random generator did)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        dist.broadcast(t.data, src=src)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """``clip_grad_norm_`` that also accepts FSDP's DTensor gradients; returns the global norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    full = getattr(norm, "full_tensor", None)
+    if callable(full):
+        norm = full()
+    return float(norm)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's parameters and persistent buffers as CPU tensors on rank 0 (an empty dict on
+    the other ranks when sharded), tied weights stored once. A collective under FSDP: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from mixlab.train.checkpoint import model_state_dict
+
+    if not _is_sharded(model):
+        return model_state_dict(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    aliases = tied_aliases(model)
+    return {k: v.contiguous() for k, v in state.items() if k not in aliases}
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch < 2.4
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+# ------------------------------------------------------------------ wrapping
+
+
+@dataclass
+class Parallel:
+    """A model ready to train: ``runner(inputs, targets) -> loss`` (the strategy's wrapper around a
+    :class:`LossModule`) and ``model``, the bare ``LanguageModel`` (parameter names, checkpoints, eval)."""
+
+    model: nn.Module
+    runner: nn.Module
+    strategy: str
+
+    @contextlib.contextmanager
+    def grad_sync(self, enabled: bool) -> Iterator[None]:
+        """Run one micro-batch's forward and backward; ``enabled=False`` keeps its gradients local
+        (accumulated) instead of all-reducing / reduce-scattering them."""
+        if self.strategy == "ddp" and not enabled:
+            with self.runner.no_sync():  # type: ignore[operator]
+                yield
+            return
+        if self.strategy == "fsdp":
+            self.runner.set_requires_gradient_sync(enabled)  # type: ignore[operator]
+        yield
+
+
+def parallelize(
+    model: nn.Module,
+    pcfg: ParallelConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    activation_checkpointing: str = "none",
+    compile_blocks: bool = False,
+) -> Parallel:
+    """Apply activation checkpointing, per-block compile and ``pcfg.strategy`` to an initialised model
+    (on ``device``, identical on every rank). See the module docstring for the order and policies."""
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile_blocks:
+        for block in model.layers:  # type: ignore[union-attr]
+            block.compile()
+    runner: nn.Module = LossModule(model, amp_dtype)
+    if pcfg.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(
+            runner,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # buffers (RoPE tables) are deterministic and never change
+            gradient_as_bucket_view=True,
+        )
+    elif pcfg.strategy == "fsdp":
+        runner = _fully_shard(model, runner, device, amp_dtype, pcfg.fsdp_reshard_after_forward)
+    elif pcfg.strategy != "none":
+        raise ValueError(f"unknown parallel.strategy {pcfg.strategy!r}")
+    return Parallel(model=model, runner=runner, strategy=pcfg.strategy)
+
+
+def _fully_shard(
+    model: nn.Module, root: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, reshard: bool
+) -> nn.Module:
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # pragma: no cover - torch < 2.6 exposes it under _composable
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard  # type: ignore[no-redef]
+
+    kwargs: dict[str, Any] = {}
+    if amp_dtype is not None and device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=amp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+    blocks = list(model.layers)  # type: ignore[union-attr]
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, reshard_after_forward=reshard and i < len(blocks) - 1, **kwargs)
+    fully_shard(root, reshard_after_forward=reshard, **kwargs)
+    return root
