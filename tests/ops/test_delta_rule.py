@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mixlab.ops import delta_rule
-from mixlab.ops.delta_rule.chunked import delta_rule_chunked
+from mixlab.ops.delta_rule.chunked import delta_rule_chunked, unit_lower_solve
 
 F64 = torch.float64
 
@@ -91,6 +91,32 @@ def test_strong_decay_values_keep_gradients_finite():
     for name, grad in chk[2].items():
         assert torch.isfinite(grad).all(), name
     _assert_same_run(chk, ref, 1e-8)
+
+
+@pytest.mark.parametrize("C", [1, 7, 16, 37, 64])
+@pytest.mark.parametrize("repeated_keys", [False, True])
+def test_unit_lower_solve_matches_solve_triangular(C, repeated_keys):
+    """The blocked solve equals torch.linalg.solve_triangular (float64, value and both gradients), never
+    reads A on or above the diagonal, and stays exact when one key repeats (its Neumann series would
+    have terms ~1e16 there: a power-series inverse would lose every digit)."""
+    gen = torch.Generator().manual_seed(C)
+    k = F.normalize(torch.randn(3, 2, C, 8, generator=gen, dtype=F64), dim=-1)
+    if repeated_keys:
+        k = k[:, :, :1].expand_as(k)
+    beta = 0.1 + 0.9 * torch.rand(3, 2, C, 1, generator=gen, dtype=F64)
+    A = ((k * beta) @ k.transpose(-1, -2)).tril(-1).requires_grad_(True)
+    R = torch.randn(3, 2, C, 5, generator=gen, dtype=F64, requires_grad=True)
+    G = torch.randn(3, 2, C, 5, generator=gen, dtype=F64)
+    X_ref = torch.linalg.solve_triangular(A, R, upper=False, unitriangular=True)
+    gA_ref, gR_ref = torch.autograd.grad(X_ref, (A, R), G)
+    upper = torch.ones(C, C, dtype=torch.bool).triu()
+    garbage = torch.randn(3, 2, C, C, generator=gen, dtype=F64).masked_fill(~upper, 0.0)
+    X = unit_lower_solve(A + garbage, R)
+    gA, gR = torch.autograd.grad(X, (A, R), G)
+    _assert_rel(X, X_ref, 1e-12, "X")
+    _assert_rel(gR, gR_ref, 1e-12, "grad R")
+    _assert_rel(gA, gA_ref.tril(-1), 1e-12, "grad A")
+    assert not gA.masked_select(upper).any(), "the gradient of A must be strictly lower"
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
