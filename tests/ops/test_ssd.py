@@ -97,6 +97,22 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
         assert_rel(g_c[k], g_r[k], what=f"grad {k}")
 
 
+def test_short_inputs_are_not_padded_to_a_chunk():
+    """A decode step (T = 1) or a short prefill costs the same matmul FLOPs whatever chunk_size is:
+    the chunk shrinks to T instead of padding T up to chunk_size (O(chunk^2) work per step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(11)
+    for T in (1, 3):
+        inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(gen, 2, T, 4, 8, 2, 16).items()}
+        flops = []
+        for chunk_size in (T, 256):
+            with FlopCounterMode(display=False) as counter:
+                run(ssd_chunked, inp, chunk_size=chunk_size)
+            flops.append(counter.get_total_flops())
+        assert flops[0] == flops[1] > 0, f"T={T}: {flops[1]} FLOPs with chunk_size=256 vs {flops[0]} with {T}"
+
+
 @pytest.mark.parametrize("with_init", [False, True])
 def test_packed_sequences_equal_separate_runs(with_init):
     gen = torch.Generator().manual_seed(11)

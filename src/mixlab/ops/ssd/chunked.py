@@ -10,7 +10,8 @@ inside the chunk (the algorithm of mamba_ssm's ``ssd_minimal_discrete``):
 
 Every exponent is a difference ``cs_i - cs_j`` with ``i >= j`` (or a cumsum itself), never positive
 for ``dt >= 0``, ``A <= 0``; the upper triangle is masked to ``-inf`` before the exp. Any T: the
-tail is padded with ``dt = 0`` steps (decay 1, no input), which leave the state unchanged.
+tail is padded with ``dt = 0`` steps (decay 1, no input), which leave the state unchanged; an input
+shorter than a chunk is one chunk of its own length (a decode step costs O(1), not O(chunk_size^2)).
 Packed sequences (``cu_seqlens``) run as a zero-padded batch of their own.
 """
 
@@ -47,6 +48,7 @@ def _chunk_scan(
     R = H // G  # heads per group, contiguous
     if T == 0:
         return x.new_zeros(x.shape), h0
+    Q = min(Q, T)  # a short input is one chunk of its own length, never padded up to chunk_size
     nc = -(-T // Q)
     Tp = nc * Q
     xc = _pad_time(x, Tp).view(b, nc, Q, G, R, P)
