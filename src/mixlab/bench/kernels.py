@@ -48,12 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip fla / mamba_ssm even if importable")
     parser.add_argument("--warmup-ms", type=float, default=50.0)
     parser.add_argument("--rep-ms", type=float, default=200.0)
-    parser.add_argument("--profile", default="", help="comma list of T: per-kernel split of Gated DeltaNet fwd+bwd")
+    parser.add_argument("--profile", default="", help="comma list of T: per-kernel split of one fwd+bwd")
+    parser.add_argument("--profile-ops", default="gdn", help="comma list of ops to profile (gdn, dn, ssd)")
     parser.add_argument(
         "--variants",
         default="",
-        help='JSON list of launch-table overrides, e.g. \'[{"fwd_h": {"num_warps": 4}}]\', timed on gdn fwd+bwd',
+        help='JSON list of launch-table overrides, e.g. \'[{"fwd_h": {"num_warps": 8}}]\', timed at T 2K and 32K',
     )
+    parser.add_argument("--variant-ops", default="gdn,dn,ssd", help="comma list of ops timed for each --variants entry")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,11 +331,11 @@ def run_checks(device, tol: dict[str, float], T: int = 4096) -> list[dict[str, A
     return rows
 
 
-def profile_split(T: int, tokens: int, dtype, device) -> list[dict[str, Any]]:
-    """Per-kernel CUDA time of one Gated DeltaNet forward+backward (ours), largest first."""
+def profile_split(op: str, T: int, tokens: int, dtype, device) -> list[dict[str, Any]]:
+    """Per-kernel CUDA time of one forward+backward of ``op`` (ours), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn, leaves = _impls("gdn", tokens // T, T, dtype, device, peers=False)["mixlab"]
+    fn, leaves = _impls(op, tokens // T, T, dtype, device, peers=False)["mixlab"]
     step = _fwd_bwd(fn, leaves)
     for _ in range(3):
         step()
@@ -345,7 +347,7 @@ def profile_split(T: int, tokens: int, dtype, device) -> list[dict[str, Any]]:
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if t > 0:
-            rows.append({"T": T, "kernel": ev.key[:60], "calls": ev.count, "ms": t / 1e3})
+            rows.append({"op": op, "T": T, "kernel": ev.key[:60], "calls": ev.count, "ms": t / 1e3})
     rows.sort(key=lambda r: -r["ms"])
     return rows[:14]
 
@@ -413,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
             for k, v in var.items():
                 chunk.CONFIG[k] = {**base[k], **v}
             for T in (2048, 32768):
-                for op in ("gdn", "dn"):
+                for op in args.variant_ops.split(","):
                     fn, leaves = _impls(op, args.tokens // T, T, dtype, device, peers=False)["mixlab"]
                     ms_f = _bench(fn, args.warmup_ms, args.rep_ms)
                     ms = _bench(_fwd_bwd(fn, leaves), args.warmup_ms, args.rep_ms)
@@ -424,14 +426,15 @@ def run(args: argparse.Namespace) -> int:
         extra["variants"] = variant_rows
 
     prof_rows: list[dict[str, Any]] = []
-    for T in (int(t) for t in args.profile.split(",") if t):
-        prof_rows += profile_split(T, args.tokens, dtype, device)
+    for op in args.profile_ops.split(","):
+        for T in (int(t) for t in args.profile.split(",") if t):
+            prof_rows += profile_split(op, T, args.tokens, dtype, device)
     if prof_rows:
         extra["profile"] = prof_rows
 
     path = save_results("kernels", rows, extra=extra, out_dir=args.out_dir)
     if prof_rows:
-        print(format_table(prof_rows, ["T", "kernel", "calls", "ms"]))
+        print(format_table(prof_rows, ["op", "T", "kernel", "calls", "ms"]))
     if variant_rows:
         print(format_table(variant_rows, ["variant", "op", "T", "fwd_ms", "fwdbwd_ms", "config"]))
     print(_summary(rows, args.dtype, args.tokens, path))
