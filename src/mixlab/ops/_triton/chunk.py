@@ -4,8 +4,9 @@ One kernel family serves three mixers (DESIGN.md §2). Per chunk of ``BT = 64`` 
 with ``G = cumsum(g)`` inside the chunk, ``γ = exp(G)`` and ``Γ_ij = exp(G_i − G_j)``:
 
 * delta rule (``USE_DELTA``): ``A = strictly_lower(diag(β) K Kᵀ ⊙ Γ)``, ``T = (I + A)⁻¹`` (blocked
-  inversion of 16×16 diagonal blocks), ``W = T diag(βγ) K``, ``U = T diag(β) V``; across chunks
-  ``V_new = U − W S``.
+  inversion: forward substitution on the 16×16 diagonal blocks, then the off-diagonal blocks by
+  products; a latency-bound step, so it runs in its own few-warp kernel), ``W = T diag(βγ) K``,
+  ``U = T diag(β) V``; across chunks ``V_new = U − W S``.
 * gated linear attention (SSD): ``V_new = V`` (no T, no W).
 
 Then ``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` and ``S ← γ_C S + (diag(γ_C/γ) K)ᵀ V_new``.
@@ -16,7 +17,8 @@ never cross sequences. Queries/keys may have fewer heads ``HK`` than values (``H
 groups). Dots take operands in the input dtype and accumulate in float32; states are float32 in
 registers and stored per chunk (``h``) in the input dtype.
 
-Backward is recompute-based: the forward saves ``T``, ``W``, ``U``; the backward recomputes the
+Backward is recompute-based: the forward saves ``T`` (float32, 64 values per token and head), ``W``
+and ``U`` (input dtype; together as large as k and v); the backward recomputes the
 per-chunk states, runs a reverse sequential pass for the state gradients, and two parallel passes
 for ``dq, dk, dw, dg`` and the WY (``T``) backward. Gate gradients are accumulated per position of
 the cumulative sum ``G`` and turned into ``dg`` with a reverse cumulative sum inside each chunk.
