@@ -7,13 +7,17 @@ gradients at once (softmax minus one-hot) and dropped. The gradients are kept fo
 only scales them by the incoming gradient. Peak extra memory is one chunk of logits plus the
 gradients of ``hidden`` and ``weight`` (which training needs anyway).
 
-This is plain PyTorch on purpose: the two matmuls per chunk are the whole cost and already run on
-tensor cores; a fused kernel would only save the chunk's logits round trip.
+The three matmuls per chunk (logits, d hidden, d weight) run on tensor cores through PyTorch. What is
+left — log-sum-exp, loss and softmax-minus-one-hot — is one Triton kernel on CUDA
+(:mod:`mixlab.ops.loss_triton`: two reads and one in-place write of the chunk in its own dtype),
+and plain PyTorch elsewhere (about ten float32 passes over the chunk, fine on a CPU).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._backend import resolve_backend
 
 #: Default number of logit elements per chunk (rows x vocab): 2^26 floats = 256 MiB in float32.
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
@@ -21,7 +25,7 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, with_grads):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, with_grads, fused):  # type: ignore[override]
         n, _ = hidden.shape
         need_dh = with_grads and ctx.needs_input_grad[0]
         need_dw = with_grads and ctx.needs_input_grad[1]
@@ -38,9 +42,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[start : start + chunk_rows]
                 t = targets[start : start + chunk_rows]
                 m = valid[start : start + chunk_rows]
+                safe_t = torch.where(m, t, torch.zeros_like(t))
+                if fused:
+                    from .loss_triton import row_softmax_grad_
+
+                    d_logits = h @ w.t()  # [rows, V], overwritten with d loss / d logits
+                    row_loss = row_softmax_grad_(d_logits, safe_t, m.to(torch.float32) / denom)
+                    total += row_loss.sum()
+                    if need_dh:
+                        grad_h[start : start + chunk_rows] = d_logits @ w
+                    if need_dw:
+                        grad_w += (d_logits.t() @ h).to(acc)
+                    del d_logits
+                    continue
                 logits = (h @ w.t()).to(acc)  # [rows, V]
                 lse = torch.logsumexp(logits, dim=-1)
-                safe_t = torch.where(m, t, torch.zeros_like(t))
                 picked = logits.gather(1, safe_t[:, None]).squeeze(1)
                 total += ((lse - picked) * m).sum()
                 if need_dh or need_dw:
@@ -65,7 +81,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_dh, need_dw = ctx.need
         dh = grad_h * grad_out.to(grad_h.dtype) if need_dh else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if need_dw else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -75,6 +91,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_rows: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets`` without materialising the logits.
 
@@ -84,6 +101,8 @@ def linear_cross_entropy(
         targets: ``[N]`` (or ``[...]``) int64 token ids; ``ignore_index`` entries are skipped.
         reduction: ``"mean"`` over non-ignored targets, or ``"sum"``.
         chunk_rows: tokens per chunk; default keeps a chunk's logits near 2^26 elements.
+        backend: ``auto`` (fused Triton softmax-gradient kernel on CUDA, plain PyTorch elsewhere),
+            ``triton``, or ``chunked``/``reference`` (plain PyTorch).
 
     Returns:
         A float32 scalar (float64 for float64 inputs).
@@ -102,7 +121,11 @@ def linear_cross_entropy(
     if chunk_rows is None:
         chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, int(chunk_rows), with_grads)
+    # The fused kernel computes in float32: float64 inputs keep the exact plain path.
+    fused = resolve_backend(backend, hidden) == "triton" and hidden.dtype != torch.float64
+    return _LinearCrossEntropy.apply(
+        hidden, weight, targets, ignore_index, reduction, int(chunk_rows), with_grads, fused
+    )
 
 
 __all__ = ["linear_cross_entropy"]
