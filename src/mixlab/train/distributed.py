@@ -68,6 +68,10 @@ _ENV_PER_RANK = {
 }
 
 HANG_EXIT_CODE = 3
+#: the least time init_process_group waits for every rank to arrive
+_INIT_TIMEOUT_S = 600.0
+#: shown in the start-up line only when set to something that is not a per-process detail
+_ENV_HIDDEN = {"TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_SIGNALS_TO_HANDLE"}
 
 
 class DistributedError(RuntimeError):
@@ -148,7 +152,7 @@ def env_report(launch: LaunchEnv, backend: str) -> str:
         devices = f"{n} cuda ({', '.join(names)})"
     else:
         devices = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-    env = _relevant_env()
+    env = {k: v for k, v in _relevant_env().items() if k not in _ENV_HIDDEN}
     master = f"MASTER_ADDR={env.pop('MASTER_ADDR', '(unset)')} MASTER_PORT={env.pop('MASTER_PORT', '(unset)')}"
     rest = " ".join(f"{k}={v}" for k, v in env.items()) or "(no NCCL_*/TORCH_NCCL_*/rendezvous variables set)"
     nccl = ""
@@ -226,7 +230,7 @@ class Watchdog:
 
     def describe(self, phase: _Phase, waited: float, what: str) -> str:
         return (
-            f"rank {self.rank}/{self.world_size} on {self.host}: {what} in {phase.name} of step {phase.step} "
+            f"rank {self.rank}/{self.world_size} on {self.host}: {what} in {phase.name} (step {phase.step}) "
             f"after {waited:.1f} s (limit {phase.timeout:g} s; parallel.timeout_s={self.timeout_s:g}).\n"
             + hang_hints(self.timeout_s)
         )
@@ -270,7 +274,7 @@ class Watchdog:
                     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             if self.exit_on_hang and waited > 2 * ph.timeout:
                 self._log(
-                    f"mixlab dist: rank {self.rank} on {self.host} is still stuck in {ph.name} of step {ph.step} "
+                    f"mixlab dist: rank {self.rank} on {self.host} is still stuck in {ph.name} (step {ph.step}) "
                     f"after {waited:.1f} s; exiting with code {HANG_EXIT_CODE} so the launcher can stop the job."
                 )
                 with contextlib.suppress(Exception):
@@ -475,12 +479,14 @@ def setup(pcfg: ParallelConfig, device_spec: str, log: Callable[[str], None] | N
         # Since torch 2.2 the default; older versions hang forever on a timed-out collective without it.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
 
-    if launch.local_rank == 0 and not preexisting:
-        say(env_report(launch, backend))
-    timeout = _dt.timedelta(seconds=pcfg.timeout_s)
+    if launch.local_rank == 0:
+        say(env_report(launch, backend if not preexisting else dist.get_backend()))
+    # Ranks reach init_process_group at different times (imports, container start-up on other nodes):
+    # the rendezvous gets at least _INIT_TIMEOUT_S, the collectives then parallel.timeout_s.
+    init_timeout = max(pcfg.timeout_s, _INIT_TIMEOUT_S)
     owns = False
     if not preexisting:
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout}
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": _dt.timedelta(seconds=init_timeout)}
         if backend == "nccl":
             kwargs["device_id"] = device
         if launch.world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -490,11 +496,14 @@ def setup(pcfg: ParallelConfig, device_spec: str, log: Callable[[str], None] | N
         except Exception as e:
             raise DistributedError(
                 f"rank {launch.rank}/{launch.world_size} on {socket.gethostname()}: init_process_group(backend="
-                f"{backend}) failed after waiting up to {pcfg.timeout_s:g} s: {type(e).__name__}: {_first_line(e)}\n"
+                f"{backend}) failed (it waits up to {init_timeout:g} s for every rank): {type(e).__name__}: "
+                f"{_first_line(e)}\n"
                 "Every rank must reach the same MASTER_ADDR:MASTER_PORT (or rendezvous endpoint) with the same "
                 "WORLD_SIZE.\n" + hang_hints(pcfg.timeout_s)
             ) from e
         owns = True
+        if init_timeout > pcfg.timeout_s:
+            _set_collective_timeout(pcfg.timeout_s, say)
     else:
         backend = dist.get_backend()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -516,6 +525,17 @@ def setup(pcfg: ParallelConfig, device_spec: str, log: Callable[[str], None] | N
         _check_env_consistency(ctx, say)
         ctx.watchdog = Watchdog(rank, world, pcfg.timeout_s)
     return ctx
+
+
+def _set_collective_timeout(timeout_s: float, say: Callable[[str], None]) -> None:
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(_dt.timedelta(seconds=timeout_s))
+    except Exception as e:  # a private API: without it collectives keep the (longer) init timeout
+        say(
+            f"mixlab dist: note: could not set the collective timeout to {timeout_s:g} s ({e}); using {_INIT_TIMEOUT_S} s"
+        )
 
 
 def _check_env_consistency(ctx: DistContext, say: Callable[[str], None]) -> None:

@@ -210,13 +210,21 @@ def parallelize(
             block.compile()
     runner: nn.Module = LossModule(model, amp_dtype)
     if pcfg.strategy == "ddp":
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
+        # Buffers (RoPE tables) are deterministic and never change: no per-forward buffer broadcast.
+        sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers"
+        )
         runner = DistributedDataParallel(
             runner,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # buffers (RoPE tables) are deterministic and never change
             gradient_as_bucket_view=True,
+            **{sync: False},
         )
     elif pcfg.strategy == "fsdp":
         runner = _fully_shard(model, runner, device, amp_dtype, pcfg.fsdp_reshard_after_forward)
