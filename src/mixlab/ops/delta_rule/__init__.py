@@ -56,9 +56,19 @@ def delta_rule(
         from .chunked import delta_rule_chunked
 
         return delta_rule_chunked(q, k, v, beta, g, chunk_size=chunk_size, **kwargs)
-    from .triton import delta_rule_triton
+    from .triton import delta_rule_recurrent_triton, delta_rule_triton
 
+    if q.shape[1] <= RECURRENT_MAX_T and not _needs_grad(q, k, v, beta, g, initial_state):
+        return delta_rule_recurrent_triton(q, k, v, beta, g, **kwargs)  # decode / short prefill: one kernel
     return delta_rule_triton(q, k, v, beta, g, **kwargs)
+
+
+#: Inputs of at most this many tokens (with no gradient needed) take the fused token-by-token kernel.
+RECURRENT_MAX_T = 64
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> None:

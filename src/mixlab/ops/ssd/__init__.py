@@ -61,9 +61,20 @@ def ssd(
         from .chunked import ssd_chunked
 
         return ssd_chunked(x, dt, A, B, C, **kwargs)
-    from .triton import ssd_triton
+    from .triton import ssd_recurrent_triton, ssd_triton
 
+    if x.shape[1] <= RECURRENT_MAX_T and not _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state):
+        kwargs.pop("chunk_size")
+        return ssd_recurrent_triton(x, dt, A, B, C, **kwargs)  # decode / short prefill: one kernel
     return ssd_triton(x, dt, A, B, C, **kwargs)
+
+
+#: Inputs of at most this many tokens (with no gradient needed) take the fused token-by-token kernel.
+RECURRENT_MAX_T = 64
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens) -> None:
