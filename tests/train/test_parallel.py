@@ -1,0 +1,210 @@
+"""In-process pieces of multi-process training: batch splitting, activation checkpointing modes,
+FSDP/DDP as a group of one, loading the previous single-process checkpoint format, the DCP files."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import mixlab.train.loop as loop
+from mixlab.config import ConfigError, ModelConfig, TrainConfig
+from mixlab.configio import config_from_dict
+from mixlab.models import build_model
+from mixlab.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    model_state_dict,
+    read_model_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from mixlab.train.optim import build_optimizer
+from mixlab.train.parallel import apply_activation_checkpointing
+
+CFG = ModelConfig(name="t", vocab_size=64, d_model=16, n_layers=3, pattern="A", d_intermediate=32)
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _trained(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(CFG)
+    opt = build_optimizer(model, TrainConfig(lr=1e-2))
+    for _ in range(2):
+        x = torch.randint(0, 64, (2, 8))
+        model(x).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _step(model, opt, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 64, (2, 8), generator=g)
+    loss = model(x).logsumexp(-1).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.detach()
+
+
+def test_the_global_batch_is_split_over_ranks_or_the_error_says_how_to_fix_it() -> None:
+    assert loop._check_batch(8, 0, 2) == (4, 4, 1)
+    assert loop._check_batch(8, 2, 2) == (4, 2, 2)
+    assert loop._check_batch(8, 1, 4) == (2, 1, 2)
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size=6 .* multiple of the number of ranks 4; use e.g. train.batch_size=8 or 4"
+    ):
+        loop._check_batch(6, 0, 4)
+    with pytest.raises(ConfigError, match=r"per-rank batch 4 .* train.micro_batch_size=3"):
+        loop._check_batch(8, 3, 2)
+
+
+def test_activation_checkpointing_modes_and_their_config_spelling() -> None:
+    torch.manual_seed(0)
+    plain = build_model(CFG)
+    tokens = torch.randint(0, 64, (2, 9))
+    loop._compute_loss(plain, tokens, None).backward()
+    for mode, wrapped in (("full", 3), ("selective", 2), ("none", 0)):
+        other = build_model(CFG)
+        other.load_state_dict(plain.state_dict())
+        assert apply_activation_checkpointing(other, mode) == wrapped
+        is_wrapped = ["forward" in vars(b) for b in other.layers]
+        assert is_wrapped == {"full": [True] * 3, "selective": [True, False, True], "none": [False] * 3}[mode]
+        loop._compute_loss(other, tokens, None).backward()
+        for (n, p), q in zip(plain.named_parameters(), other.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=n)
+    with pytest.raises(ValueError, match="allowed: none, full, selective"):
+        apply_activation_checkpointing(build_model(CFG), "some")
+    # YAML booleans of older configs still mean full / none
+    assert config_from_dict({"train": {"activation_checkpointing": True}}).train.activation_checkpointing == "full"
+    assert config_from_dict({"train": {"activation_checkpointing": False}}).train.activation_checkpointing == "none"
+    with pytest.raises(ConfigError, match="allowed: none, full, selective"):
+        config_from_dict({"train": {"activation_checkpointing": "half"}})
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_ddp_and_fsdp_started_as_one_plain_process_match_strategy_none(tiny, strategy) -> None:
+    ref = train_quiet(tiny("ref", "train.max_steps=3", "train.save_every=3", "train.micro_batch_size=2"))
+    res = train_quiet(
+        tiny(
+            strategy,
+            "train.max_steps=3",
+            "train.save_every=3",
+            f"parallel.strategy={strategy}",
+            "train.micro_batch_size=2",
+        )
+    )
+    assert not dist.is_initialized()  # the group of one it made is gone
+    for s in (1, 2, 3):
+        assert res.losses[s] == pytest.approx(ref.losses[s], rel=1e-6, abs=1e-7)
+    ckpt = list_checkpoints(res.run_dir / "checkpoints")[-1]
+    doc = verify_checkpoint(ckpt)
+    assert doc["format"] == "dcp-v1" and doc["world_size"] == 1
+    assert sorted(doc["files"]) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors"]
+    exported = read_model_state(res.run_dir / "checkpoints" / "step_00000003")
+    ref_state = read_model_state(ref.run_dir / "checkpoints" / "step_00000003")
+    assert exported.keys() == ref_state.keys()
+    for k in exported:
+        torch.testing.assert_close(exported[k], ref_state[k], rtol=1e-5, atol=1e-6)
+
+
+def train_quiet(cfg):
+    return loop.train(cfg, log=_quiet)
+
+
+def test_dcp_files_are_plain_safetensors_with_their_layout_in_json(tmp_path) -> None:
+    from safetensors import safe_open
+
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path, 2, model, opt, {})
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as h:
+        keys = set(h.keys())
+        meta = json.loads(h.metadata()["mixlab_dcp"])
+    assert "layers.0.mixer.q_proj.weight.exp_avg" in keys and "embed.weight.step" in keys
+    assert meta["embed.weight.exp_avg"] == {
+        "fqn": "embed.weight.exp_avg",
+        "offsets": [0, 0],
+        "size": [64, 16],
+        "dtype": "float32",
+    }
+    state = read_model_state(path)
+    assert state.keys() == model_state_dict(model).keys() and "lm_head.weight" not in state  # tied: stored once
+    doc = json.loads((path / "train_state.json").read_text())
+    group = doc["optimizer"]["param_groups"][0]
+    assert group["params"][:2] == ["embed.weight", "layers.0.mixer.q_proj.weight"] and "fused" not in group
+
+
+def _write_legacy(d, model, opt, step: int) -> None:
+    """A checkpoint in the previous single-process layout (``safetensors-v1``), as it wrote them."""
+    d.mkdir(parents=True)
+    save_file(model_state_dict(model), str(d / "model.safetensors"))
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    save_file(tensors, str(d / "optimizer.safetensors"))
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    np_state = np.random.get_state()
+    save_file(
+        {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))},
+        str(d / "rng.safetensors"),
+    )
+    import random
+
+    py = random.getstate()
+    files = {}
+    for p in sorted(d.iterdir()):
+        files[p.name] = {"bytes": p.stat().st_size, "crc32": zlib.crc32(p.read_bytes())}
+    doc = {
+        "format": "safetensors-v1",
+        "step": step,
+        "files": files,
+        "optimizer": {"param_groups": groups, "scalars": {}},
+        "rng": {
+            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py[0], list(py[1]), py[2]],
+        },
+        "complete": True,
+    }
+    (d / "train_state.json").write_text(json.dumps(doc))
+
+
+def test_checkpoints_of_the_previous_single_process_format_still_load(tmp_path) -> None:
+    model, opt = _trained()
+    torch.manual_seed(7)
+    _write_legacy(tmp_path / "step_00000002", model, opt, 2)
+    expected_rand = torch.rand(3)
+    other, other_opt = _trained(seed=1)
+    doc = load_checkpoint(tmp_path / "step_00000002", other, other_opt)
+    assert doc["step"] == 2 and torch.equal(torch.rand(3), expected_rand)
+    assert other.lm_head.weight is other.embed.weight
+    for (n, p), q in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(p, q), n
+    # both continue identically: the optimizer state came back too
+    for seed in (10, 11):
+        assert torch.equal(_step(model, opt, seed), _step(other, other_opt, seed))
+    # and the next save writes the current format, which loads the same way
+    path = save_checkpoint(tmp_path, 4, other, other_opt, {})
+    assert verify_checkpoint(path)["format"] == "dcp-v1"
+    third, third_opt = _trained(seed=2)
+    load_checkpoint(path, third, third_opt)
+    assert torch.equal(_step(other, other_opt, 12), _step(third, third_opt, 12))
+
+
+def test_a_shape_mismatch_names_the_tensor(tmp_path) -> None:
+    from mixlab.train.checkpoint import CheckpointError
+
+    model, opt = _trained()
+    path = save_checkpoint(tmp_path, 1, model, opt, {})
+    wider = build_model(ModelConfig(name="t", vocab_size=64, d_model=16, n_layers=3, pattern="A", d_intermediate=48))
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch layers\.0\.mlp\.\w+\.weight: checkpoint \[\d+, \d+\] vs model"
+    ):
+        load_checkpoint(path, wider)
