@@ -1,18 +1,29 @@
-"""DeltaNet / Gated DeltaNet layers: decode == full forward, init statistics, meta-device init,
-fla-compatible parameter layout, and the forward against a by-hand composition of the ops."""
+"""DeltaNet / Gated DeltaNet layers: decode == full forward (through the chunked op, the plain recurrence
+step and the Triton decode kernels), init statistics, meta-device init, fla-compatible parameter
+layout, and the forward against a by-hand composition of the ops.
+
+The Triton decode test runs the kernels on the CPU under ``TRITON_INTERPRET=1`` (set here before Triton
+is imported, as the kernel tests do) and skips when Triton is not installed."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mixlab.layers.deltanet as deltanet_mod
 from mixlab.config import DeltaNetConfig, GatedDeltaNetConfig, ModelConfig
 from mixlab.layers import build_mixer
-from mixlab.layers.deltanet import DeltaNet, GatedDeltaNet
+from mixlab.layers.deltanet import DeltaNet, GatedDeltaNet, delta_rule_steps
+from mixlab.layers.mamba import DECODE_STEP_MAX_TOKENS
 from mixlab.ops.delta_rule.reference import delta_rule_reference
 
 D_MODEL = 32
@@ -59,6 +70,111 @@ def test_decode_equals_full_forward(name, segments):
             pos += n
     assert cache.pos == T
     assert cache.state.dtype == torch.float32
+    assert _rel(torch.cat(outs, dim=1), full) < 1e-5
+
+
+def _spy(monkeypatch, module, name):
+    """Record the number of tokens of every call of ``module.name`` (still running it)."""
+    calls = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[1] if name.endswith("_steps") else args[0].shape[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["deltanet-gate-expand", "deltanet-noconv", "gated", "gated-conv2"])
+def test_plain_decode_steps_are_used_and_equal_full_forward(name, monkeypatch):
+    """Without gradient, a cached forward of 1 to DECODE_STEP_MAX_TOKENS["plain"] tokens runs the plain
+    recurrence (never the chunked op) and continues the sequence exactly (float32, 1e-5)."""
+    torch.manual_seed(4)
+    layer = LAYERS[name](backend="chunked")
+    steps = _spy(monkeypatch, deltanet_mod, "delta_rule_steps")
+    chunked = _spy(monkeypatch, deltanet_mod, "delta_rule")
+    limit = DECODE_STEP_MAX_TOKENS["plain"]
+    pieces = [limit + 5, 1, 1, limit, 3, 1]  # the first piece is too long for a step: the chunked op
+    x = torch.randn(2, sum(pieces), D_MODEL)
+    with torch.no_grad():
+        full = layer(x)
+        chunked.clear()
+        cache = layer.init_cache(2, x.shape[1])
+        outs, pos = [], 0
+        for n in pieces:
+            outs.append(layer(x[:, pos : pos + n], cache))
+            pos += n
+    assert steps == pieces[1:] and chunked == pieces[:1]
+    assert cache.pos == x.shape[1]
+    assert _rel(torch.cat(outs, dim=1), full) < 1e-5
+
+
+def test_decode_with_gradient_keeps_the_differentiable_op(monkeypatch):
+    """With grad mode on, cached forwards stay on the differentiable op, still continue the sequence,
+    and each one backpropagates (the op's saved initial state is not the cache tensor that the layer
+    then overwrites in place)."""
+    torch.manual_seed(5)
+    layer = LAYERS["gated"](backend="chunked")
+    steps = _spy(monkeypatch, deltanet_mod, "delta_rule_steps")
+    x = torch.randn(2, 7, D_MODEL)
+    with torch.no_grad():
+        full = layer(x)
+    cache = layer.init_cache(2, 7)
+    with torch.no_grad():
+        outs = [layer(x[:, :2], cache)]
+    assert steps == [2]
+    for s, e in [(2, 3), (3, 7)]:
+        outs.append(layer(x[:, s:e], cache))
+        outs[-1].square().sum().backward()
+    assert steps == [2], "a forward that needs a gradient must not run the in-place step"
+    assert layer.A_log.grad is not None and layer.A_log.grad.abs().sum() > 0
+    assert _rel(torch.cat(outs, dim=1).detach(), full) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_rule_steps_match_the_reference(gated):
+    """The in-place recurrence step equals the reference op (float64): outputs and the state it leaves."""
+    gen = torch.Generator().manual_seed(6)
+    b, T, H, K, V = 2, 5, 3, 4, 6
+    f64 = dict(generator=gen, dtype=torch.float64)
+    q, k = torch.randn(b, T, H, K, **f64), F.normalize(torch.randn(b, T, H, K, **f64), dim=-1)
+    v, beta = torch.randn(b, T, H, V, **f64), torch.rand(b, T, H, **f64)
+    g = -torch.rand(b, T, H, **f64) if gated else None
+    s0 = torch.randn(b, H, K, V, **f64)
+    o_ref, s_ref = delta_rule_reference(q, k, v, beta, g, scale=0.7, initial_state=s0, output_final_state=True)
+    state = s0.clone()
+    o = delta_rule_steps(state, q, k, v, beta, g, 0.7)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, s_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs Triton (run on the CPU under TRITON_INTERPRET=1)",
+)
+@pytest.mark.parametrize("name", ["deltanet", "gated"])
+def test_triton_decode_kernels_equal_full_forward(name, monkeypatch):
+    """backend="triton" (interpreted on the CPU): one-token steps run the conv-update kernel on the
+    cached windows in place and the fused recurrent delta-rule kernel, a short piece the fused kernel
+    too; the outputs continue the full forward's sequence (float32, 1e-5)."""
+    torch.manual_seed(7)
+    layer = LAYERS[name](backend="chunked")
+    x = torch.randn(2, 12, D_MODEL)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.init_cache(2, 12)
+        outs = [layer(x[:, :8], cache)]
+    layer.backend = "triton"
+    # (import_module: the package name is shadowed by the op function that mixlab.ops re-exports)
+    kernel = _spy(monkeypatch, importlib.import_module("mixlab.ops.delta_rule.triton"), "delta_rule_recurrent_triton")
+    conv_updates = _spy(monkeypatch, importlib.import_module("mixlab.ops.conv.triton"), "causal_conv1d_update_triton")
+    windows = (cache.conv_q, cache.conv_k, cache.conv_v)
+    with torch.no_grad():
+        for s, e in [(8, 9), (9, 11), (11, 12)]:
+            outs.append(layer(x[:, s:e], cache))
+    assert kernel == [1, 2, 1] and len(conv_updates) == 3 * 2
+    assert (cache.conv_q, cache.conv_k, cache.conv_v) == windows
     assert _rel(torch.cat(outs, dim=1), full) < 1e-5
 
 

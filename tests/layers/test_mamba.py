@@ -1,17 +1,36 @@
-"""Mamba and Mamba2 layers: decode == full forward, mamba_ssm's layout and semantics, init, meta build."""
+"""Mamba and Mamba2 layers: decode == full forward (through the chunked op, the plain recurrence step and
+the Triton decode kernels), mamba_ssm's layout and semantics, init, meta build.
+
+The Triton decode tests run the kernels on the CPU under ``TRITON_INTERPRET=1`` (set here before Triton
+is imported, as the kernel tests do) and skip when Triton is not installed."""
 
 import dataclasses
+import importlib
+import importlib.util
 import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mixlab.layers.mamba as mamba_mod
+import mixlab.layers.mamba2 as mamba2_mod
 from mixlab.config import Mamba2Config, MambaConfig, ModelConfig
 from mixlab.layers import build_mixer
-from mixlab.layers.mamba import Mamba, MambaCache
-from mixlab.layers.mamba2 import Mamba2, Mamba2Cache
+from mixlab.layers.mamba import Mamba, MambaCache, conv_steps, selective_scan_steps
+from mixlab.layers.mamba2 import Mamba2, Mamba2Cache, ssd_steps
+from mixlab.ops.conv.reference import causal_conv1d as causal_conv1d_reference
+from mixlab.ops.selective_scan.reference import selective_scan_reference
+from mixlab.ops.ssd.reference import ssd_reference
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs Triton (run on the CPU under TRITON_INTERPRET=1)",
+)
 
 D_MODEL = 32
 MAMBA_KW = dict(d_state=8, d_conv=4, expand=2)
@@ -53,6 +72,159 @@ def test_decode_in_uneven_pieces(cls):
         full = layer(x)
         cache = layer.init_cache(3, 30)
         outs = [layer(x[:, s:e], cache) for s, e in [(0, 2), (2, 11), (11, 12), (12, 29), (29, 30)]]
+    assert rel_err(torch.cat(outs, 1), full) < 1e-5
+
+
+def _spy(monkeypatch, module, name):
+    """Count the calls of ``module.name`` (still running it)."""
+    calls = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[1] if name.endswith("_steps") else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+def test_plain_decode_steps_are_used_and_equal_full_forward(cls, monkeypatch):
+    """Without gradient, a cached forward of 1 to DECODE_STEP_MAX_TOKENS["plain"] tokens runs the plain
+    recurrence (never the scan op) and continues the sequence exactly (float32, 1e-5)."""
+    layer = make(cls, backend="chunked")
+    steps = _spy(monkeypatch, *((mamba_mod, "selective_scan_steps") if cls is Mamba else (mamba2_mod, "ssd_steps")))
+    scans = _spy(monkeypatch, *((mamba_mod, "selective_scan") if cls is Mamba else (mamba2_mod, "ssd")))
+    limit = mamba_mod.DECODE_STEP_MAX_TOKENS["plain"]
+    pieces = [limit + 3, 1, 1, limit, 2, 1]  # the first piece is too long for a step: the scan op
+    x = torch.randn(2, sum(pieces), D_MODEL, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = layer(x)
+        scans.clear()
+        cache = layer.init_cache(2, x.shape[1])
+        outs, pos = [], 0
+        for n in pieces:
+            outs.append(layer(x[:, pos : pos + n], cache))
+            pos += n
+    assert steps == pieces[1:] and len(scans) == 1
+    assert cache.pos == x.shape[1] and cache.ssm_state.dtype == torch.float32
+    assert rel_err(torch.cat(outs, 1), full) < 1e-5
+
+
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+def test_decode_with_gradient_keeps_the_differentiable_op(cls, monkeypatch):
+    """With grad mode on, cached forwards stay on the differentiable scan op, still continue the
+    sequence, and each one backpropagates (the op's saved initial state is not the cache tensor that
+    the layer then overwrites in place)."""
+    layer = make(cls, backend="chunked")
+    steps = _spy(monkeypatch, *((mamba_mod, "selective_scan_steps") if cls is Mamba else (mamba2_mod, "ssd_steps")))
+    x = torch.randn(2, 14, D_MODEL, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = layer(x)
+    cache = layer.init_cache(2, 14)
+    with torch.no_grad():
+        outs = [layer(x[:, :3], cache)]
+    assert steps == [3]
+    for s, e in [(3, 4), (4, 14)]:  # the last piece spans two of Mamba2's 8-token chunks
+        outs.append(layer(x[:, s:e], cache))
+        outs[-1].square().sum().backward()
+    assert steps == [3], "a forward that needs a gradient must not run the in-place step"
+    assert layer.A_log.grad is not None and layer.A_log.grad.abs().sum() > 0
+    assert rel_err(torch.cat(outs, 1).detach(), full) < 1e-5
+    assert mamba_mod.decode_path(layer, torch.randn(2, 1, D_MODEL), None) is None
+
+
+def test_conv_steps_match_the_conv_op():
+    """The sliding-window conv of a few tokens equals causal_conv1d (float64), state shifted in place."""
+    gen = torch.Generator().manual_seed(6)
+    for W, T in [(4, 1), (4, 5), (2, 3), (1, 2)]:
+        x = torch.randn(2, T, 6, generator=gen, dtype=torch.float64)
+        w, b = (
+            torch.randn(6, 1, W, generator=gen, dtype=torch.float64),
+            torch.randn(6, generator=gen, dtype=torch.float64),
+        )
+        state = torch.randn(2, 6, W - 1, generator=gen, dtype=torch.float64)
+        y_ref, final_ref = causal_conv1d_reference(x, w, b, "silu", state, output_final_state=True)
+        y = conv_steps(x, state, w, b)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state, final_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ssd_steps_match_the_reference(groups):
+    gen = torch.Generator().manual_seed(7 + groups)
+    b, T, H, P, N = 2, 5, 4, 3, 6
+    f64 = dict(generator=gen, dtype=torch.float64)
+    x, dt = torch.randn(b, T, H, P, **f64), torch.randn(b, T, H, **f64)
+    A = -torch.rand(H, **f64) * 3 - 0.2
+    B, C = torch.randn(b, T, groups, N, **f64), torch.randn(b, T, groups, N, **f64)
+    D, dt_bias, h0 = torch.randn(H, **f64), torch.randn(H, **f64), torch.randn(b, H, P, N, **f64)
+    y_ref, h_ref = ssd_reference(
+        x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, initial_state=h0, output_final_state=True
+    )
+    state = h0.clone()
+    y = ssd_steps(state, x, dt, A, B, C, D, dt_bias)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, h_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_selective_scan_steps_match_the_reference():
+    gen = torch.Generator().manual_seed(9)
+    b, T, D, N = 2, 4, 6, 5
+    f64 = dict(generator=gen, dtype=torch.float64)
+    u, dt, z = (torch.randn(b, T, D, **f64) for _ in range(3))
+    A = -torch.rand(D, N, **f64) * 3
+    B, C = torch.randn(b, T, N, **f64), torch.randn(b, T, N, **f64)
+    Dskip, bias, h0 = torch.randn(D, **f64), torch.randn(D, **f64), torch.randn(b, D, N, **f64)
+    y_ref, h_ref = selective_scan_reference(
+        *(t.transpose(1, 2) for t in (u, dt)),
+        A,
+        *(t.transpose(1, 2) for t in (B, C)),
+        D=Dskip,
+        z=z.transpose(1, 2),
+        delta_bias=bias,
+        delta_softplus=True,
+        initial_state=h0,
+        return_last_state=True,
+    )
+    state = h0.clone()
+    y = selective_scan_steps(state, u, dt, A, B, C, Dskip, z, bias)
+    torch.testing.assert_close(y, y_ref.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, h_ref, rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+def test_triton_decode_kernels_equal_full_forward(cls, monkeypatch):
+    """backend="triton" (interpreted on the CPU): one-token steps run the conv-update and the fused
+    decode kernels (state updated in place), short pieces the fused kernel too for Mamba2; the outputs
+    continue the sequence of the full forward (float32, 1e-5)."""
+    conv_triton = importlib.import_module("mixlab.ops.conv.triton")
+    layer = make(cls, backend="chunked")
+    x = torch.randn(2, 13, D_MODEL, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.init_cache(2, 13)
+        outs = [layer(x[:, :9], cache)]  # prefill on the chunked op
+    layer.backend = "triton"
+    conv_updates = _spy(monkeypatch, conv_triton, "causal_conv1d_update_triton")
+    if cls is Mamba:
+        # (import_module: the package names are shadowed by the op functions that mixlab.ops re-exports)
+        kernels = _spy(
+            monkeypatch, importlib.import_module("mixlab.ops.selective_scan.triton"), "selective_state_update_triton"
+        )
+        pieces = [1, 1, 1, 1]
+    else:
+        kernels = _spy(monkeypatch, importlib.import_module("mixlab.ops.ssd.triton"), "ssd_recurrent_triton")
+        pieces = [1, 2, 1]
+    conv_state, ssm_state = cache.conv_state, cache.ssm_state
+    pos = 9
+    with torch.no_grad():
+        for n in pieces:
+            outs.append(layer(x[:, pos : pos + n], cache))
+            pos += n
+    assert len(kernels) == len(pieces) and len(conv_updates) == pieces.count(1)
+    assert cache.conv_state is conv_state and cache.ssm_state is ssm_state  # in place, as CUDA graphs need
     assert rel_err(torch.cat(outs, 1), full) < 1e-5
 
 

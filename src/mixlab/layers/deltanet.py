@@ -11,6 +11,10 @@ Forward, per token (K = ``head_dim``, V = ``head_dim * expand_v``):
 ``beta = sigmoid(x W_b)``; (Gated) ``g = -exp(A_log) * softplus(x W_a + dt_bias)``; the delta rule
 with scale ``K ** -0.5``; per-head RMSNorm of the output, times ``silu(x W_g)`` when gated;
 ``o_proj``.
+
+Decoding (see :func:`mixlab.layers.mamba.decode_path`): with a cache, no gradient and few new tokens,
+the delta rule runs as its recurrence on the cached state: on CUDA the conv-update and fused
+recurrent delta-rule Triton kernels, elsewhere a few PyTorch ops per token (:func:`delta_rule_steps`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from ..ops.conv import causal_conv1d
 from ..ops.delta_rule import delta_rule
 from .base import Mixer
+from .mamba import cached_input, conv_steps, decode_path
 from .norm import GatedRMSNorm, RMSNorm
 
 # fla's l2norm epsilon (inside the square root), kept so that imported checkpoints compute the same.
@@ -35,6 +40,41 @@ def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     """``x / sqrt(sum(x^2) + eps)`` over the last dim, in float32 (float64 for float64), cast back."""
     xf = x if x.dtype == torch.float64 else x.float()
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def delta_rule_steps(
+    state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The (gated) delta rule as its recurrence over a few tokens, updating ``state`` in place (no autograd).
+
+    state ``[b, H, K, V]`` (float32/64, contiguous); q, k ``[b, T, H, K]``; v ``[b, T, H, V]``;
+    beta, g ``[b, T, H]`` (g a log-decay, or None). Per token, as the reference:
+    ``S = exp(g) S;  u = beta (v - S^T k);  S += k u^T;  o = scale S^T q``. Returns ``o [b, T, H, V]``
+    in the state's dtype.
+    """
+    b, T, H, K = q.shape
+    V = v.shape[-1]
+    acc = state.dtype
+    # time-major rows [T, b*H, 1, D]: every per-token slice is one contiguous block
+    qT, kT, vT = ((t.to(acc) * c).transpose(0, 1).reshape(T, b * H, 1, -1) for t, c in ((q, scale), (k, 1), (v, 1)))
+    betaT = beta.to(acc).transpose(0, 1).reshape(T, b * H, 1, 1)
+    if g is not None:
+        decay = g.to(acc).exp().transpose(0, 1).reshape(T, b * H, 1, 1)
+    S = state.view(b * H, K, V)
+    os = []
+    for t in range(T):
+        if g is not None:
+            S.mul_(decay[t])
+        u = (vT[t] - torch.bmm(kT[t], S)).mul_(betaT[t])  # beta (v - S^T k)
+        S.baddbmm_(kT[t].transpose(1, 2), u)  # S += k u^T
+        os.append(torch.bmm(qT[t], S))  # [b*H, 1, V]
+    return torch.cat(os, dim=1).view(b, H, T, V).transpose(1, 2)
 
 
 class ShortConvolution(nn.Module):
@@ -208,6 +248,30 @@ class DeltaNet(Mixer):
     def _decay(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def _short_convs(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DeltaNetCache | None, path: str | None
+    ) -> tuple[torch.Tensor, ...]:
+        """``silu(conv(.))`` of q, k, v ``[B, T, C]``, continuing (and updating in place) the cached windows:
+        one token with the Triton conv-update kernel on the ``"triton"`` path, :func:`conv_steps` on the
+        ``"plain"`` one, the conv op otherwise."""
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        if cache is None:
+            return tuple(conv(t)[0] for conv, t in zip(convs, (q, k, v)))
+        out = []
+        for conv, t, window in zip(convs, (q, k, v), (cache.conv_q, cache.conv_k, cache.conv_v)):
+            if path == "triton" and t.shape[1] == 1 and 2 <= self.conv_size <= 4:  # the kernel's widths
+                from ..ops.conv.triton import causal_conv1d_update_triton
+
+                y = causal_conv1d_update_triton(t[:, 0], window, conv.weight, None, "silu")[:, None]
+            elif path == "plain":
+                y = conv_steps(t, window, conv.weight, None)
+            else:
+                y, new_window = conv(t, cached_input(window), True)
+                with torch.no_grad():
+                    window.copy_(new_window)
+            out.append(y)
+        return tuple(out)
+
     def forward(self, x: torch.Tensor, cache: DeltaNetCache | None = None) -> torch.Tensor:
         """``x [B, T, d_model]``; with ``cache``, continue the cached sequences and update the cache in place."""
         B, T, _ = x.shape
@@ -215,37 +279,41 @@ class DeltaNet(Mixer):
             raise ValueError(
                 f"{type(self).__name__}: cache was made for batch {cache.state.shape[0]}, input has batch {B}"
             )
+        path = decode_path(self, x, cache)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
-            keep = cache is not None
-            q, cq = self.q_conv1d(q, cache.conv_q if keep else None, keep)
-            k, ck = self.k_conv1d(k, cache.conv_k if keep else None, keep)
-            v, cv = self.v_conv1d(v, cache.conv_v if keep else None, keep)
+            q, k, v = self._short_convs(q, k, v, cache, path)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q = l2_normalize(q.view(B, T, self.n_heads, self.head_dim))
         k = l2_normalize(k.view(B, T, self.n_heads, self.head_dim))
         v = v.view(B, T, self.n_heads, self.head_v_dim)
         beta = torch.sigmoid(_acc(self.b_proj(x)))
-        o, state = delta_rule(
-            q,
-            k,
-            v,
-            beta,
-            self._decay(x),
-            scale=self.head_dim**-0.5,
-            initial_state=cache.state if cache is not None else None,
-            output_final_state=cache is not None,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
+        g, scale = self._decay(x), self.head_dim**-0.5
+        if path == "plain":  # the cached state is updated in place
+            o = delta_rule_steps(cache.state, q, k, v, beta, g, scale).to(q.dtype)
+        elif path == "triton":
+            from ..ops.delta_rule.triton import delta_rule_recurrent_triton
+
+            o, state = delta_rule_recurrent_triton(q, k, v, beta, g, scale=scale, initial_state=cache.state)
+            cache.state.copy_(state)
+        else:
+            o, state = delta_rule(
+                q,
+                k,
+                v,
+                beta,
+                g,
+                scale=scale,
+                initial_state=cached_input(cache.state) if cache is not None else None,
+                output_final_state=cache is not None,
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+            )
+            if cache is not None:
+                with torch.no_grad():
+                    cache.state.copy_(state)
         if cache is not None:
-            with torch.no_grad():
-                cache.state.copy_(state)
-                if self.use_short_conv:
-                    cache.conv_q.copy_(cq)
-                    cache.conv_k.copy_(ck)
-                    cache.conv_v.copy_(cv)
             cache.pos += T
         if self.use_output_gate:
             o = self.o_norm(o, self.g_proj(x).view(B, T, self.n_heads, self.head_v_dim))
@@ -344,4 +412,4 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-__all__ = ["DeltaNet", "DeltaNetCache", "GatedDeltaNet", "ShortConvolution", "l2_normalize"]
+__all__ = ["DeltaNet", "DeltaNetCache", "GatedDeltaNet", "ShortConvolution", "delta_rule_steps", "l2_normalize"]

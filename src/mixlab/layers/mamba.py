@@ -11,6 +11,10 @@ Forward: ``x, z = in_proj(u)``; ``x = silu(conv(x))``; ``dt, B, C = x_proj(x)``;
 ``dt = dt_proj.weight @ dt`` (its bias is the scan's ``delta_bias``, softplus applied inside);
 ``y = selective_scan(x, dt, -exp(A_log), B, C, D, z)`` (so ``y = (C.h + D x) * silu(z)``);
 ``out_proj(y)``.
+
+Decoding (see :func:`decode_path`): with a cache, no gradient and few new tokens, the scan is run as
+its plain recurrence on the cached state, in place: on CUDA one token is the fused conv-update and
+``selective_state_update`` Triton kernels, elsewhere a few vectorised PyTorch ops per token.
 """
 
 from __future__ import annotations
@@ -22,9 +26,101 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._backend import resolve_backend
 from ..ops.conv import causal_conv1d
 from ..ops.selective_scan import selective_scan
 from .base import Mixer
+
+#: Most new tokens that a cached, gradient-free forward runs as a direct recurrence on the cached
+#: state instead of the chunked op, per kind of step (see :func:`decode_path`). ``"triton"``: the
+#: fused decode kernels walk the tokens one by one with the state in registers, cheaper than the
+#: chunk kernels' several launches up to a few dozen tokens (64, as fla's layers switch to their
+#: fused-recurrent kernels). ``"plain"``: the PyTorch step costs a few small ops per token, each a
+#: full pass over the state, against the chunked ops' fixed cost of dozens of ops; one layer of each
+#: tiny preset on one CPU thread (batch 2) breaks even at about 6 tokens (Mamba2: its state is the
+#: largest), 8 (Gated DeltaNet), 10 (DeltaNet) and 20 (Mamba): 8 for all, one token being the case
+#: that matters (2-3x faster than the chunked ops).
+DECODE_STEP_MAX_TOKENS = {"triton": 64, "plain": 8}
+
+
+def cached_input(state: torch.Tensor | None) -> torch.Tensor | None:
+    """A cached state as the initial state of a regular (differentiable) op: a copy when autograd is
+    recording, since ops may save their initial state for the backward and the layer then overwrites
+    the cache in place; the tensor itself otherwise."""
+    return state.clone() if state is not None and torch.is_grad_enabled() else state
+
+
+def decode_path(layer: nn.Module, x: torch.Tensor, cache: object | None) -> str | None:
+    """How a mixer runs ``x [B, T, d]`` against ``cache``: ``"triton"`` (fused decode kernels: the
+    backend resolves to Triton and the dtype is not float64), ``"plain"`` (a PyTorch recurrence step),
+    or None (the regular chunked/scan op). A direct step needs a cache, 1 to ``DECODE_STEP_MAX_TOKENS``
+    new tokens and no gradient (grad mode off, or nothing requiring grad): the kernels are forward-only
+    and the steps update the cached state in place."""
+    T = x.shape[1]
+    if cache is None or T == 0:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
+        return None
+    kind = "triton" if resolve_backend(layer.backend, x) == "triton" and x.dtype != torch.float64 else "plain"
+    return kind if DECODE_STEP_MAX_TOKENS[kind] >= T else None
+
+
+def conv_steps(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``silu(causal depthwise conv)`` of a few tokens against a cached window, updating it in place
+    (no autograd): x ``[B, T, C]``; state ``[B, C, W-1]``, the previous inputs; weight ``[C, W]`` or
+    ``[C, 1, W]``; bias ``[C]``. Returns ``[B, T, C]``. The same sums as
+    :func:`mixlab.ops.conv.causal_conv1d`, as a product over a sliding window: for a handful of tokens
+    this is a few small ops where ``conv1d`` pays a fixed set-up of hundreds of microseconds."""
+    w = weight.reshape(weight.shape[0], -1)
+    W = w.shape[1]
+    xp = torch.cat([state, x.transpose(1, 2).to(state.dtype)], dim=-1)  # [B, C, W-1+T]
+    y = (xp.unfold(-1, W, 1) * w[:, None, :].to(xp.dtype)).sum(-1)  # [B, C, T]
+    if bias is not None:
+        y = y + bias[:, None].to(y.dtype)
+    state.copy_(xp[:, :, xp.shape[-1] - (W - 1) :])
+    return F.silu(y).transpose(1, 2).to(x.dtype)
+
+
+def selective_scan_steps(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The selective scan as its recurrence over a few tokens, updating ``state`` in place (no autograd).
+
+    state ``[b, D, N]`` (float32/64, contiguous); u, dt, z ``[b, T, D]`` (channels last, as the layer
+    holds them; dt before its bias and softplus); A ``[D, N]``; B, C ``[b, T, N]``; D, dt_bias ``[D]``.
+    ``h = exp(dt A) h + dt u B``; ``y = C.h + D u``; ``y *= silu(z)``. Returns ``y [b, T, D]`` in the
+    state's dtype.
+    """
+    acc = state.dtype
+    u, dt, B, C = u.to(acc), dt.to(acc), B.to(acc), C.to(acc)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(acc)
+    dt = F.softplus(dt)
+    # time-major: every per-token slice is one contiguous block
+    dtT, BT = dt.transpose(0, 1), B.transpose(0, 1)
+    decay = torch.exp(dtT[..., None] * A.to(acc))  # [T, b, D, N]
+    inp = (dtT * u.transpose(0, 1))[..., None] * BT[:, :, None, :]  # [T, b, D, N]
+    CT = C.transpose(0, 1).unsqueeze(2).contiguous()  # [T, b, 1, N]
+    hT = state.transpose(1, 2)
+    ys = []
+    for t in range(u.shape[1]):
+        state.mul_(decay[t]).add_(inp[t])
+        # C^T h^T, a row times a matrix: bmm is several times slower for the column h C on the CPU
+        ys.append(torch.bmm(CT[t], hT))  # [b, 1, D]
+    y = torch.cat(ys, dim=1)  # [b, T, D]
+    if D is not None:
+        y = y + u * D.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y
 
 
 @dataclass
@@ -152,6 +248,9 @@ class Mamba(Mixer):
         B, T, _ = x.shape
         if cache is not None and cache.ssm_state.shape[0] != B:
             raise ValueError(f"Mamba: cache was made for batch {cache.ssm_state.shape[0]}, input has batch {B}")
+        path = decode_path(self, x, cache)
+        if path == "plain" or (path == "triton" and T == 1 and 2 <= self.d_conv <= 4):  # the conv kernel's widths
+            return self._step(x, cache, path)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, d_inner] each
         keep = cache is not None
         xs, conv_state = causal_conv1d(
@@ -159,7 +258,7 @@ class Mamba(Mixer):
             self.conv1d.weight,
             self.conv1d.bias,
             activation="silu",
-            initial_state=cache.conv_state if keep else None,
+            initial_state=cached_input(cache.conv_state) if keep else None,
             output_final_state=keep,
         )
         dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -175,7 +274,7 @@ class Mamba(Mixer):
             z=z.transpose(1, 2),
             delta_bias=self.dt_proj.bias.to(acc),
             delta_softplus=True,
-            initial_state=cache.ssm_state if keep else None,
+            initial_state=cached_input(cache.ssm_state) if keep else None,
             return_last_state=keep,
             backend=self.backend,
         )
@@ -189,6 +288,31 @@ class Mamba(Mixer):
             y = out
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
 
+    def _step(self, x: torch.Tensor, cache: MambaCache, path: str) -> torch.Tensor:
+        """The cached forward as a direct recurrence (no autograd): ``"triton"`` for one token (fused
+        kernels, states updated in place), ``"plain"`` for a few (:func:`selective_scan_steps`)."""
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, d_inner] each
+        acc = _state_dtype(self.A_log.dtype)
+        A = -torch.exp(self.A_log.to(acc))
+        if path == "triton":
+            from ..ops.conv.triton import causal_conv1d_update_triton
+            from ..ops.selective_scan.triton import selective_state_update_triton
+
+            w, b = self.conv1d.weight, self.conv1d.bias
+            xs = causal_conv1d_update_triton(xs[:, 0], cache.conv_state, w, b, "silu")  # [B, d_inner]
+            dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt = F.linear(dt, self.dt_proj.weight)
+            y = selective_state_update_triton(
+                cache.ssm_state, xs, dt, A, Bm, Cm, self.D, z[:, 0], self.dt_proj.bias, dt_softplus=True
+            )[:, None]
+        else:
+            xs = conv_steps(xs, cache.conv_state, self.conv1d.weight, self.conv1d.bias)
+            dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt = F.linear(dt, self.dt_proj.weight)
+            y = selective_scan_steps(cache.ssm_state, xs, dt, A, Bm, Cm, self.D, z, self.dt_proj.bias)
+        cache.pos += x.shape[1]
+        return self.out_proj(y.to(x.dtype))
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
@@ -196,4 +320,14 @@ class Mamba(Mixer):
         )
 
 
-__all__ = ["Mamba", "MambaCache", "inverse_softplus", "sample_dt"]
+__all__ = [
+    "DECODE_STEP_MAX_TOKENS",
+    "Mamba",
+    "MambaCache",
+    "cached_input",
+    "conv_steps",
+    "decode_path",
+    "inverse_softplus",
+    "sample_dt",
+    "selective_scan_steps",
+]

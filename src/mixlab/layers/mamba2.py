@@ -12,6 +12,10 @@ Forward: ``z, xBC, dt = in_proj(u)``; ``x, B, C = silu(conv(xBC))``;
 ``y = rmsnorm(y * silu(z))`` per group of ``d_inner / G`` channels (``norm_before_gate=False``,
 mamba_ssm's default; ``True`` gives ``rmsnorm(y) * silu(z)``); ``out_proj(y)``.
 A_log, D and dt_bias are kept in float32 (float64 for a float64 layer) whatever the layer dtype.
+
+Decoding (see :func:`mixlab.layers.mamba.decode_path`): with a cache, no gradient and few new tokens,
+SSD runs as its recurrence on the cached state: on CUDA the conv-update and fused recurrent SSD
+Triton kernels, elsewhere a few vectorised PyTorch ops per token (:func:`ssd_steps`).
 """
 
 from __future__ import annotations
@@ -19,13 +23,57 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.conv import causal_conv1d
 from ..ops.ssd import ssd
 from .base import Mixer
-from .mamba import _state_dtype, inverse_softplus, sample_dt
+from .mamba import _state_dtype, cached_input, conv_steps, decode_path, inverse_softplus, sample_dt
 from .norm import GatedRMSNorm
+
+
+def ssd_steps(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """SSD as its recurrence over a few tokens, updating ``state`` in place (no autograd).
+
+    state ``[b, H, P, N]`` (float32/64, contiguous); x ``[b, T, H, P]``; dt ``[b, T, H]`` (before its
+    bias and softplus); A ``[H]``; B, C ``[b, T, G, N]`` (group g serves heads ``g*H/G ..``);
+    D ``[H]``; dt_bias ``[H]``. Per token: ``h = exp(dt A) h + dt x B^T``; ``y = h C + D x``.
+    Returns ``y [b, T, H, P]`` in the state's dtype.
+    """
+    b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    acc = state.dtype
+    x, dt, B, C = x.to(acc), dt.to(acc), B.to(acc), C.to(acc)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(acc)
+    dt = F.softplus(dt)
+    # time-major and contiguous: broadcasting ops over strided per-token slices are several times slower
+    decay = torch.exp(dt * A.to(acc)).transpose(0, 1).reshape(T, b, H, 1, 1)
+    xdt = (x * dt[..., None]).transpose(0, 1).reshape(T, b, G, -1, 1)  # [T, b, G, H/G * P, 1]
+    Bt = B.transpose(0, 1).reshape(T, b, G, 1, N)
+    Ct = C.transpose(0, 1).reshape(T, b * G, 1, N)
+    s_g = state.view(b, G, -1, N)  # heads of a group share B and C
+    hT = s_g.view(b * G, -1, N).transpose(1, 2)  # [b*G, N, H/G * P]
+    ys = []
+    for t in range(T):
+        state.mul_(decay[t])
+        s_g.addcmul_(xdt[t], Bt[t])
+        # C^T h^T, a row times a matrix: bmm is several times slower for the column h C on the CPU
+        ys.append(torch.bmm(Ct[t], hT))  # [b*G, 1, H/G * P]
+    y = torch.cat(ys, dim=1).view(b, G, T, -1).transpose(1, 2).reshape(b, T, H, P)
+    if D is not None:
+        y = y + x * D.to(acc)[:, None]
+    return y
 
 
 @dataclass
@@ -153,13 +201,17 @@ class Mamba2(Mixer):
             raise ValueError(f"Mamba2: cache was made for batch {cache.ssm_state.shape[0]}, input has batch {B}")
         G, N, H, P = self.ngroups, self.d_state, self.nheads, self.headdim
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        path = decode_path(self, x, cache)
+        if path is not None:
+            y = self._step(xBC, dt, cache, path)
+            return self.out_proj(self.norm(y.reshape(B, T, self.d_inner), z).to(x.dtype))
         keep = cache is not None
         xBC, conv_state = causal_conv1d(
             xBC,
             self.conv1d.weight,
             self.conv1d.bias,
             activation="silu",
-            initial_state=cache.conv_state if keep else None,
+            initial_state=cached_input(cache.conv_state) if keep else None,
             output_final_state=keep,
         )
         xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
@@ -174,7 +226,7 @@ class Mamba2(Mixer):
             dt_bias=self.dt_bias,
             dt_softplus=True,
             chunk_size=self.chunk_size,
-            initial_state=cache.ssm_state if keep else None,
+            initial_state=cached_input(cache.ssm_state) if keep else None,
             output_final_state=keep,
             backend=self.backend,
         )
@@ -186,6 +238,38 @@ class Mamba2(Mixer):
         y = self.norm(y.reshape(B, T, self.d_inner), z)
         return self.out_proj(y.to(x.dtype))
 
+    def _step(self, xBC: torch.Tensor, dt: torch.Tensor, cache: Mamba2Cache, path: str) -> torch.Tensor:
+        """The cached SSD as a direct recurrence (no autograd), states updated in place: ``"triton"`` runs
+        the conv-update (one token) or conv kernel and the fused recurrent SSD kernel, ``"plain"`` the
+        PyTorch :func:`~mixlab.layers.mamba.conv_steps` and :func:`ssd_steps`.
+        xBC ``[B, T, conv_dim]``, dt ``[B, T, H]`` -> y ``[B, T, H, P]``."""
+        B, T, _ = xBC.shape
+        G, N, H, P = self.ngroups, self.d_state, self.nheads, self.headdim
+        w, bias = self.conv1d.weight, self.conv1d.bias
+        if path == "triton" and T == 1 and 2 <= self.d_conv <= 4:  # the conv kernel's widths
+            from ..ops.conv.triton import causal_conv1d_update_triton
+
+            xBC = causal_conv1d_update_triton(xBC[:, 0], cache.conv_state, w, bias, "silu")[:, None]
+        elif path == "plain":
+            xBC = conv_steps(xBC, cache.conv_state, w, bias)
+        else:
+            xBC, conv_state = causal_conv1d(xBC, w, bias, "silu", cache.conv_state, output_final_state=True)
+            cache.conv_state.copy_(conv_state)
+        xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
+        xs, Bm, Cm = xs.reshape(B, T, H, P), Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N)
+        A = -torch.exp(self.A_log.to(_state_dtype(self.A_log.dtype)))
+        if path == "triton":
+            from ..ops.ssd.triton import ssd_recurrent_triton
+
+            y, final = ssd_recurrent_triton(
+                xs, dt, A, Bm, Cm, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, initial_state=cache.ssm_state
+            )
+            cache.ssm_state.copy_(final)
+        else:
+            y = ssd_steps(cache.ssm_state, xs, dt, A, Bm, Cm, self.D, self.dt_bias)
+        cache.pos += T
+        return y
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, nheads={self.nheads}, headdim={self.headdim}, "
@@ -193,4 +277,4 @@ class Mamba2(Mixer):
         )
 
 
-__all__ = ["Mamba2", "Mamba2Cache"]
+__all__ = ["Mamba2", "Mamba2Cache", "ssd_steps"]
