@@ -1,0 +1,443 @@
+"""``mixlab bench train``: training throughput, MFU and peak memory of the model presets on one GPU.
+
+For each preset and shape (sequence length x batch; default every architecture's 1.3b preset at
+2K x 16, 4K x 8, 8K x 4 and 16K x 2: 32K tokens per step, the Gated DeltaNet paper's Figure 3),
+the step that ``mixlab train`` runs is timed: the model as built by the training loop (float32
+master weights, bf16 autocast on CUDA, optional per-block activation checkpointing and
+``torch.compile``), forward and backward of the chunked-LM-head loss on random tokens, gradient
+clipping and a fused AdamW step. ``--warmup`` untimed steps (compilation, autotuning) come first,
+then ``--steps`` timed ones, each synchronised; the median step time gives tokens/s.
+
+MFU = model FLOPs per token x tokens/s / peak bf16 FLOP/s of the device (989e12 on an H100 SXM),
+with model FLOPs per token (forward + backward) =
+``6 x (non-embedding parameters + vocab x d_model)`` (every matmul weight, the LM head included)
+``+ 6 x T_eff x heads x head_dim`` per attention layer (QK^T and AV, causal-halved; T_eff is the
+sequence length, or the window of sliding-window layers). The linear-time mixers' state updates
+(chunkwise scans) are not counted, so their MFU is a slight underestimate; the formula is
+``mixlab.train.metrics.flops_per_token`` and is stored with the results.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (parameters, gradients,
+AdamW state and activations). A point that runs out of memory is recorded as ``oom`` and skipped;
+any other failure is recorded with its error and the suite goes on. ``--long`` adds the 1.3b
+Gated DeltaNet and Transformer (of the presets' size) at 32K x 1, their peak memory side by side. The issue's targets
+are checked at the end; the table is printed last; JSON and a PNG plot (tokens/s against sequence
+length per architecture, and peak memory) go to ``benchmarks/results/`` (``--out-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import environment, format_table, save_results
+
+DEFAULT_PRESETS = (
+    "transformer-1.3b",
+    "mamba-1.3b",
+    "mamba2-1.3b",
+    "deltanet-1.3b",
+    "gated_deltanet-1.3b",
+    "gdn_h1-1.3b",
+    "gdn_h2-1.3b",
+)
+DEFAULT_SHAPES = "2048x16,4096x8,8192x4,16384x2"
+LONG_ARCHS = ("gated_deltanet", "transformer")
+LONG_SHAPE = (32768, 1)
+QUICK_PRESETS = ("transformer-tiny", "gated_deltanet-tiny")
+QUICK_SHAPES = "64x4,128x2"
+QUICK_LONG_SHAPE = (512, 1)
+FLOPS_FORMULA = (
+    "flops/token = 6*(non-embedding params + vocab*d_model) + sum over attention layers of 6*T_eff*heads*head_dim "
+    "(causal-halved QK^T and AV, forward+backward; T_eff = seq_len or the sliding window); "
+    "MFU = flops/token * tokens/s / device peak bf16 FLOP/s; linear mixers' scans not counted"
+)
+LINEAR = ("mamba", "mamba2", "deltanet", "gated_deltanet", "gdn_h1", "gdn_h2")
+COLUMNS = [
+    "preset", "seq_len", "batch", "status", "tokens_per_s", "mfu", "peak_mem_gb", "step_ms", "vs_transformer",
+]  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presets", default=None, help="comma-separated model presets (default: every 1.3b one)")
+    parser.add_argument("--shapes", default=None, help=f"comma-separated SEQxBATCH shapes (default {DEFAULT_SHAPES})")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per point (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2; more with --compile)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block (as train.compile=true)")
+    parser.add_argument(
+        "--ac",
+        default="none",
+        choices=("none", "full", "selective"),
+        help="activation checkpointing per block (as train.activation_checkpointing; default none)",
+    )
+    parser.add_argument("--backend", default=None, help="op backend of every mixer (default: the preset's, auto)")
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help="also the Gated DeltaNet and Transformer of the presets' size at 32K x 1 (512 x 1 with --quick)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda:N")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak bf16 TFLOP/s for MFU (default: by name)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: tiny presets at {QUICK_SHAPES}, 1 warmup + 2 steps (explicit options still apply)",
+    )
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"2048x16,4kx8"`` -> ``[(2048, 16), (4096, 8)]`` (sequence length, batch; ``k`` = 1024)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            seq, batch = (int(x[:-1]) * 1024 if x.endswith("k") else int(x) for x in part.split("x"))
+        except ValueError:
+            raise ValueError(f"shape {part!r}: expected SEQxBATCH, e.g. 4096x8") from None
+        if seq <= 0 or batch <= 0:
+            raise ValueError(f"shape {part!r}: sequence length and batch must be positive")
+        out.append((seq, batch))
+    return out
+
+
+def _arch(preset: str) -> str:
+    return preset.rsplit("-", 1)[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_point(
+    preset: str,
+    seq_len: int,
+    batch: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    ac: str = "none",
+    compile_blocks: bool = False,
+    backend: str | None = None,
+    peak_flops: float | None = None,
+) -> dict[str, Any]:
+    """Time ``steps`` training steps of ``preset`` on ``[batch, seq_len]`` random tokens; one result row."""
+    from ..models import get_preset
+
+    cfg = get_preset(preset)
+    if backend:
+        cfg.backend = backend
+    row: dict[str, Any] = {
+        "preset": preset,
+        "arch": _arch(preset),
+        "seq_len": seq_len,
+        "batch": batch,
+        "tokens_per_step": seq_len * batch,
+        "compile": compile_blocks,
+        "activation_checkpointing": ac,
+        "precision": "bf16" if device.type == "cuda" else "fp32",
+        "status": "ok",
+    }
+    if device.type == "cuda":
+        _free(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    failure: str | None = None
+    try:
+        _measure(row, cfg, seq_len, batch, device, steps, warmup, ac, compile_blocks, peak_flops)
+    except Exception as e:  # recorded, not raised: one point must not end the suite
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        failure = "oom" if _is_oom(e) else f"{type(e).__name__}: {first}"
+    # The model, optimizer state and activations lived in _measure's frame: freed with the exception.
+    if failure is not None:
+        row["status"] = "oom" if failure == "oom" else "error"
+        if failure != "oom":
+            row["error"] = failure
+        if device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if compile_blocks:
+        torch._dynamo.reset()
+    _free(device)
+    return row
+
+
+def _measure(
+    row: dict[str, Any],
+    cfg: Any,
+    seq_len: int,
+    batch: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    ac: str,
+    compile_blocks: bool,
+    peak_flops: float | None,
+) -> None:
+    from ..config import ParallelConfig, TrainConfig
+    from ..models import build_model
+    from ..train.metrics import flops_per_token
+    from ..train.optim import build_optimizer
+    from ..train.parallel import clip_grad_norm, parallelize
+
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(0)
+    model = build_model(cfg, device=device, dtype=torch.float32)
+    row["params"] = model.num_parameters()
+    row["params_non_embedding"] = model.num_parameters(exclude_embeddings=True)
+    row["flops_per_token"] = flops_per_token(model, cfg, seq_len)
+    par = parallelize(model, ParallelConfig(), device, amp, ac, compile_blocks)
+    opt = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> float:
+        loss = par.runner(inputs, targets)
+        loss.backward()
+        clip_grad_norm(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    row["warmup_s"] = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss = [], float("nan")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    row["step_ms"] = step_s * 1e3
+    row["step_ms_all"] = [t * 1e3 for t in times]
+    row["tokens_per_s"] = seq_len * batch / step_s
+    row["loss"] = loss
+    if not math.isfinite(loss):
+        row["status"] = "nonfinite"
+    if peak_flops:
+        row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / peak_flops
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        row["reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """``vs_transformer``: tokens/s over the Transformer's at the same shape (when it ran)."""
+    ref = {
+        (r["seq_len"], r["batch"], r.get("size")): r["tokens_per_s"]
+        for r in rows
+        if r["arch"] == "transformer" and r["status"] == "ok"
+    }
+    for r in rows:
+        base = ref.get((r["seq_len"], r["batch"], r.get("size")))
+        if base and r["status"] == "ok":
+            r["vs_transformer"] = r["tokens_per_s"] / base
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's throughput targets on one H100 (1.3b presets, bf16), for the points that ran."""
+    ok = {(r["preset"], r["seq_len"], r["batch"]): r for r in rows if r["status"] == "ok"}
+    out: list[dict[str, Any]] = []
+
+    def tps(preset: str, seq: int, batch: int) -> float | None:
+        r = ok.get((preset, seq, batch))
+        return None if r is None else r["tokens_per_s"]
+
+    def add(target: str, value: float | None, passed: bool) -> None:
+        out.append({"target": target, "value": value, "pass": passed})
+
+    for preset, seq, batch, floor in (
+        ("gated_deltanet-1.3b", 4096, 8, 50e3),
+        ("mamba2-1.3b", 4096, 8, 50e3),
+        ("transformer-1.3b", 2048, 16, 55e3),
+    ):
+        v = tps(preset, seq, batch)
+        if v is not None:
+            add(f"{preset} >= {floor / 1e3:.0f}K tokens/s at {seq}x{batch}", v, v >= floor)
+    h1 = [r for r in rows if r["preset"] == "gdn_h1-1.3b" and r["batch"] * r["seq_len"] == 32768]
+    if h1:
+        low = min((r["tokens_per_s"] for r in h1 if r["status"] == "ok"), default=0.0)
+        add("gdn_h1-1.3b >= 55K tokens/s at every length", low, low >= 55e3 and all(r["status"] == "ok" for r in h1))
+    for r in rows:
+        if (
+            r["arch"] in LINEAR
+            and r["seq_len"] >= 8192
+            and r.get("preset", "").endswith("1.3b")
+            and "vs_transformer" in r
+        ):
+            add(
+                f"{r['preset']} faster than transformer-1.3b at {r['seq_len']}x{r['batch']}",
+                r["vs_transformer"],
+                r["vs_transformer"] > 1.0,
+            )
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Tokens/s and peak memory against sequence length, one line per preset (matplotlib optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench train: matplotlib is not installed (pip install 'mixlab[plot]'); no plot written")
+        return None
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return None
+    with_mem = any(r.get("peak_mem_gb") is not None for r in ok)
+    fig, axes = plt.subplots(1, 2 if with_mem else 1, figsize=(13 if with_mem else 7, 5), squeeze=False)
+    axes = axes[0]
+    for name in dict.fromkeys(r["preset"] for r in ok):
+        pts = sorted((r["seq_len"], r) for r in ok if r["preset"] == name)
+        axes[0].plot([s for s, _ in pts], [r["tokens_per_s"] / 1e3 for _, r in pts], marker="o", label=name)
+        if with_mem:
+            mem = [(s, r["peak_mem_gb"]) for s, r in pts if r.get("peak_mem_gb") is not None]
+            axes[1].plot([s for s, _ in mem], [m for _, m in mem], marker="o", label=name)
+    labels = {r["seq_len"]: f"{_tokens(r['seq_len'])}×{r['batch']}" for r in ok}
+    for ax, what in zip(axes, ("training throughput (K tokens/s)", "peak memory (GB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(labels), [labels[s] for s in sorted(labels)])
+        ax.set_xlabel("sequence length × batch")
+        ax.set_ylabel(what)
+        ax.set_title(what)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+    env = environment()
+    how = [
+        "bf16 autocast" if ok[0].get("precision") == "bf16" else "fp32",
+        "compiled blocks" if ok[0].get("compile") else "eager",
+        f"activation checkpointing {ok[0]['activation_checkpointing']}",
+    ]
+    fig.suptitle(f"mixlab training benchmark — {env.get('device')} — {', '.join(how)} — {env['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_suite(
+    presets: list[str],
+    shapes: list[tuple[int, int]],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    ac: str,
+    compile_blocks: bool,
+    backend: str | None,
+    peak_flops: float | None,
+    long_shape: tuple[int, int] | None,
+) -> list[dict[str, Any]]:
+    points = [(p, s, b) for p in presets for s, b in shapes]
+    if long_shape is not None:
+        size = presets[0].rsplit("-", 1)[-1]
+        points += [(f"{a}-{size}", *long_shape) for a in LONG_ARCHS if (f"{a}-{size}", *long_shape) not in points]
+    rows = []
+    for i, (preset, seq, batch) in enumerate(points, 1):
+        print(f"[{i}/{len(points)}] {preset} {seq}x{batch} ...", end=" ", flush=True)
+        row = bench_point(preset, seq, batch, device, steps, warmup, ac, compile_blocks, backend, peak_flops)
+        row["size"] = preset.rsplit("-", 1)[-1]
+        rows.append(row)
+        if row["status"] == "ok":
+            mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
+            mem = f", peak {row['peak_mem_gb']:.1f} GB" if row.get("peak_mem_gb") is not None else ""
+            print(f"{row['tokens_per_s']:,.0f} tokens/s{mfu}{mem}", flush=True)
+        else:
+            print(row["status"] + (f" ({row['error']})" if "error" in row else ""), flush=True)
+    add_ratios(rows)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import list_presets
+    from ..train.metrics import device_peak_flops
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    quick = args.quick
+    presets = [p.strip() for p in (args.presets or ",".join(QUICK_PRESETS if quick else DEFAULT_PRESETS)).split(",")]
+    presets = [p for p in presets if p]
+    unknown = [p for p in presets if p not in list_presets()]
+    if unknown:
+        print(f"bench train: unknown preset(s) {', '.join(unknown)}; see `mixlab models`")
+        return 2
+    try:
+        shapes = parse_shapes(args.shapes or (QUICK_SHAPES if quick else DEFAULT_SHAPES))
+    except ValueError as e:
+        print(f"bench train: {e}")
+        return 2
+    steps, warmup = (min(args.steps, 2), min(args.warmup, 1)) if quick else (args.steps, args.warmup)
+    if steps < 1 or warmup < 0:
+        print("bench train: --steps must be >= 1 and --warmup >= 0")
+        return 2
+    if device.type != "cuda" and not quick:
+        print("bench train: no CUDA device; the CPU runs float32 without MFU (use --quick for a smoke run)")
+    if args.compile and warmup < 2:
+        print("bench train: note: with --compile the first steps compile; --warmup 2 or more keeps them untimed")
+    peak = device_peak_flops(device, args.peak_tflops)
+    long_shape = (QUICK_LONG_SHAPE if quick else LONG_SHAPE) if args.long else None
+    rows = run_suite(presets, shapes, device, steps, warmup, args.ac, args.compile, args.backend, peak, long_shape)
+    targets = check_targets(rows)
+    extra = {
+        "config": {
+            "presets": presets, "shapes": [f"{s}x{b}" for s, b in shapes], "steps": steps, "warmup": warmup,
+            "compile": args.compile, "activation_checkpointing": args.ac, "backend": args.backend,
+            "long": list(long_shape) if long_shape else None, "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
+            "peak_flops": peak,
+        },
+        "flops_formula": FLOPS_FORMULA,
+        "targets": targets,
+    }  # fmt: skip
+    path = save_results("train", rows, extra=extra, out_dir=args.out_dir)
+    png = None if args.no_plot else plot(rows, path.with_suffix(".png"))
+    long_rows = [r for r in rows if long_shape and (r["seq_len"], r["batch"]) == long_shape]
+    print()
+    print(format_table(rows, COLUMNS))
+    if long_rows:
+        print()
+        print(f"{_tokens(long_shape[0])} x {long_shape[1]}: " + "; ".join(_mem_line(r) for r in long_rows))
+    if targets:
+        print()
+        for t in targets:
+            value = t["value"]
+            shown = f"{value:,.4g}" if isinstance(value, float) and math.isfinite(value) else value
+            print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}  ({shown})")
+    print(f"\nMFU: {FLOPS_FORMULA}")
+    print(f"results: {path}" + (f"\nplot:    {png}" if png else ""))
+    return 0
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _mem_line(r: dict[str, Any]) -> str:
+    if r["status"] == "ok":
+        mem = f"peak {r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") is not None else "ran"
+        return f"{r['preset']} {mem} at {r['tokens_per_s']:,.0f} tokens/s"
+    mem = f" (peak {r['peak_mem_gb']:.1f} GB when it failed)" if r.get("peak_mem_gb") is not None else ""
+    return f"{r['preset']} {r['status']}{mem}"

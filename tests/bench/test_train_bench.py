@@ -1,0 +1,106 @@
+"""`mixlab bench train --quick` on the CPU: rows, the FLOPs formula, OOM skipping, targets, files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mixlab.bench.train as bt
+from mixlab.cli import main
+from mixlab.models import get_preset
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _results(tmp_path) -> dict:
+    files = sorted(tmp_path.glob("train-*.json"))
+    assert len(files) == 1
+    return json.loads(files[0].read_text())
+
+
+def test_quick_run_writes_rows_with_the_stated_flops_and_a_table(tmp_path, capsys) -> None:
+    args = ["bench", "train", "--quick", "--shapes", "32x2", "--out-dir", str(tmp_path), "--long"]
+    assert main(args) == 0
+    data = _results(tmp_path)
+    rows = {(r["preset"], r["seq_len"], r["batch"]): r for r in data["rows"]}
+    # the two quick presets at 32x2, and --long's Gated DeltaNet and Transformer of the same size at 512x1
+    assert set(rows) == {
+        ("transformer-tiny", 32, 2),
+        ("gated_deltanet-tiny", 32, 2),
+        ("gated_deltanet-tiny", 512, 1),
+        ("transformer-tiny", 512, 1),
+    }
+    for (preset, seq, _), r in rows.items():
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and len(r["step_ms_all"]) == 2, r
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["step_ms"] / 1e3))
+        cfg = get_preset(preset)
+        dense = 6 * (r["params_non_embedding"] + cfg.vocab_size * cfg.d_model)
+        n_attn = sum(letter in "AS" for letter in cfg.layer_types)
+        head_dim = cfg.d_model // cfg.attention.n_heads
+        assert r["flops_per_token"] == pytest.approx(dense + n_attn * 6 * seq * cfg.attention.n_heads * head_dim)
+        assert "mfu" not in r  # no peak FLOP/s known for a CPU
+    assert rows[("transformer-tiny", 32, 2)]["vs_transformer"] == 1.0
+    assert "flops/token = 6*(non-embedding params + vocab*d_model)" in data["flops_formula"]
+    out = capsys.readouterr().out
+    table = out.split("preset ", 1)[1]
+    assert "tokens_per_s" in table and "gated_deltanet-tiny" in table
+    assert "512 x 1: gated_deltanet-tiny" in out and "results:" in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert len(list(tmp_path.glob("train-*.png"))) == 1 and "plot:" in out.splitlines()[-1]
+
+
+def test_an_out_of_memory_point_is_recorded_and_skipped(tmp_path, monkeypatch, capsys) -> None:
+    real = bt._measure
+
+    def fake(row, cfg, *a, **k):
+        if cfg.name == "gated_deltanet-tiny":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        if cfg.name == "transformer-tiny" and row["seq_len"] == 16:
+            raise RuntimeError("some kernel failed")
+        return real(row, cfg, *a, **k)
+
+    monkeypatch.setattr(bt, "_measure", fake)
+    args = ["bench", "train", "--quick", "--shapes", "16x1,32x1", "--out-dir", str(tmp_path), "--no-plot"]
+    assert main(args) == 0
+    rows = {(r["preset"], r["seq_len"]): r for r in _results(tmp_path)["rows"]}
+    assert rows[("gated_deltanet-tiny", 16)]["status"] == rows[("gated_deltanet-tiny", 32)]["status"] == "oom"
+    assert rows[("transformer-tiny", 16)]["status"] == "error"
+    assert rows[("transformer-tiny", 16)]["error"] == "RuntimeError: some kernel failed"
+    assert rows[("transformer-tiny", 32)]["status"] == "ok"
+    assert "oom" in capsys.readouterr().out
+
+
+def test_targets_and_shapes() -> None:
+    def row(preset, seq, batch, tps):
+        return {"preset": preset, "arch": preset.rsplit("-", 1)[0], "seq_len": seq, "batch": batch,
+                "status": "ok", "tokens_per_s": tps, "size": "1.3b"}  # fmt: skip
+
+    rows = [
+        row("transformer-1.3b", 2048, 16, 56e3),
+        row("transformer-1.3b", 8192, 4, 40e3),
+        row("gated_deltanet-1.3b", 4096, 8, 49e3),
+        row("gated_deltanet-1.3b", 8192, 4, 48e3),
+        row("mamba2-1.3b", 8192, 4, 39e3),
+    ]
+    bt.add_ratios(rows)
+    targets = {t["target"]: t["pass"] for t in bt.check_targets(rows)}
+    assert targets == {
+        "gated_deltanet-1.3b >= 50K tokens/s at 4096x8": False,
+        "transformer-1.3b >= 55K tokens/s at 2048x16": True,
+        "gated_deltanet-1.3b faster than transformer-1.3b at 8192x4": True,
+        "mamba2-1.3b faster than transformer-1.3b at 8192x4": False,
+    }
+    assert bt.parse_shapes("2048x16, 4kx8,16Kx2") == [(2048, 16), (4096, 8), (16384, 2)]
+    with pytest.raises(ValueError, match="expected SEQxBATCH"):
+        bt.parse_shapes("2048*16")
