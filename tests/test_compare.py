@@ -127,6 +127,7 @@ def test_tiny_compare_writes_the_report(report, capsys) -> None:
     assert cfgs[0] == cfgs[1]
     md = (out / "report.md").read_text()
     assert "| transformer-tiny |" in md and "![" in md and "deltanet-tiny" in md
+    assert "mixlab compare --vary model=transformer-tiny,deltanet-tiny --out" in md  # the command that made it
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 5
     assert not re.search(r'(?:src|href)="(?!data:)', page), "the page must not reference external assets"

@@ -48,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
         vary.update(parse_vary(args.vary))
         if not vary:
             raise ValueError("nothing to compare: give --vary KEY=V1,V2 (or an experiment file with vary:)")
-        command = "mixlab compare " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else [])
+        parts = (["-c", args.config] if args.config else []) + (["--full"] if args.full else [])
+        parts += [x for v in args.vary for x in ("--vary", v)] + (["--out", args.out] if args.out else [])
+        parts += (["--eval", args.eval] if args.eval else []) + list(args.overrides)
+        command = "mixlab compare " + shlex.join(parts)
         result = compare(
             vary,
             [*exp["base"], *args.overrides],

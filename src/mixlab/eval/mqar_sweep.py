@@ -105,7 +105,7 @@ def _plot(path: Path, best: list[dict[str, Any]], title: str) -> None:
 
     archs = list(dict.fromkeys(b["arch"] for b in best))
     widths = sorted({b["d_model"] for b in best})
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(widths) * max(1, len(archs)) / 2.5, 4))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.5 + 0.7 * len(widths) * len(archs)), 4.2))
     w = 0.8 / max(1, len(archs))
     for i, arch in enumerate(archs):
         xs, ys = [], []
@@ -118,12 +118,14 @@ def _plot(path: Path, best: list[dict[str, Any]], title: str) -> None:
         for bar, y in zip(bars, ys):
             ax.text(bar.get_x() + bar.get_width() / 2, y + 0.01, f"{y:.2f}", ha="center", fontsize=7)
     ax.axhline(0.95, color="grey", ls=":", lw=1)
+    ax.text(0.995, 0.955, "0.95", color="grey", fontsize=7, ha="right", va="bottom", transform=ax.get_yaxis_transform())
     ax.set_xticks(range(len(widths)))
     ax.set_xticklabels([f"d_model {d}" for d in widths])
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.22)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("MQAR accuracy (queries)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(archs), frameon=False)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -197,7 +199,7 @@ def run_sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
         tmp.replace(json_path)
         if best:
             try:
-                _plot(png_path, best, f"MQAR L={L}, {n} key-value pairs, vocab {V}, 2 layers ({env['device']})")
+                _plot(png_path, best, f"MQAR L={L}, {n} key-value pairs, vocab {V}, 2 layers\n{env['device']}")
             except ImportError:
                 log("matplotlib is not installed: no PNG (pip install matplotlib)")
         return best
@@ -216,7 +218,7 @@ def run_sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
                 break
             t0 = time.monotonic()
             base = [*model_overrides(arch, d), *common, f"train.lr={lr}"]
-            row: dict[str, Any] = {"arch": arch, "d_model": d, "lr": lr}
+            row: dict[str, Any] = {"arch": arch, "d_model": d, "lr": lr, "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
             try:
                 if (arch, d) not in step_s:  # time a few steps once per model
                     calib = 12
@@ -233,12 +235,13 @@ def run_sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
                 t1 = time.monotonic()
                 res = train(cfg, log=quiet)
                 train_s = time.monotonic() - t1
+                step_s[(arch, d)] = train_s / max(steps, 1)  # the measured speed plans the next learning rates
                 if not res.ok:
                     raise RuntimeError(res.message or res.status)
                 model, _ = load_model(run_dir, device=resolve_device(args.device))
                 acc = evaluate_mqar(model, [(L, n)], vocab_size=V, examples=args.eval_examples)["results"][0]
                 row.update(
-                    steps=steps, params=int(model.num_parameters()), step_ms=1e3 * step_s[(arch, d)],
+                    steps=steps, params=int(model.num_parameters()), step_ms=1e3 * train_s / max(steps, 1),
                     train_s=round(train_s, 1), final_loss=res.losses.get(steps), val_loss=res.val_loss,
                     accuracy=acc["accuracy"], sequence_accuracy=acc["sequence_accuracy"],
                 )  # fmt: skip
