@@ -7,21 +7,20 @@ set -u
 out=${1:?usage: run-gpu.sh OUT_DIR STAGE...}; shift
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-mx() { python3 -m mixlab "$@"; }
 stage() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; local t0=$SECONDS
   timeout "$limit" "$@" > "$out/$name.log" 2>&1; local rc=$?
   echo "=== $name rc=$rc $((SECONDS - t0))s"; tail -n 25 "$out/$name.log"; }
 for s in "$@"; do case $s in
   env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)";;
-  kernels) stage kernels 180 mx bench kernels --check --out-dir "$out";;
-  kernels-mamba) stage kernels-mamba 60 mx bench kernels-mamba --sections loss --out-dir "$out";;
+  kernels) stage kernels 180 python3 -m mixlab bench kernels --check --out-dir "$out";;
+  kernels-mamba) stage kernels-mamba 60 python3 -m mixlab bench kernels-mamba --sections loss --out-dir "$out";;
   train-baseline) for m in gated_deltanet-125m transformer-125m mamba2-125m; do
-       stage "train-$m" 90 mx train -c configs/train/gpu-125m.yaml model=$m train.batch_size=8 \
+       stage "train-$m" 90 python3 -m mixlab train -c configs/train/gpu-125m.yaml model=$m train.batch_size=8 \
          train.max_steps=200 train.eval_every=0 log.progress=false run.dir="$out/runs/$m"
        cp "$out/runs/$m/metrics.jsonl" "$out/train-$m.metrics.jsonl" 2>/dev/null; done;;
-  bench-train) stage bench-train 270 mx bench train --steps 3 --warmup 1 --long --out-dir "$out";;
-  decode) stage decode 170 mx bench decode --steps 8 --warmup 2 --prefill-repeats 1 --out-dir "$out";;
+  bench-train) stage bench-train 270 python3 -m mixlab bench train --steps 3 --warmup 1 --long --out-dir "$out";;
+  decode) stage decode 170 python3 -m mixlab bench decode --steps 8 --warmup 2 --prefill-repeats 1 --out-dir "$out";;
   graphs) stage graphs 60 python3 -m pytest -q -x tests/test_generate.py -k cuda -p no:cacheprovider;;
   mqar) stage mqar 200 python3 -m mixlab.eval.mqar_sweep --budget-min 3 --device cuda --out-dir "$out";;
   *) echo "unknown stage $s";;
