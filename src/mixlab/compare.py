@@ -9,7 +9,7 @@ one combination of the varied values, and trains sequentially in this process th
 training loop (``mixlab.train.train``); the pseudo-key ``gpus`` (``--vary gpus=1,4``) launches
 runs with more than one GPU through ``torchrun`` with ``parallel.strategy=ddp``. Finished runs are
 reused (``--rerun`` trains them again). After each run the evaluation (``eval: auto``: ``ppl`` for
-text, ``mqar`` for ``task=mqar``) is merged into the run's ``eval.json``.
+text, ``mqar`` for ``task=mqar``, ``synthetic`` for selective copying) is merged into the run's ``eval.json``.
 
 The report (``OUT/report.md`` with PNG plots, and ``OUT/report.html``, one self-contained page
 with the plots inlined as base64) shows loss against step and against wall time, tokens/s, peak
@@ -210,7 +210,7 @@ def _eval_tasks(spec: str, cfg: Any) -> list[str]:
     if spec in ("", "none"):
         return []
     if spec == "auto":
-        return {"text": ["ppl"], "mqar": ["mqar"]}.get(cfg.task, [])
+        return {"text": ["ppl"], "mqar": ["mqar"], "selective_copying": ["synthetic"]}.get(cfg.task, [])
     return [t for t in spec.split(",") if t.strip()]
 
 
@@ -345,7 +345,7 @@ def summarize_run(run_dir: str | Path, varied: dict[str, str] | None = None, sta
         # wall time from the start of the first step (data preparation and model build left out)
         "curve": [(r["step"], _since_start(r, train_rows[0]), r["loss"]) for r in train_rows],
         "val_curve": [(r["step"], r["val_loss"]) for r in val_rows],
-        "eval": {k: v for k, v in ev.items() if k in ("ppl", "length", "mqar", "niah", "harness")},
+        "eval": {k: v for k, v in ev.items() if k in ("ppl", "length", "mqar", "niah", "synthetic", "harness")},
     }
 
 
@@ -384,6 +384,7 @@ def _eval_columns(summaries: list[dict[str, Any]]) -> list[tuple[str, Callable[[
         ("loss beyond train len", ("length", "loss_beyond")),
         ("MQAR acc", ("mqar", "accuracy")),
         ("NIAH acc", ("niah", "accuracy")),
+        ("task acc", ("synthetic", "accuracy")),
     ):
         if has(path):
             cols.append((header, getter(path)))

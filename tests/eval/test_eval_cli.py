@@ -82,7 +82,7 @@ def test_eval_cli_ppl_and_length_curve(text_run, capsys) -> None:
     assert state["tokens"] == res["ppl"]["tokens"] and state["context"] is None
 
 
-def test_eval_cli_mqar_run_and_errors(tmp_path, capsys) -> None:
+def test_eval_cli_synthetic_runs_and_errors(tmp_path, capsys) -> None:
     cfg = load_config(
         None,
         [*TINY, "task=mqar", "synthetic.vocab_size=64", "synthetic.num_kv_pairs=4", "synthetic.eval_examples=8",
@@ -95,5 +95,20 @@ def test_eval_cli_mqar_run_and_errors(tmp_path, capsys) -> None:
     assert res["results"][0]["targets"] == 64
     assert main(["eval", str(run), "--tasks", "ppl"]) == 2
     assert "synthetic task" in capsys.readouterr().err
+    # `synthetic` scores the run's own task: the same figure as MQAR's at the run's setting
+    assert main(["eval", str(run), "--tasks", "synthetic", "--mqar-examples", "16"]) == 0
+    syn = json.loads((run / "eval.json").read_text())["synthetic"]
+    assert syn["task"] == "mqar" and syn["accuracy"] == pytest.approx(res["results"][0]["accuracy"])
     assert main(["eval", str(run), "--tasks", "bogus"]) == 2
     assert main(["eval", str(tmp_path / "missing"), "--tasks", "ppl"]) == 2
+    cfg = load_config(
+        None,
+        [*TINY, "task=selective_copying", "synthetic.vocab_size=16", "synthetic.num_tokens=4",
+         "synthetic.eval_examples=8", "data.seq_len=16", "train.max_steps=2", f"run.dir={tmp_path / 'sc'}"],
+    )  # fmt: skip
+    run = train(cfg, log=_quiet).run_dir
+    assert main(["eval", str(run), "--tasks", "synthetic", "--mqar-examples", "8"]) == 0
+    syn = json.loads((run / "eval.json").read_text())["synthetic"]
+    assert syn["task"] == "selective_copying" and syn["targets"] == 32
+    assert main(["eval", str(run), "--tasks", "mqar"]) == 2
+    assert "evaluate it with the task 'synthetic'" in capsys.readouterr().err

@@ -17,6 +17,7 @@ tasks:
   length     the length-extrapolation curve alone
   mqar       multi-query associative recall (the run's own setting, or Zoology's sweep)
   niah       S-NIAH-1/2/3 needles at --niah-lengths x --niah-depths
+  synthetic  accuracy of a task=mqar / selective_copying run on held-out data of its own task
   harness:A,B  lm-evaluation-harness tasks (pip install lm-eval), offline from the local cache
 examples:
   mixlab eval runs/gdn --tasks ppl
@@ -51,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("path", metavar="RUN_OR_MODEL_DIR", help="run directory or model directory")
-    parser.add_argument("--tasks", required=True, help="comma-separated: ppl, length, mqar, niah, harness:TASKS")
+    parser.add_argument(
+        "--tasks", required=True, help="comma-separated: ppl, length, mqar, niah, synthetic, harness:TASKS"
+    )
     parser.add_argument("--out", default=None, help="results JSON (default: RUN_OR_MODEL_DIR/eval.json)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer spec when the directory names none")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
@@ -68,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--factor", type=int, default=4, help="length curve up to FACTOR x the training length")
     g = parser.add_argument_group("mqar")
     g.add_argument("--mqar-configs", type=_pairs, default=None, help="e.g. 64x4,128x8,256x16,512x64")
-    g.add_argument("--mqar-examples", type=int, default=1000, help="test sequences per config")
+    g.add_argument("--mqar-examples", type=int, default=1000, help="test sequences per config (and for synthetic)")
     g = parser.add_argument_group("niah")
     g.add_argument("--niah-variants", default=None, help="niah_1,niah_2,niah_3 (default all)")
     g.add_argument("--niah-lengths", type=_ints, default=None, help="tokens, default 1024,2048,4096,8192,16384")

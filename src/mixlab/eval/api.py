@@ -8,6 +8,8 @@ Tasks (any mix, comma-separated or a list):
 - ``mqar``: MQAR accuracy; a model trained with ``task=mqar`` is tested on its own setting, any
   other on Zoology's sweep :data:`~mixlab.eval.mqar.MQAR_SWEEP` (``mqar_configs`` overrides).
 - ``niah``: S-NIAH-1/2/3 by length and depth (:mod:`mixlab.eval.niah`).
+- ``synthetic``: accuracy of a run trained with ``task=mqar`` / ``selective_copying`` on a held-out
+  set of its own task and settings.
 - ``harness:TASK1,TASK2``: lm-evaluation-harness tasks (every name after ``harness:`` that is not
   one of the above).
 
@@ -28,7 +30,7 @@ from torch import nn
 
 __all__ = ["BUILTIN_TASKS", "evaluate", "parse_tasks"]
 
-BUILTIN_TASKS = ("ppl", "length", "mqar", "niah")
+BUILTIN_TASKS = ("ppl", "length", "mqar", "niah", "synthetic")
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> tuple[list[str], list[str]]:
@@ -188,9 +190,24 @@ def evaluate(
                 mqar_configs = MQAR_SWEEP
         if run_cfg.get("task") == "mqar":
             vocab = int(syn.get("vocab_size", 8192))
+        elif run_cfg.get("task", "text") != "text":
+            raise ValueError(f"this run trained on {run_cfg['task']}; evaluate it with the task 'synthetic'")
         results["mqar"] = evaluate_mqar(model, mqar_configs, vocab_size=vocab, examples=mqar_examples)
         for r in results["mqar"]["results"]:
             log(f"mqar: L={r['seq_len']} kv={r['num_kv_pairs']}: accuracy {r['accuracy']:.4f}")
+
+    if "synthetic" in builtin:
+        from mixlab.data.synthetic import SyntheticLoader
+        from mixlab.eval.mqar import TEST_SEED, labeled_accuracy
+
+        task = run_cfg.get("task", "text")
+        if task == "text":
+            raise ValueError("eval task 'synthetic' needs a run trained with task=mqar or task=selective_copying")
+        syn = dict(run_cfg.get("synthetic") or {})
+        syn["eval_examples"] = mqar_examples
+        loader = SyntheticLoader(task, syn, int(data_cfg.get("seq_len", 256)), batch_size * 8, TEST_SEED)
+        results["synthetic"] = {"task": task, **labeled_accuracy(model, loader.eval_batches())}
+        log(f"{task}: accuracy {results['synthetic']['accuracy']:.4f} ({results['synthetic']['targets']} targets)")
 
     if "niah" in builtin:
         from mixlab.eval.niah import DEFAULT_DEPTHS, DEFAULT_LENGTHS, VARIANTS, evaluate_niah
