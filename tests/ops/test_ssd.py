@@ -97,20 +97,23 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
         assert_rel(g_c[k], g_r[k], what=f"grad {k}")
 
 
-def test_short_inputs_are_not_padded_to_a_chunk():
-    """A decode step (T = 1) or a short prefill costs the same matmul FLOPs whatever chunk_size is:
-    the chunk shrinks to T instead of padding T up to chunk_size (O(chunk^2) work per step)."""
+def test_short_inputs_are_not_padded_and_chunks_are_capped():
+    """A decode step (T = 1) or a short prefill costs the same matmul FLOPs whatever chunk_size is: the
+    chunk shrinks to T instead of padding T up to chunk_size (O(chunk^2) work per step). A long input
+    runs in chunks of at most MAX_CHUNK, where the CPU path is fastest, even when asked for more."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mixlab.ops.ssd.chunked import MAX_CHUNK
+
     gen = torch.Generator().manual_seed(11)
-    for T in (1, 3):
+    for T, small in ((1, 1), (3, 3), (3 * MAX_CHUNK, MAX_CHUNK)):
         inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(gen, 2, T, 4, 8, 2, 16).items()}
         flops = []
-        for chunk_size in (T, 256):
+        for chunk_size in (small, 4 * MAX_CHUNK):
             with FlopCounterMode(display=False) as counter:
                 run(ssd_chunked, inp, chunk_size=chunk_size)
             flops.append(counter.get_total_flops())
-        assert flops[0] == flops[1] > 0, f"T={T}: {flops[1]} FLOPs with chunk_size=256 vs {flops[0]} with {T}"
+        assert flops[0] == flops[1] > 0, f"T={T}: {flops[1]} FLOPs with chunk_size={4 * MAX_CHUNK} vs {flops[0]}"
 
 
 @pytest.mark.parametrize("with_init", [False, True])
