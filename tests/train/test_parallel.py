@@ -208,3 +208,39 @@ def test_a_shape_mismatch_names_the_tensor(tmp_path) -> None:
         CheckpointError, match=r"shape mismatch layers\.0\.mlp\.\w+\.weight: checkpoint \[\d+, \d+\] vs model"
     ):
         load_checkpoint(path, wider)
+
+
+def test_the_launcher_environment_is_read_from_torchrun_or_an_srun_step(monkeypatch) -> None:
+    import os
+
+    from mixlab.train.distributed import detect_launch
+
+    # set, then delete: monkeypatch then removes whatever detect_launch exports for torch
+    launch_keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"]
+    for k in [k for k in os.environ if k.startswith("SLURM_")] + launch_keys:
+        monkeypatch.setenv(k, "x")
+        monkeypatch.delenv(k)
+    assert detect_launch().launcher == "single"
+    # the batch script itself carries SLURM_PROCID=0 of an 8-task allocation: still one process
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert detect_launch().world_size == 1
+    # an srun step of 8 tasks, 4 per node: this is rank 5, the second of node 1
+    for k, v in {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+                 "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set; export it in the batch script"):
+        detect_launch()
+    monkeypatch.setenv("MASTER_ADDR", "node001")
+    env = detect_launch()
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank) == (5, 8, 1, 4, 1)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
+    assert os.environ["MASTER_PORT"] == "29500"
+    # torchrun's variables win
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("GROUP_RANK", "0")
+    env = detect_launch()
+    assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("torchrun", 3, 4, 3)

@@ -2,8 +2,8 @@
 
 One training process per GPU (or per CPU worker on gloo), started by ``torchrun`` (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ... in the environment) or by Slurm's ``srun`` with one task per
-GPU (``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``; ``MASTER_ADDR`` must be exported by
-the batch script). :func:`setup` turns that into a :class:`DistContext`:
+GPU (``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID``; ``MASTER_ADDR`` must be
+exported by the batch script). :func:`setup` turns that into a :class:`DistContext`:
 
 - before ``init_process_group`` the first process of every node prints one line ``mixlab dist:``
   with the host, its ranks, its devices, the backend, ``MASTER_ADDR``/``MASTER_PORT`` and the
@@ -29,6 +29,7 @@ import contextlib
 import datetime as _dt
 import faulthandler
 import os
+import re
 import signal
 import socket
 import sys
@@ -105,8 +106,9 @@ def _int_env(name: str, default: int | None = None) -> int | None:
 
 
 def detect_launch() -> LaunchEnv:
-    """Read the launcher's environment: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, else Slurm's
-    ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` (only with more than one task), else one process.
+    """Read the launcher's environment: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, else an srun
+    job step's ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID`` (only with more than one
+    task), else one process.
 
     Under Slurm the variables torch reads are exported from Slurm's (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``); ``MASTER_ADDR`` must come from the batch script (see ``examples/slurm``)."""
@@ -117,12 +119,13 @@ def detect_launch() -> LaunchEnv:
         local_world = _int_env("LOCAL_WORLD_SIZE", world)
         node = _int_env("GROUP_RANK", rank // max(local_world, 1))
         return LaunchEnv(rank, world, local_rank, local_world, node, "torchrun")  # type: ignore[arg-type]
-    ntasks = _int_env("SLURM_NTASKS", 1)
+    # Inside an srun job step (not the batch script itself, which also carries SLURM_PROCID=0).
+    ntasks = _int_env("SLURM_STEP_NUM_TASKS", 1)
     if ntasks and ntasks > 1 and "SLURM_PROCID" in os.environ:
         rank = _int_env("SLURM_PROCID", 0)
         local_rank = _int_env("SLURM_LOCALID", 0)
-        nnodes = _int_env("SLURM_NNODES", 1) or 1
-        local_world = ntasks // nnodes
+        per_node = re.match(r"\d+", os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""))
+        local_world = int(per_node.group()) if per_node else ntasks // (_int_env("SLURM_STEP_NUM_NODES", 1) or 1)
         node = _int_env("SLURM_NODEID", 0)
         if "MASTER_ADDR" not in os.environ:
             raise ConfigError(
