@@ -182,3 +182,19 @@ def test_report_opens_in_headless_chromium(report, tmp_path) -> None:
     )  # fmt: skip
     assert shot.is_file() and shot.stat().st_size > 10_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_gpus_pseudo_key_runs_ddp_through_torchrun_with_identical_losses(tmp_path) -> None:
+    """`--vary gpus=1,2` (here on CPU processes over gloo): the 2-process run takes the same global
+    batches, so its losses equal the single-process run's."""
+    corpus = _corpus(tmp_path / "corpus")
+    args = ["compare", "--out", str(tmp_path / "out"), "--vary", "gpus=1,2", "--eval", "none"]
+    args += ["model=transformer-tiny", *BASE, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main([*args, "run.device=cpu"]) == 0
+    runs = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
+    assert [r["varied"] for r in runs] == [{"gpus": "1"}, {"gpus": "2"}]
+    one, two = ([p[2] for p in r["curve"]] for r in runs)
+    assert len(one) == 3 and one == pytest.approx(two, rel=1e-4)
+    cfg = yaml.safe_load((Path(runs[1]["run_dir"]) / "config.yaml").read_text())
+    assert cfg["parallel"]["strategy"] == "ddp"
