@@ -104,3 +104,31 @@ def test_targets_and_shapes() -> None:
     assert bt.parse_shapes("2048x16, 4kx8,16Kx2") == [(2048, 16), (4096, 8), (16384, 2)]
     with pytest.raises(ValueError, match="expected SEQxBATCH"):
         bt.parse_shapes("2048*16")
+
+
+def test_a_lost_cuda_context_skips_the_rest_and_isolate_runs_each_point_in_its_own_process(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    def crash(row, cfg, *a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bt, "_measure", crash)
+    rows = bt.run_suite(
+        ["transformer-tiny", "gated_deltanet-tiny"],
+        [(16, 1)],
+        torch.device("cpu"),
+        1,
+        0,
+        "none",
+        False,
+        None,
+        None,
+        None,
+    )
+    assert [r["status"] for r in rows] == ["error", "skipped"] and "--isolate" in rows[1]["error"]
+    monkeypatch.undo()
+    # --isolate: the point runs in a fresh `mixlab bench train` process and its row comes back
+    rows = bt.run_suite(
+        ["transformer-tiny"], [(16, 1)], torch.device("cpu"), 1, 0, "none", False, None, None, None, isolate=True
+    )
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["tokens_per_s"] > 0 and rows[0]["seq_len"] == 16

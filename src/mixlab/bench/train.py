@@ -84,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda:N")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak bf16 TFLOP/s for MFU (default: by name)")
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run every point in a fresh process (slower start-up; a crashing kernel cannot end the suite)",
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     parser.add_argument(
         "--quick",
@@ -352,15 +357,29 @@ def run_suite(
     backend: str | None,
     peak_flops: float | None,
     long_shape: tuple[int, int] | None,
+    isolate: bool = False,
+    point_timeout: float = 1800.0,
 ) -> list[dict[str, Any]]:
+    """Every (preset, shape) point, in this process or (``isolate``) each in a fresh one."""
     points = [(p, s, b) for p in presets for s, b in shapes]
     if long_shape is not None:
         size = presets[0].rsplit("-", 1)[-1]
         points += [(f"{a}-{size}", *long_shape) for a in LONG_ARCHS if (f"{a}-{size}", *long_shape) not in points]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    lost: str | None = None  # a CUDA error that leaves this process's context unusable
     for i, (preset, seq, batch) in enumerate(points, 1):
         print(f"[{i}/{len(points)}] {preset} {seq}x{batch} ...", end=" ", flush=True)
-        row = bench_point(preset, seq, batch, device, steps, warmup, ac, compile_blocks, backend, peak_flops)
+        if lost is not None:
+            row = {"preset": preset, "arch": _arch(preset), "seq_len": seq, "batch": batch, "status": "skipped",
+                   "error": f"the CUDA context was lost earlier ({lost}); rerun with --isolate"}  # fmt: skip
+        elif isolate:
+            row = _point_in_subprocess(
+                preset, seq, batch, device, steps, warmup, ac, compile_blocks, backend, point_timeout
+            )
+        else:
+            row = bench_point(preset, seq, batch, device, steps, warmup, ac, compile_blocks, backend, peak_flops)
+            if row["status"] == "error" and _context_lost(row.get("error", "")):
+                lost = row["error"]
         row["size"] = preset.rsplit("-", 1)[-1]
         rows.append(row)
         if row["status"] == "ok":
@@ -371,6 +390,53 @@ def run_suite(
             print(row["status"] + (f" ({row['error']})" if "error" in row else ""), flush=True)
     add_ratios(rows)
     return rows
+
+
+def _context_lost(error: str) -> bool:
+    e = error.lower()
+    return any(
+        s in e for s in ("illegal memory access", "device-side assert", "unspecified launch failure", "cuda error")
+    )
+
+
+def _point_in_subprocess(
+    preset: str,
+    seq: int,
+    batch: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    ac: str,
+    compile_blocks: bool,
+    backend: str | None,
+    timeout: float,
+) -> dict[str, Any]:
+    """One point in a fresh ``mixlab bench train`` process (a crashed kernel cannot take the suite down)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mixlab-bench-train-") as tmp:
+        cmd = [
+            sys.executable, "-m", "mixlab", "bench", "train", "--presets", preset, "--shapes", f"{seq}x{batch}",
+            "--steps", str(steps), "--warmup", str(warmup), "--ac", ac, "--device", str(device), "--no-plot",
+            "--out-dir", tmp,
+        ]  # fmt: skip
+        if compile_blocks:
+            cmd.append("--compile")
+        if backend:
+            cmd += ["--backend", backend]
+        base = {"preset": preset, "arch": _arch(preset), "seq_len": seq, "batch": batch}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**base, "status": "error", "error": f"timed out after {timeout:g} s"}
+        files = sorted(Path(tmp).glob("train-*.json"))
+        if proc.returncode != 0 or not files:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+            return {**base, "status": "error", "error": f"exit code {proc.returncode}: {tail[0][:300]}"}
+        return json.loads(files[0].read_text())["rows"][0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -400,13 +466,15 @@ def run(args: argparse.Namespace) -> int:
         print("bench train: note: with --compile the first steps compile; --warmup 2 or more keeps them untimed")
     peak = device_peak_flops(device, args.peak_tflops)
     long_shape = (QUICK_LONG_SHAPE if quick else LONG_SHAPE) if args.long else None
-    rows = run_suite(presets, shapes, device, steps, warmup, args.ac, args.compile, args.backend, peak, long_shape)
+    rows = run_suite(
+        presets, shapes, device, steps, warmup, args.ac, args.compile, args.backend, peak, long_shape, args.isolate
+    )
     targets = check_targets(rows)
     extra = {
         "config": {
             "presets": presets, "shapes": [f"{s}x{b}" for s, b in shapes], "steps": steps, "warmup": warmup,
             "compile": args.compile, "activation_checkpointing": args.ac, "backend": args.backend,
-            "long": list(long_shape) if long_shape else None, "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
+            "long": list(long_shape) if long_shape else None, "isolate": args.isolate, "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
             "peak_flops": peak,
         },
         "flops_formula": FLOPS_FORMULA,

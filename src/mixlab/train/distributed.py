@@ -161,7 +161,7 @@ def env_report(launch: LaunchEnv, backend: str) -> str:
     nccl = ""
     if backend == "nccl":
         with contextlib.suppress(Exception):
-            nccl = " nccl " + ".".join(str(x) for x in torch.cuda.nccl.version())
+            nccl = " (NCCL " + ".".join(str(x) for x in torch.cuda.nccl.version()) + ")"
     return (
         f"mixlab dist: host {socket.gethostname()} node {launch.node_rank} ranks {ranks} of {launch.world_size} "
         f"({launch.launcher}); devices {devices}; backend {backend}{nccl}; torch {torch.__version__}; {master}; {rest}"
