@@ -132,3 +132,23 @@ def test_a_lost_cuda_context_skips_the_rest_and_isolate_runs_each_point_in_its_o
         ["transformer-tiny"], [(16, 1)], torch.device("cpu"), 1, 0, "none", False, None, None, None, isolate=True
     )
     assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["tokens_per_s"] > 0 and rows[0]["seq_len"] == 16
+
+
+def test_an_oom_point_can_be_retried_with_activation_checkpointing(monkeypatch) -> None:
+    real = bt._measure
+
+    def fake(row, cfg, *a, **k):
+        if row["activation_checkpointing"] == "none" and cfg.name == "gated_deltanet-tiny":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(row, cfg, *a, **k)
+
+    monkeypatch.setattr(bt, "_measure", fake)
+    presets = ["transformer-tiny", "gated_deltanet-tiny"]
+    rows = bt.run_suite(
+        presets, [(16, 1)], torch.device("cpu"), 1, 0, "none", False, None, None, None, oom_retry_ac="full"
+    )
+    assert [(r["preset"], r["status"], r["activation_checkpointing"]) for r in rows] == [
+        ("transformer-tiny", "ok", "none"),
+        ("gated_deltanet-tiny", "ok", "full"),
+    ]
+    assert rows[1]["oom_with_ac"] == "none" and "oom_with_ac" not in rows[0]

@@ -17,8 +17,10 @@ sequence length, or the window of sliding-window layers). The linear-time mixers
 ``mixlab.train.metrics.flops_per_token`` and is stored with the results.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (parameters, gradients,
-AdamW state and activations). A point that runs out of memory is recorded as ``oom`` and skipped;
-any other failure is recorded with its error and the suite goes on. ``--long`` adds the 1.3b
+AdamW state and activations). A point that runs out of memory is recorded as ``oom`` and skipped
+(``--oom-retry-ac full`` retries it once with activation checkpointing); any other failure is
+recorded with its error and the suite goes on (``--isolate`` runs every point in its own process, so
+that even a crashed kernel cannot end the suite). ``--long`` adds the 1.3b
 Gated DeltaNet and Transformer (of the presets' size) at 32K x 1, their peak memory side by side. The issue's targets
 are checked at the end; the table is printed last; JSON and a PNG plot (tokens/s against sequence
 length per architecture, and peak memory) go to ``benchmarks/results/`` (``--out-dir``).
@@ -60,7 +62,7 @@ FLOPS_FORMULA = (
 )
 LINEAR = ("mamba", "mamba2", "deltanet", "gated_deltanet", "gdn_h1", "gdn_h2")
 COLUMNS = [
-    "preset", "seq_len", "batch", "status", "tokens_per_s", "mfu", "peak_mem_gb", "step_ms", "vs_transformer",
+    "preset", "seq_len", "batch", "status", "tokens_per_s", "mfu", "peak_mem_gb", "step_ms", "vs_transformer", "ac",
 ]  # fmt: skip
 
 
@@ -75,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         choices=("none", "full", "selective"),
         help="activation checkpointing per block (as train.activation_checkpointing; default none)",
+    )
+    parser.add_argument(
+        "--oom-retry-ac",
+        default="none",
+        choices=("none", "full", "selective"),
+        help="retry a point that ran out of memory once with this activation checkpointing (default: no retry)",
     )
     parser.add_argument("--backend", default=None, help="op backend of every mixer (default: the preset's, auto)")
     parser.add_argument(
@@ -159,6 +167,7 @@ def bench_point(
         "tokens_per_step": seq_len * batch,
         "compile": compile_blocks,
         "activation_checkpointing": ac,
+        "ac": ac,  # short column name for the table
         "precision": "bf16" if device.type == "cuda" else "fp32",
         "status": "ok",
     }
@@ -337,7 +346,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     how = [
         "bf16 autocast" if ok[0].get("precision") == "bf16" else "fp32",
         "compiled blocks" if ok[0].get("compile") else "eager",
-        f"activation checkpointing {ok[0]['activation_checkpointing']}",
+        "activation checkpointing " + "/".join(dict.fromkeys(r["activation_checkpointing"] for r in ok)),
     ]
     fig.suptitle(f"mixlab training benchmark — {env.get('device')} — {', '.join(how)} — {env['date'][:10]}")
     fig.tight_layout()
@@ -359,8 +368,10 @@ def run_suite(
     long_shape: tuple[int, int] | None,
     isolate: bool = False,
     point_timeout: float = 1800.0,
+    oom_retry_ac: str = "none",
 ) -> list[dict[str, Any]]:
-    """Every (preset, shape) point, in this process or (``isolate``) each in a fresh one."""
+    """Every (preset, shape) point, in this process or (``isolate``) each in a fresh one; a point that
+    runs out of memory is retried once with ``oom_retry_ac`` activation checkpointing (unless ``none``)."""
     points = [(p, s, b) for p in presets for s, b in shapes]
     if long_shape is not None:
         size = presets[0].rsplit("-", 1)[-1]
@@ -372,14 +383,26 @@ def run_suite(
         if lost is not None:
             row = {"preset": preset, "arch": _arch(preset), "seq_len": seq, "batch": batch, "status": "skipped",
                    "error": f"the CUDA context was lost earlier ({lost}); rerun with --isolate"}  # fmt: skip
-        elif isolate:
-            row = _point_in_subprocess(
-                preset, seq, batch, device, steps, warmup, ac, compile_blocks, backend, point_timeout
-            )
         else:
-            row = bench_point(preset, seq, batch, device, steps, warmup, ac, compile_blocks, backend, peak_flops)
-            if row["status"] == "error" and _context_lost(row.get("error", "")):
-                lost = row["error"]
+            first: dict[str, Any] | None = None
+            for mode in dict.fromkeys((ac, oom_retry_ac if oom_retry_ac != "none" else ac)):
+                if first is not None:
+                    print(f"oom; again with activation checkpointing {mode} ...", end=" ", flush=True)
+                if isolate:
+                    row = _point_in_subprocess(
+                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, point_timeout
+                    )
+                else:
+                    row = bench_point(
+                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, peak_flops
+                    )
+                    if row["status"] == "error" and _context_lost(row.get("error", "")):
+                        lost = row["error"]
+                if row["status"] != "oom":
+                    break
+                first = first or row
+            if first is not None and first is not row:
+                row["oom_with_ac"] = ac  # the first attempt ran out of memory
         row["size"] = preset.rsplit("-", 1)[-1]
         rows.append(row)
         if row["status"] == "ok":
@@ -467,13 +490,15 @@ def run(args: argparse.Namespace) -> int:
     peak = device_peak_flops(device, args.peak_tflops)
     long_shape = (QUICK_LONG_SHAPE if quick else LONG_SHAPE) if args.long else None
     rows = run_suite(
-        presets, shapes, device, steps, warmup, args.ac, args.compile, args.backend, peak, long_shape, args.isolate
-    )
+        presets, shapes, device, steps, warmup, args.ac, args.compile, args.backend, peak, long_shape, args.isolate,
+        oom_retry_ac=args.oom_retry_ac,
+    )  # fmt: skip
     targets = check_targets(rows)
     extra = {
         "config": {
             "presets": presets, "shapes": [f"{s}x{b}" for s, b in shapes], "steps": steps, "warmup": warmup,
-            "compile": args.compile, "activation_checkpointing": args.ac, "backend": args.backend,
+            "compile": args.compile, "activation_checkpointing": args.ac, "oom_retry_ac": args.oom_retry_ac,
+            "backend": args.backend,
             "long": list(long_shape) if long_shape else None, "isolate": args.isolate, "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
             "peak_flops": peak,
         },
