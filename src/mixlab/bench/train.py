@@ -33,6 +33,7 @@ import gc
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -369,9 +370,11 @@ def run_suite(
     isolate: bool = False,
     point_timeout: float = 1800.0,
     oom_retry_ac: str = "none",
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every (preset, shape) point, in this process or (``isolate``) each in a fresh one; a point that
-    runs out of memory is retried once with ``oom_retry_ac`` activation checkpointing (unless ``none``)."""
+    runs out of memory is retried once with ``oom_retry_ac`` activation checkpointing (unless ``none``).
+    ``on_row(rows)`` is called after every point (the partial results are saved by it)."""
     points = [(p, s, b) for p in presets for s, b in shapes]
     if long_shape is not None:
         size = presets[0].rsplit("-", 1)[-1]
@@ -405,6 +408,8 @@ def run_suite(
                 row["oom_with_ac"] = ac  # the first attempt ran out of memory
         row["size"] = preset.rsplit("-", 1)[-1]
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         if row["status"] == "ok":
             mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
             mem = f", peak {row['peak_mem_gb']:.1f} GB" if row.get("peak_mem_gb") is not None else ""
@@ -489,12 +494,7 @@ def run(args: argparse.Namespace) -> int:
         print("bench train: note: with --compile the first steps compile; --warmup 2 or more keeps them untimed")
     peak = device_peak_flops(device, args.peak_tflops)
     long_shape = (QUICK_LONG_SHAPE if quick else LONG_SHAPE) if args.long else None
-    rows = run_suite(
-        presets, shapes, device, steps, warmup, args.ac, args.compile, args.backend, peak, long_shape, args.isolate,
-        oom_retry_ac=args.oom_retry_ac,
-    )  # fmt: skip
-    targets = check_targets(rows)
-    extra = {
+    extra: dict[str, Any] = {
         "config": {
             "presets": presets, "shapes": [f"{s}x{b}" for s, b in shapes], "steps": steps, "warmup": warmup,
             "compile": args.compile, "activation_checkpointing": args.ac, "oom_retry_ac": args.oom_retry_ac,
@@ -503,8 +503,18 @@ def run(args: argparse.Namespace) -> int:
             "peak_flops": peak,
         },
         "flops_formula": FLOPS_FORMULA,
-        "targets": targets,
     }  # fmt: skip
+
+    def save_partial(done: list[dict[str, Any]]) -> None:
+        # a run stopped early (a time limit) still leaves the points it measured
+        save_results("train", done, extra={**extra, "partial": True}, out_dir=args.out_dir)
+
+    rows = run_suite(
+        presets, shapes, device, steps, warmup, args.ac, args.compile, args.backend, peak, long_shape, args.isolate,
+        oom_retry_ac=args.oom_retry_ac, on_row=save_partial,
+    )  # fmt: skip
+    targets = check_targets(rows)
+    extra["targets"] = targets
     path = save_results("train", rows, extra=extra, out_dir=args.out_dir)
     png = None if args.no_plot else plot(rows, path.with_suffix(".png"))
     long_rows = [r for r in rows if long_shape and (r["seq_len"], r["batch"]) == long_shape]
