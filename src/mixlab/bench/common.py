@@ -29,7 +29,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
-        "command": " ".join(["mixlab", *sys.argv[1:]])
+        "command": _command_line(),
         if sys.argv and sys.argv[0].endswith("mixlab")
         else " ".join(sys.argv),
     }
@@ -46,6 +46,14 @@ def environment() -> dict[str, Any]:
     else:
         env["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return env
+
+
+def _command_line() -> str:
+    """The command as a user would type it (``mixlab ...`` for the console script or ``python -m mixlab``)."""
+    argv = sys.argv or [""]
+    if argv[0].endswith(("mixlab", "__main__.py")):
+        return " ".join(["mixlab", *argv[1:]])
+    return " ".join(argv)
 
 
 def device_slug(env: dict[str, Any]) -> str:
