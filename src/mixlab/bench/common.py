@@ -30,8 +30,6 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "command": _command_line(),
-        if sys.argv and sys.argv[0].endswith("mixlab")
-        else " ".join(sys.argv),
     }
     try:
         import triton
