@@ -37,21 +37,28 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
+    from mixlab.train import DistributedError
     from mixlab.train.checkpoint import CheckpointError
     from mixlab.train.loop import train
 
     try:
         result = train(cfg)
+    except DistributedError as e:
+        if os.environ.get("MIXLAB_DEBUG"):
+            raise
+        print(f"mixlab train: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
         if os.environ.get("MIXLAB_DEBUG"):
             raise
         print(f"mixlab train: error: {e}  (MIXLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
-    print(summary(result))
+    if result.rank == 0:
+        print(summary(result))
     if result.status == "diverged":
         print(f"mixlab train: {result.message}", file=sys.stderr)
         return 1
-    return 0 if result.status == "completed" else 130
+    return 0 if result.status == "completed" else 130  # preempted/interrupted: Slurm examples requeue on 130
 
 
 def summary(result) -> str:

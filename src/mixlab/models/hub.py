@@ -175,13 +175,13 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 def _load_run_checkpoint(d: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str], str]:
     # A run directory that has no export yet (a stopped run): its newest intact checkpoint.
     from ..configio import config_from_dict
-    from ..train.checkpoint import find_resume
+    from ..train.checkpoint import find_resume, read_model_state
 
     found = find_resume(d / "checkpoints", log=lambda _m: None)
     if found is None:
         raise FileNotFoundError(f"{d} holds no model.safetensors and no intact checkpoint under checkpoints/")
     config = config_from_dict({"model": found[1]["config"]["model"]}).model
-    return config, read_weights(found[0]), {}, "mixlab"
+    return config, read_model_state(found[0]), {}, "mixlab"
 
 
 def from_pretrained(
