@@ -17,11 +17,11 @@ for s in "$@"; do case $s in
   kernels-mamba) stage kernels-mamba 60 python3 -m mixlab bench kernels-mamba --sections loss --out-dir "$out";;
   train-baseline) for m in gated_deltanet-125m transformer-125m mamba2-125m; do
        stage "train-$m" 90 python3 -m mixlab train -c configs/train/gpu-125m.yaml model=$m train.batch_size=8 \
-         train.max_steps=200 train.eval_every=0 log.progress=false run.dir="$out/runs/$m"
-       cp "$out/runs/$m/metrics.jsonl" "$out/train-$m.metrics.jsonl" 2>/dev/null; done;;
-  bench-train) stage bench-train 270 python3 -m mixlab bench train --steps 3 --warmup 1 --long --out-dir "$out";;
-  decode) stage decode 170 python3 -m mixlab bench decode --steps 8 --warmup 2 --prefill-repeats 1 --out-dir "$out";;
-  graphs) stage graphs 60 python3 -m pytest -q -x tests/test_generate.py -k cuda -p no:cacheprovider;;
+         train.max_steps=200 train.eval_every=0 log.progress=false run.dir="/tmp/mixlab-runs/$m"
+       cp "/tmp/mixlab-runs/$m/metrics.jsonl" "$out/train-$m.metrics.jsonl" 2>/dev/null; done;;
+  bench-train) stage bench-train 230 python3 -m mixlab bench train --steps 3 --warmup 1 --long --out-dir "$out";;
+  decode) stage decode 150 python3 -m mixlab bench decode --steps 8 --warmup 2 --prefill-repeats 1 --out-dir "$out";;
+  graphs) stage graphs 50 python3 -m pytest -q -x tests/test_generate.py -k cuda -p no:cacheprovider;;
   mqar) stage mqar 200 python3 -m mixlab.eval.mqar_sweep --budget-min 3 --device cuda --out-dir "$out";;
   *) echo "unknown stage $s";;
 esac; done
