@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -38,3 +39,10 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
             "use backend='chunked' on this device"
         )
     return backend
+
+
+def plain_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off around the plain-PyTorch backends: they choose their own compute dtype (float32,
+    float64 for float64 inputs) and return the input dtype, so autocast's bf16 matmuls must not reach
+    inside them."""
+    return torch.autocast(device_type=x.device.type, enabled=False)

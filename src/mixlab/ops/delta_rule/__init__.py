@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import plain_precision, resolve_backend
 
 
 def delta_rule(
@@ -51,11 +51,13 @@ def delta_rule(
     if impl == "reference":
         from .reference import delta_rule_reference
 
-        return delta_rule_reference(q, k, v, beta, g, **kwargs)
+        with plain_precision(q):
+            return delta_rule_reference(q, k, v, beta, g, **kwargs)
     if impl == "chunked":
         from .chunked import delta_rule_chunked
 
-        return delta_rule_chunked(q, k, v, beta, g, chunk_size=chunk_size, **kwargs)
+        with plain_precision(q):
+            return delta_rule_chunked(q, k, v, beta, g, chunk_size=chunk_size, **kwargs)
     from .triton import delta_rule_recurrent_triton, delta_rule_triton
 
     if q.shape[1] <= RECURRENT_MAX_T and not _needs_grad(q, k, v, beta, g, initial_state):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import plain_precision, resolve_backend
 
 
 def selective_scan(
@@ -41,11 +41,13 @@ def selective_scan(
     if impl == "reference":
         from .reference import selective_scan_reference
 
-        return selective_scan_reference(u, delta, A, B, C, **kwargs)
+        with plain_precision(u):
+            return selective_scan_reference(u, delta, A, B, C, **kwargs)
     if impl == "chunked":
         from .chunked import selective_scan_chunked
 
-        return selective_scan_chunked(u, delta, A, B, C, **kwargs)
+        with plain_precision(u):
+            return selective_scan_chunked(u, delta, A, B, C, **kwargs)
     from .triton import selective_scan_triton
 
     return selective_scan_triton(u, delta, A, B, C, **kwargs)

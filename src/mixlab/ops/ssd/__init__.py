@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import plain_precision, resolve_backend
 
 
 def ssd(
@@ -56,11 +56,13 @@ def ssd(
         from .reference import ssd_reference
 
         kwargs.pop("chunk_size")
-        return ssd_reference(x, dt, A, B, C, **kwargs)
+        with plain_precision(x):
+            return ssd_reference(x, dt, A, B, C, **kwargs)
     if impl == "chunked":
         from .chunked import ssd_chunked
 
-        return ssd_chunked(x, dt, A, B, C, **kwargs)
+        with plain_precision(x):
+            return ssd_chunked(x, dt, A, B, C, **kwargs)
     from .triton import ssd_recurrent_triton, ssd_triton
 
     if x.shape[1] <= RECURRENT_MAX_T and not _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state):
