@@ -38,3 +38,16 @@ def test_tiny_sweep_writes_json_png_and_table(tmp_path, capsys) -> None:
     # a rerun reuses the finished point
     assert main(args) == 0
     assert "reusing 1 finished point" in capsys.readouterr().out
+
+
+def test_a_point_over_its_time_share_is_stopped_and_still_scored(tmp_path, capsys) -> None:
+    args = [
+        "--device", "cpu", "--budget-min", "0.2", "--archs", "transformer", "--d-models", "16", "--lrs", "3e-3",
+        "--seq-len", "16", "--kv-pairs", "2", "--vocab-size", "32", "--batch-size", "8", "--eval-examples", "16",
+        "--min-steps", "100000", "--max-steps", "100000", "--work-dir", str(tmp_path / "runs"),
+        "--out-dir", str(tmp_path),
+    ]  # fmt: skip
+    assert main(args) == 0
+    (row,) = json.loads((tmp_path / "mqar-L16-kv2-cpu.json").read_text())["rows"]
+    assert row["stopped_by_budget"] and 0 < row["steps"] < 100000 and 0.0 <= row["accuracy"] <= 1.0
+    assert "time share spent" in capsys.readouterr().out

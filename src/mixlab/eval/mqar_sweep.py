@@ -8,7 +8,8 @@ For every architecture × d_model × learning rate it trains a model on Zoology'
 with ``mixlab train task=mqar`` (the one training loop: ``mixlab.train.train``), then measures
 accuracy over the queries of a held-out test set (``mixlab.eval.mqar``). The time budget is split
 evenly over the points still to run; each point first times a few steps, then trains for as many
-steps as its share allows (``--max-steps`` at most). Models follow Zoology's MQAR setup: 2 layers,
+steps as its share allows (``--max-steps`` at most); a point still training at 1.25x its share is
+stopped and evaluated at that step (``stopped_by_budget`` in its row). Models follow Zoology's MQAR setup: 2 layers,
 mixer-only blocks (no MLP), vocabulary 8192, AdamW with weight decay 0.1, best accuracy over the
 learning rates. Attention has 1 head; DeltaNet and Gated DeltaNet 2 heads of d_model/2 (Gated
 DeltaNet with expand_v 1, the same state as DeltaNet); Mamba uses d_state 16, expand 2.
@@ -20,10 +21,12 @@ an interrupted sweep keeps what it finished, and a rerun skips the points alread
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -95,6 +98,27 @@ def _step_seconds(run_dir: Path) -> float:
     per_step = rows[0]["tokens"] / rows[0]["step"] if rows else 1
     times = [per_step / r["tokens_per_s"] for r in rows[3:] or rows]
     return statistics.median(times) if times else float("inf")
+
+
+class _Deadline:
+    """Interrupts the main thread (KeyboardInterrupt, which the training loop turns into a clean
+    stop with a checkpoint) after ``seconds``; ``fired`` tells it apart from a user's Ctrl-C."""
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        _thread.interrupt_main()
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
 
 
 def _plot(path: Path, best: list[dict[str, Any]], title: str) -> None:
@@ -233,11 +257,22 @@ def run_sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
                 cfg = load_config(None, [*base, f"train.max_steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
                                          f"run.dir={run_dir}"])  # fmt: skip
                 t1 = time.monotonic()
-                res = train(cfg, log=quiet)
+                # a hard stop at 1.25x the share: the step-time estimate can be off (a shared machine)
+                with _Deadline(max(share - (t1 - t0), 10.0) * 1.25) as deadline:
+                    try:
+                        res = train(cfg, log=quiet)
+                    except KeyboardInterrupt:
+                        if not deadline.fired:
+                            raise
+                        raise RuntimeError("the time share ran out before the first training step") from None
                 train_s = time.monotonic() - t1
-                step_s[(arch, d)] = train_s / max(steps, 1)  # the measured speed plans the next learning rates
-                if not res.ok:
+                if deadline.fired and res.status == "interrupted" and res.step > 0:
+                    row["stopped_by_budget"] = True  # evaluated at its last checkpoint, the schedule cut short
+                    log(f"  {arch} d{d} lr {lr}: time share spent at step {res.step} of {steps}")
+                    steps = res.step
+                elif not res.ok:
                     raise RuntimeError(res.message or res.status)
+                step_s[(arch, d)] = train_s / max(steps, 1)  # the measured speed plans the next learning rates
                 model, _ = load_model(run_dir, device=resolve_device(args.device))
                 acc = evaluate_mqar(model, [(L, n)], vocab_size=V, examples=args.eval_examples)["results"][0]
                 row.update(
@@ -251,8 +286,9 @@ def run_sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
                 log(f"  {arch} d{d} lr {lr}: failed: {row['error']}")
             rows.append(row)
             if "accuracy" in row:
+                loss = f"{row['final_loss']:.3f}" if row.get("final_loss") is not None else "n/a"
                 log(f"  {arch:15s} d{d:<4d} lr {lr:<6s} {row['steps']:6d} steps in {row['train_s']:7.1f}s  "
-                    f"loss {row['final_loss']:.3f}  accuracy {row['accuracy']:.3f}")  # fmt: skip
+                    f"loss {loss}  accuracy {row['accuracy']:.3f}")  # fmt: skip
             save()
     except KeyboardInterrupt:
         log("interrupted: keeping the finished points")
