@@ -24,6 +24,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import threading
@@ -214,6 +215,8 @@ def run_sweep(args: argparse.Namespace, log=print) -> dict[str, Any]:
     deadline = time.monotonic() + 60.0 * args.budget_min
     step_s: dict[tuple[str, int], float] = {}
     command = env.get("command", "")
+    if sys.argv and sys.argv[0].endswith("mqar_sweep.py"):  # run as `python -m mixlab.eval.mqar_sweep`
+        command = env["command"] = "python -m mixlab.eval.mqar_sweep " + shlex.join(sys.argv[1:])
 
     def save() -> list[dict[str, Any]]:
         best = _best(rows)
