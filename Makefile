@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # A pinned CPU-friendly torch for fresh machines; set TORCH_SPEC= to keep an existing torch.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,tokenizers,data,plot,tensorboard
+EXTRAS ?= dev,tokenizers,data,plot,tensorboard,eval
 
 .PHONY: setup train test lint bench-cpu clean
 

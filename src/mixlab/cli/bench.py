@@ -15,6 +15,7 @@ SUITES: dict[str, tuple[str, str]] = {
     ),
     "train": ("mixlab.bench.train", "training throughput, MFU and memory of the model presets (GPU)"),
     "decode": ("mixlab.bench.decode", "prefill and per-token decode latency and memory (GPU)"),
+    "mqar": ("mixlab.eval.mqar_sweep", "MQAR recall: architectures x widths x learning rates within a time budget"),
 }
 
 
