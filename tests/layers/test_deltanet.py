@@ -22,8 +22,8 @@ from torch import nn
 import mixlab.layers.deltanet as deltanet_mod
 from mixlab.config import DeltaNetConfig, GatedDeltaNetConfig, ModelConfig
 from mixlab.layers import build_mixer
+from mixlab.layers.common import DECODE_STEP_MAX_TOKENS
 from mixlab.layers.deltanet import DeltaNet, GatedDeltaNet, delta_rule_steps
-from mixlab.layers.mamba import DECODE_STEP_MAX_TOKENS
 from mixlab.ops.delta_rule.reference import delta_rule_reference
 
 D_MODEL = 32

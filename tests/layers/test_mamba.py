@@ -21,7 +21,8 @@ import mixlab.layers.mamba as mamba_mod
 import mixlab.layers.mamba2 as mamba2_mod
 from mixlab.config import Mamba2Config, MambaConfig, ModelConfig
 from mixlab.layers import build_mixer
-from mixlab.layers.mamba import Mamba, MambaCache, conv_steps, selective_scan_steps
+from mixlab.layers.common import DECODE_STEP_MAX_TOKENS, conv_steps
+from mixlab.layers.mamba import Mamba, MambaCache, selective_scan_steps
 from mixlab.layers.mamba2 import Mamba2, Mamba2Cache, ssd_steps
 from mixlab.ops.conv.reference import causal_conv1d as causal_conv1d_reference
 from mixlab.ops.selective_scan.reference import selective_scan_reference
@@ -95,7 +96,7 @@ def test_plain_decode_steps_are_used_and_equal_full_forward(cls, monkeypatch):
     layer = make(cls, backend="chunked")
     steps = _spy(monkeypatch, *((mamba_mod, "selective_scan_steps") if cls is Mamba else (mamba2_mod, "ssd_steps")))
     scans = _spy(monkeypatch, *((mamba_mod, "selective_scan") if cls is Mamba else (mamba2_mod, "ssd")))
-    limit = mamba_mod.DECODE_STEP_MAX_TOKENS["plain"]
+    limit = DECODE_STEP_MAX_TOKENS["plain"]
     pieces = [limit + 3, 1, 1, limit, 2, 1]  # the first piece is too long for a step: the scan op
     x = torch.randn(2, sum(pieces), D_MODEL, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

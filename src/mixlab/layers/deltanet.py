@@ -12,7 +12,7 @@ Forward, per token (K = ``head_dim``, V = ``head_dim * expand_v``):
 with scale ``K ** -0.5``; per-head RMSNorm of the output, times ``silu(x W_g)`` when gated;
 ``o_proj``.
 
-Decoding (see :func:`mixlab.layers.mamba.decode_path`): with a cache, no gradient and few new tokens,
+Decoding (see :func:`mixlab.layers.common.decode_path`): with a cache, no gradient and few new tokens,
 the delta rule runs as its recurrence on the cached state: on CUDA the conv-update and fused
 recurrent delta-rule Triton kernels, elsewhere a few PyTorch ops per token (:func:`delta_rule_steps`).
 """
@@ -29,7 +29,7 @@ from torch import nn
 from ..ops.conv import causal_conv1d
 from ..ops.delta_rule import delta_rule
 from .base import Mixer
-from .mamba import cached_input, conv_steps, decode_path
+from .common import cached_input, conv_steps, decode_path, inverse_softplus, sample_dt
 from .norm import GatedRMSNorm, RMSNorm
 
 # fla's l2norm epsilon (inside the square root), kept so that imported checkpoints compute the same.
@@ -393,10 +393,8 @@ class GatedDeltaNet(DeltaNet):
         A = torch.empty(self.n_heads, device=dev, dtype=torch.float32).uniform_(lo, hi)
         # U(0, hi) can draw exactly 0: clamp so that A_log stays finite.
         self.A_log.copy_(A.clamp_min(torch.finfo(torch.float32).tiny).log())
-        log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
-        u = torch.rand(self.n_heads, device=dev, dtype=torch.float32)
-        dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp_min(self.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        dt = sample_dt(self.n_heads, self.dt_min, self.dt_max, self.dt_init_floor, dev, torch.float32)
+        self.dt_bias.copy_(inverse_softplus(dt))
 
     def _decay(self, x: torch.Tensor) -> torch.Tensor:
         """Log-decay ``g [B, T, H]`` (<= 0), in float32 (float64 for a float64 layer)."""

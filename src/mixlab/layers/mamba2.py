@@ -13,7 +13,7 @@ Forward: ``z, xBC, dt = in_proj(u)``; ``x, B, C = silu(conv(xBC))``;
 mamba_ssm's default; ``True`` gives ``rmsnorm(y) * silu(z)``); ``out_proj(y)``.
 A_log, D and dt_bias are kept in float32 (float64 for a float64 layer) whatever the layer dtype.
 
-Decoding (see :func:`mixlab.layers.mamba.decode_path`): with a cache, no gradient and few new tokens,
+Decoding (see :func:`mixlab.layers.common.decode_path`): with a cache, no gradient and few new tokens,
 SSD runs as its recurrence on the cached state: on CUDA the conv-update and fused recurrent SSD
 Triton kernels, elsewhere a few vectorised PyTorch ops per token (:func:`ssd_steps`).
 """
@@ -29,7 +29,7 @@ from torch import nn
 from ..ops.conv import causal_conv1d
 from ..ops.ssd import ssd
 from .base import Mixer
-from .mamba import _state_dtype, cached_input, conv_steps, decode_path, inverse_softplus, sample_dt
+from .common import cached_input, conv_steps, decode_path, inverse_softplus, sample_dt, state_dtype
 from .norm import GatedRMSNorm
 
 
@@ -153,7 +153,7 @@ class Mamba2(Mixer):
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias, **kw
         )
-        sdt = _state_dtype(dtype)
+        sdt = state_dtype(dtype)
         self.dt_bias = nn.Parameter(torch.empty(nheads, device=device, dtype=sdt))
         self.A_log = nn.Parameter(torch.empty(nheads, device=device, dtype=sdt))
         self.D = nn.Parameter(torch.empty(nheads, device=device, dtype=sdt))
@@ -190,7 +190,7 @@ class Mamba2(Mixer):
         return Mamba2Cache(
             conv_state=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
             ssm_state=torch.zeros(
-                batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=_state_dtype(dtype)
+                batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=state_dtype(dtype)
             ),
         )
 
@@ -215,7 +215,7 @@ class Mamba2(Mixer):
             output_final_state=keep,
         )
         xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
-        acc = _state_dtype(self.A_log.dtype)
+        acc = state_dtype(self.A_log.dtype)
         y, final = ssd(
             xs.reshape(B, T, H, P),
             dt,
@@ -241,7 +241,7 @@ class Mamba2(Mixer):
     def _step(self, xBC: torch.Tensor, dt: torch.Tensor, cache: Mamba2Cache, path: str) -> torch.Tensor:
         """The cached SSD as a direct recurrence (no autograd), states updated in place: ``"triton"`` runs
         the conv-update (one token) or conv kernel and the fused recurrent SSD kernel, ``"plain"`` the
-        PyTorch :func:`~mixlab.layers.mamba.conv_steps` and :func:`ssd_steps`.
+        PyTorch :func:`~mixlab.layers.common.conv_steps` and :func:`ssd_steps`.
         xBC ``[B, T, conv_dim]``, dt ``[B, T, H]`` -> y ``[B, T, H, P]``."""
         B, T, _ = xBC.shape
         G, N, H, P = self.ngroups, self.d_state, self.nheads, self.headdim
@@ -257,7 +257,7 @@ class Mamba2(Mixer):
             cache.conv_state.copy_(conv_state)
         xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         xs, Bm, Cm = xs.reshape(B, T, H, P), Bm.reshape(B, T, G, N), Cm.reshape(B, T, G, N)
-        A = -torch.exp(self.A_log.to(_state_dtype(self.A_log.dtype)))
+        A = -torch.exp(self.A_log.to(state_dtype(self.A_log.dtype)))
         if path == "triton":
             from ..ops.ssd.triton import ssd_recurrent_triton
 
