@@ -10,10 +10,7 @@ import datetime as _dt
 import json
 import platform
 import re
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,21 +71,6 @@ def save_results(
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(path)
     return path
-
-
-def time_fn(fn: Callable[[], Any], warmup: int = 2, repeat: int = 5) -> float:
-    """Median wall time of ``fn()`` in milliseconds (synchronising CUDA around each call)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
