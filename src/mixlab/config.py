@@ -328,6 +328,7 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 60  # 0: only at the end
     keep_last: int = 3  # checkpoints kept (the newest ones); 0 keeps all
+    save_final: bool = True  # checkpoint the last step (False: benchmarks that need no resume point)
     resume: str = "auto"  # auto (newest complete checkpoint of run.dir, if any) | never | a checkpoint dir
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     export: bool = True  # write config.json + model.safetensors to the run dir at the end

@@ -54,6 +54,12 @@ def test_short_run_loss_falls_and_leaves_a_complete_run_dir(tiny) -> None:
     assert torch.equal(model(x), other(x))
 
 
+def test_save_final_false_writes_no_checkpoint_at_the_end(tiny) -> None:
+    res = train(tiny("bench", "train.max_steps=3", "train.save_every=2", "train.save_final=false"), log=_quiet)
+    assert res.status == "completed" and res.step == 3
+    assert [p.name for p in list_checkpoints(res.run_dir / "checkpoints")] == ["step_00000002"]
+
+
 def test_resume_after_a_stop_is_bit_identical(tiny, monkeypatch) -> None:
     full = train(tiny("full", "train.max_steps=12", "train.save_every=4"), log=_quiet)
 

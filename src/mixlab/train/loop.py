@@ -466,7 +466,7 @@ def _train(config: Config, ctx: distributed.DistContext, log) -> RunResult:
                 if val_loss is not None:
                     metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
                     say(f"step {step}: val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50.0)):.2f})")
-            if (tc.save_every and step % tc.save_every == 0) or last_step:
+            if (tc.save_every and step % tc.save_every == 0) or (last_step and tc.save_final):
                 result.checkpoint = checkpoint(step)
     except KeyboardInterrupt:
         result.status = "interrupted"
