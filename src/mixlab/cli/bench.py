@@ -14,6 +14,7 @@ SUITES: dict[str, tuple[str, str]] = {
         "Mamba scan, causal conv, (gated) RMSNorm and chunked loss vs their floors (GPU)",
     ),
     "train": ("mixlab.bench.train", "training throughput, MFU and memory of the model presets (GPU)"),
+    "scaling": ("mixlab.bench.scaling", "DDP / FSDP tokens/s and scaling efficiency on 1, 2, 4, 8 GPUs (torchrun)"),
     "decode": ("mixlab.bench.decode", "prefill and per-token decode latency and memory (GPU)"),
     "mqar": ("mixlab.eval.mqar_sweep", "MQAR recall: architectures x widths x learning rates within a time budget"),
 }
