@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check-and-benchmark driver (used on the lent H100; each stage is time-boxed).
 #   bash benchmarks/run-gpu.sh OUT_DIR STAGE...
-# Stages: env kernels kernels-mamba train-baseline bench-train decode graphs mqar
+# Stages: env kernels kernels-profile kernels-mamba train-baseline bench-train train-mem decode graphs mqar scaling1
 # Results land in OUT_DIR (JSON/PNG/logs); copy them into benchmarks/results/ afterwards.
 set -u
 out=${1:?usage: run-gpu.sh OUT_DIR STAGE...}; shift
@@ -14,6 +14,12 @@ for s in "$@"; do case $s in
   env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)";;
   kernels) stage kernels 180 python3 -m mixlab bench kernels --check --out-dir "$out";;
+  kernels-profile) stage kernels-profile 150 python3 -m mixlab bench kernels --ops gdn --seqlens 2048 --modes fwdbwd \
+       --profile 2048,32768 --profile-ops gdn,dn,ssd --out-dir "$out/profile";;
+  train-mem) stage train-mem 150 python3 -m mixlab bench train --steps 2 --warmup 1 --shapes 2048x4 --no-plot \
+       --presets transformer-1.3b,gated_deltanet-1.3b,mamba2-1.3b --out-dir "$out/train-mem";;
+  scaling1) stage scaling1 240 python3 -m mixlab bench scaling --gpus 1 --presets gated_deltanet-1.3b \
+       --seq-len 4096 --batch-per-gpu 2 --steps 6 --warmup 2 --out-dir "$out/scaling";;
   kernels-mamba) stage kernels-mamba 60 python3 -m mixlab bench kernels-mamba --sections loss --out-dir "$out";;
   train-baseline) for m in gated_deltanet-125m transformer-125m mamba2-125m; do
        stage "train-$m" 90 python3 -m mixlab train -c configs/train/gpu-125m.yaml model=$m train.batch_size=8 \
