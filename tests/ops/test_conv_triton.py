@@ -53,6 +53,32 @@ def test_matches_reference_float64(T, W, activation, has_bias, has_state):
         torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "T,W,has_state,bwd",
+    [
+        (21, 4, True, [8, 4, 1, 4]),  # several row programs, 4 rows a step: the warm-up rows cross programs
+        (21, 4, False, [8, 8, 2, 2]),  # channel tiles of 4 over C = 5 (a ragged last tile)
+        (13, 3, True, [4, 8, 1, 1]),
+        (9, 2, False, [4, 4, 1, 2]),
+        (2, 4, True, [4, 8, 1, 4]),  # T < W-1: the final state's gradient lands in the initial state's
+    ],
+)
+def test_backward_row_and_channel_tiles(T, W, has_state, bwd):
+    # bwd = [rows per program, channels per program, warps, rows per step]
+    g = torch.Generator().manual_seed(T + W)
+    B, C = 2, 5
+    x, w, b = _rand(g, B, T, C).requires_grad_(), _rand(g, C, W).requires_grad_(), _rand(g, C).requires_grad_()
+    h0 = _rand(g, B, C, W - 1).requires_grad_() if has_state else None
+    y, fin = causal_conv1d_triton(x, w, b, "silu", h0, output_final_state=True, config=[32, 8, 1, *bwd])
+    y_ref, fin_ref = causal_conv1d(x, w, b, "silu", h0, output_final_state=True)
+    gy, gf = _rand(g, *y.shape), _rand(g, *fin.shape)
+    leaves = [t for t in (x, w, b, h0) if t is not None]
+    grads = torch.autograd.grad((y * gy).sum() + (fin * gf).sum(), leaves)
+    grads_ref = torch.autograd.grad((y_ref * gy).sum() + (fin_ref * gf).sum(), leaves)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-12)
+
+
 def test_strided_input_and_bf16():
     # x is a channel slice of a wider projection (as in Mamba's in_proj output), in bfloat16
     g = torch.Generator().manual_seed(7)

@@ -5,11 +5,12 @@ strides with unit channel stride), weight ``[C, W]``, the state ``[B, C, W-1]`` 
 before the sequence. Write ``xp = cat(initial_state, x)`` along time (length T+W-1); then
 ``pre[t] = bias + sum_k w[k] xp[t+k]``, ``y = act(pre)`` and ``final_state = xp[T:]``.
 
-Backward works in xp's index space p in [0, T+W-1): ``dxp[p] = sum_i w[i] dpre[p-i] + dfinal[p-T]``,
-which is dx for p >= W-1 and d(initial_state) below. ``dpre = dy * act'(pre)`` is recomputed from
-x (its 2W-1 shifted tiles come from cache), so the backward reads x and dy once and writes dx once.
-dweight and dbias are per-program partial sums (deterministic), added up at the end. Widths up to 4: the kernels
-name each of the 2W-1 shifted tiles explicitly.
+Backward: ``dpre = dy * act'(pre)`` and ``dx[s] = sum_i w[i] dpre[s + W-1 - i]`` (plus d(final_state) on
+the last W-1 rows of xp; rows of xp below W-1 give d(initial_state)). One program owns a ``[BC]`` channel
+vector and a run of time rows; it walks the rows in order, loading x[t] and dy[t] once, computing
+pre[t] and dpre[t] once, and keeping the last W-1 rows of x and dpre in registers (a ring), so the
+backward reads x and dy once and writes dx once. dweight and dbias are per-program partial sums
+(deterministic), added up at the end. Widths up to 4: the ring entries are named explicitly.
 Arithmetic is float32 (float64 for float64 inputs).
 """
 
@@ -82,23 +83,134 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _pick(s: tl.constexpr, xm3, xm2, xm1, x0, xp1, xp2, xp3):
-    """The tile of xp rows shifted by the compile-time offset s in [-3, 3]."""
-    if s == -3:
-        r = xm3
-    elif s == -2:
-        r = xm2
-    elif s == -1:
-        r = xm1
-    elif s == 0:
-        r = x0
-    elif s == 1:
-        r = xp1
-    elif s == 2:
-        r = xp2
+def _lag(j: tl.constexpr, v0, v1, v2, v3):
+    """The ring entry j rows back in time (j = 0: the current row)."""
+    if j == 0:
+        r = v0
+    elif j == 1:
+        r = v1
+    elif j == 2:
+        r = v2
     else:
-        r = xp3
+        r = v3
     return r
+
+
+@triton.jit
+def _bwd_row(
+    xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, bias, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr
+):
+    """Row t: xv = x[t], gv = dy[t], x1..x3 = x[t-1..t-3], d1..d3 = dpre[t-1..t-3] (all [BC]).
+
+    Returns (dpre[t], dx[t - (W-1)] without the final-state term); tap k pairs with x[t - (W-1) + k].
+    """
+    pre = w0 * _lag(W - 1, xv, x1, x2, x3) + w1 * _lag(W - 2, xv, x1, x2, x3)
+    if W > 2:
+        pre += w2 * _lag(W - 3, xv, x1, x2, x3)
+    if W > 3:
+        pre += w3 * xv
+    if HAS_BIAS:
+        pre += bias
+    dpre = gv
+    if SILU:
+        sg = 1.0 / (1.0 + tl.exp(-pre))
+        dpre = gv * sg * (1.0 + pre * (1.0 - sg))
+    dxr = w0 * dpre + w1 * d1
+    if W > 2:
+        dxr += w2 * d2
+    if W > 3:
+        dxr += w3 * d3
+    return dpre, dxr
+
+
+@triton.jit
+def _bwd_acc(dpre, xv, x1, x2, x3, dw0, dw1, dw2, dw3, db, W: tl.constexpr):
+    """dweight[k] += dpre[t] x[t - (W-1) + k], dbias += dpre[t]."""
+    dw0 += dpre * _lag(W - 1, xv, x1, x2, x3)
+    dw1 += dpre * _lag(W - 2, xv, x1, x2, x3)
+    if W > 2:
+        dw2 += dpre * _lag(W - 3, xv, x1, x2, x3)
+    if W > 3:
+        dw3 += dpre * xv
+    return dw0, dw1, dw2, dw3, db + dpre
+
+
+@triton.jit
+def _rows(c, C, t, lo, hi, EVEN_C: tl.constexpr):
+    """[BC] mask: lo <= t < hi for the scalar row t, and c < C (built on vectors: the interpreter rejects
+    a vector mask combined with a scalar one)."""
+    tv = c * 0 + t
+    m = (tv >= lo) & (tv < hi)
+    if not EVEN_C:
+        m = m & (c < C)
+    return m
+
+
+@triton.jit
+def _x_row(
+    x_ptr,
+    h0_ptr,
+    b,
+    t,
+    c,
+    C,
+    T,
+    sxb,
+    sxt,
+    shb,
+    shc,
+    W: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    CT: tl.constexpr,
+):
+    """x[b, t, c] for a scalar t in [-2(W-1), T + W): the initial state for -(W-1) <= t < 0, zero outside."""
+    v = tl.load(x_ptr + b * sxb + t.to(tl.int64) * sxt + c, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0).to(CT)
+    if HAS_H0:  # noqa: SIM102 (a compile-time and a run-time condition)
+        if t < 0:
+            v = tl.load(h0_ptr + b * shb + c * shc + (t + W - 1), mask=_rows(c, C, t, 1 - W, 0, EVEN_C), other=0.0).to(
+                CT
+            )
+    return v
+
+
+@triton.jit
+def _bwd_out(
+    dxr,
+    s,
+    b,
+    c,
+    dx_ptr,
+    dh0_ptr,
+    dfinal_ptr,
+    T,
+    C,
+    sdxb,
+    sdxt,
+    W: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+    EVEN_C: tl.constexpr,
+):
+    """Store row s of dxp = cat(d initial_state, dx) (s in [-(W-1), T)), adding d final_state where it lands."""
+    if HAS_DFINAL:  # noqa: SIM102
+        if s >= T - (W - 1):
+            j = s - T + W - 1
+            dxr += tl.load(
+                dfinal_ptr + b * (C * (W - 1)) + c * (W - 1) + j, mask=_rows(c, C, j, 0, W - 1, EVEN_C), other=0.0
+            ).to(dxr.dtype)
+    tl.store(
+        dx_ptr + b * sdxb + s.to(tl.int64) * sdxt + c,
+        dxr.to(dx_ptr.dtype.element_ty),
+        mask=_rows(c, C, s, 0, T, EVEN_C),
+    )
+    if HAS_H0:  # noqa: SIM102
+        if s < 0:
+            tl.store(
+                dh0_ptr + b * (C * (W - 1)) + c * (W - 1) + (s + W - 1),
+                dxr.to(dh0_ptr.dtype.element_ty),
+                mask=_rows(c, C, s, 1 - W, 0, EVEN_C),
+            )
 
 
 @triton.jit
@@ -119,27 +231,37 @@ def _conv_bwd_kernel(
     sxt,
     shb,
     shc,
+    sdyb,
+    sdyt,
     sdxb,
     sdxt,
-    ITERS,
     W: tl.constexpr,
-    WP: tl.constexpr,
-    BT: tl.constexpr,
+    TL: tl.constexpr,
     BC: tl.constexpr,
+    U: tl.constexpr,
+    EVEN_C: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_H0: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
     SILU: tl.constexpr,
     FP64: tl.constexpr,
 ):
-    # Rows p of xp; dxp[p] = sum_i w[i] dpre[p - i] with pre[p - i] = bias + sum_k w[k] xp[p - i + k]:
-    # only the 2W-1 shifts s = k - i in [-(W-1), W-1] of xp are loaded, once per tile.
+    # One program: BC channels (one [BC] vector per time row) and TL output rows s of
+    # dxp = cat(d initial_state, dx), s in [-(W-1), T) when there is an initial state, else [0, T).
+    # It walks time rows t = s + (W-1) once, in order: x[t] and dy[t] are loaded once, pre[t] / dpre[t]
+    # computed once, and the last W-1 rows of x and dpre stay in registers (a ring) for the W taps.
+    # Rows below the program's first output are recomputed first (a warm-up of W-1 rows, from cache).
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
-    pid_p = tl.program_id(0)
+    pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     c = pid_c * BC + tl.arange(0, BC)
     cmask = c < C
+    if HAS_H0:
+        s0 = pid_t * TL - (W - 1)
+    else:
+        s0 = pid_t * TL
+    bias = tl.zeros([BC], dtype=CT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(CT)
     w0 = tl.load(w_ptr + c * W + 0, mask=cmask, other=0.0).to(CT)
@@ -150,88 +272,81 @@ def _conv_bwd_kernel(
         w2 = tl.load(w_ptr + c * W + 2, mask=cmask, other=0.0).to(CT)
     if W > 3:
         w3 = tl.load(w_ptr + c * W + 3, mask=cmask, other=0.0).to(CT)
-    # per-tap dweight and dbias accumulated as tiles, reduced over rows once at the end
-    dw0 = tl.zeros([BT, BC], dtype=CT)
-    dw1 = tl.zeros([BT, BC], dtype=CT)
-    dw2 = tl.zeros([BT, BC], dtype=CT)
-    dw3 = tl.zeros([BT, BC], dtype=CT)
-    db = tl.zeros([BT, BC], dtype=CT)
-    for it in range(ITERS):
-        p = (pid_p * ITERS + it) * BT + tl.arange(0, BT)  # rows of xp
-        x0 = _load_xp(x_ptr, h0_ptr, b, p, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
-        xm1 = _load_xp(x_ptr, h0_ptr, b, p - 1, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
-        xp1 = _load_xp(x_ptr, h0_ptr, b, p + 1, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
-        xm2 = x0
-        xp2 = x0
-        xm3 = x0
-        xp3 = x0
-        if W > 2:
-            xm2 = _load_xp(x_ptr, h0_ptr, b, p - 2, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
-            xp2 = _load_xp(x_ptr, h0_ptr, b, p + 2, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
-        if W > 3:
-            xm3 = _load_xp(x_ptr, h0_ptr, b, p - 3, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
-            xp3 = _load_xp(x_ptr, h0_ptr, b, p + 3, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0).to(CT)
-        dxp = tl.zeros([BT, BC], dtype=CT)
-        for i in tl.static_range(W):
-            q = p - i
-            pre = w0[None, :] * _pick(0 - i, xm3, xm2, xm1, x0, xp1, xp2, xp3)
-            pre += w1[None, :] * _pick(1 - i, xm3, xm2, xm1, x0, xp1, xp2, xp3)
-            if W > 2:
-                pre += w2[None, :] * _pick(2 - i, xm3, xm2, xm1, x0, xp1, xp2, xp3)
-            if W > 3:
-                pre += w3[None, :] * _pick(3 - i, xm3, xm2, xm1, x0, xp1, xp2, xp3)
-            if HAS_BIAS:
-                pre += bias[None, :]
-            m = ((q >= 0) & (q < T))[:, None] & cmask[None, :]
-            dpre = tl.load(dy_ptr + (b * T + q[:, None]).to(tl.int64) * C + c[None, :], mask=m, other=0.0).to(CT)
-            if SILU:
-                sg = tl.sigmoid(pre)
-                dpre = dpre * sg * (1.0 + pre * (1.0 - sg))
-            if i == 0:
-                # rows q = p: dweight[k] += dpre[p] xp[p + k]
-                db += dpre
-                dw0 += dpre * x0
-                dw1 += dpre * xp1
-                if W > 2:
-                    dw2 += dpre * xp2
-                if W > 3:
-                    dw3 += dpre * xp3
-                dxp += w0[None, :] * dpre
-            elif i == 1:
-                dxp += w1[None, :] * dpre
-            elif i == 2:
-                dxp += w2[None, :] * dpre
-            else:
-                dxp += w3[None, :] * dpre
-        if HAS_DFINAL:
-            j = p - T
-            jm = (j >= 0) & (j < W - 1)
-            dxp += tl.load(
-                dfinal_ptr + b * (C * (W - 1)) + c[None, :] * (W - 1) + j[:, None],
-                mask=jm[:, None] & cmask[None, :],
-                other=0.0,
-            ).to(CT)
-        in_x = (p >= W - 1) & (p < T + W - 1)
-        tl.store(
-            dx_ptr + b * sdxb + (p - (W - 1))[:, None].to(tl.int64) * sdxt + c[None, :],
-            dxp.to(dx_ptr.dtype.element_ty),
-            mask=in_x[:, None] & cmask[None, :],
-        )
-        if HAS_H0:
-            in_h = (p >= 0) & (p < W - 1)
-            tl.store(
-                dh0_ptr + b * (C * (W - 1)) + c[None, :] * (W - 1) + p[:, None],
-                dxp.to(dh0_ptr.dtype.element_ty),
-                mask=in_h[:, None] & cmask[None, :],
-            )
-    part = ((b * tl.num_programs(0) + pid_p) * C + c).to(tl.int64)
-    tl.store(db_part_ptr + part, tl.sum(db, 0), mask=cmask)
-    tl.store(dw_part_ptr + part * W + 0, tl.sum(dw0, 0), mask=cmask)
-    tl.store(dw_part_ptr + part * W + 1, tl.sum(dw1, 0), mask=cmask)
+    zero = tl.zeros([BC], dtype=CT)
+    dw0 = zero
+    dw1 = zero
+    dw2 = zero
+    dw3 = zero
+    db = zero
+    d1 = zero
+    d2 = zero
+    d3 = zero
+    # ring of x[s0 - 1], x[s0 - 2], x[s0 - 3]
+    x1 = _x_row(x_ptr, h0_ptr, b, s0 - 1, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    x2 = zero
+    x3 = zero
     if W > 2:
-        tl.store(dw_part_ptr + part * W + 2, tl.sum(dw2, 0), mask=cmask)
+        x2 = _x_row(x_ptr, h0_ptr, b, s0 - 2, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
     if W > 3:
-        tl.store(dw_part_ptr + part * W + 3, tl.sum(dw3, 0), mask=cmask)
+        x3 = _x_row(x_ptr, h0_ptr, b, s0 - 3, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    # warm-up rows t in [s0, s0 + W - 1): dpre only; their dweight terms belong to this program only if it is
+    # the first one (the others' warm-up rows are some earlier program's main rows)
+    first = (pid_t == 0).to(CT)
+    for j in tl.static_range(W - 1):
+        t = s0 + j
+        xv = _x_row(x_ptr, h0_ptr, b, t, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+        gv = tl.load(dy_ptr + b * sdyb + t.to(tl.int64) * sdyt + c, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0).to(CT)
+        dpre, _ = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, bias, W, HAS_BIAS, SILU)
+        dw0, dw1, dw2, dw3, db = _bwd_acc(dpre * first, xv, x1, x2, x3, dw0, dw1, dw2, dw3, db, W)
+        x3 = x2
+        x2 = x1
+        x1 = xv
+        d3 = d2
+        d2 = d1
+        d1 = dpre
+    # main rows t = s + W - 1 >= 0, U at a time so that their loads are in flight together
+    x_row = x_ptr + b * sxb + c
+    dy_row = dy_ptr + b * sdyb + c
+    for it in range(TL // U):
+        t = s0 + (W - 1) + it * U
+        xa = tl.load(x_row + t.to(tl.int64) * sxt, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
+        ga = tl.load(dy_row + t.to(tl.int64) * sdyt, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
+        xb = xa
+        gb = ga
+        xc = xa
+        gc = ga
+        xd = xa
+        gd = ga
+        if U > 1:
+            xb = tl.load(x_row + (t + 1).to(tl.int64) * sxt, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
+            gb = tl.load(dy_row + (t + 1).to(tl.int64) * sdyt, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
+        if U > 2:
+            xc = tl.load(x_row + (t + 2).to(tl.int64) * sxt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
+            gc = tl.load(dy_row + (t + 2).to(tl.int64) * sdyt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
+            xd = tl.load(x_row + (t + 3).to(tl.int64) * sxt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
+            gd = tl.load(dy_row + (t + 3).to(tl.int64) * sdyt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
+        for j in tl.static_range(U):
+            xv = _lag(j, xa, xb, xc, xd).to(CT)
+            gv = _lag(j, ga, gb, gc, gd).to(CT)
+            dpre, dxr = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, bias, W, HAS_BIAS, SILU)
+            dw0, dw1, dw2, dw3, db = _bwd_acc(dpre, xv, x1, x2, x3, dw0, dw1, dw2, dw3, db, W)
+            _bwd_out(
+                dxr, t + j - (W - 1), b, c, dx_ptr, dh0_ptr, dfinal_ptr, T, C, sdxb, sdxt, W, HAS_H0, HAS_DFINAL, EVEN_C
+            )
+            x3 = x2
+            x2 = x1
+            x1 = xv
+            d3 = d2
+            d2 = d1
+            d1 = dpre
+    part = ((b * tl.num_programs(0) + pid_t) * C + c).to(tl.int64)
+    tl.store(db_part_ptr + part, db, mask=cmask)
+    tl.store(dw_part_ptr + part * W + 0, dw0, mask=cmask)
+    tl.store(dw_part_ptr + part * W + 1, dw1, mask=cmask)
+    if W > 2:
+        tl.store(dw_part_ptr + part * W + 2, dw2, mask=cmask)
+    if W > 3:
+        tl.store(dw_part_ptr + part * W + 3, dw3, mask=cmask)
 
 
 @triton.jit
@@ -273,14 +388,29 @@ def _conv_update_kernel(
 
 
 def default_config(T: int, C: int) -> list[int]:
-    """``[fwd_rows, fwd_channels, fwd_warps, bwd_rows, bwd_channels, bwd_warps]``: the tile of one program.
+    """``[fwd_rows, fwd_channels, fwd_warps, bwd_rows, bwd_channels, bwd_warps, bwd_unroll]``.
 
-    The backward holds 2W-1 shifted tiles and five accumulators, so its tile is smaller (8 elements a
-    thread). Chosen from an H100 sweep (benchmarks/NOTES-mamba-kernels.md).
+    Forward: a ``[rows, channels]`` tile per program. Backward: ``bwd_channels`` (a ``[BC]`` vector per
+    time row, 4 elements a thread at the default) and ``bwd_rows`` consecutive time rows per program,
+    walked ``bwd_unroll`` rows at a time. Chosen from H100 sweeps (benchmarks/NOTES-mamba-kernels.md).
     """
     bc = min(128, triton.next_power_of_2(C))
     bt = min(32, triton.next_power_of_2(max(T, 1)))
-    return [bt, bc, 4, min(16, triton.next_power_of_2(T + 3)), min(64, bc), 4]
+    bc_b = min(512, triton.next_power_of_2(C))
+    tl_b = min(256, max(4, triton.next_power_of_2(T + 3)))
+    return [bt, bc, 4, tl_b, bc_b, max(1, min(4, bc_b // 128)), 4]
+
+
+def bwd_variants(T: int, C: int) -> list[list[int]]:
+    """Backward launch configs worth comparing on a device (the benchmark's sweep table)."""
+    base = default_config(T, C)[:3]
+    # sm_90 cross-compile (bf16, W4, bias + SiLU): registers, elements a thread, ~42 instructions an element
+    return [
+        [*base, 256, 512, 4, 4],  # 122 regs: 4 channels a thread (8-byte loads), 4 rows in flight, 16 warps/SM
+        [*base, 256, 512, 4, 2],  # 96 regs: 2 rows in flight, 20 warps/SM
+        [*base, 256, 1024, 4, 2],  # 203 regs: 8 channels a thread (16-byte loads), 8 warps/SM
+        [*base, 128, 256, 4, 4],  # 72 regs: 2 channels a thread, 28 warps/SM, shorter programs
+    ]
 
 
 @torch.library.custom_op("mixlab::causal_conv1d_fwd", mutates_args=())
@@ -340,15 +470,17 @@ def causal_conv1d_bwd(
     """Returns ``(dx, dweight, dbias, dinitial_state)`` (empty tensors for absent bias / initial state)."""
     bsz, T, C = x.shape
     W = weight.shape[1]
-    dy = dy.contiguous()
+    if dy.stride(2) != 1:
+        dy = dy.contiguous()
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = torch.empty(bsz, T, C, device=x.device, dtype=x.dtype)
     h0 = initial_state
     dh0 = torch.empty(bsz, C, W - 1, device=x.device, dtype=h0.dtype) if h0 is not None else x.new_empty(0)
-    bt, bc, nw = config[3:6]
-    n_tiles = triton.cdiv(T + W - 1, bt)
-    iters = max(1, min(8, n_tiles))
-    n_p = triton.cdiv(n_tiles, iters)
+    tl_rows, bc, nw = config[3:6]
+    unroll = config[6] if len(config) > 6 else 4
+    if tl_rows % unroll:
+        raise ValueError(f"causal_conv1d: bwd_rows={tl_rows} must be a multiple of bwd_unroll={unroll}")
+    n_p = triton.cdiv(T + (W - 1 if h0 is not None else 0), tl_rows)
     dw_part = torch.empty(bsz * n_p, C, W, device=x.device, dtype=acc)
     db_part = torch.empty(bsz * n_p, C, device=x.device, dtype=acc)
     grid = (n_p, triton.cdiv(C, bc), bsz)
@@ -369,13 +501,15 @@ def causal_conv1d_bwd(
         x.stride(1),
         h0.stride(0) if h0 is not None else 0,
         h0.stride(1) if h0 is not None else 0,
+        dy.stride(0),
+        dy.stride(1),
         dx.stride(0),
         dx.stride(1),
-        iters,
         W=W,
-        WP=triton.next_power_of_2(W),
-        BT=bt,
+        TL=tl_rows,
         BC=bc,
+        U=unroll,
+        EVEN_C=C % bc == 0,
         HAS_BIAS=bias is not None,
         HAS_H0=h0 is not None,
         HAS_DFINAL=dfinal is not None,
