@@ -215,6 +215,18 @@ MODEL_VOCAB_POLICIES = ("fit", "grow", "keep")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
+def _ac_mode_ok(mode: str) -> bool:
+    """An activation checkpointing mode of AC_MODES, ``selective:N`` (blocks) or ``selective:F`` (0 <= F < 1)."""
+    if mode in AC_MODES:
+        return True
+    head, _, arg = str(mode).partition(":")
+    try:
+        value = float(arg)
+    except ValueError:
+        return False
+    return head == "selective" and value >= 0 and (value < 1 or value.is_integer())
+
+
 @dataclass
 class RunConfig:
     """Where a run lives and how it is seeded.
@@ -305,7 +317,8 @@ class TrainConfig:
 
     ``activation_checkpointing`` recomputes block activations in backward: ``full`` every block,
     ``selective`` every other block (blocks 0, 2, 4, ...: about half the activation memory of
-    ``none`` for half the recompute of ``full``); ``true`` / ``false`` mean ``full`` / ``none``.
+    ``none`` for half the recompute of ``full``), ``selective:N`` N blocks spread over the depth
+    (``selective:0.25`` a quarter of them); ``true`` / ``false`` mean ``full`` / ``none``.
     ``compile`` compiles each block with ``torch.compile`` (not the whole model).
     """
 
@@ -321,7 +334,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # <= 0: no clipping (the norm is still logged)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
-    activation_checkpointing: str | bool = "none"  # none | full | selective (every other block); true = full
+    activation_checkpointing: str | bool = "none"  # none | full | selective | selective:N; true = full
     compile: bool = False
     log_every: int = 1
     eval_every: int = 60  # 0: only at the end
@@ -348,8 +361,9 @@ class TrainConfig:
         if isinstance(self.activation_checkpointing, bool):
             self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
         _check(
-            self.activation_checkpointing in AC_MODES,
-            f"train.activation_checkpointing={self.activation_checkpointing!r}; allowed: {', '.join(AC_MODES)}",
+            _ac_mode_ok(self.activation_checkpointing),
+            f"train.activation_checkpointing={self.activation_checkpointing!r}; allowed: {', '.join(AC_MODES)}, "
+            "selective:N (N blocks) or selective:F (a fraction 0 <= F < 1 of the blocks)",
         )
         _check(self.log_every > 0, "train.log_every must be positive")
         _check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every / train.save_every must be >= 0")
@@ -428,6 +442,7 @@ class SyntheticConfig:
     random_non_queries: bool = True  # mqar: blanks hold random tokens (else 0)
     num_tokens: int = 16  # selective_copying: tokens to copy
     eval_examples: int = 1000  # held-out sequences (val loss), a stream training never draws
+    train_examples: int = 0  # > 0: train for epochs on a fixed set of this many sequences (Zoology); 0: fresh batches
 
     def __post_init__(self) -> None:
         _check(self.vocab_size >= 3, "synthetic.vocab_size must be >= 3")
@@ -435,6 +450,7 @@ class SyntheticConfig:
         _check(self.power_a > 0, "synthetic.power_a must be positive")
         _check(self.num_tokens > 0, "synthetic.num_tokens must be positive")
         _check(self.eval_examples > 0, "synthetic.eval_examples must be positive")
+        _check(self.train_examples >= 0, "synthetic.train_examples must be >= 0 (0: a fresh batch every step)")
 
 
 @dataclass

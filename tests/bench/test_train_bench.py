@@ -152,3 +152,32 @@ def test_an_oom_point_can_be_retried_with_activation_checkpointing(monkeypatch) 
         ("gated_deltanet-tiny", "ok", "full"),
     ]
     assert rows[1]["oom_with_ac"] == "none" and "oom_with_ac" not in rows[0]
+
+
+def test_ac_auto_checkpoints_more_blocks_until_a_point_fits(monkeypatch) -> None:
+    real = bt._measure
+
+    def fake(row, cfg, *a, **k):  # "fits" from 2 checkpointed blocks of 4 on
+        if row["activation_checkpointing"] in ("none", "selective:1"):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(row, cfg, *a, **k)
+
+    monkeypatch.setattr(bt, "_measure", fake)
+    assert bt.ac_ladder("gated_deltanet-tiny", torch.device("cpu"), 16) == [
+        "none", "selective:1", "selective:2", "selective:3", "full",
+    ]  # fmt: skip
+    rows = bt.run_suite(["gated_deltanet-tiny"], [(16, 1)], torch.device("cpu"), 1, 0, "auto", False, None, None, None)
+    assert rows[0]["status"] == "ok" and rows[0]["activation_checkpointing"] == "selective:2"
+    assert rows[0]["ac_tried"] == ["none", "selective:1", "selective:2"] and rows[0]["oom_with_ac"] == "none"
+
+
+def test_ac_auto_skips_the_levels_the_estimate_rules_out(monkeypatch) -> None:
+    monkeypatch.setattr(bt, "_blocks_needed", lambda preset, device, tokens: 13)
+    ladder = bt.ac_ladder("gated_deltanet-1.3b", torch.device("cuda"), 32768)
+    # 21 blocks in steps of 3: 12 blocks is the last level under the estimate; one level of margin below it
+    assert ladder == ["selective:9", "selective:12", "selective:15", "selective:18", "full"]
+
+
+def test_bad_ac_mode_is_refused(capsys) -> None:
+    assert main(["bench", "train", "--quick", "--ac", "half", "--no-plot"]) == 2
+    assert "is not a mode" in capsys.readouterr().out

@@ -25,7 +25,7 @@ from mixlab.train.checkpoint import (
     verify_checkpoint,
 )
 from mixlab.train.optim import build_optimizer
-from mixlab.train.parallel import apply_activation_checkpointing
+from mixlab.train.parallel import apply_activation_checkpointing, checkpointed_blocks
 
 CFG = ModelConfig(name="t", vocab_size=64, d_model=16, n_layers=3, pattern="A", d_intermediate=32)
 
@@ -73,12 +73,19 @@ def test_activation_checkpointing_modes_and_their_config_spelling() -> None:
     plain = build_model(CFG)
     tokens = torch.randint(0, 64, (2, 9))
     loop._compute_loss(plain, tokens, None).backward()
-    for mode, wrapped in (("full", 3), ("selective", 2), ("none", 0)):
+    expected = {
+        "full": [True] * 3,
+        "selective": [True, False, True],
+        "none": [False] * 3,
+        "selective:1": [False, True, False],
+        "selective:0.5": [True, False, True],
+    }
+    for mode, wrapped in (("full", 3), ("selective", 2), ("none", 0), ("selective:1", 1), ("selective:0.5", 2)):
         other = build_model(CFG)
         other.load_state_dict(plain.state_dict())
         assert apply_activation_checkpointing(other, mode) == wrapped
         is_wrapped = ["forward" in vars(b) for b in other.layers]
-        assert is_wrapped == {"full": [True] * 3, "selective": [True, False, True], "none": [False] * 3}[mode]
+        assert is_wrapped == expected[mode]
         loop._compute_loss(other, tokens, None).backward()
         for (n, p), q in zip(plain.named_parameters(), other.parameters()):
             torch.testing.assert_close(p.grad, q.grad, msg=n)
@@ -89,6 +96,26 @@ def test_activation_checkpointing_modes_and_their_config_spelling() -> None:
     assert config_from_dict({"train": {"activation_checkpointing": False}}).train.activation_checkpointing == "none"
     with pytest.raises(ConfigError, match="allowed: none, full, selective"):
         config_from_dict({"train": {"activation_checkpointing": "half"}})
+    assert config_from_dict({"train": {"activation_checkpointing": "selective:6"}}).train.activation_checkpointing
+    for bad in ("selective:1.5", "selective:-1", "selective:x", "full:2"):
+        with pytest.raises(ConfigError, match="selective:N"):
+            config_from_dict({"train": {"activation_checkpointing": bad}})
+        with pytest.raises(ValueError, match="selective:N"):
+            apply_activation_checkpointing(build_model(CFG), bad)
+
+
+@pytest.mark.parametrize(
+    ("mode", "n", "chosen"),
+    [
+        ("selective:5", 21, [2, 6, 10, 14, 18]),
+        ("selective:0.25", 8, [2, 6]),
+        ("selective:0", 21, []),
+        ("selective:30", 4, [0, 1, 2, 3]),
+        ("selective", 5, [0, 2, 4]),
+    ],
+)
+def test_checkpointed_blocks_spread_n_blocks_over_the_depth(mode, n, chosen) -> None:
+    assert checkpointed_blocks(mode, n) == chosen
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])

@@ -18,7 +18,8 @@ sequence length, or the window of sliding-window layers). The linear-time mixers
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (parameters, gradients,
 AdamW state and activations). A point that runs out of memory is recorded as ``oom`` and skipped
-(``--oom-retry-ac full`` retries it once with activation checkpointing); any other failure is
+(``--oom-retry-ac full`` retries it once with activation checkpointing; ``--ac auto`` tries the
+least recompute first and checkpoints more blocks until one fits: see :func:`ac_ladder`); any other failure is
 recorded with its error and the suite goes on (``--isolate`` runs every point in its own process, so
 that even a crashed kernel cannot end the suite). ``--long`` adds the 1.3b
 Gated DeltaNet and Transformer (of the presets' size) at 32K x 1, their peak memory side by side. The issue's targets
@@ -76,13 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ac",
         default="none",
-        choices=("none", "full", "selective"),
-        help="activation checkpointing per block (as train.activation_checkpointing; default none)",
+        help="activation checkpointing per block: none | full | selective | selective:N (N blocks) | "
+        "selective:F (a fraction) as train.activation_checkpointing, or auto: the least recompute that fits "
+        "(none, then more and more blocks, then full; the first that does not run out of memory is timed)",
     )
     parser.add_argument(
         "--oom-retry-ac",
         default="none",
-        choices=("none", "full", "selective"),
         help="retry a point that ran out of memory once with this activation checkpointing (default: no retry)",
     )
     parser.add_argument("--backend", default=None, help="op backend of every mixer (default: the preset's, auto)")
@@ -121,6 +122,64 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             raise ValueError(f"shape {part!r}: sequence length and batch must be positive")
         out.append((seq, batch))
     return out
+
+
+def ac_ladder(preset: str, device: torch.device, tokens: int) -> list[str]:
+    """The activation checkpointing modes ``--ac auto`` tries, least recompute first: ``none``, then
+    ``selective:N`` with N growing by an eighth of the blocks, then ``full``. On CUDA the levels below
+    the one that the measured saved bytes per token (:mod:`mixlab.bench.activations`) predict to be
+    needed are skipped, less one level of margin."""
+    from ..models import get_preset
+
+    n = get_preset(preset).n_layers
+    step = max(1, math.ceil(n / 8))
+    ladder = ["none", *(f"selective:{k}" for k in range(step, n, step)), "full"]
+    need = _blocks_needed(preset, device, tokens)
+    if need is None:
+        return ladder
+    counts = [0, *range(step, n, step), n]
+    first = max(0, max((i for i, c in enumerate(counts) if c <= need), default=0) - 1)
+    return ladder[first:]
+
+
+def _blocks_needed(preset: str, device: torch.device, tokens: int) -> int | None:
+    """Blocks to checkpoint so that the activations predicted for ``tokens`` fit on ``device`` (None: unknown)."""
+    if device.type != "cuda":
+        return None
+    try:
+        return blocks_needed(preset, tokens, torch.cuda.get_device_properties(device).total_memory)
+    except Exception:  # an estimate only
+        return None
+
+
+def blocks_needed(preset: str, tokens: int, memory: float) -> int:
+    """Estimated number of blocks of ``preset`` to checkpoint for a step of ``tokens`` tokens to fit in
+    ``memory`` bytes: 18 bytes per parameter (float32 weights, gradients, AdamW m and v, bf16 autocast
+    copies), 4 GB of headroom (loss, gradients in flight, fragmentation), and per block the saved bytes
+    per token that :func:`~mixlab.bench.activations.block_saved_bytes` measures; a checkpointed block
+    keeps only its float32 input."""
+    from ..models import get_preset
+    from .activations import block_saved_bytes
+
+    cfg = get_preset(preset)
+    types = cfg.layer_types
+    per = {ltr: block_saved_bytes(preset, ltr).total for ltr in set(types)}
+    free = 0.97 * memory - 18 * _param_count(cfg) - 4e9
+    costs = sorted((per[ltr] for ltr in types), reverse=True)  # the heaviest blocks' worth first
+    keep = 4 * cfg.d_model
+    act = sum(costs) * tokens
+    for k, c in enumerate(costs):
+        if act <= free:
+            return k
+        act -= (c - keep) * tokens
+    return len(costs)
+
+
+def _param_count(cfg: Any) -> int:
+    from ..models.lm import LanguageModel
+
+    with torch.device("meta"):
+        return LanguageModel(cfg).num_parameters()
 
 
 def _arch(preset: str) -> str:
@@ -388,7 +447,13 @@ def run_suite(
                    "error": f"the CUDA context was lost earlier ({lost}); rerun with --isolate"}  # fmt: skip
         else:
             first: dict[str, Any] | None = None
-            for mode in dict.fromkeys((ac, oom_retry_ac if oom_retry_ac != "none" else ac)):
+            if ac == "auto":
+                modes = ac_ladder(preset, device, seq * batch)
+            else:
+                modes = list(dict.fromkeys((ac, oom_retry_ac if oom_retry_ac != "none" else ac)))
+            tried: list[str] = []
+            for mode in modes:
+                tried.append(mode)
                 if first is not None:
                     print(f"oom; again with activation checkpointing {mode} ...", end=" ", flush=True)
                 if isolate:
@@ -405,7 +470,8 @@ def run_suite(
                     break
                 first = first or row
             if first is not None and first is not row:
-                row["oom_with_ac"] = ac  # the first attempt ran out of memory
+                row["oom_with_ac"] = tried[0]  # the first attempt ran out of memory
+                row["ac_tried"] = tried  # every mode tried, the last one timed
         row["size"] = preset.rsplit("-", 1)[-1]
         rows.append(row)
         if on_row is not None:
@@ -483,6 +549,12 @@ def run(args: argparse.Namespace) -> int:
         shapes = parse_shapes(args.shapes or (QUICK_SHAPES if quick else DEFAULT_SHAPES))
     except ValueError as e:
         print(f"bench train: {e}")
+        return 2
+    from ..config import _ac_mode_ok
+
+    bad = [m for m in (args.ac, args.oom_retry_ac) if m != "auto" and not _ac_mode_ok(m)]
+    if bad or args.oom_retry_ac == "auto":
+        print(f"bench train: activation checkpointing {bad[0] if bad else 'auto'!r} is not a mode here; see --help")
         return 2
     steps, warmup = (min(args.steps, 2), min(args.warmup, 1)) if quick else (args.steps, args.warmup)
     if steps < 1 or warmup < 0:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .base import Mixer
 from .mlp import SwiGLU
-from .norm import RMSNorm
+from .norm import RMSNorm, _autocast_dtype
 
 
 class Block(nn.Module):
@@ -21,7 +21,10 @@ class Block(nn.Module):
     depth, while float32 costs only one [B, T, d_model] tensor per block. Under autocast with
     float32 parameters (the training default) the stream is float32 anyway; this matters for
     bf16/fp16 parameters (inference, pure-bf16 training). Each branch sees its input cast to the
-    parameter dtype, and its output is added back in the residual dtype.
+    parameter dtype, or under autocast to the autocast dtype (once: every projection would cast it
+    anyway, and each would save its own copy), and its output is added back in the residual dtype.
+    The norms then save their float32 input for backward as a bf16 copy (see ``RMSNorm``), so the
+    float32 stream costs no activation memory.
     """
 
     def __init__(
@@ -46,10 +49,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
         """``x [B, T, d_model]`` (residual stream) -> same shape and dtype; ``cache``: the mixer's decode cache."""
-        compute_dtype = self.norm.weight.dtype
-        h = self.norm(x).to(compute_dtype)
+        compute_dtype = _autocast_dtype(x) or self.norm.weight.dtype
+        h = self.norm(x, out_dtype=compute_dtype)
         h = self.mixer(h) if cache is None else self.mixer(h, cache=cache)
         x = x + h.to(x.dtype)
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x).to(compute_dtype)).to(x.dtype)
+            x = x + self.mlp(self.mlp_norm(x, out_dtype=compute_dtype)).to(x.dtype)
         return x

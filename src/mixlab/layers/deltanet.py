@@ -36,8 +36,30 @@ from .norm import GatedRMSNorm, RMSNorm
 L2_EPS = 1e-6
 
 
+class _L2Norm(torch.autograd.Function):
+    """:func:`l2_normalize` saving its output and ``rstd [..., 1]`` (the delta rule saves the output
+    anyway) instead of a float32 copy of its input: ``dx = rstd (dy - y sum(dy y))``."""
+
+    @staticmethod
+    def forward(ctx, x, eps):  # type: ignore[override]
+        xf = x if x.dtype == torch.float64 else x.float()
+        rstd = torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)
+        y = (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        y, rstd = ctx.saved_tensors
+        yf, dyf = y.to(rstd.dtype), dy.to(rstd.dtype)
+        return (rstd * (dyf - yf * (dyf * yf).sum(-1, keepdim=True))).to(y.dtype), None
+
+
 def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     """``x / sqrt(sum(x^2) + eps)`` over the last dim, in float32 (float64 for float64), cast back."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        with torch.autocast(x.device.type, enabled=False):
+            return _L2Norm.apply(x, eps)
     xf = x if x.dtype == torch.float64 else x.float()
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._backend import resolve_backend
 from ..ops.conv import causal_conv1d
 from ..ops.ssd import ssd
 from .base import Mixer
@@ -74,6 +75,25 @@ def ssd_steps(
     if D is not None:
         y = y + x * D.to(acc)[:, None]
     return y
+
+
+class _SkipD(torch.autograd.Function):
+    """``(y + D x)`` in float32, rounded once to y's dtype (as the SSD kernels' epilogue), saving ``x``
+    as it is (the scan keeps it alive anyway) rather than the float32 copy autograd would hold.
+    y, x ``[B, T, H, P]``; D ``[H]``."""
+
+    @staticmethod
+    def forward(ctx, y, x, D):  # type: ignore[override]
+        acc = D.dtype
+        ctx.save_for_backward(x, D)
+        return (y.to(acc) + x.to(acc) * D[:, None]).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        x, D = ctx.saved_tensors
+        df = dout.to(D.dtype)
+        dD = (df * x.to(D.dtype)).sum((0, 1, 3))
+        return dout, (df * D[:, None]).to(x.dtype), dD
 
 
 @dataclass
@@ -206,6 +226,11 @@ class Mamba2(Mixer):
             y = self._step(xBC, dt, cache, path)
             return self.out_proj(self.norm(y.reshape(B, T, self.d_inner), z).to(x.dtype))
         keep = cache is not None
+        # Triton training path: separate contiguous z, xBC, dt (the conv and the norm save them; views
+        # would keep the whole in_proj output alive next to the norm's copy of z), and the D skip here.
+        lean = not keep and x.dtype != torch.float64 and resolve_backend(self.backend, x) == "triton"
+        if lean:
+            z, xBC, dt = z.contiguous(), xBC.contiguous(), dt.contiguous()
         xBC, conv_state = causal_conv1d(
             xBC,
             self.conv1d.weight,
@@ -222,7 +247,7 @@ class Mamba2(Mixer):
             -torch.exp(self.A_log.to(acc)),
             Bm.reshape(B, T, G, N),
             Cm.reshape(B, T, G, N),
-            D=self.D,
+            D=None if lean else self.D,
             dt_bias=self.dt_bias,
             dt_softplus=True,
             chunk_size=self.chunk_size,
@@ -235,6 +260,9 @@ class Mamba2(Mixer):
                 cache.ssm_state.copy_(final)
                 cache.conv_state.copy_(conv_state)
             cache.pos += T
+        if lean:
+            with torch.autocast(x.device.type, enabled=False):
+                y = _SkipD.apply(y, xs.reshape(B, T, H, P), self.D)
         y = self.norm(y.reshape(B, T, self.d_inner), z)
         return self.out_proj(y.to(x.dtype))
 

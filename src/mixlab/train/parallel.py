@@ -19,6 +19,7 @@ reduce-scatter on all but the last micro-batch of an accumulated step.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "Parallel",
     "apply_activation_checkpointing",
     "broadcast_parameters",
+    "checkpointed_blocks",
     "clip_grad_norm",
     "full_model_state",
     "lm_loss",
@@ -79,24 +81,49 @@ class LossModule(nn.Module):
 # ------------------------------------------------------------------ activation checkpointing
 
 
+def checkpointed_blocks(mode: str, n_blocks: int) -> list[int]:
+    """Indices of the blocks that activation checkpointing ``mode`` recomputes, out of ``n_blocks``.
+
+    ``none``; ``full`` (all); ``selective`` (every other block: 0, 2, 4, ...); ``selective:N`` (N
+    blocks, an integer, spread evenly over the depth; clamped to ``n_blocks``); ``selective:F``
+    (a fraction 0 <= F < 1 of the blocks, rounded up). Each checkpointed block keeps only its input
+    for backward, so memory falls about linearly with N while the recompute grows with N.
+    """
+    if mode == "none":
+        return []
+    if mode == "full":
+        return list(range(n_blocks))
+    if mode == "selective":
+        return list(range(0, n_blocks, 2))
+    head, _, arg = mode.partition(":")
+    try:
+        value = float(arg) if head == "selective" and arg else -1.0
+    except ValueError:
+        value = -1.0
+    if value < 0 or (value >= 1 and not value.is_integer()):
+        raise ValueError(
+            f"activation checkpointing mode {mode!r}; allowed: none, full, selective, selective:N "
+            "(a number of blocks) or selective:F (a fraction 0 <= F < 1)"
+        )
+    n = min(n_blocks, int(value) if value >= 1 else math.ceil(value * n_blocks))
+    # n blocks at evenly spaced positions (the middle of n equal spans of the depth)
+    return sorted({min(n_blocks - 1, int((j + 0.5) * n_blocks / n)) for j in range(n)}) if n else []
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> int:
     """Recompute block activations in backward (``torch.utils.checkpoint``, non-reentrant).
 
-    ``mode``: ``full`` (every block), ``selective`` (every other block: 0, 2, 4, ...) or ``none``.
-    Applied from outside by wrapping each chosen block's ``forward``; parameter names and the state
-    dict are unchanged. Blocks called with a decode cache or without grad run normally.
-    Returns the number of wrapped blocks."""
-    if mode not in ("none", "full", "selective"):
-        raise ValueError(f"activation checkpointing mode {mode!r}; allowed: none, full, selective")
+    ``mode``: ``full`` (every block), ``selective`` (every other block: 0, 2, 4, ...),
+    ``selective:N`` / ``selective:F`` (N blocks, or a fraction F of them, spread evenly: see
+    :func:`checkpointed_blocks`) or ``none``. Applied from outside by wrapping each chosen block's
+    ``forward``; parameter names and the state dict are unchanged. Blocks called with a decode cache
+    or without grad run normally. Returns the number of wrapped blocks."""
     blocks = getattr(model, "layers", None)
     if blocks is None:
         raise TypeError(f"{type(model).__name__} has no .layers; cannot apply activation checkpointing")
-    if mode == "none":
-        return 0
-    wrapped = 0
-    for i, block in enumerate(blocks):
-        if mode == "selective" and i % 2:
-            continue
+    chosen = checkpointed_blocks(mode, len(blocks))
+    for i in chosen:
+        block = blocks[i]
         inner = block.forward
 
         def forward(*args: Any, _inner=inner, **kwargs: Any) -> Any:
@@ -106,8 +133,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> int:
             return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
-        wrapped += 1
-    return wrapped
+    return len(chosen)
 
 
 # ------------------------------------------------------------------ helpers
