@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from mixlab.data.synthetic import (
+    _POOL_CACHE,
     IGNORE_INDEX,
     LabeledBatch,
     SyntheticLoader,
+    _distinct_uniform,
     mqar_batch,
     mqar_gap_probs,
     selective_copying_batch,
@@ -111,6 +113,40 @@ def test_batches_are_pure_functions_and_split_over_ranks() -> None:
     assert not any(tuple(r) in train_rows for h in held for r in h.inputs.tolist())
     with pytest.raises(ValueError, match="unknown synthetic task"):
         SyntheticLoader("copy", kw, 32, 8, seed=0)
+
+
+def test_distinct_uniform_rows_are_distinct_and_uniform() -> None:
+    for n, k in ((4095, 16), (10, 4)):  # rejection, and the Gumbel path when k^2 > n
+        x = _distinct_uniform(_rng(11), 20000, n, k)
+        assert x.shape == (20000, k) and x.min() >= 0 and x.max() < n
+        assert all(len(set(r)) == k for r in x[:2000].tolist())
+    x = _distinct_uniform(_rng(12), 40000, 20, 4)  # k^2 <= n: rejection
+    assert all(len(set(r)) == 4 for r in x.tolist())
+    for j in range(4):  # every position uniform over range(n)
+        freq = np.bincount(x[:, j], minlength=20) / len(x)
+        assert np.abs(freq - 1 / 20).max() < 0.006
+
+
+def test_fixed_training_set_is_deterministic_and_read_in_epochs() -> None:
+    kw = {"num_kv_pairs": 4, "vocab_size": 256, "train_examples": 24}
+    a = SyntheticLoader("mqar", kw, 32, 8, seed=3)
+    _POOL_CACHE.clear()
+    b = SyntheticLoader("mqar", kw, 32, 8, seed=3)
+    for s in (5, 0, 3, 7):  # any order of steps: a pure function of the step
+        assert torch.equal(a.batch(s).inputs, b.batch(s).inputs) and torch.equal(a.batch(s).labels, b.batch(s).labels)
+    pool = {tuple(r) for r in synthetic_batch("mqar", 3, 0, 24, 32, num_kv_pairs=4, vocab_size=256).inputs.tolist()}
+    epochs = [[tuple(r) for s in range(3 * e, 3 * e + 3) for r in a.batch(s).inputs.tolist()] for e in range(2)]
+    assert set(epochs[0]) == set(epochs[1]) == pool and len(set(epochs[0])) == 24  # each example once per epoch
+    assert epochs[0] != epochs[1]  # in a new order
+    assert not torch.equal(a.batch(0).inputs, SyntheticLoader("mqar", kw, 32, 8, seed=4).batch(0).inputs)
+    fresh = SyntheticLoader("mqar", {**kw, "train_examples": 0}, 32, 8, seed=3)
+    assert {tuple(r) for s in range(3, 6) for r in fresh.batch(s).inputs.tolist()}.isdisjoint(pool)
+    r1 = SyntheticLoader("mqar", kw, 32, 8, seed=3, rank=1, world_size=2)
+    assert torch.equal(r1.batch(4).inputs, a.batch(4).inputs[1::2]) and r1.batch(4).inputs.dtype == torch.int64
+    # a batch straddling two epochs (24 is not a multiple of 10)
+    c = SyntheticLoader("mqar", kw, 32, 10, seed=3)
+    assert len({tuple(r) for s in range(2) for r in c.batch(s).inputs.tolist()}) == 20
+    assert {tuple(r) for r in c.batch(2).inputs.tolist()} <= pool
 
 
 def test_selective_copying_layout() -> None:

@@ -51,3 +51,22 @@ def test_a_point_over_its_time_share_is_stopped_and_still_scored(tmp_path, capsy
     (row,) = json.loads((tmp_path / "mqar-L16-kv2-cpu.json").read_text())["rows"]
     assert row["stopped_by_budget"] and 0 < row["steps"] < 100000 and 0.0 <= row["accuracy"] <= 1.0
     assert "time share spent" in capsys.readouterr().out
+
+
+def test_jobs_run_points_as_processes_and_only_the_parent_writes(tmp_path, capsys) -> None:
+    args = [
+        "--device", "cpu", "--budget-min", "3", "--archs", "transformer", "--d-models", "16", "--lrs", "3e-3,1e-2",
+        "--seq-len", "16", "--kv-pairs", "2", "--vocab-size", "32", "--batch-size", "8", "--eval-examples", "16",
+        "--train-examples", "40", "--min-steps", "3", "--max-steps", "4", "--jobs", "2",
+        "--work-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path),
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert "2 at a time" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "mqar-L16-kv2-cpu.json").read_text())
+    assert doc["jobs"] == 2 and doc["settings"]["train_examples"] == 40
+    assert sorted(r["lr"] for r in doc["rows"]) == ["1e-2", "3e-3"]
+    assert all(r["steps"] == 4 and 0.0 <= r["accuracy"] <= 1.0 for r in doc["rows"])
+    assert len(doc["best"]) == 1 and doc["best"][0]["accuracy"] == max(r["accuracy"] for r in doc["rows"])
+    logs = tmp_path / "runs" / "logs"
+    assert {p.name for p in logs.glob("*.json")} == {"transformer-d16-lr3e-3.json", "transformer-d16-lr1e-2.json"}
+    assert not list(tmp_path.glob("*.tmp"))

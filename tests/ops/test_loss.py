@@ -14,10 +14,11 @@ def _inputs(n=37, d=16, v=50, dtype=torch.float64, seed=0, ignore_frac=0.2):
     return h, w, t
 
 
+@pytest.mark.parametrize("ignore_frac", [0.2, 0.9])  # 0.9: only the scored rows meet the LM head
 @pytest.mark.parametrize("chunk_rows", [1, 5, 37, 1000])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_matches_full_logits_loss_and_grads(chunk_rows, reduction):
-    h, w, t = _inputs()
+def test_matches_full_logits_loss_and_grads(chunk_rows, reduction, ignore_frac):
+    h, w, t = _inputs(ignore_frac=ignore_frac)
     loss = linear_cross_entropy(h, w, t, reduction=reduction, chunk_rows=chunk_rows)
     gh, gw = torch.autograd.grad(loss * 1.7, (h, w))
     ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100, reduction=reduction)

@@ -44,7 +44,9 @@ __all__ = [
 
 IGNORE_INDEX = -100
 TASKS = ("mqar", "selective_copying")
-_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+_TRAIN_STREAM, _EVAL_STREAM, _EPOCH_STREAM = 0, 1, 2
+_POOL_CHUNK = 4096  # sequences generated at a time for a fixed training set
+_POOL_CACHE: dict[str, Any] = {}  # the last fixed training set made in this process
 
 
 class LabeledBatch:
@@ -106,6 +108,23 @@ def _choose_without_replacement(
     return np.take_along_axis(top, order, axis=1)
 
 
+def _distinct_uniform(rng: np.random.Generator, rows: int, n: int, k: int) -> np.ndarray:
+    """``[rows, k]`` distinct indices from ``range(n)`` per row, uniform over ordered k-tuples (the law
+    of :func:`_choose_without_replacement` without ``log_p``). For ``k^2 <= n`` by rejection: draw k
+    with replacement, redraw the rows holding a repeat (a few percent), O(rows * k) instead of
+    O(rows * n) Gumbel noise."""
+    if k * k > n:
+        return _choose_without_replacement(rng, rows, n, k)
+    out = rng.integers(0, n, size=(rows, k))
+    redo = np.arange(rows)
+    while True:
+        s = np.sort(out[redo], axis=1)
+        redo = redo[(s[:, 1:] == s[:, :-1]).any(axis=1)]
+        if redo.size == 0:
+            return out
+        out[redo] = rng.integers(0, n, size=(redo.size, k))
+
+
 def mqar_gap_probs(num_slots: int, power_a: float = 0.01) -> np.ndarray:
     """Zoology's query-slot distribution ``p(g) ∝ (g + 1)^(a - 1)`` for ``g = 0 .. num_slots - 1``."""
     p = power_a * np.arange(1, num_slots + 1, dtype=np.float64) ** (power_a - 1)
@@ -142,8 +161,8 @@ def mqar_batch(
     _check_mqar(seq_len, num_kv_pairs, vocab_size)
     B, n, V = batch_size, num_kv_pairs, vocab_size
     half = V // 2
-    keys = 1 + _choose_without_replacement(rng, B, half - 1, n)  # [B, n] in [1, V/2)
-    values = half + _choose_without_replacement(rng, B, V - half, n)  # [B, n] in [V/2, V)
+    keys = 1 + _distinct_uniform(rng, B, half - 1, n)  # [B, n] in [1, V/2)
+    values = half + _distinct_uniform(rng, B, V - half, n)  # [B, n] in [V/2, V)
     ctx = 2 * n
     slots = (seq_len - ctx) // 2
     gaps = _choose_without_replacement(rng, B, slots, n, np.log(mqar_gap_probs(slots, power_a)))  # [B, n]
@@ -216,7 +235,14 @@ class SyntheticLoader:
     this rank's :class:`LabeledBatch` ``[batch_size // world_size, seq_len]``; the state is the step.
 
     ``params``: any object with the fields of ``mixlab.config.SyntheticConfig`` (``vocab_size``,
-    ``num_kv_pairs``, ``num_tokens``, ``power_a``, ``random_non_queries``, ``eval_examples``) or a dict.
+    ``num_kv_pairs``, ``num_tokens``, ``power_a``, ``random_non_queries``, ``eval_examples``,
+    ``train_examples``) or a dict.
+
+    ``train_examples > 0``: a fixed training set, as Zoology trains: ``train_examples`` sequences
+    generated once (chunk ``i`` of 4096 is global batch ``i`` of the training stream), then read in
+    epochs, each in its own order (a permutation seeded by ``(seed, epoch)``); the global batch of
+    step ``s`` is positions ``[s * B, (s + 1) * B)`` of the concatenated epochs, so a batch is still
+    a pure function of the step. ``0``: a fresh global batch every step.
     """
 
     def __init__(
@@ -240,14 +266,53 @@ class SyntheticLoader:
             k: p[k] for k in ("num_kv_pairs", "num_tokens", "vocab_size", "power_a", "random_non_queries") if k in p
         }
         self.eval_examples = int(p.get("eval_examples", 1000))
+        self.train_examples = int(p.get("train_examples", 0) or 0)
         self.step = 0
+        self._pool: tuple[torch.Tensor, torch.Tensor] | None = None  # int32 inputs, labels [E, T]
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its order)
         self.batch(0)  # validate the settings now, with a clear message
+
+    def _train_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pool is None:
+            key = (self.task, self.seed, self.seq_len, self.train_examples, tuple(sorted(self.kwargs.items())))
+            if _POOL_CACHE.get("key") != key:  # one set per process: a sweep's next run reuses it
+                _POOL_CACHE.clear()
+                xs, ys, left, i = [], [], self.train_examples, 0
+                while left > 0:
+                    b = synthetic_batch(self.task, self.seed, i, min(_POOL_CHUNK, left), self.seq_len, **self.kwargs)
+                    xs.append(b.inputs.to(torch.int32))
+                    ys.append(b.labels.to(torch.int32))
+                    left -= len(b)
+                    i += 1
+                _POOL_CACHE.update(key=key, pool=(torch.cat(xs), torch.cat(ys)))
+            self._pool = _POOL_CACHE["pool"]
+        return self._pool
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, _rng(self.seed, _EPOCH_STREAM, epoch).permutation(self.train_examples))
+        return self._perm[1]
+
+    def pool_rows(self, step: int) -> np.ndarray:
+        """Indices into the fixed training set of the global batch of ``step`` (``train_examples > 0``)."""
+        E, B = self.train_examples, self.batch_size
+        parts, pos, end = [], step * B, (step + 1) * B
+        while pos < end:
+            epoch, off = divmod(pos, E)
+            take = self._epoch_order(epoch)[off : off + end - pos]
+            parts.append(take)
+            pos += len(take)
+        return np.concatenate(parts)
 
     @property
     def local_batch_size(self) -> int:
         return self.batch_size // self.world_size
 
     def batch(self, step: int) -> LabeledBatch:
+        if self.train_examples:
+            inputs, labels = self._train_pool()
+            rows = torch.from_numpy(self.pool_rows(step)[self.rank :: self.world_size])
+            return LabeledBatch(inputs[rows].long(), labels[rows].long())
         return synthetic_batch(
             self.task, self.seed, step, self.batch_size, self.seq_len,
             rank=self.rank, world_size=self.world_size, **self.kwargs,

@@ -33,6 +33,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         n_valid = int(valid.sum())
         denom = max(n_valid, 1) if reduction == "mean" else 1
+        rows, full_shape = None, hidden.shape
+        if n_valid < n // 2:  # mostly unscored rows (synthetic tasks): only the scored ones meet the LM head
+            rows = valid.nonzero().squeeze(1)
+            hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+            valid, n = valid.index_select(0, rows), n_valid
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_dh else None
@@ -70,6 +75,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if need_dw:
                         grad_w += (d_logits.t() @ h).to(acc)
                 del logits
+        if need_dh and rows is not None:
+            grad_h = torch.zeros(full_shape, dtype=grad_h.dtype, device=grad_h.device).index_copy_(0, rows, grad_h)
         ctx.save_for_backward(grad_h if need_dh else torch.empty(0), grad_w if need_dw else torch.empty(0))
         ctx.need = (need_dh, need_dw)
         ctx.weight_dtype = weight.dtype
