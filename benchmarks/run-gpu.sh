@@ -28,6 +28,8 @@ for s in "$@"; do case $s in
   bench-train) stage bench-train 230 python3 -m mixlab bench train --steps 3 --warmup 1 --long --out-dir "$out";;
   decode) stage decode 150 python3 -m mixlab bench decode --steps 8 --warmup 2 --prefill-repeats 1 --out-dir "$out";;
   graphs) stage graphs 50 python3 -m pytest -q -x tests/test_generate.py -k cuda -p no:cacheprovider;;
-  mqar) stage mqar 200 python3 -m mixlab.eval.mqar_sweep --budget-min 3 --device cuda --out-dir "$out";;
+  mqar) stage mqar 470 python3 -m mixlab.eval.mqar_sweep --budget-min 6.25 --jobs 16 --device cuda \
+         --work-dir /tmp/mixlab-mqar --fresh --out-dir "$out"
+       cp -r /tmp/mixlab-mqar/logs "$out/mqar-logs" 2>/dev/null;;
   *) echo "unknown stage $s";;
 esac; done

@@ -1,22 +1,28 @@
 """The MQAR science check: which 2-layer models recall 16 key-value pairs in 256 tokens.
 
-    python -m mixlab.eval.mqar_sweep --budget-min 60                 # the whole sweep on one GPU
+    python -m mixlab.eval.mqar_sweep --budget-min 6.25 --jobs 16      # the whole sweep on one GPU
     python -m mixlab.eval.mqar_sweep --device cpu --budget-min 10 --seq-len 64 --kv-pairs 4 \\
         --archs transformer,gated_deltanet --d-models 64 --lrs 3e-3 --vocab-size 256 --batch-size 32
 
 For every architecture × d_model × learning rate it trains a model on Zoology's MQAR generator
 with ``mixlab train task=mqar`` (the one training loop: ``mixlab.train.train``), then measures
-accuracy over the queries of a held-out test set (``mixlab.eval.mqar``). The time budget is split
-evenly over the points still to run; each point first times a few steps, then trains for as many
-steps as its share allows (``--max-steps`` at most); a point still training at 1.25x its share is
-stopped and evaluated at that step (``stopped_by_budget`` in its row). Models follow Zoology's MQAR setup: 2 layers,
-mixer-only blocks (no MLP), vocabulary 8192, AdamW with weight decay 0.1, best accuracy over the
-learning rates. Attention has 1 head; DeltaNet and Gated DeltaNet 2 heads of d_model/2 (Gated
-DeltaNet with expand_v 1, the same state as DeltaNet); Mamba uses d_state 16, expand 2.
+accuracy over the queries of a held-out test set (``mixlab.eval.mqar``). Training reads a fixed set
+of ``--train-examples`` sequences in epochs, as Zoology does (0: a fresh batch every step).
+
+``--jobs N`` trains N points at once, each in its own process (default 16 on a GPU: 2-layer models
+are launch-bound, and a GPU time-slices well between processes); only this process writes the
+results. The time budget is split over the points still to run (over ``ceil(left / N)`` waves with
+jobs); each point first times 20 steps, then trains for as many steps as its share allows
+(``--max-steps`` at most); a point still training at 1.25x its share, or at the budget's end, is
+stopped and evaluated at that step (``stopped_by_budget`` in its row). Models follow Zoology's MQAR
+setup: 2 layers, mixer-only blocks (no MLP), vocabulary 8192, AdamW with weight decay 0.1, best
+accuracy over the learning rates. Attention has 1 head; DeltaNet and Gated DeltaNet 2 heads of
+d_model/2 (Gated DeltaNet with expand_v 1, the same state as DeltaNet); Mamba uses d_state 16, expand 2.
 
 Results go to ``benchmarks/results/mqar-L{L}-kv{n}-{device}.json`` (rewritten after every point, so
 an interrupted sweep keeps what it finished, and a rerun skips the points already there unless
-``--fresh``) and a PNG of the best accuracy per model; the last lines printed are the table.
+``--fresh``) and a PNG of the best accuracy per model; the last lines printed are the table. With
+jobs, each point's log and row are under ``{work-dir}/logs/``.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ def _csv(text: str, cast=str) -> list:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help=f"comma-separated, from {', '.join(ARCHS)}")
     parser.add_argument("--d-models", default="64,128", help="model widths (default 64,128)")
-    parser.add_argument("--lrs", default="1e-3,3e-3", help="learning rates; the best is reported (default 1e-3,3e-3)")
+    parser.add_argument("--lrs", default="3e-3,1e-2", help="learning rates; the best is reported (default 3e-3,1e-2)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--kv-pairs", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=8192)
