@@ -3,8 +3,10 @@
 SSD per head is gated linear attention with the state transposed: with ``k = B``, ``q = C`` (shared by
 the H/G heads of a group), ``v = dt·x``, ``g = dt·A`` and ``scale = 1``, the kernels' state ``S [N, P]``
 is ``hᵀ`` and ``o_t = Sᵀ q_t = h_t C_t``. The dt transform (bias, softplus), the ``D`` skip and the
-``silu(z)`` gate are elementwise and stay in PyTorch (autograd); the scan runs in
-``mixlab::chunk_gated_delta_fwd`` with ``use_delta=False``.
+``silu(z)`` gate are elementwise: by default fused Triton kernels with a hand-written backward around
+the scan (``mixlab::ssd_fused_fwd``, see :mod:`.fused`); with ``FUSED = False`` (and on the no-grad
+decode path) PyTorch code under autograd. The scan runs in ``mixlab::chunk_gated_delta_fwd`` with
+``use_delta=False``.
 """
 
 from __future__ import annotations
@@ -14,16 +16,24 @@ import torch.nn.functional as F
 
 from ..._triton.ops import chunk_gated_delta_fwd
 from ..._triton.recurrent import recurrent_gated_delta
+from .fused import ssd_fused
+
+#: Run the dt transform, D skip and gate as fused Triton kernels (False: the PyTorch autograd path).
+FUSED = True
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, initial_state):
+def _check_dtype(x):
     if x.dtype not in _DTYPES:
         raise ValueError(
             f"ssd(backend='triton') takes float16, bfloat16 or float32 inputs, got {x.dtype}; "
             "use backend='chunked' or 'reference' for float64"
         )
+
+
+def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, initial_state):
+    _check_dtype(x)
     dtf = dt.float()
     if dt_bias is not None:
         dtf = dtf + dt_bias.float()
@@ -72,6 +82,12 @@ def ssd_triton(
     result is the same function; only rounding differs).
     """
     del chunk_size
+    if FUSED:
+        _check_dtype(x)
+        return ssd_fused(
+            x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        )  # fmt: skip
     q, k, v, g, h0 = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, initial_state)
     y, ht, *_ = chunk_gated_delta_fwd(q, k, v, None, g, 1.0, h0, output_final_state, cu_seqlens, False)
     final = ht.transpose(-1, -2) if output_final_state else None

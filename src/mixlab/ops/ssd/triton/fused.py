@@ -1,0 +1,395 @@
+"""Fused elementwise stages of Triton SSD around the chunk kernels, with hand-written backward.
+
+``mixlab::ssd_fused_fwd`` runs, per token and head (``s = dt + dt_bias``, ``d = softplus(s)`` if asked):
+
+* prep: ``v = x·d`` (x's dtype) and ``g = d·A`` (float32) in one pass over x;
+* the scan: ``mixlab::chunk_gated_delta_fwd`` (``use_delta=False``) gives ``y`` in x's dtype;
+* finish (only with D or z): ``out = (y + D·x)·silu(z)`` in float32, cast once.
+
+``mixlab::ssd_fused_bwd`` runs the reverse: finish backward (``dy = dout·silu(z)``, ``dz``, dD partials;
+reads dout, y, x, z), the chunk backward (``dq, dk, dv, dg, dh0``), then prep backward, which also
+adds the D skip's ``D·dy`` into ``dx`` so that dx is written once and never accumulated by autograd
+(reads dv, x, dy; writes dx, ddt). Reductions over tokens (d dt_bias, dA, dD) are per-program float32
+partials summed afterwards (deterministic).
+
+Tensors ``[B, T, H, P]`` are handled as ``[B·T, H, P]`` token streams with a token and a head stride
+(unit stride along P), so strided views such as Mamba2's split of the conv output are read in place.
+A program owns ``BT`` tokens × one head × all of P; the head is the fastest grid axis so that
+neighbouring programs share token rows (dt and x lines).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._triton.ops import chunk_gated_delta_bwd, chunk_gated_delta_fwd
+
+Tensor = torch.Tensor
+
+#: elements of a [BT, BP] tile (BT = TILE // BP tokens), and warps, per kernel
+TILE = {"prep_fwd": 4096, "prep_bwd": 4096, "finish_fwd": 4096, "finish_bwd": 4096}
+WARPS = {"prep_fwd": 4, "prep_bwd": 8, "finish_fwd": 4, "finish_bwd": 8}
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels (float32 arithmetic; helpers inline, see ops/_triton/chunk.py on the interpreter)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prep_fwd_kernel(
+    x, sx_t, sx_h, dt, sdt_t, sdt_h, dt_bias, A, v, g, NTOK,
+    H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):  # fmt: skip
+    """``d = softplus(dt + bias)``; ``g = d·A`` [NTOK, H] float32; ``v = x·d`` [NTOK, H, P] contiguous."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
+    m_t = rows < NTOK
+    cols = tl.arange(0, BP)
+    m = m_t[:, None] & (cols < P)[None, :]
+    s = tl.load(dt + rows * sdt_t + i_h * sdt_h, mask=m_t, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        s += tl.load(dt_bias + i_h).to(tl.float32)
+    if SOFTPLUS:  # torch's softplus (threshold 20) with an accurate log1p(e) = log(u)·e/(u−1), u = 1+e
+        e = tl.exp(tl.minimum(s, 20.0))
+        u = 1.0 + e
+        lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+        s = tl.where(s > 20.0, s, lp)
+    a = tl.load(A + i_h).to(tl.float32)
+    tl.store(g + rows * H + i_h, s * a, mask=m_t)
+    b_x = tl.load(x + rows[:, None] * sx_t + i_h * sx_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(v + rows[:, None] * (H * P) + i_h * P + cols[None, :], (b_x * s[:, None]).to(v.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _prep_bwd_kernel(
+    x, sx_t, sx_h, dt, sdt_t, sdt_h, dt_bias, A, dv, dg, dy, D, dx, ddt, part_bias, part_A, NTOK,
+    H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
+):  # fmt: skip
+    """``dx = dv·d (+ D·dy)``; ``dd = Σ_p dv·x + dg·A``; ``ddt = dd·softplus'(s)``; per-program partial sums
+    of ddt (d dt_bias) and ``dg·d`` (dA) into ``part_* [n_blocks, H]``. dv, dy, dx contiguous."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
+    m_t = rows < NTOK
+    cols = tl.arange(0, BP)
+    m = m_t[:, None] & (cols < P)[None, :]
+    s = tl.load(dt + rows * sdt_t + i_h * sdt_h, mask=m_t, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        s += tl.load(dt_bias + i_h).to(tl.float32)
+    d = s
+    if SOFTPLUS:
+        e = tl.exp(tl.minimum(s, 20.0))
+        u = 1.0 + e
+        lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+        d = tl.where(s > 20.0, s, lp)
+    a = tl.load(A + i_h).to(tl.float32)
+    b_dg = tl.load(dg + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    p_c = rows[:, None] * (H * P) + i_h * P + cols[None, :]
+    b_x = tl.load(x + rows[:, None] * sx_t + i_h * sx_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    b_dv = tl.load(dv + p_c, mask=m, other=0.0).to(tl.float32)
+    b_dx = b_dv * d[:, None]
+    if HAS_D:
+        b_dy = tl.load(dy + p_c, mask=m, other=0.0).to(tl.float32)
+        if D_PER_P:
+            b_dx += b_dy * tl.load(D + i_h * P + cols, mask=cols < P, other=0.0).to(tl.float32)[None, :]
+        else:
+            b_dx += b_dy * tl.load(D + i_h).to(tl.float32)
+    tl.store(dx + p_c, b_dx.to(dx.dtype.element_ty), mask=m)
+    dd = tl.sum(b_dv * b_x, axis=1) + b_dg * a
+    if SOFTPLUS:
+        dd = tl.where(s > 20.0, dd, dd * (e / u))
+    tl.store(ddt + rows * H + i_h, dd.to(ddt.dtype.element_ty), mask=m_t)
+    tl.store(part_bias + i_b * H + i_h, tl.sum(dd, axis=0))
+    tl.store(part_A + i_b * H + i_h, tl.sum(b_dg * d, axis=0))
+
+
+@triton.jit
+def _finish_fwd_kernel(
+    y, x, sx_t, sx_h, z, sz_t, sz_h, D, out, NTOK,
+    H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
+):  # fmt: skip
+    """``out = (y + D·x)·silu(z)`` in float32, cast to out's dtype. y, out contiguous."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
+    m_t = rows < NTOK
+    cols = tl.arange(0, BP)
+    m = m_t[:, None] & (cols < P)[None, :]
+    p_c = rows[:, None] * (H * P) + i_h * P + cols[None, :]
+    b_o = tl.load(y + p_c, mask=m, other=0.0).to(tl.float32)
+    if HAS_D:
+        b_x = tl.load(x + rows[:, None] * sx_t + i_h * sx_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        if D_PER_P:
+            b_o += b_x * tl.load(D + i_h * P + cols, mask=cols < P, other=0.0).to(tl.float32)[None, :]
+        else:
+            b_o += b_x * tl.load(D + i_h).to(tl.float32)
+    if HAS_Z:
+        b_z = tl.load(z + rows[:, None] * sz_t + i_h * sz_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        b_o = b_o * (b_z / (1.0 + tl.exp(-b_z)))
+    tl.store(out + p_c, b_o.to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _finish_bwd_kernel(
+    do, so_t, so_h, y, x, sx_t, sx_h, z, sz_t, sz_h, D, dy, dz, part_D, NTOK,
+    H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
+):  # fmt: skip
+    """``dy = dout·silu(z)`` (y's dtype), ``dz = dout·(y + D x)·silu'(z)``, per-program partials of
+    ``Σ dy·x`` (dD) into ``part_D [n_blocks, H(, P)]``. y, dy, dz contiguous. The D skip's dx is left to
+    the prep backward (``D·dy``)."""
+    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
+    m_t = rows < NTOK
+    cols = tl.arange(0, BP)
+    m = m_t[:, None] & (cols < P)[None, :]
+    p_c = rows[:, None] * (H * P) + i_h * P + cols[None, :]
+    b_do = tl.load(do + rows[:, None] * so_t + i_h * so_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_D:
+        b_x = tl.load(x + rows[:, None] * sx_t + i_h * sx_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_Z:
+        b_z = tl.load(z + rows[:, None] * sz_t + i_h * sz_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        sg = 1.0 / (1.0 + tl.exp(-b_z))
+        b_pre = tl.load(y + p_c, mask=m, other=0.0).to(tl.float32)
+        if HAS_D:
+            if D_PER_P:
+                b_pre += b_x * tl.load(D + i_h * P + cols, mask=cols < P, other=0.0).to(tl.float32)[None, :]
+            else:
+                b_pre += b_x * tl.load(D + i_h).to(tl.float32)
+        tl.store(dz + p_c, (b_do * b_pre * sg * (1.0 + b_z * (1.0 - sg))).to(dz.dtype.element_ty), mask=m)
+        b_dy = b_do * (b_z * sg)
+    else:
+        b_dy = b_do
+    tl.store(dy + p_c, b_dy.to(dy.dtype.element_ty), mask=m)
+    if HAS_D:
+        if D_PER_P:
+            tl.store(part_D + (i_b * H + i_h) * P + cols, tl.sum(b_dy * b_x, axis=0), mask=cols < P)
+        else:
+            tl.store(part_D + i_b * H + i_h, tl.sum(tl.sum(b_dy * b_x, axis=1), axis=0))
+
+
+# --------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------
+
+
+def _tokens(t: Tensor) -> tuple[Tensor, int, int]:
+    """``t [B, T, H(, P)]`` as a token stream: ``(t', token stride, head stride)``, copying only when the
+    tokens of different batch rows are not evenly spaced or P is strided."""
+    b, T = t.shape[:2]
+    if (t.dim() == 4 and t.stride(3) != 1) or (b > 1 and T > 0 and t.stride(0) != T * t.stride(1)):
+        t = t.contiguous()
+    return t, t.stride(1), t.stride(2)
+
+
+def _grid(name: str, ntok: int, H: int, P: int) -> tuple[tuple[int, int], dict]:
+    BP = triton.next_power_of_2(P)
+    BT = max(1, TILE[name] // BP)
+    return (H, triton.cdiv(ntok, BT)), {"BT": BT, "BP": BP, "num_warps": WARPS[name]}
+
+
+def _empty(ref: Tensor) -> Tensor:
+    return ref.new_empty(0)
+
+
+@torch.library.custom_op("mixlab::ssd_fused_fwd", mutates_args=())
+def ssd_fused_fwd(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    q: Tensor,
+    k: Tensor,
+    dt_bias: Tensor | None,
+    D: Tensor | None,
+    z: Tensor | None,
+    initial_state: Tensor | None,
+    dt_softplus: bool,
+    output_final_state: bool,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x ``[B, T, H, P]``, dt ``[B, T, H]``, q = C / k = B ``[B, T, G, N]`` in x's dtype (contiguous),
+    initial_state ``[N_seq, H, N, P]`` (the kernels' transposed layout). Returns
+    ``(out [B, T, H, P], final_state [N_seq, H, N, P] | empty, v, g, y | empty)``: v/g/y are saved for the
+    backward (y only with D or z; without them out is y)."""
+    b, T, H, P = x.shape
+    ntok = b * T
+    xs, sx_t, sx_h = _tokens(x)
+    dts, sdt_t, sdt_h = _tokens(dt)
+    v = torch.empty(b, T, H, P, device=x.device, dtype=x.dtype)
+    g = torch.empty(b, T, H, device=x.device, dtype=torch.float32)
+    if ntok:
+        grid, kw = _grid("prep_fwd", ntok, H, P)
+        _prep_fwd_kernel[grid](
+            xs, sx_t, sx_h, dts, sdt_t, sdt_h, dt_bias if dt_bias is not None else A, A, v, g, ntok, H=H, P=P,
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, **kw,
+        )  # fmt: skip
+    y, ht, *_ = chunk_gated_delta_fwd(q, k, v, None, g, 1.0, initial_state, output_final_state, cu_seqlens, False)
+    if D is None and z is None:
+        return y, ht, v, g, _empty(y)
+    out = torch.empty_like(y)
+    if ntok:
+        zs, sz_t, sz_h = _tokens(z) if z is not None else (y, 0, 0)
+        grid, kw = _grid("finish_fwd", ntok, H, P)
+        _finish_fwd_kernel[grid](
+            y, xs, sx_t, sx_h, zs, sz_t, sz_h, D if D is not None else y, out, ntok, H=H, P=P,
+            HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None, **kw,
+        )  # fmt: skip
+    return out, ht, v, g, y
+
+
+@ssd_fused_fwd.register_fake
+def _(x, dt, A, q, k, dt_bias, D, z, initial_state, dt_softplus, output_final_state, cu_seqlens):
+    b, T, H, P = x.shape
+    N = q.shape[-1]
+    nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else b
+    ht = x.new_empty(nseq, H, N, P, dtype=torch.float32) if output_final_state else x.new_empty(0, dtype=torch.float32)
+    y = x.new_empty(b, T, H, P) if (D is not None or z is not None) else x.new_empty(0)
+    return x.new_empty(b, T, H, P), ht, x.new_empty(b, T, H, P), x.new_empty(b, T, H, dtype=torch.float32), y
+
+
+@torch.library.custom_op("mixlab::ssd_fused_bwd", mutates_args=())
+def ssd_fused_bwd(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    q: Tensor,
+    k: Tensor,
+    dt_bias: Tensor | None,
+    D: Tensor | None,
+    z: Tensor | None,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+    v: Tensor,
+    g: Tensor,
+    y: Tensor,
+    dout: Tensor,
+    dht: Tensor | None,
+    dt_softplus: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx, ddt, dA, dq, dk, d dt_bias | empty, dD | empty, dz | empty, d initial_state | empty)``,
+    each in its input's dtype."""
+    b, T, H, P = x.shape
+    ntok = b * T
+    dev = x.device
+    xs, sx_t, sx_h = _tokens(x)
+    dts, sdt_t, sdt_h = _tokens(dt)
+    has_d = D is not None
+    dD, dz = _empty(x), _empty(x)
+    if has_d or z is not None:
+        dos, so_t, so_h = _tokens(dout)
+        dy = torch.empty(b, T, H, P, device=dev, dtype=v.dtype)
+        if z is not None:
+            zs, sz_t, sz_h = _tokens(z)
+            dz = torch.empty(b, T, H, P, device=dev, dtype=z.dtype)
+        else:
+            zs, sz_t, sz_h = dy, 0, 0
+        grid, kw = _grid("finish_bwd", ntok, H, P)
+        part_D = torch.empty(grid[1], *(D.shape if has_d else (1,)), device=dev, dtype=torch.float32)
+        if ntok:
+            _finish_bwd_kernel[grid](
+                dos, so_t, so_h, y, xs, sx_t, sx_h, zs, sz_t, sz_h, D if has_d else dy, dy,
+                dz if z is not None else dy, part_D, ntok, H=H, P=P,
+                HAS_D=has_d, D_PER_P=has_d and D.dim() == 2, HAS_Z=z is not None, **kw,
+            )  # fmt: skip
+        if has_d:
+            dD = part_D.sum(0).to(D.dtype)
+    else:
+        dy = dout.to(v.dtype).contiguous()
+    e = _empty(v)
+    dq, dk, dv, _, dg, dh0 = chunk_gated_delta_bwd(
+        q, k, v, None, g, 1.0, initial_state, cu_seqlens, e.float(), e, e, dy, dht, False
+    )
+    dx = torch.empty(b, T, H, P, device=dev, dtype=x.dtype)
+    ddt = torch.empty(b, T, H, device=dev, dtype=dt.dtype)
+    grid, kw = _grid("prep_bwd", ntok, H, P)
+    part_bias = torch.empty(grid[1], H, device=dev, dtype=torch.float32)
+    part_A = torch.empty(grid[1], H, device=dev, dtype=torch.float32)
+    if ntok:
+        _prep_bwd_kernel[grid](
+            xs, sx_t, sx_h, dts, sdt_t, sdt_h, dt_bias if dt_bias is not None else A, A, dv, dg, dy,
+            D if has_d else A, dx, ddt, part_bias, part_A, ntok, H=H, P=P,
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=has_d, D_PER_P=has_d and D.dim() == 2, **kw,
+        )  # fmt: skip
+    dA = part_A.sum(0).to(A.dtype)
+    dbias = part_bias.sum(0).to(dt_bias.dtype) if dt_bias is not None else _empty(x)
+    return dx, ddt, dA, dq, dk, dbias, dD, dz, dh0
+
+
+@ssd_fused_bwd.register_fake
+def _(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, v, g, y, dout, dht, dt_softplus):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(dt, memory_format=torch.contiguous_format),
+        torch.empty_like(A),
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(dt_bias) if dt_bias is not None else x.new_empty(0),
+        torch.empty_like(D) if D is not None else x.new_empty(0),
+        torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else x.new_empty(0),
+        torch.empty_like(initial_state) if initial_state is not None else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, q, k, dt_bias, D, z, initial_state, dt_softplus, output_final_state, cu_seqlens = inputs
+    _, _, v, g, y = output
+    ctx.save_for_backward(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, v, g, y)
+    ctx.dt_softplus, ctx.output_final_state = dt_softplus, output_final_state
+    ctx.set_materialize_grads(False)  # v, g, y are outputs only to be saved: no zero gradients for them
+
+
+def _backward(ctx, dout, dht, dv_, dg_, dy_):
+    x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, v, g, y = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(x)
+    dht = dht.contiguous() if ctx.output_final_state and dht is not None and dht.numel() else None
+    dx, ddt, dA, dq, dk, dbias, dD, dz, dh0 = ssd_fused_bwd(
+        x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, v, g, y, dout, dht, ctx.dt_softplus
+    )
+    return (
+        dx,
+        ddt,
+        dA,
+        dq,
+        dk,
+        dbias if dt_bias is not None else None,
+        dD if D is not None else None,
+        dz if z is not None else None,
+        dh0 if initial_state is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+ssd_fused_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ssd_fused(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """SSD through ``mixlab::ssd_fused_fwd``; shapes and results as :func:`mixlab.ops.ssd.triton.ssd_triton`."""
+    q = C.to(x.dtype).contiguous()
+    k = B.to(x.dtype).contiguous()
+    h0 = initial_state.transpose(-1, -2).contiguous() if initial_state is not None else None  # [N, H, N_state, P]
+    out, ht, *_ = ssd_fused_fwd(x, dt, A, q, k, dt_bias, D, z, h0, dt_softplus, output_final_state, cu_seqlens)
+    return out, (ht.transpose(-1, -2) if output_final_state else None)
+
+
+__all__ = ["ssd_fused"]
