@@ -173,3 +173,12 @@ def test_opcheck():
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     torch.library.opcheck(fused.ssd_fused_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                                  "test_autograd_registration"))  # fmt: skip
+
+
+def test_no_tokens():
+    xs = _inputs(9, 2, 0, D="HP")
+    y, ht, grads = _run(ssd_triton, xs)
+    py, pht, pgrads = _run(_unfused, xs)
+    assert y.shape == py.shape and torch.equal(ht, pht)
+    assert torch.equal(grads["initial_state"], pgrads["initial_state"])
+    assert all((grads[k] == 0).all() for k in grads if k != "initial_state")
