@@ -105,7 +105,7 @@ def report(tmp_path_factory):
     corpus = _corpus(root / "corpus")
     out = root / "out"
     args = ["compare", "--out", str(out), "--vary", "model=transformer-tiny,deltanet-tiny"]
-    args += [*BASE, f"data.source={corpus}", f"data.cache_dir={root / 'cache'}"]
+    args += ["data.seq_len=999", *BASE, f"data.source={corpus}", f"data.cache_dir={root / 'cache'}"]
     assert main(args) == 0
     return out, args
 
@@ -127,6 +127,7 @@ def test_tiny_compare_writes_the_report(report, capsys) -> None:
     assert cfgs[0] == cfgs[1]
     md = (out / "report.md").read_text()
     assert "| transformer-tiny |" in md and "![" in md and "deltanet-tiny" in md
+    assert "`data.seq_len=32`" in md and "data.seq_len=999" not in md.split("Shared by every run")[1]  # effective
     assert "mixlab compare --vary model=transformer-tiny,deltanet-tiny --out" in md  # the command that made it
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 5

@@ -541,6 +541,8 @@ def write_report(
     head, rows = _table(summaries)
     date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     same = "same seed, data, batch, sequence length and steps unless varied"
+    # the effective value of each key: later overrides (command line) replace the file's base
+    base = list({b.split("=", 1)[0]: b for b in (base or [])}.values())
     setting = "\n".join(f"- `{b}`" for b in (base or [])) or "- (defaults)"
     varied = "\n".join(f"- `{k}`: {', '.join(f'`{v}`' for v in vs)}" for k, vs in (vary or {}).items()) or "- nothing"
 
