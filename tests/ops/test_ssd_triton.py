@@ -2,7 +2,8 @@
 
 Outputs, final states and every gradient (x, dt, A, B, C, D, z, dt_bias, initial state) with grouped
 B/C, odd lengths around the 64-token chunk, packed sequences, and the fused recurrent decode kernel.
-CPU under ``TRITON_INTERPRET=1`` (set here before Triton is imported) at tiny shapes.
+CPU under ``TRITON_INTERPRET=1`` (set here before Triton is imported) at tiny shapes; bf16 through the
+``bf16_interpreter`` fixture (tests/ops/conftest.py).
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def test_packed_sequences_do_not_leak_state():
 def test_fp16_inputs():
     xs = _inputs(7, 1, 65, dtype=torch.float16)
     _compare(xs, 5e-3)
+
+
+def test_bf16_inputs(bf16_interpreter):
+    """bf16 x/B/C/z with two K (N) tiles and a partial chunk: everything within the bench's 1e-2 bar."""
+    if DEVICE != "cpu":
+        pytest.skip("the bf16 interpreter fixture is for TRITON_INTERPRET=1")
+    _compare(_inputs(13, 1, 100, H=2, P=32, G=1, N=128, dtype=torch.bfloat16), 1e-2)
 
 
 def test_recurrent_decode_kernel():

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='JSON list of launch-table overrides, e.g. \'[{"fwd_h": {"num_warps": 8}}]\', timed at T 2K and 32K',
     )
     parser.add_argument("--variant-ops", default="gdn,dn,ssd", help="comma list of ops timed for each --variants entry")
+    parser.add_argument(
+        "--variant-check", action="store_true", help="also run the bf16 GDN/DN accuracy check for each --variants entry"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,19 +269,23 @@ def _ssd_reference_f64(x, dt, A, B, C, dt_bias, h0, chunk=64):
     return torch.cat(ys, 1), h
 
 
-def run_checks(device, tol: dict[str, float], T: int = 4096) -> list[dict[str, Any]]:
+def run_checks(
+    device, tol: dict[str, float], T: int = 4096, dtypes: tuple[str, ...] = ("bf16", "fp32"), ssd: bool = True
+) -> list[dict[str, Any]]:
     """Kernels vs float64 references at full head shapes: relative error of every output and gradient."""
     from mixlab.ops.delta_rule.chunked import delta_rule_chunked
     from mixlab.ops.delta_rule.triton import delta_rule_triton
     from mixlab.ops.ssd.triton import ssd_triton
 
     rows = []
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    gen0 = torch.Generator(device=device).manual_seed(3)  # initial states: the same for every call (variants)
+    for name in dtypes:
+        dtype = DTYPES[name]
         for op in ("gdn", "dn"):
             s = SHAPES[op]
             B = 2
             q, k, v, beta, g = _delta_inputs(B, T, s["H"], s["K"], s["V"], op == "gdn", dtype, device, seed=1)
-            h0 = torch.randn(B, s["H"], s["K"], s["V"], device=device) * 0.1
+            h0 = torch.randn(B, s["H"], s["K"], s["V"], device=device, generator=gen0) * 0.1
             ins = [x for x in (q, k, v, beta, g, h0) if x is not None]
             leaves = [x.clone().requires_grad_() for x in ins]
             ref_leaves = [x.double().clone().requires_grad_() for x in ins]
@@ -298,7 +305,8 @@ def run_checks(device, tol: dict[str, float], T: int = 4096) -> list[dict[str, A
             worst = max(errs.values())
             rows.append({"op": op, "dtype": name, "shape": f"B{B} T{T}", "max_rel_err": worst,
                          "pass": worst <= tol[name], "errors": errs})  # fmt: skip
-        # SSD
+        if not ssd:
+            continue
         B = 1
         x, dt, A, Bm, Cm, dt_bias = _ssd_inputs(B, T, dtype, device, seed=2)
         s = SHAPES["ssd"]
@@ -414,6 +422,12 @@ def run(args: argparse.Namespace) -> int:
         for i, var in enumerate(json.loads(args.variants)):
             for k, v in var.items():
                 chunk.CONFIG[k] = {**base[k], **v}
+            if args.variant_check:
+                for c in run_checks(device, {"bf16": 1e-2}, dtypes=("bf16",), ssd=False):
+                    variant_rows.append({"variant": i, "op": c["op"], "T": "check", "fwd_ms": None, "fwdbwd_ms": None,
+                                         "config": json.dumps(var), "max_rel_err": c["max_rel_err"],
+                                         "errors": {k: f"{v:.1e}" for k, v in c["errors"].items()}})  # fmt: skip
+                    print(i, c["op"], c["dtype"], {k: f"{v:.1e}" for k, v in c["errors"].items()}, flush=True)
             for T in (2048, 32768):
                 for op in args.variant_ops.split(","):
                     fn, leaves = _impls(op, args.tokens // T, T, dtype, device, peers=False)["mixlab"]
@@ -436,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
     if prof_rows:
         print(format_table(prof_rows, ["op", "T", "kernel", "calls", "ms"]))
     if variant_rows:
-        print(format_table(variant_rows, ["variant", "op", "T", "fwd_ms", "fwdbwd_ms", "config"]))
+        print(format_table(variant_rows, ["variant", "op", "T", "fwd_ms", "fwdbwd_ms", "max_rel_err", "config"]))
     print(_summary(rows, args.dtype, args.tokens, path))
     return 0
 

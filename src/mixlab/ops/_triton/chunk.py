@@ -520,6 +520,7 @@ def _wy_bwd_kernel(
     k, v, beta, g, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, cu_seqlens, chunk_indices, T, NT, NTOK, SLOT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    KK_DOT: tl.constexpr = False,
 ):  # fmt: skip
     """Backward of ``U = T diag(β) V``, ``W = T diag(βγ) K``, ``T = (I + A)⁻¹`` per (chunk, head):
     writes ``dv``, ``dbeta``, ``dG[SLOT]`` and the final ``dk = dk_part + WY terms`` (H == HK)."""
@@ -553,7 +554,7 @@ def _wy_bwd_kernel(
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_dG = tl.zeros([BT], dtype=tl.float32)
-    b_KK = tl.zeros([BT, BT], dtype=tl.float32)
+    b_KK = tl.zeros([BT, BT], dtype=tl.float32)  # only with KK_DOT
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = m_t[:, None] & (o_v < V)[None, :]
@@ -575,32 +576,51 @@ def _wy_bwd_kernel(
         b_tk = tl.sum(tl.dot(b_Tt, b_dw, input_precision="ieee") * b_kf, axis=1)
         b_db += b_tk * b_gam
         b_dG += b_tk * b_bg
-        b_KK += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
+        if KK_DOT:
+            b_KK += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
     m_s = o_t[:, None] > o_t[None, :]
     b_dA = tl.dot(tl.dot(b_Tt, b_dT.to(dt), input_precision="ieee").to(dt), b_Tt, input_precision="ieee")
     b_dA = tl.where(m_s, -b_dA, 0.0)
     if USE_G:
         b_dM = b_dA * tl.exp(tl.where(m_s, b_g[:, None] - b_g[None, :], 0.0))
-        b_dAA = b_dM * b_KK * b_beta[:, None]  # dA ⊙ A
-        b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
-        tl.store(dG + SLOT * NTOK * H + rows * H + i_h, b_dG, mask=m_t)
     else:
         b_dM = b_dA
-    b_db += tl.sum(b_dM * b_KK, axis=1)
-    tl.store(dbeta + rows * H + i_h, b_db, mask=m_t)
-    b_dMb = (b_dM * b_beta[:, None]).to(dt)
+    # Through A = β ⊙ (K Kᵀ) ⊙ Γ: dβ_t += Σ_s dM_ts k_t·k_s = k_t·(dM K)_t and, for dG, the row and column
+    # sums of dM ⊙ A = k_t·β_t(dM K)_t and k_s·(dMᵀ diag(β) K)_s. Both products also give dk, so the
+    # reductions reuse them (KK_DOT: the older form with a separate K Kᵀ tile, kept for comparison; it
+    # measured 2e-2 to 5e-2 relative dbeta error on the H100 in bf16).
+    if KK_DOT:
+        if USE_G:
+            b_dAA = b_dM * b_KK * b_beta[:, None]
+            b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
+        b_db += tl.sum(b_dM * b_KK, axis=1)
+    b_dMc = b_dM.to(dt)
     b_dMt = tl.trans(b_dM).to(dt)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = m_t[:, None] & (o_k < K)[None, :]
         p_d = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
         b_k = tl.load(p_k + o_k[None, :], mask=m_k, other=0.0)
-        b_kb = (b_k.to(tl.float32) * b_beta[:, None]).to(dt)
+        b_kf = b_k.to(tl.float32)
+        b_kb = (b_kf * b_beta[:, None]).to(dt)
         b_dw = tl.load(dw + p_d, mask=m_k, other=0.0).to(dt)
         b_dk = tl.load(dk_part + p_d, mask=m_k, other=0.0).to(tl.float32)
         b_dk += tl.dot(b_Tt, b_dw, input_precision="ieee") * b_bg[:, None]
-        b_dk += tl.dot(b_dMb, b_k, input_precision="ieee") + tl.dot(b_dMt, b_kb, input_precision="ieee")
+        b_mk = tl.dot(b_dMc, b_k, input_precision="ieee")  # dM K
+        if not KK_DOT:
+            b_kmk = tl.sum(b_mk * b_kf, axis=1)
+            b_db += b_kmk
+            if USE_G:
+                b_dG += b_kmk * b_beta
+        b_dk += b_mk * b_beta[:, None]
+        b_mtk = tl.dot(b_dMt, b_kb, input_precision="ieee")  # dMᵀ diag(β) K
+        if not KK_DOT and USE_G:
+            b_dG -= tl.sum(b_mtk * b_kf, axis=1)
+        b_dk += b_mtk
         tl.store(dk + p_d, b_dk.to(dk.dtype.element_ty), mask=m_k)
+    tl.store(dbeta + rows * H + i_h, b_db, mask=m_t)
+    if USE_G:
+        tl.store(dG + SLOT * NTOK * H + rows * H + i_h, b_dG, mask=m_t)
 
 
 @triton.jit
@@ -639,7 +659,8 @@ def _dg_finalize_kernel(
 #: always take the whole K), num_warps and num_stages. Chosen from the sm_90 compiler's register
 #: report at K = V = 128 (no spills) and the H100 variants in benchmarks/NOTES-kernels.md.
 #: ``MIXLAB_TRITON_CHUNK_CONFIG`` (JSON, same keys) overrides entries for tuning runs, e.g.
-#: ``{"fwd_h": {"num_warps": 8}}``.
+#: ``{"fwd_h": {"num_warps": 8}}``. ``wy_bwd`` BK = BV = 32: spill-free at K = V = 128 and K = 256, V = 512
+#: (64 spilled at 255 registers); its ``kk_dot`` 1 selects the older dβ/dG form (``_wy_bwd_kernel``).
 CONFIG: dict[str, dict[str, int]] = {
     "kkt_solve": {"BK": 64, "BV": 64, "num_warps": 2, "num_stages": 2},
     "wu_fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
@@ -648,7 +669,7 @@ CONFIG: dict[str, dict[str, int]] = {
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2},
     "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3},
-    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3},
+    "wy_bwd": {"BK": 32, "BV": 32, "num_warps": 8, "num_stages": 3, "kk_dot": 0},
 }
 if os.environ.get("MIXLAB_TRITON_CHUNK_CONFIG"):
     for _name, _cfg in json.loads(os.environ["MIXLAB_TRITON_CHUNK_CONFIG"]).items():
@@ -846,7 +867,7 @@ def chunk_bwd(
         _wy_bwd_kernel[(lay.NC, H)](
             k, v, beta, gp, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
             lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
+            USE_G=use_g, IS_VARLEN=lay.is_varlen, KK_DOT=bool(CONFIG["wy_bwd"].get("kk_dot", 0)), **kw,
         )  # fmt: skip
     if use_g:
         _dg_finalize_kernel[(lay.NC, H)](
