@@ -116,6 +116,27 @@ def test_bf16_all_gradients_within_1e2(gated, bf16_interpreter):
     _compare(xs, 128**-0.5, 1e-2)
 
 
+@pytest.mark.parametrize("cu", [None, [0, 1, 70, 70, 135]])
+def test_kept_states_give_the_same_gradients(cu, monkeypatch):
+    """``CONFIG["bwd_h"]["save"]``: the backward reads the forward's h and V_new instead of recomputing them,
+    with identical results (also packed, where h is allocated at its chunk-count bound)."""
+    from mixlab.ops._triton import chunk
+
+    calls = []
+    real = chunk._chunk_h
+    monkeypatch.setattr(chunk, "_chunk_h", lambda *a: calls.append(1) or real(*a))
+    cu_t = torch.tensor(cu, device=DEVICE) if cu else None
+    xs = _inputs(12, 1, 135, 2, 16, 16, gated=True, N=4 if cu else None)
+    base = _run(delta_rule_triton, xs, 0.25, cu_t)
+    assert len(calls) == 2  # forward, and the backward's recompute
+    monkeypatch.setitem(chunk.CONFIG, "bwd_h", {"save": 1})
+    kept = _run(delta_rule_triton, xs, 0.25, cu_t)
+    assert len(calls) == 3
+    assert torch.equal(base[0], kept[0]) and torch.equal(base[1], kept[1])
+    for a, b in zip(base[2], kept[2]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_recurrent_decode_kernel(gated):
     """The fused decode kernel continues from a state exactly like the reference, packed or not."""
@@ -147,8 +168,13 @@ def test_float64_is_refused_with_a_hint():
         delta_rule_triton(*xs[:5])
 
 
-def test_custom_op_registration():
-    """Schema, fake (meta) implementation and autograd registration of the op torch.compile traces."""
+@pytest.mark.parametrize("save", [0, 1])
+def test_custom_op_registration(save, monkeypatch):
+    """Schema, fake (meta) implementation and autograd registration of the op torch.compile traces, with
+    and without the kept chunk states."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "bwd_h", {"save": save})
     xs = _inputs(2, 1, 8, 1, 16, 16, gated=True)
     args = (*xs[:5], 0.25, xs[5], True, None, True)
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

@@ -670,6 +670,10 @@ CONFIG: dict[str, dict[str, int]] = {
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2},
     "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3},
     "wy_bwd": {"BK": 32, "BV": 32, "num_warps": 8, "num_stages": 3, "kk_dot": 0},
+    # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
+    # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
+    # between forward and backward: ((T/64)·K + 1)·V values per token-head beyond v)
+    "bwd_h": {"save": 0},
 }
 if os.environ.get("MIXLAB_TRITON_CHUNK_CONFIG"):
     for _name, _cfg in json.loads(os.environ["MIXLAB_TRITON_CHUNK_CONFIG"]).items():
@@ -718,6 +722,17 @@ class _Layout:
             )
 
 
+def save_states() -> bool:
+    """Whether the delta rule's forward keeps ``h`` and ``V_new`` for the backward (``CONFIG["bwd_h"]``)."""
+    return bool(CONFIG["bwd_h"].get("save", 0))
+
+
+def states_shape(B: int, T: int, H: int, K: int, V: int, n_seqs: int | None) -> tuple[int, int, int, int]:
+    """Shape of the per-chunk states ``h`` kept by the forward: ``[NC, H, K, V]`` with NC the number of
+    chunks, for packed sequences (``n_seqs`` of them in ``B·T = T`` tokens) its bound ``⌈T/64⌉ + n_seqs``."""
+    return (triton.cdiv(T, BT) + n_seqs if n_seqs is not None else B * triton.cdiv(T, BT)), H, K, V
+
+
 def chunk_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -729,10 +744,13 @@ def chunk_fwd(
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     use_delta: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    keep_states: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Forward. q, k ``[B, T, HK, K]``; v ``[B, T, H, V]``; beta/g ``[B, T, H]`` (contiguous, one dtype
-    for q/k/v). Returns ``(o [B, T, H, V], final state [N, H, K, V] float32 or None, Tm, w, u)`` where
-    ``Tm`` [B, T, H, 64] float32, ``w`` [B, T, H, K], ``u`` like v (None without the delta rule)."""
+    for q/k/v). Returns ``(o [B, T, H, V], final state [N, H, K, V] float32 or None, Tm, w, u, h, vn)``
+    where ``Tm`` [B, T, H, 64] float32, ``w`` [B, T, H, K], ``u`` like v (None without the delta rule),
+    and with ``keep_states`` (delta rule only) the chunk states ``h`` (:func:`states_shape`) and ``V_new``
+    like v for :func:`chunk_bwd`, else None."""
     B, T, HK, K = q.shape
     H, V = v.shape[2], v.shape[3]
     lay = _Layout(B, T, cu_seqlens, q.device)
@@ -742,7 +760,7 @@ def chunk_fwd(
     if lay.NC == 0:
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
-        return o, ht, None, None, None
+        return o, ht, None, None, None, None, None
     dummy = o
     use_g = g is not None
     gp = g if use_g else dummy
@@ -761,7 +779,9 @@ def chunk_fwd(
             k, v, beta, gp, Tm, w, u, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
-    h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
+    keep = keep_states and use_delta
+    nc = states_shape(B, T, H, K, V, lay.N if lay.is_varlen else None)[0] if keep else lay.NC
+    h = torch.empty(nc, H, K, V, dtype=q.dtype, device=dev)
     vn = torch.empty_like(v) if use_delta else v
     _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, ht, lay, use_delta)
     BK, BV, kw = _launch("fwd_o", K, V)
@@ -769,7 +789,7 @@ def chunk_fwd(
         q, k, vn, gp, h, o, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
     )  # fmt: skip
-    return o, ht, Tm, w, u
+    return o, ht, Tm, w, u, (h if keep else None), (vn if keep else None)
 
 
 def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta):
@@ -803,10 +823,13 @@ def chunk_bwd(
     do: torch.Tensor,
     dht: torch.Tensor | None,
     use_delta: bool,
+    h: torch.Tensor | None = None,
+    vn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward. Returns ``(dq, dk, dv, dbeta, dg, dh0)``: dq/dk/dv in the inputs' dtype and shapes
     (grouped q/k gradients summed over their value heads in-kernel), dbeta/dg float32 ``[B, T, H]``
-    (None when unused), dh0 float32 (None without an initial state). The delta rule needs H == HK."""
+    (None when unused), dh0 float32 (None without an initial state). The delta rule needs H == HK.
+    ``h``, ``vn``: the forward's chunk states and V_new (``keep_states``); recomputed when None."""
     B, T, HK, K = q.shape
     H, V = v.shape[2], v.shape[3]
     dev = q.device
@@ -828,10 +851,10 @@ def chunk_bwd(
     do = do.contiguous()
     dummy = do
     gp = g if use_g else dummy
-    # recompute the chunk states and V_new
-    h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
-    vn = torch.empty_like(v) if use_delta else v
-    _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta)
+    if h is None or vn is None:  # recompute the chunk states and V_new
+        h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
+        vn = torch.empty_like(v) if use_delta else v
+        _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta)
     # intra-chunk part of dV_new, then the reverse state pass
     dvl = torch.empty_like(v)
     BK, BV, kw = _launch("dv_local", K, V)

@@ -1,7 +1,9 @@
 """``torch.library`` custom ops around the chunk kernels, so ``torch.compile`` traces around them.
 
 ``mixlab::chunk_gated_delta_fwd`` / ``_bwd`` serve both the delta rule (``use_delta=True``) and gated
-linear attention (``use_delta=False``, SSD). Optional outputs come back as empty tensors.
+linear attention (``use_delta=False``, SSD). Optional outputs come back as empty tensors. With
+``chunk.CONFIG["bwd_h"]["save"]`` the delta rule's forward also returns its chunk states and V_new, which
+autograd keeps for the backward instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .chunk import BT, chunk_bwd, chunk_fwd
+from .chunk import BT, chunk_bwd, chunk_fwd, save_states, states_shape
 
 
 def _empty(ref: Tensor) -> Tensor:
@@ -28,20 +30,33 @@ def chunk_gated_delta_fwd(
     output_final_state: bool,
     cu_seqlens: Tensor | None,
     use_delta: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(o, final_state | empty, Tm | empty, w | empty, u | empty)``; see ``chunk.chunk_fwd``."""
-    o, ht, Tm, w, u = chunk_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(o, final_state | empty, Tm | empty, w | empty, u | empty, h | empty, vn | empty)``; see
+    ``chunk.chunk_fwd`` (h and vn only with the delta rule and ``save_states()``)."""
+    keep = use_delta and save_states()
+    o, ht, Tm, w, u, h, vn = chunk_fwd(
+        q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta, keep_states=keep
+    )
     B, T, H, K = *v.shape[:3], q.shape[-1]
     if use_delta and Tm is None:  # no tokens
         Tm = q.new_empty(B, T, H, BT, dtype=torch.float32)
         w, u = q.new_empty(B, T, H, K), torch.empty_like(v)
+    if keep and h is None:
+        h, vn = q.new_empty(_states_shape(q, v, cu_seqlens)), torch.empty_like(v)
     return (
         o,
         ht if ht is not None else _empty(v).float(),
         Tm if Tm is not None else _empty(v).float(),
         w if w is not None else _empty(v),
         u if u is not None else _empty(v),
+        h if h is not None else _empty(v),
+        vn if vn is not None else _empty(v),
     )
+
+
+def _states_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> tuple[int, int, int, int]:
+    B, T, H, V = v.shape
+    return states_shape(B, T, H, q.shape[-1], V, cu_seqlens.shape[0] - 1 if cu_seqlens is not None else None)
 
 
 @chunk_gated_delta_fwd.register_fake
@@ -54,7 +69,11 @@ def _(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, us
         Tm, w, u = v.new_empty(B, T, H, BT, dtype=torch.float32), v.new_empty(B, T, H, K), torch.empty_like(v)
     else:
         Tm, w, u = v.new_empty(0, dtype=torch.float32), v.new_empty(0), v.new_empty(0)
-    return torch.empty_like(v), ht, Tm, w, u
+    if use_delta and save_states():
+        h, vn = v.new_empty(_states_shape(q, v, cu_seqlens)), torch.empty_like(v)
+    else:
+        h, vn = v.new_empty(0), v.new_empty(0)
+    return torch.empty_like(v), ht, Tm, w, u, h, vn
 
 
 @torch.library.custom_op("mixlab::chunk_gated_delta_bwd", mutates_args=())
@@ -73,11 +92,15 @@ def chunk_gated_delta_bwd(
     do: Tensor,
     dht: Tensor | None,
     use_delta: bool,
+    h: Tensor | None = None,
+    vn: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(dq, dk, dv, dbeta | empty, dg | empty, dh0 | empty)`` in the inputs' dtypes."""
+    """Returns ``(dq, dk, dv, dbeta | empty, dg | empty, dh0 | empty)`` in the inputs' dtypes; ``h``, ``vn``:
+    the forward's kept states (recomputed when None)."""
     dq, dk, dv, dbeta, dg, dh0 = chunk_bwd(
         q, k, v, beta, g, scale, initial_state, cu_seqlens,
         Tm if use_delta else None, w if use_delta else None, u if use_delta else None, do, dht, use_delta,
+        h if use_delta else None, vn if use_delta else None,
     )  # fmt: skip
     return (
         dq,
@@ -90,7 +113,7 @@ def chunk_gated_delta_bwd(
 
 
 @chunk_gated_delta_bwd.register_fake
-def _(q, k, v, beta, g, scale, initial_state, cu_seqlens, Tm, w, u, do, dht, use_delta):
+def _(q, k, v, beta, g, scale, initial_state, cu_seqlens, Tm, w, u, do, dht, use_delta, h=None, vn=None):
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -103,19 +126,22 @@ def _(q, k, v, beta, g, scale, initial_state, cu_seqlens, Tm, w, u, do, dht, use
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta = inputs
-    _, _, Tm, w, u = output
-    ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u)
+    _, _, Tm, w, u, h, vn = output
+    ctx.keep_states = h.numel() > 0
+    ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u, h, vn)
     ctx.scale, ctx.output_final_state, ctx.use_delta = scale, output_final_state, use_delta
 
 
-def _backward(ctx, do, dht, dTm, dw, du):
-    q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u = ctx.saved_tensors
+def _backward(ctx, do, dht, dTm, dw, du, dh, dvn):
+    q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u, h, vn = ctx.saved_tensors
+    if not ctx.keep_states:
+        h = vn = None
     if not ctx.output_final_state or dht is None or dht.numel() == 0:
         dht = None
     else:  # e.g. SSD hands back the gradient of a transposed view
         dht = dht.contiguous()
     dq, dk, dv, dbeta, dg, dh0 = chunk_gated_delta_bwd(
-        q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, Tm, w, u, do.contiguous(), dht, ctx.use_delta
+        q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, Tm, w, u, do.contiguous(), dht, ctx.use_delta, h, vn
     )
     return (
         dq,
