@@ -101,7 +101,12 @@ def test_packed_sequences_do_not_leak_state():
     _compare(xs, 0.25, 1e-5, cu_seqlens=cu)
 
 
-def test_fp16_inputs_accumulate_in_fp32():
+@pytest.mark.parametrize("dk_part_f32", [1, 0])
+def test_fp16_inputs_accumulate_in_fp32(dk_part_f32, monkeypatch):
+    """fp16, with the dk partial between the two backward kernels in float32 or in fp16 (CONFIG)."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**chunk.CONFIG["dqkwg"], "dk_part_f32": dk_part_f32})
     xs = _inputs(3, 1, 65, 2, 32, 16, gated=True, dtype=torch.float16)
     _compare(xs, 32**-0.5, 5e-3)
 

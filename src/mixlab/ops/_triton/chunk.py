@@ -668,7 +668,7 @@ CONFIG: dict[str, dict[str, int]] = {
     "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2},
-    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3},
+    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "dk_part_f32": 1},
     "wy_bwd": {"BK": 32, "BV": 32, "num_warps": 8, "num_stages": 3, "kk_dot": 0},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
@@ -879,7 +879,9 @@ def chunk_bwd(
     ns = NK + (1 if use_delta else 0)
     dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
     dw = torch.empty(B, T, H, K, dtype=q.dtype, device=dev) if use_delta else dummy
-    dk_part = torch.empty(B, T, H, K, dtype=f32, device=dev) if use_delta else dk  # the WY part comes next
+    # the WY part comes next; dk_part_f32 0 stores the partial in the input dtype (half the traffic, one rounding more)
+    dk_dt = f32 if CONFIG["dqkwg"].get("dk_part_f32", 1) else q.dtype
+    dk_part = torch.empty(B, T, H, K, dtype=dk_dt, device=dev) if use_delta else dk
     _bwd_dqkwg_kernel[(NK, lay.NC, HK)](
         q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
         scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
