@@ -57,8 +57,6 @@ def _site() -> str:
 @contextlib.contextmanager
 def _force_triton() -> Iterator[None]:
     """Make ``backend="auto"`` resolve to ``triton`` on CPU tensors (the fake ops stand in for the kernels)."""
-    import os
-
     from ..ops import _backend
 
     original = _backend.resolve_backend
@@ -71,17 +69,13 @@ def _force_triton() -> Iterator[None]:
         if getattr(mod, "__name__", "").startswith("mixlab.") and getattr(mod, "resolve_backend", None) is original:
             patched.append(mod)
             mod.resolve_backend = resolve  # type: ignore[attr-defined]
-    old_env = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    # No TRITON_INTERPRET here: a Triton first imported under it builds its standard library as
+    # interpreted functions, and every later GPU compile in this process fails (seen on the H100).
     try:
         yield
     finally:
         for mod in patched:
             mod.resolve_backend = original  # type: ignore[attr-defined]
-        if old_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old_env
 
 
 def _saved(block: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> list[tuple[str, Any, int]]:
