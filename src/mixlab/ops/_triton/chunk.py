@@ -659,8 +659,10 @@ def _dg_finalize_kernel(
 #: always take the whole K), num_warps and num_stages. Chosen from the sm_90 compiler's register
 #: report at K = V = 128 (no spills) and the H100 variants in benchmarks/NOTES-kernels.md.
 #: ``MIXLAB_TRITON_CHUNK_CONFIG`` (JSON, same keys) overrides entries for tuning runs, e.g.
-#: ``{"fwd_h": {"num_warps": 8}}``. ``wy_bwd`` BK = BV = 32: spill-free at K = V = 128 and K = 256, V = 512
-#: (64 spilled at 255 registers); its ``kk_dot`` 1 selects the older dβ/dG form (``_wy_bwd_kernel``).
+#: ``{"fwd_h": {"num_warps": 8}}``. ``wy_bwd``: tiles of 64 at K ≤ 128 (H100: GDN 8.62 vs 9.06 ms with
+#: 32, despite a 68-byte spill in the ungated kernel), 32 above (``small_above``: spill-free at K = 256,
+#: V = 512); its ``kk_dot`` 1 selects the older dβ/dG form (``_wy_bwd_kernel``). ``dqkwg`` dk_part_f32 0:
+#: the dk partial in the input dtype (H100: −0.15 ms, bf16 dk error 6.2 → 6.4e-3).
 CONFIG: dict[str, dict[str, int]] = {
     "kkt_solve": {"BK": 64, "BV": 64, "num_warps": 2, "num_stages": 2},
     "wu_fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
@@ -668,8 +670,8 @@ CONFIG: dict[str, dict[str, int]] = {
     "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2},
-    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "dk_part_f32": 1},
-    "wy_bwd": {"BK": 32, "BV": 32, "num_warps": 8, "num_stages": 3, "kk_dot": 0},
+    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "dk_part_f32": 0},
+    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "kk_dot": 0, "small_above": 128},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
     # between forward and backward: ((T/64)·K + 1)·V values per token-head beyond v)
@@ -692,6 +694,8 @@ def _launch(name: str, K: int, V: int, seq: bool = False) -> tuple[int, int, dic
     nw = cfg["num_warps"]
     if seq and BK > 128:  # keep the float32 state tile [K, BV] within the register file (no spills at K=256)
         BV, nw = min(BV, 32), max(nw, 8)
+    if cfg.get("small_above", 1 << 30) < K:
+        BK, BV = min(BK, 32), min(BV, 32)
     return BK, BV, {"num_warps": nw, "num_stages": cfg["num_stages"]}
 
 
