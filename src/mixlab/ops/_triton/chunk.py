@@ -676,6 +676,8 @@ CONFIG: dict[str, dict[str, int]] = {
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
     # between forward and backward: ((T/64)·K + 1)·V values per token-head beyond v)
     "bwd_h": {"save": 0},
+    # materialize 1: let autograd fill zero gradients for the custom op's unused outputs (the old behaviour)
+    "autograd": {"materialize": 0},
 }
 if os.environ.get("MIXLAB_TRITON_CHUNK_CONFIG"):
     for _name, _cfg in json.loads(os.environ["MIXLAB_TRITON_CHUNK_CONFIG"]).items():
