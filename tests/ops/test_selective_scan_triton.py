@@ -193,3 +193,24 @@ def test_custom_op_traces_under_compile():
     torch.testing.assert_close(y, 2 * _recurrence(**ins)[0], atol=1e-12, rtol=1e-12)
     y.sum().backward()
     assert u.grad is not None and torch.isfinite(u.grad).all()
+
+
+@pytest.mark.parametrize("ns,red", [(2, 0), (1, 1), (1, 2), (2, 1)])
+def test_backward_variants_float64(ns, red):
+    # every backward variant of the launch config (two states per iteration; dB/dC tile atomics) against the
+    # reference: all ten gradients and the last state, grouped B/C, L=19 over chunks of 8, N=4 (even, for ns=2)
+    ins = _inputs(2, 4, 19, 4, 2, torch.float64, seed=7)
+    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, config=[*_cfg(8, 2), ns, red])
+
+
+def test_two_states_with_odd_n_falls_back():
+    ins = _inputs(1, 4, 11, 3, 1, torch.float64, seed=8)
+    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, config=[*_cfg(8, 4), 2, 0])
+
+
+def test_bad_variant_is_rejected():
+    ins = _inputs(1, 4, 4, 2, 1, torch.float64, seed=9, full=False)
+    with pytest.raises(ValueError, match="bwd_states"):
+        selective_scan_triton(**ins, config=[*_cfg(8, 4), 3, 0])
+    with pytest.raises(ValueError, match="5 or 7"):
+        selective_scan_triton(**ins, config=[8, 4, 4, 4])

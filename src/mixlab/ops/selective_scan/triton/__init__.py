@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .op import default_config, selective_scan_fwd, selective_state_update
+from .op import bwd_variant, default_config, selective_scan_fwd, selective_state_update
 
 __all__ = ["selective_scan_triton", "selective_state_update_triton"]
 
@@ -46,8 +46,9 @@ def selective_scan_triton(
     if B.shape[1] != C.shape[1]:
         raise ValueError(f"selective_scan_triton: B has {B.shape[1]} groups but C has {C.shape[1]}; use the same G")
     cfg = list(config) if config is not None else default_config(dim, length, B.shape[1])
-    if len(cfg) != 5:
-        raise ValueError("selective_scan_triton: config must have 5 entries, see default_config")
+    if len(cfg) not in (5, 7):
+        raise ValueError("selective_scan_triton: config must have 5 or 7 entries, see default_config")
+    bwd_variant(cfg, A.shape[1])  # validates the backward variant before the forward runs
     per_group = dim // B.shape[1]
     if per_group % cfg[1] or per_group % cfg[3]:
         raise ValueError(

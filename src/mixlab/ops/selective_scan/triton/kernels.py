@@ -162,6 +162,50 @@ def selective_scan_fwd_kernel(
 
 
 @triton.jit
+def _bwd_state(
+    n, a_nat, Bn, Cn, h_in, g_in, u, dl, dl_next, dy, y, du_acc, ddl,
+    g_out_ptr, dA_row, dB_base, dC_base, t, tmask, t2, m2, first, tt,
+    DIM, stride_dbn, stride_dcn, RED_TILE: tl.constexpr, FP64: tl.constexpr, CT: tl.constexpr,
+):  # fmt: skip
+    """One state n of one backward chunk: recompute h, reverse-scan the adjoint g, accumulate y, du, ddelta
+    ([BD, BL]) and add dA, dB, dC with atomics. Returns (y, du_acc, ddl)."""
+    a_nat = a_nat.to(CT)
+    Bn = Bn.to(CT)
+    Cn = Cn.to(CT)
+    a_row = a_nat
+    if not FP64:
+        a_row = a_nat * LOG2E
+    # forward recompute of this chunk's states
+    a = _decay(dl, a_row, FP64)
+    uB = u * Bn
+    bb = dl * uB
+    P, S = tl.associative_scan((a, bb), 1, _scan_combine)
+    h = S + P * h_in.to(CT)[:, None]
+    y += h * Cn
+    # adjoint: g_t = dy_t C_t + a_{t+1} g_{t+1}
+    alpha = _decay(dl_next, a_row, FP64)
+    cc = dy * Cn
+    Q, R = tl.associative_scan((alpha, cc), 1, _scan_combine, reverse=True)
+    g = R + Q * g_in.to(CT)[:, None]
+    tl.store((g_out_ptr + n * DIM)[:, None] + 0 * tt[None, :], g.to(g_out_ptr.dtype.element_ty), mask=first)
+    hb = h - bb  # a_t h_{t-1}
+    gdl = g * dl
+    du_acc += gdl * Bn
+    ddl += g * (uB + hb * a_nat[:, None])
+    # atomics (relaxed: only the sums matter), not load + store: a row can span several warps
+    tl.atomic_add(dA_row + n * DIM, tl.sum(gdl * hb, 1), sem="relaxed")
+    if RED_TILE == 1:
+        tl.atomic_add(dB_base + n * stride_dbn + t2, gdl * u, mask=m2, sem="relaxed")
+    else:
+        tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(gdl * u, 0), mask=tmask, sem="relaxed")
+    if RED_TILE == 0:
+        tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dy * h, 0), mask=tmask, sem="relaxed")
+    else:
+        tl.atomic_add(dC_base + n * stride_dcn + t2, dy * h, mask=m2, sem="relaxed")
+    return y, du_acc, ddl
+
+
+@triton.jit
 def selective_scan_bwd_kernel(
     u_ptr,
     delta_ptr,
@@ -206,7 +250,12 @@ def selective_scan_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr,
+    NS: tl.constexpr = 1,
+    RED_TILE: tl.constexpr = 0,
 ):
+    """NS: states per iteration of the state loop (1, or 2 when N is even). RED_TILE: 0 sums dB/dC over
+    the block's channels (cross-lane) before the atomics; 1 adds the [BD, BL] tile with atomics as is; 2 sums
+    dB only and adds dC's tile as is."""
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -254,41 +303,37 @@ def selective_scan_bwd_kernel(
         m2 = t2 < L
         a_nx, B_nx, C_nx, h_nx = _state_loads(A_ptr, B_base, C_base, st_in, d, t2, m2, 0, N, DIM, stride_bn, stride_cn)
         g_nx = tl.load(g_in_ptr)
-        for n in range(0, N):
-            # this state's operands were loaded one iteration ahead; start the next state's loads now
-            a_nat, Bn, Cn, h_in, g_in = a_nx, B_nx, C_nx, h_nx, g_nx
-            n1 = tl.minimum(n + 1, N - 1)
+        if NS == 2:
+            a_nx1, B_nx1, C_nx1, h_nx1 = _state_loads(
+                A_ptr, B_base, C_base, st_in, d, t2, m2, 1, N, DIM, stride_bn, stride_cn
+            )
+            g_nx1 = tl.load(g_in_ptr + DIM)
+        for n in range(0, N, NS):
+            # this iteration's operands were loaded one iteration ahead; start the next iteration's loads now
+            a_0, B_0, C_0, h_0, g_0 = a_nx, B_nx, C_nx, h_nx, g_nx
+            n1 = tl.minimum(n + NS, N - NS)
             a_nx, B_nx, C_nx, h_nx = _state_loads(
                 A_ptr, B_base, C_base, st_in, d, t2, m2, n1, N, DIM, stride_bn, stride_cn
             )
             g_nx = tl.load(g_in_ptr + n1 * DIM)
-            a_nat = a_nat.to(CT)
-            Bn = Bn.to(CT)
-            Cn = Cn.to(CT)
-            a_row = a_nat
-            if not FP64:
-                a_row = a_nat * LOG2E
-            # forward recompute of this chunk's states
-            a = _decay(dl, a_row, FP64)
-            uB = u * Bn
-            bb = dl * uB
-            P, S = tl.associative_scan((a, bb), 1, _scan_combine)
-            h = S + P * h_in.to(CT)[:, None]
-            y += h * Cn
-            # adjoint: g_t = dy_t C_t + a_{t+1} g_{t+1}
-            alpha = _decay(dl_next, a_row, FP64)
-            cc = dy * Cn
-            Q, R = tl.associative_scan((alpha, cc), 1, _scan_combine, reverse=True)
-            g = R + Q * g_in.to(CT)[:, None]
-            tl.store((g_out_ptr + n * DIM)[:, None] + 0 * tt[None, :], g.to(gbuf_ptr.dtype.element_ty), mask=first)
-            hb = h - bb  # a_t h_{t-1}
-            gdl = g * dl
-            du_acc += gdl * Bn
-            ddl += g * (uB + hb * a_nat[:, None])
-            # atomics (relaxed: only the sums matter), not load + store: a row can span several warps
-            tl.atomic_add(dA_row + n * DIM, tl.sum(gdl * hb, 1), sem="relaxed")
-            tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(gdl * u, 0), mask=tmask, sem="relaxed")
-            tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dy * h, 0), mask=tmask, sem="relaxed")
+            if NS == 2:
+                # a second, independent state per iteration: its two scans interleave with the first's (ILP)
+                a_1, B_1, C_1, h_1, g_1 = a_nx1, B_nx1, C_nx1, h_nx1, g_nx1
+                a_nx1, B_nx1, C_nx1, h_nx1 = _state_loads(
+                    A_ptr, B_base, C_base, st_in, d, t2, m2, n1 + 1, N, DIM, stride_bn, stride_cn
+                )
+                g_nx1 = tl.load(g_in_ptr + (n1 + 1) * DIM)
+            y, du_acc, ddl = _bwd_state(
+                n, a_0, B_0, C_0, h_0, g_0, u, dl, dl_next, dy, y, du_acc, ddl,
+                g_out_ptr, dA_row, dB_base, dC_base, t, tmask, t2, m2, first, tt,
+                DIM, stride_dbn, stride_dcn, RED_TILE, FP64, CT,
+            )  # fmt: skip
+            if NS == 2:
+                y, du_acc, ddl = _bwd_state(
+                    n + 1, a_1, B_1, C_1, h_1, g_1, u, dl, dl_next, dy, y, du_acc, ddl,
+                    g_out_ptr, dA_row, dB_base, dC_base, t, tmask, t2, m2, first, tt,
+                    DIM, stride_dbn, stride_dcn, RED_TILE, FP64, CT,
+                )  # fmt: skip
         # the adjoint slot written above is read by other threads in the next chunk
         tl.debug_barrier()
         if HAS_D:

@@ -23,6 +23,11 @@ def state_dtype(u: Tensor) -> torch.dtype:
 def default_config(dim: int, length: int, groups: int) -> list[int]:
     """Launch configuration ``[block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps]``.
 
+    Two optional trailing entries pick backward variants (both 0/1 by default, see ``bwd_variant``):
+    ``bwd_states`` (states per iteration of the backward's state loop: 1, or 2 for two interleaved
+    independent scans) and ``bwd_red`` (0: dB/dC summed over the block's channels before the atomics;
+    1: both added as [block_d, block_l] tiles with atomics; 2: dC only as a tile).
+
     block_l: time steps per chunk (shared by both passes: the saved chunk states depend on it); each
     [block_d, block_l] tile holds 8 elements a thread, so that Triton keeps 8 consecutive steps in a
     thread. block_d: channels per program, a power of two dividing D/G so that a block never straddles
@@ -36,6 +41,14 @@ def default_config(dim: int, length: int, groups: int) -> list[int]:
     while (dim // groups) % bd_b:
         bd_b //= 2
     return [bl, bd_f, 4 if bd_f * bl >= 1024 else 1, bd_b, 1]
+
+
+def bwd_variant(cfg: list[int], n: int) -> tuple[int, int]:
+    """``(NS, RED_TILE)`` of the backward kernel from a 5- or 7-entry config; NS = 2 needs an even N."""
+    ns, red = (cfg[5], cfg[6]) if len(cfg) >= 7 else (1, 0)
+    if ns not in (1, 2) or red not in (0, 1, 2):
+        raise ValueError(f"selective_scan_triton: bwd_states must be 1 or 2 and bwd_red 0, 1 or 2, got {ns}, {red}")
+    return (ns if n % ns == 0 else 1), red
 
 
 def _n_chunks(length: int, block_l: int) -> int:
@@ -143,6 +156,7 @@ def selective_scan_bwd(
     sd = state_dtype(u)
     nc = states.shape[1] - 1
     block_l, block_d, num_warps = cfg[0], *cfg[3:5]
+    ns, red_tile = bwd_variant(cfg, n)
     dout = dout.contiguous()
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
@@ -201,6 +215,8 @@ def selective_scan_bwd(
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus,
         FP64=sd == torch.float64,
+        NS=ns,
+        RED_TILE=red_tile,
         num_warps=num_warps,
     )
     # d(initial state) = a_0 * g_0, with g_0 (the adjoint at t = 0) left in slot 1 by the first chunk
