@@ -218,17 +218,23 @@ def _scan_time_once(ins, cfg) -> None:
 
 
 def _scan_sweep_configs(smoke: bool) -> list[list[int]]:
-    # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps]; 8 elements per thread in each tile
+    # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps(, bwd_states, bwd_red)]; 8 elements per thread
+    # in each tile. bwd_states 2: two states per iteration of the backward; bwd_red 1: dB/dC added as tiles with
+    # atomics (no cross-lane sums), 2: dC only (ops/selective_scan/triton/op.py)
     if smoke:
-        return [[8, 4, 1, 4, 1], [8, 2, 1, 2, 1]]
-    # the backward dominates (~32 of 38 ms): vary its tile; sm_90 registers of the backward in the comments
+        return [[8, 4, 1, 4, 1], [8, 2, 1, 2, 1], [8, 4, 1, 4, 1, 2, 1], [8, 4, 1, 4, 1, 1, 2]]
+    # the backward dominates (~21 of 25.5 ms): vary its tile and variant; sm_90 registers of the backward in the
+    # comments (Triton 3.9 cross-compile; one-warp programs per SM in parentheses)
     return [
-        [64, 16, 4, 4, 1],  # default: [4, 64] tile, 213 regs
-        [64, 4, 1, 8, 2],  # [8, 64] over 2 warps, 239 regs
-        [32, 32, 4, 8, 1],  # [8, 32], 233 regs: 4 lanes along time
-        [128, 8, 4, 2, 1],  # [2, 128], 168 regs (12 warps/SM): dB/dC sums over 2 lanes
-        [128, 8, 4, 4, 2],  # [4, 128] over 2 warps
-        [32, 8, 1, 16, 2],
+        [64, 16, 4, 4, 1],  # v2.1 default: [4, 64] tile, 213 regs (9)
+        [64, 16, 4, 4, 1, 1, 1],  # tile atomics: 185 regs (11), -16 SHFL and -2 BAR per state
+        [64, 16, 4, 4, 1, 2, 1],  # two states per iteration + tile atomics: 255 regs (8), no spill
+        [128, 8, 4, 2, 1],  # [2, 128]: 168 regs + 8 B spill (12)
+        [128, 8, 4, 2, 1, 1, 1],  # [2, 128] + tile atomics: 168 regs + 8 B spill (12)
+        [64, 16, 4, 4, 1, 1, 2],  # dC tile atomics only: 168 regs + 8 B spill (12)
+        [64, 16, 4, 4, 1, 2, 0],  # two states per iteration: 255 regs + 24 B spill (8)
+        [128, 8, 4, 2, 1, 2, 1],  # [2, 128], two states + tile atomics: 255 regs (8)
+        [32, 32, 4, 8, 1, 1, 1],  # [8, 32] + tile atomics: 222 regs (9)
     ]
 
 
@@ -298,7 +304,7 @@ def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
             same = [r for r in results if r[0][0] == bl]
             f = min(same, key=lambda r: r[1])
             b = min(same, key=lambda r: r[2] - r[1])
-            combos.append((f[1] + (b[2] - b[1]), [bl, *f[0][1:3], *b[0][3:5]]))
+            combos.append((f[1] + (b[2] - b[1]), [bl, *f[0][1:3], *b[0][3:]]))
         if combos:
             best = min(combos)[1]
             print(f"best scan config {best}", flush=True)
