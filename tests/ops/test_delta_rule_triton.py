@@ -121,6 +121,36 @@ def test_bf16_all_gradients_within_1e2(gated, bf16_interpreter):
     _compare(xs, 128**-0.5, 1e-2)
 
 
+@pytest.mark.parametrize("gated,row_regs,split", [(True, 1, 0), (False, 1, 1), (True, 0, 1)])
+def test_kkt_solve_variants(gated, row_regs, split, monkeypatch):
+    """``CONFIG["kkt_solve"]``: rows of the forward substitution from registers (row_regs) and/or K Kᵀ and
+    the solve as two launches (split); packed sequences with partial chunks, every gradient vs float64."""
+    from mixlab.ops._triton import chunk
+
+    cfg = {**chunk.CONFIG["kkt_solve"], "row_regs": row_regs, "split": split, "solve_warps": 2}
+    monkeypatch.setitem(chunk.CONFIG, "kkt_solve", cfg)
+    cu = torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
+    xs = _inputs(21 + gated, 1, 100, 2, 16, 16, gated=gated, N=4)
+    _compare(xs, 0.25, 1e-5, cu_seqlens=cu)
+
+
+def test_unused_outputs_get_no_zero_gradients(monkeypatch):
+    """The custom op's backward runs with None for its unused outputs (no zero fills) and gives the same
+    gradients as with autograd's materialized zeros (``CONFIG["autograd"]["materialize"]``)."""
+    from mixlab.ops._triton import chunk, ops
+
+    seen = []
+    real = ops.chunk_gated_delta_bwd
+    monkeypatch.setattr(ops, "chunk_gated_delta_bwd", lambda *a: seen.append(1) or real(*a))
+    xs = _inputs(4, 1, 65, 2, 16, 16, gated=True)
+    base = _run(delta_rule_triton, xs, 0.25)
+    monkeypatch.setitem(chunk.CONFIG, "autograd", {"materialize": 1})
+    old = _run(delta_rule_triton, xs, 0.25)
+    assert len(seen) == 2
+    for a, b in zip(base[2], old[2]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("cu", [None, [0, 1, 70, 70, 135]])
 def test_kept_states_give_the_same_gradients(cu, monkeypatch):
     """``CONFIG["bwd_h"]["save"]``: the backward reads the forward's h and V_new instead of recomputing them,

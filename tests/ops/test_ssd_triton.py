@@ -124,3 +124,21 @@ def test_dispatcher_routes_here():
     y, ht = ssd(*(xs[k] for k in NAMES[:5]), backend="triton")
     ry, _ = ssd_reference(*(xs[k].double() for k in NAMES[:5]))
     assert ht is None and _rel(y, ry) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_summed_dp_over_group_heads(dtype, monkeypatch, request):
+    """``CONFIG["dqkwg_ssd"]["sum_dp"]``: the intra-chunk dq/dk from the masked dP summed over a group's heads
+    (dG from rowsum − colsum of dP ⊙ Q Kᵀ); 4 heads per group, packed sequences, two K tiles in bf16."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg_ssd", {**chunk.CONFIG["dqkwg_ssd"], "sum_dp": 1})
+    if dtype == torch.float32:
+        _compare(
+            _inputs(17, 1, 100, H=8, G=2, nseq=4), 1e-5, cu_seqlens=torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
+        )
+    else:
+        if DEVICE != "cpu":
+            pytest.skip("the bf16 interpreter fixture is for TRITON_INTERPRET=1")
+        request.getfixturevalue("bf16_interpreter")
+        _compare(_inputs(19, 1, 100, H=4, P=32, G=1, N=128, dtype=torch.bfloat16), 1e-2)

@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--variant-ops", default="gdn,dn,ssd", help="comma list of ops timed for each --variants entry")
     parser.add_argument(
-        "--variant-check", action="store_true", help="also run the bf16 GDN/DN accuracy check for each --variants entry"
+        "--variant-check",
+        action="store_true",
+        help="also run the bf16 accuracy checks (GDN, DN; SSD when in --variant-ops) for each --variants entry",
     )
 
 
@@ -423,7 +425,8 @@ def run(args: argparse.Namespace) -> int:
             for k, v in var.items():
                 chunk.CONFIG[k] = {**base[k], **v}
             if args.variant_check:
-                for c in run_checks(device, {"bf16": 1e-2}, dtypes=("bf16",), ssd=False):
+                ssd_check = "ssd" in args.variant_ops.split(",")  # SSD kernels have variants too (dqkwg_ssd)
+                for c in run_checks(device, {"bf16": 1e-2}, dtypes=("bf16",), ssd=ssd_check):
                     variant_rows.append({"variant": i, "op": c["op"], "T": "check", "fwd_ms": None, "fwdbwd_ms": None,
                                          "config": json.dumps(var), "max_rel_err": c["max_rel_err"],
                                          "errors": {k: f"{v:.1e}" for k, v in c["errors"].items()}})  # fmt: skip

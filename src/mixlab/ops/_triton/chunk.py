@@ -53,10 +53,12 @@ BT = 64  # chunk length (tokens)
 def _kkt_solve_kernel(
     k, beta, g, Tm, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, ROW_REGS: tl.constexpr = False, PHASE: tl.constexpr = 0,
 ):  # fmt: skip
     """Per (chunk, head): ``T = (I + A)⁻¹`` with ``A = strictly_lower(diag(β) K Kᵀ ⊙ Γ)``, into ``Tm``
-    [Ntok, H, BT] float32. ``A`` is staged in ``Tm`` itself; a few warps suffice (latency-bound loop)."""
+    [Ntok, H, BT] float32. ``A`` is staged in ``Tm`` itself; a few warps suffice (latency-bound loop).
+    ``PHASE`` 1 only forms and stores ``A``, 2 only inverts the stored ``A`` (0: both): two launches, so
+    the register-light, latency-bound solve is not held to the occupancy of the K Kᵀ product."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (H // HK)
     if IS_VARLEN:
@@ -75,19 +77,22 @@ def _kkt_solve_kernel(
     rows = (t0 + o_t).to(tl.int64)
     p_k = k + rows[:, None] * (HK * K) + i_hk * K
 
-    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_k = tl.load(p_k + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-        b_A += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
-    m_s = o_t[:, None] > o_t[None, :]
-    if USE_G:
-        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-        b_A = b_A * tl.exp(tl.where(m_s, b_g[:, None] - b_g[None, :], 0.0))
-    b_A = tl.where(m_s, b_A * b_beta[:, None], 0.0)
-    tl.store(Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], b_A, mask=m_t[:, None])
-    tl.debug_barrier()
+    if PHASE != 2:
+        b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_A = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            b_k = tl.load(p_k + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+            b_A += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
+        m_s = o_t[:, None] > o_t[None, :]
+        if USE_G:
+            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_A = b_A * tl.exp(tl.where(m_s, b_g[:, None] - b_g[None, :], 0.0))
+        b_A = tl.where(m_s, b_A * b_beta[:, None], 0.0)
+        tl.store(Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], b_A, mask=m_t[:, None])
+        tl.debug_barrier()
+    if PHASE == 1:
+        return
 
     # Blocked inversion of the unit lower-triangular (I + A). Diagonal 16×16 blocks by forward
     # substitution, the four blocks side by side: row i of (I + a)⁻¹ − I is −a_i − Σ_j a_ij (row j);
@@ -104,18 +109,32 @@ def _kkt_solve_kernel(
     b_X22 = -tl.load(p16 + 2 * s16 + 32, mask=m2, other=0.0)
     b_X33 = -tl.load(p16 + 3 * s16 + 48, mask=m3, other=0.0)
     p_r = Tm + (t0 + o_i * 0).to(tl.int64) * (H * BT) + i_h * BT + o_i  # row 0 of block (0, 0), as a vector
+    # ROW_REGS: take row i from the register tile (not yet updated, so still −a_i) instead of a load from
+    # L2 inside the serial loop; the loads do not depend on the loop but are not hoisted by the compiler.
     for i in range(2, 16):
         sel = o_i[:, None] == i
-        b_a = -tl.load(p_r + i * H * BT, mask=(t0 + i + o_i * 0) < eos, other=0.0)
+        if ROW_REGS:
+            b_a = tl.sum(tl.where(sel, b_X00, 0.0), 0)
+        else:
+            b_a = -tl.load(p_r + i * H * BT, mask=(t0 + i + o_i * 0) < eos, other=0.0)
         b_a = b_a + tl.sum(b_a[:, None] * b_X00, 0)
         b_X00 = tl.where(sel, b_a[None, :], b_X00)
-        b_a = -tl.load(p_r + (16 + i) * H * BT + 16, mask=(t0 + 16 + i + o_i * 0) < eos, other=0.0)
+        if ROW_REGS:
+            b_a = tl.sum(tl.where(sel, b_X11, 0.0), 0)
+        else:
+            b_a = -tl.load(p_r + (16 + i) * H * BT + 16, mask=(t0 + 16 + i + o_i * 0) < eos, other=0.0)
         b_a = b_a + tl.sum(b_a[:, None] * b_X11, 0)
         b_X11 = tl.where(sel, b_a[None, :], b_X11)
-        b_a = -tl.load(p_r + (32 + i) * H * BT + 32, mask=(t0 + 32 + i + o_i * 0) < eos, other=0.0)
+        if ROW_REGS:
+            b_a = tl.sum(tl.where(sel, b_X22, 0.0), 0)
+        else:
+            b_a = -tl.load(p_r + (32 + i) * H * BT + 32, mask=(t0 + 32 + i + o_i * 0) < eos, other=0.0)
         b_a = b_a + tl.sum(b_a[:, None] * b_X22, 0)
         b_X22 = tl.where(sel, b_a[None, :], b_X22)
-        b_a = -tl.load(p_r + (48 + i) * H * BT + 48, mask=(t0 + 48 + i + o_i * 0) < eos, other=0.0)
+        if ROW_REGS:
+            b_a = tl.sum(tl.where(sel, b_X33, 0.0), 0)
+        else:
+            b_a = -tl.load(p_r + (48 + i) * H * BT + 48, mask=(t0 + 48 + i + o_i * 0) < eos, other=0.0)
         b_a = b_a + tl.sum(b_a[:, None] * b_X33, 0)
         b_X33 = tl.where(sel, b_a[None, :], b_X33)
     b_I = (o_i[:, None] == o_i[None, :]).to(tl.float32)
@@ -430,11 +449,15 @@ def _bwd_dqkwg_kernel(
     q, k, vn, g, h, do, dh, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, T, NT, NTOK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, SUM_DP: tl.constexpr = False,
 ):  # fmt: skip
     """Per (K tile, chunk, query/key head): ``dq``, ``dk`` summed over the value heads that share the
     query/key head (all but the WY part of dk), per value head ``dw = −dV_new Sᵀ`` (input dtype) and
-    this K tile's share of ``dG`` (gradient w.r.t. G = cumsum(g)) into ``dG[i_k]`` [NS, Ntok, H]."""
+    this K tile's share of ``dG`` (gradient w.r.t. G = cumsum(g)) into ``dG[i_k]`` [NS, Ntok, H].
+
+    ``SUM_DP`` (for many value heads per key head, SSD): the intra-chunk parts ``dP_h K`` and ``dP_hᵀ Q``
+    summed over heads are ``(Σ_h dP_h) K`` and ``(Σ_h dP_h)ᵀ Q``: two products per group instead of two per
+    head; each head's dG share then takes ``rowsum − colsum`` of ``dP_h ⊙ Q Kᵀ`` instead."""
     i_k, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NG: tl.constexpr = H // HK
     if IS_VARLEN:
@@ -463,6 +486,10 @@ def _bwd_dqkwg_kernel(
     b_kf = b_k.to(tl.float32)
     b_dq_sum = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk_sum = tl.zeros([BT, BK], dtype=tl.float32)
+    if SUM_DP:
+        b_dPs = tl.zeros([BT, BT], dtype=tl.float32)
+        if USE_G:
+            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # this K tile's share of Q Kᵀ
     for i_g in range(NG):
         i_h = i_hk * NG + i_g
         p_s = (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V
@@ -498,19 +525,29 @@ def _bwd_dqkwg_kernel(
             b_dP = b_dP * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
         else:
             b_dq = b_dq * scale
-        b_dP = (tl.where(m_i, b_dP, 0.0) * scale).to(dt)
-        b_dq += tl.dot(b_dP, b_k, input_precision="ieee")
-        b_dk += tl.dot(tl.trans(b_dP), b_q, input_precision="ieee")
+        if SUM_DP:
+            b_dPf = tl.where(m_i, b_dP, 0.0) * scale
+            b_dPs += b_dPf
+        else:
+            b_dP = (tl.where(m_i, b_dP, 0.0) * scale).to(dt)
+            b_dq += tl.dot(b_dP, b_k, input_precision="ieee")
+            b_dk += tl.dot(tl.trans(b_dP), b_q, input_precision="ieee")
         if USE_DELTA:
             p_w = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
             tl.store(dw + p_w, (-b_dw).to(dw.dtype.element_ty), mask=m_k)
         if USE_G:
             b_dG = tl.sum(b_dq * b_qf, axis=1) - tl.sum(b_dk * b_kf, axis=1)
+            if SUM_DP:
+                b_pa = b_dPf * b_qk
+                b_dG += tl.sum(b_pa, axis=1) - tl.sum(b_pa, axis=0)
             i_last = tl.minimum(eos - t0, BT) - 1
             b_dG += tl.where(o_t == i_last, b_dglast, 0.0)
             tl.store(dG + i_k * NTOK * H + rows * H + i_h, b_dG, mask=m_t)
         b_dq_sum += b_dq
         b_dk_sum += b_dk
+    if SUM_DP:
+        b_dq_sum += tl.dot(b_dPs.to(dt), b_k, input_precision="ieee")
+        b_dk_sum += tl.dot(tl.trans(b_dPs).to(dt), b_q, input_precision="ieee")
     tl.store(dq + p_qk, b_dq_sum.to(dq.dtype.element_ty), mask=m_k)
     tl.store(dk + p_qk, b_dk_sum.to(dk.dtype.element_ty), mask=m_k)
 
@@ -664,13 +701,28 @@ def _dg_finalize_kernel(
 #: V = 512); its ``kk_dot`` 1 selects the older dβ/dG form (``_wy_bwd_kernel``). ``dqkwg`` dk_part_f32 0:
 #: the dk partial in the input dtype (H100: −0.15 ms, bf16 dk error 6.2 → 6.4e-3).
 CONFIG: dict[str, dict[str, int]] = {
-    "kkt_solve": {"BK": 64, "BV": 64, "num_warps": 2, "num_stages": 2},
+    # row_regs 1: the forward substitution reads rows from registers, not from L2; split 1: A = K Kᵀ… and the
+    # solve as two launches (kkt_warps, solve_warps), see _kkt_solve_kernel. sm_90, K = 128, Triton 3.9: one
+    # launch spills 92 bytes at 2 warps (255 registers), none at 4 (210)
+    "kkt_solve": {
+        "BK": 64,
+        "BV": 64,
+        "num_warps": 2,
+        "num_stages": 2,
+        "row_regs": 0,
+        "split": 0,
+        "kkt_warps": 4,
+        "solve_warps": 1,
+    },
     "wu_fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
     "fwd_h": {"BV": 32, "num_warps": 4, "num_stages": 2},
     "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2},
     "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "dk_part_f32": 0},
+    # gated linear attention (SSD, no delta rule): sum_dp 1 sums the masked dP over the value heads of a group
+    # and applies it once (see _bwd_dqkwg_kernel)
+    "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "sum_dp": 0},
     "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "kk_dot": 0, "small_above": 128},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
@@ -776,10 +828,16 @@ def chunk_fwd(
         w = torch.empty(B, T, H, K, dtype=q.dtype, device=dev)
         u = torch.empty_like(v)
         BK, _, kw = _launch("kkt_solve", K, V)
-        _kkt_solve_kernel[(lay.NC, H)](
-            k, beta, gp, Tm, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
-            H=H, HK=HK, K=K, BT=BT, BK=BK, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
-        )  # fmt: skip
+        cfg = CONFIG["kkt_solve"]
+        split = bool(cfg.get("split", 0))
+        for phase, nw in (
+            ((1, cfg.get("kkt_warps", 4)), (2, cfg.get("solve_warps", 1))) if split else ((0, kw["num_warps"]),)
+        ):
+            _kkt_solve_kernel[(lay.NC, H)](
+                k, beta, gp, Tm, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
+                H=H, HK=HK, K=K, BT=BT, BK=BK, USE_G=use_g, IS_VARLEN=lay.is_varlen,
+                ROW_REGS=bool(cfg.get("row_regs", 0)), PHASE=phase, num_warps=nw, num_stages=kw["num_stages"],
+            )  # fmt: skip
         BK, BV, kw = _launch("wu_fwd", K, V)
         _wu_fwd_kernel[(lay.NC, H)](
             k, v, beta, gp, Tm, w, u, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
@@ -880,7 +938,8 @@ def chunk_bwd(
         IS_VARLEN=lay.is_varlen, **kw,
     )  # fmt: skip
     # dq, dk, dw and the K tiles' shares of dG
-    BK, BV, kw = _launch("dqkwg", K, V)
+    dq_cfg = "dqkwg" if use_delta else "dqkwg_ssd"
+    BK, BV, kw = _launch(dq_cfg, K, V)
     NK = triton.cdiv(K, BK)
     ns = NK + (1 if use_delta else 0)
     dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
@@ -891,7 +950,7 @@ def chunk_bwd(
     _bwd_dqkwg_kernel[(NK, lay.NC, HK)](
         q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
         scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
-        USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, **kw,
+        USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, SUM_DP=bool(CONFIG[dq_cfg].get("sum_dp", 0)), **kw,
     )  # fmt: skip
     if use_delta:
         BK, BV, kw = _launch("wy_bwd", K, V)
