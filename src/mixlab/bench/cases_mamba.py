@@ -218,23 +218,26 @@ def _scan_time_once(ins, cfg) -> None:
 
 
 def _scan_sweep_configs(smoke: bool) -> list[list[int]]:
-    # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps(, bwd_states, bwd_red)]; 8 elements per thread
-    # in each tile. bwd_states 2: two states per iteration of the backward; bwd_red 1: dB/dC added as tiles with
-    # atomics (no cross-lane sums), 2: dC only (ops/selective_scan/triton/op.py)
+    # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps(, bwd_states, bwd_red(, bwd_maxnreg))]; 8 elements
+    # per thread in each tile. bwd_states 2: two states per iteration of the backward; bwd_red 1: dB/dC added as
+    # tiles with atomics (no cross-lane sums), 2: dC only; bwd_maxnreg: register cap (ops/selective_scan/triton/op.py)
     if smoke:
-        return [[8, 4, 1, 4, 1], [8, 2, 1, 2, 1], [8, 4, 1, 4, 1, 2, 1], [8, 4, 1, 4, 1, 1, 2]]
-    # the backward dominates (~21 of 25.5 ms): vary its tile and variant; sm_90 registers of the backward in the
-    # comments (Triton 3.9 cross-compile; one-warp programs per SM in parentheses)
+        return [[8, 4, 1, 4, 1], [8, 2, 1, 2, 1], [8, 4, 1, 4, 1, 2, 1], [8, 4, 1, 4, 1, 1, 2, 128]]
+    # the backward dominates (~21 of 25.5 ms) and is latency-bound: vary its resident warps and variant. sm_90
+    # (Triton 3.9 cross-compile) registers of the backward, one-warp programs per SM in parentheses, and SASS
+    # instructions of the state loop per state (8 elements a thread); most promising first (the budget cuts the tail)
     return [
-        [64, 16, 4, 4, 1],  # v2.1 default: [4, 64] tile, 213 regs (9)
-        [64, 16, 4, 4, 1, 1, 1],  # tile atomics: 185 regs (11), -16 SHFL and -2 BAR per state
-        [64, 16, 4, 4, 1, 2, 1],  # two states per iteration + tile atomics: 255 regs (8), no spill
-        [128, 8, 4, 2, 1],  # [2, 128]: 168 regs + 8 B spill (12)
-        [128, 8, 4, 2, 1, 1, 1],  # [2, 128] + tile atomics: 168 regs + 8 B spill (12)
-        [64, 16, 4, 4, 1, 1, 2],  # dC tile atomics only: 168 regs + 8 B spill (12)
-        [64, 16, 4, 4, 1, 2, 0],  # two states per iteration: 255 regs + 24 B spill (8)
-        [128, 8, 4, 2, 1, 2, 1],  # [2, 128], two states + tile atomics: 255 regs (8)
-        [32, 32, 4, 8, 1, 1, 1],  # [8, 32] + tile atomics: 222 regs (9)
+        [64, 16, 4, 4, 1],  # v2.1 default: [4, 64] tile, 213 regs (9), 466 instr, 84 SHFL
+        [64, 16, 4, 4, 1, 1, 0, 136],  # capped: 136 regs (15), loop 473 and spill-free (96 B spilled outside it)
+        [64, 16, 4, 4, 1, 1, 0, 168],  # capped: 168 regs (12), no spill at all, loop 473
+        [64, 16, 4, 4, 1, 1, 0, 128],  # capped: 128 regs (16), spills inside the loop, 482
+        [64, 16, 4, 4, 1, 1, 1, 136],  # tile atomics, capped: 136 regs (15), loop 454, 68 SHFL, 1 BAR (from 3)
+        [64, 16, 4, 4, 1, 1, 1],  # tile atomics: 185 regs (11), loop 454
+        [64, 16, 4, 4, 1, 2, 1],  # two states per iteration + tile atomics: 255 regs (8), no spill, 439 per state
+        [64, 16, 4, 4, 1, 1, 2, 136],  # dC tile atomics only, capped: 136 regs (15), loop 468
+        [128, 8, 4, 2, 1],  # [2, 128]: 168 regs + 8 B spill (12), loop 485
+        [128, 8, 4, 2, 1, 1, 0, 136],  # [2, 128] capped: 136 regs (15), loop 487
+        [64, 16, 4, 4, 1, 2, 0],  # two states per iteration: 255 regs + 24 B spill (8), 458 per state
     ]
 
 
