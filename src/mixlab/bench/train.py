@@ -18,7 +18,7 @@ sequence length, or the window of sliding-window layers). The linear-time mixers
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (parameters, gradients,
 AdamW state and activations). A point that runs out of memory is recorded as ``oom`` and skipped
-(``--oom-retry-ac full`` retries it once with activation checkpointing; ``--ac auto`` tries the
+(``--oom-retry-ac full`` retries it once with activation checkpointing; ``--ac auto``, the default, tries the
 least recompute first and checkpoints more blocks until one fits: see :func:`ac_ladder`); any other failure is
 recorded with its error and the suite goes on (``--isolate`` runs every point in its own process, so
 that even a crashed kernel cannot end the suite). ``--long`` adds the 1.3b
@@ -76,10 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every block (as train.compile=true)")
     parser.add_argument(
         "--ac",
-        default="none",
+        default="auto",
         help="activation checkpointing per block: none | full | selective | selective:N (N blocks) | "
-        "selective:F (a fraction) as train.activation_checkpointing, or auto: the least recompute that fits "
-        "(none, then more and more blocks, then full; the first that does not run out of memory is timed)",
+        "selective:F (a fraction) as train.activation_checkpointing, or auto (default): the least recompute "
+        "that fits (none, then more and more blocks, then full; the first that does not run out of memory is timed)",
     )
     parser.add_argument(
         "--oom-retry-ac",
