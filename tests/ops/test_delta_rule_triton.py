@@ -134,6 +134,19 @@ def test_kkt_solve_variants(gated, row_regs, split, monkeypatch):
     _compare(xs, 0.25, 1e-5, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_wy_bwd_reuse_and_dqkwg_v_tiles(gated, monkeypatch):
+    """``CONFIG["wy_bwd"]["reuse_tdw"]`` (dβ/dG from the dk loop's Tᵀ dW) with ``CONFIG["dqkwg"]["BV"]`` 32
+    (two V tiles): every gradient against float64, packed sequences."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "wy_bwd", {**chunk.CONFIG["wy_bwd"], "reuse_tdw": 1})
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**chunk.CONFIG["dqkwg"], "BV": 32})
+    cu = torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
+    xs = _inputs(41 + gated, 1, 100, 1, 32, 64, gated=gated, N=4)
+    _compare(xs, 0.2, 1e-5, cu_seqlens=cu)
+
+
 def test_unused_outputs_get_no_zero_gradients(monkeypatch):
     """The custom op's backward runs with None for its unused outputs (no zero fills) and gives the same
     gradients as with autograd's materialized zeros (``CONFIG["autograd"]["materialize"]``)."""

@@ -126,6 +126,15 @@ def test_dispatcher_routes_here():
     assert ht is None and _rel(y, ry) < 1e-5
 
 
+@pytest.mark.parametrize("sum_dp", [0, 1])
+def test_dqkwg_ssd_v_tiles(sum_dp, monkeypatch):
+    """``CONFIG["dqkwg_ssd"]`` with V (P) in two tiles, per-head and summed dP."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg_ssd", {**chunk.CONFIG["dqkwg_ssd"], "BV": 16, "sum_dp": sum_dp})
+    _compare(_inputs(7, 1, 70, H=4, P=32, G=2), 1e-5)  # a seed whose dA sum is well conditioned
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_summed_dp_over_group_heads(dtype, monkeypatch, request):
     """``CONFIG["dqkwg_ssd"]["sum_dp"]``: the intra-chunk dq/dk from the masked dP summed over a group's heads

@@ -557,7 +557,7 @@ def _wy_bwd_kernel(
     k, v, beta, g, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, cu_seqlens, chunk_indices, T, NT, NTOK, SLOT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
-    KK_DOT: tl.constexpr = False,
+    KK_DOT: tl.constexpr = False, REUSE_TDW: tl.constexpr = False,
 ):  # fmt: skip
     """Backward of ``U = T diag(β) V``, ``W = T diag(βγ) K``, ``T = (I + A)⁻¹`` per (chunk, head):
     writes ``dv``, ``dbeta``, ``dG[SLOT]`` and the final ``dk = dk_part + WY terms`` (H == HK)."""
@@ -610,9 +610,10 @@ def _wy_bwd_kernel(
         b_kf = b_k.to(tl.float32)
         b_dw = tl.load(dw + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0).to(dt)
         b_dT += tl.dot(b_dw, tl.trans((b_kf * b_bg[:, None]).to(dt)), input_precision="ieee")
-        b_tk = tl.sum(tl.dot(b_Tt, b_dw, input_precision="ieee") * b_kf, axis=1)
-        b_db += b_tk * b_gam
-        b_dG += b_tk * b_bg
+        if not REUSE_TDW:  # else from the same product in the dk loop below (one 64×64×BK product less per tile)
+            b_tk = tl.sum(tl.dot(b_Tt, b_dw, input_precision="ieee") * b_kf, axis=1)
+            b_db += b_tk * b_gam
+            b_dG += b_tk * b_bg
         if KK_DOT:
             b_KK += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
     m_s = o_t[:, None] > o_t[None, :]
@@ -642,7 +643,12 @@ def _wy_bwd_kernel(
         b_kb = (b_kf * b_beta[:, None]).to(dt)
         b_dw = tl.load(dw + p_d, mask=m_k, other=0.0).to(dt)
         b_dk = tl.load(dk_part + p_d, mask=m_k, other=0.0).to(tl.float32)
-        b_dk += tl.dot(b_Tt, b_dw, input_precision="ieee") * b_bg[:, None]
+        b_tdw = tl.dot(b_Tt, b_dw, input_precision="ieee")  # Tᵀ dW
+        b_dk += b_tdw * b_bg[:, None]
+        if REUSE_TDW:
+            b_tk = tl.sum(b_tdw * b_kf, axis=1)
+            b_db += b_tk * b_gam
+            b_dG += b_tk * b_bg
         b_mk = tl.dot(b_dMc, b_k, input_precision="ieee")  # dM K
         if not KK_DOT:
             b_kmk = tl.sum(b_mk * b_kf, axis=1)
@@ -723,7 +729,8 @@ CONFIG: dict[str, dict[str, int]] = {
     # gated linear attention (SSD, no delta rule): sum_dp 1 sums the masked dP over the value heads of a group
     # and applies it once (see _bwd_dqkwg_kernel)
     "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "sum_dp": 0},
-    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "kk_dot": 0, "small_above": 128},
+    # reuse_tdw 1: dβ/dG's Tᵀ dW reductions from the dk loop's product instead of a second product
+    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "kk_dot": 0, "small_above": 128, "reuse_tdw": 0},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
     # between forward and backward: ((T/64)·K + 1)·V values per token-head beyond v)
@@ -957,7 +964,8 @@ def chunk_bwd(
         _wy_bwd_kernel[(lay.NC, H)](
             k, v, beta, gp, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
             lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=use_g, IS_VARLEN=lay.is_varlen, KK_DOT=bool(CONFIG["wy_bwd"].get("kk_dot", 0)), **kw,
+            USE_G=use_g, IS_VARLEN=lay.is_varlen, KK_DOT=bool(CONFIG["wy_bwd"].get("kk_dot", 0)),
+            REUSE_TDW=bool(CONFIG["wy_bwd"].get("reuse_tdw", 0)), **kw,
         )  # fmt: skip
     if use_g:
         _dg_finalize_kernel[(lay.NC, H)](
