@@ -164,6 +164,24 @@ def test_unused_outputs_get_no_zero_gradients(monkeypatch):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_bf16_new_variants_within_1e2(gated, bf16_interpreter, monkeypatch):
+    """bf16 at K = 128 with the v4 CONFIG variants together (dqkwg BV 32, wy_bwd reuse_tdw, kkt_solve 8 warps
+    with rows from registers): within the bench's 1e-2 bar, as the defaults."""
+    if DEVICE != "cpu":
+        pytest.skip("the bf16 interpreter fixture is for TRITON_INTERPRET=1")
+    from mixlab.ops._triton import chunk
+
+    for name, cfg in {
+        "dqkwg": {"BV": 32},
+        "wy_bwd": {"reuse_tdw": 1},
+        "kkt_solve": {"num_warps": 8, "row_regs": 1},
+    }.items():
+        monkeypatch.setitem(chunk.CONFIG, name, {**chunk.CONFIG[name], **cfg})
+    xs = _inputs(31 + gated, 1, 100, 1, 128, 64, gated, dtype=torch.bfloat16)
+    _compare(xs, 128**-0.5, 1e-2)
+
+
 @pytest.mark.parametrize("cu", [None, [0, 1, 70, 70, 135]])
 def test_kept_states_give_the_same_gradients(cu, monkeypatch):
     """``CONFIG["bwd_h"]["save"]``: the backward reads the forward's h and V_new instead of recomputing them,

@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--variant-ops", default="gdn,dn,ssd", help="comma list of ops timed for each --variants entry")
     parser.add_argument(
+        "--variant-profile",
+        default="",
+        help="comma list of T: per-kernel split of one fwd+bwd of each --variant-ops op for each --variants entry",
+    )
+    parser.add_argument(
         "--variant-check",
         action="store_true",
         help="also run the bf16 accuracy checks (GDN, DN; SSD when in --variant-ops) for each --variants entry",
@@ -421,6 +426,7 @@ def run(args: argparse.Namespace) -> int:
         from mixlab.ops._triton import chunk
 
         base = {k: dict(v) for k, v in chunk.CONFIG.items()}
+        var_prof: list[dict[str, Any]] = []
         for i, var in enumerate(json.loads(args.variants)):
             for k, v in var.items():
                 chunk.CONFIG[k] = {**base[k], **v}
@@ -438,9 +444,16 @@ def run(args: argparse.Namespace) -> int:
                     ms = _bench(_fwd_bwd(fn, leaves), args.warmup_ms, args.rep_ms)
                     variant_rows.append({"variant": i, "op": op, "T": T, "fwd_ms": ms_f, "fwdbwd_ms": ms,
                                          "config": json.dumps(var)})  # fmt: skip
+            for T in (int(t) for t in args.variant_profile.split(",") if t):
+                for op in args.variant_ops.split(","):
+                    for r in profile_split(op, T, args.tokens, dtype, device):
+                        var_prof.append({"variant": i, **r})
+                        print(i, op, T, f"{r['kernel']:<40} {r['calls']:>3} {r['ms']:.3f}", flush=True)
             chunk.CONFIG.clear()
             chunk.CONFIG.update({k: dict(v) for k, v in base.items()})
         extra["variants"] = variant_rows
+        if var_prof:
+            extra["variant_profile"] = var_prof
 
     prof_rows: list[dict[str, Any]] = []
     for op in args.profile_ops.split(","):
