@@ -195,12 +195,15 @@ def test_custom_op_traces_under_compile():
     assert u.grad is not None and torch.isfinite(u.grad).all()
 
 
-@pytest.mark.parametrize("ns,red,maxnreg", [(2, 0, 0), (1, 1, 0), (1, 2, 0), (2, 1, 0), (1, 1, 128)])
-def test_backward_variants_float64(ns, red, maxnreg):
+@pytest.mark.parametrize(
+    "ns,red,maxnreg,fold",
+    [(2, 0, 0, 0), (1, 1, 0, 0), (1, 2, 0, 0), (2, 1, 0, 0), (1, 1, 128, 0), (1, 0, 0, 1), (2, 1, 0, 1)],
+)
+def test_backward_variants_float64(ns, red, maxnreg, fold):
     # every backward variant of the launch config (two states per iteration; dB/dC tile atomics) against the
     # reference: all ten gradients and the last state, grouped B/C, L=19 over chunks of 8, N=4 (even, for ns=2)
     ins = _inputs(2, 4, 19, 4, 2, torch.float64, seed=7)
-    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, config=[*_cfg(8, 2), ns, red, maxnreg])
+    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, config=[*_cfg(8, 2), ns, red, maxnreg, fold])
 
 
 def test_two_states_with_odd_n_falls_back():
@@ -212,7 +215,9 @@ def test_bad_variant_is_rejected():
     ins = _inputs(1, 4, 4, 2, 1, torch.float64, seed=9, full=False)
     with pytest.raises(ValueError, match="bwd_states"):
         selective_scan_triton(**ins, config=[*_cfg(8, 4), 3, 0])
-    with pytest.raises(ValueError, match="5, 7 or 8"):
+    with pytest.raises(ValueError, match="5, 7, 8 or 9"):
         selective_scan_triton(**ins, config=[8, 4, 4, 4])
     with pytest.raises(ValueError, match="bwd_maxnreg"):
         selective_scan_triton(**ins, config=[*_cfg(8, 4), 1, 0, 300])
+    with pytest.raises(ValueError, match="bwd_fold"):
+        selective_scan_triton(**ins, config=[*_cfg(8, 4), 1, 0, 0, 2])

@@ -218,26 +218,28 @@ def _scan_time_once(ins, cfg) -> None:
 
 
 def _scan_sweep_configs(smoke: bool) -> list[list[int]]:
-    # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps(, bwd_states, bwd_red(, bwd_maxnreg))]; 8 elements
-    # per thread in each tile. bwd_states 2: two states per iteration of the backward; bwd_red 1: dB/dC added as
-    # tiles with atomics (no cross-lane sums), 2: dC only; bwd_maxnreg: register cap (ops/selective_scan/triton/op.py)
+    # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps(, bwd_states, bwd_red(, bwd_maxnreg(, bwd_fold)))];
+    # 8 elements per thread in each tile. bwd_states 2: two states per iteration of the backward; bwd_red 1: dB/dC
+    # added as tiles with atomics (no cross-lane sums); bwd_maxnreg: register cap; bwd_fold 1: carries folded into
+    # the scans' inputs (ops/selective_scan/triton/op.py)
     if smoke:
-        return [[8, 4, 1, 4, 1], [8, 2, 1, 2, 1], [8, 4, 1, 4, 1, 2, 1], [8, 4, 1, 4, 1, 1, 2, 128]]
+        return [[8, 4, 1, 4, 1], [8, 2, 1, 2, 1], [8, 4, 1, 4, 1, 2, 1, 0, 1], [8, 4, 1, 4, 1, 1, 2, 128, 1]]
     # the backward dominates (~21 of 25.5 ms) and is latency-bound: vary its resident warps and variant. sm_90
     # (Triton 3.9 cross-compile) registers of the backward, one-warp programs per SM in parentheses, and SASS
     # instructions of the state loop per state (8 elements a thread); most promising first (the budget cuts the tail)
     return [
-        [64, 16, 4, 4, 1],  # v2.1 default: [4, 64] tile, 213 regs (9), 466 instr, 84 SHFL
-        [64, 16, 4, 4, 1, 1, 0, 136],  # capped: 136 regs (15), loop 473 and spill-free (96 B spilled outside it)
-        [64, 16, 4, 4, 1, 1, 0, 168],  # capped: 168 regs (12), no spill at all, loop 473
-        [64, 16, 4, 4, 1, 1, 0, 128],  # capped: 128 regs (16), spills inside the loop, 482
-        [64, 16, 4, 4, 1, 1, 1, 136],  # tile atomics, capped: 136 regs (15), loop 454, 68 SHFL, 1 BAR (from 3)
-        [64, 16, 4, 4, 1, 1, 1],  # tile atomics: 185 regs (11), loop 454
-        [64, 16, 4, 4, 1, 2, 1],  # two states per iteration + tile atomics: 255 regs (8), no spill, 439 per state
-        [64, 16, 4, 4, 1, 1, 2, 136],  # dC tile atomics only, capped: 136 regs (15), loop 468
-        [128, 8, 4, 2, 1],  # [2, 128]: 168 regs + 8 B spill (12), loop 485
-        [128, 8, 4, 2, 1, 1, 0, 136],  # [2, 128] capped: 136 regs (15), loop 487
-        [64, 16, 4, 4, 1, 2, 0],  # two states per iteration: 255 regs + 24 B spill (8), 458 per state
+        [64, 16, 4, 4, 1],  # v2.1 default: [4, 64] tile, 213 regs (9), loop 466, 84 SHFL
+        [64, 16, 4, 4, 1, 1, 0, 136, 1],  # fold + cap: 136 regs (15), loop 418, 72 SHFL
+        [64, 16, 4, 4, 1, 1, 0, 0, 1],  # fold: 213 regs (9), loop 406
+        [64, 16, 4, 4, 1, 1, 0, 136],  # cap: 136 regs (15), loop 473, spill-free (96 B spilled outside it)
+        [64, 16, 4, 4, 1, 1, 0, 168, 1],  # fold + cap: 168 regs (12), no spill, loop 415
+        [64, 16, 4, 4, 1, 1, 1, 136, 1],  # tile atomics + fold + cap: 136 regs (15), loop 405, 56 SHFL, 1 BAR
+        [64, 16, 4, 4, 1, 1, 0, 128, 1],  # fold + cap: 128 regs (16), loop 422
+        [64, 16, 4, 4, 1, 2, 1, 0, 1],  # two states per iteration + tile atomics + fold: 255 regs (8), 386 per state
+        [128, 8, 4, 2, 1, 1, 0, 0, 1],  # [2, 128] + fold: 179 regs (11), no spill, loop 432
+        [128, 8, 4, 2, 1, 1, 0, 136, 1],  # [2, 128] + fold + cap: 136 regs (15), loop 436
+        [64, 16, 4, 4, 1, 1, 1, 0, 1],  # tile atomics + fold: 181 regs (11), loop 400
+        [128, 8, 4, 2, 1],  # v2.1 [2, 128]: 168 regs + 8 B spill (12), loop 485
     ]
 
 

@@ -46,8 +46,8 @@ def selective_scan_triton(
     if B.shape[1] != C.shape[1]:
         raise ValueError(f"selective_scan_triton: B has {B.shape[1]} groups but C has {C.shape[1]}; use the same G")
     cfg = list(config) if config is not None else default_config(dim, length, B.shape[1])
-    if len(cfg) not in (5, 7, 8):
-        raise ValueError("selective_scan_triton: config must have 5, 7 or 8 entries, see default_config")
+    if len(cfg) not in (5, 7, 8, 9):
+        raise ValueError("selective_scan_triton: config must have 5, 7, 8 or 9 entries, see default_config")
     bwd_variant(cfg, A.shape[1])  # validates the backward variant before the forward runs
     per_group = dim // B.shape[1]
     if per_group % cfg[1] or per_group % cfg[3]:

@@ -165,7 +165,7 @@ def selective_scan_fwd_kernel(
 def _bwd_state(
     n, a_nat, Bn, Cn, h_in, g_in, u, dl, dl_next, dy, y, du_acc, ddl,
     g_out_ptr, dA_row, dB_base, dC_base, t, tmask, t2, m2, first, tt,
-    DIM, stride_dbn, stride_dcn, RED_TILE: tl.constexpr, FP64: tl.constexpr, CT: tl.constexpr,
+    DIM, stride_dbn, stride_dcn, RED_TILE: tl.constexpr, FOLD: tl.constexpr, FP64: tl.constexpr, CT: tl.constexpr,
 ):  # fmt: skip
     """One state n of one backward chunk: recompute h, reverse-scan the adjoint g, accumulate y, du, ddelta
     ([BD, BL]) and add dA, dB, dC with atomics. Returns (y, du_acc, ddl)."""
@@ -179,14 +179,26 @@ def _bwd_state(
     a = _decay(dl, a_row, FP64)
     uB = u * Bn
     bb = dl * uB
-    P, S = tl.associative_scan((a, bb), 1, _scan_combine)
-    h = S + P * h_in.to(CT)[:, None]
+    if FOLD:
+        # the carried state enters as a_0 h_in added to b_0, so the scan's product output is unused (dead code)
+        _, h = tl.associative_scan(
+            (a, bb + tl.where(tt[None, :] == 0, a * h_in.to(CT)[:, None], 0.0)), 1, _scan_combine
+        )
+    else:
+        P, S = tl.associative_scan((a, bb), 1, _scan_combine)
+        h = S + P * h_in.to(CT)[:, None]
     y += h * Cn
     # adjoint: g_t = dy_t C_t + a_{t+1} g_{t+1}
     alpha = _decay(dl_next, a_row, FP64)
     cc = dy * Cn
-    Q, R = tl.associative_scan((alpha, cc), 1, _scan_combine, reverse=True)
-    g = R + Q * g_in.to(CT)[:, None]
+    if FOLD:
+        last = tt[None, :] == tt.shape[0] - 1
+        _, g = tl.associative_scan(
+            (alpha, cc + tl.where(last, alpha * g_in.to(CT)[:, None], 0.0)), 1, _scan_combine, reverse=True
+        )
+    else:
+        Q, R = tl.associative_scan((alpha, cc), 1, _scan_combine, reverse=True)
+        g = R + Q * g_in.to(CT)[:, None]
     tl.store((g_out_ptr + n * DIM)[:, None] + 0 * tt[None, :], g.to(g_out_ptr.dtype.element_ty), mask=first)
     hb = h - bb  # a_t h_{t-1}
     gdl = g * dl
@@ -252,10 +264,12 @@ def selective_scan_bwd_kernel(
     FP64: tl.constexpr,
     NS: tl.constexpr = 1,
     RED_TILE: tl.constexpr = 0,
+    FOLD: tl.constexpr = 0,
 ):
     """NS: states per iteration of the state loop (1, or 2 when N is even). RED_TILE: 0 sums dB/dC over
     the block's channels (cross-lane) before the atomics; 1 adds the [BD, BL] tile with atomics as is; 2 sums
-    dB only and adds dC's tile as is."""
+    dB only and adds dC's tile as is. FOLD: 1 adds the carried state / adjoint into the scans' first / last
+    input instead of applying the scans' product outputs after them."""
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -326,13 +340,13 @@ def selective_scan_bwd_kernel(
             y, du_acc, ddl = _bwd_state(
                 n, a_0, B_0, C_0, h_0, g_0, u, dl, dl_next, dy, y, du_acc, ddl,
                 g_out_ptr, dA_row, dB_base, dC_base, t, tmask, t2, m2, first, tt,
-                DIM, stride_dbn, stride_dcn, RED_TILE, FP64, CT,
+                DIM, stride_dbn, stride_dcn, RED_TILE, FOLD, FP64, CT,
             )  # fmt: skip
             if NS == 2:
                 y, du_acc, ddl = _bwd_state(
                     n + 1, a_1, B_1, C_1, h_1, g_1, u, dl, dl_next, dy, y, du_acc, ddl,
                     g_out_ptr, dA_row, dB_base, dC_base, t, tmask, t2, m2, first, tt,
-                    DIM, stride_dbn, stride_dcn, RED_TILE, FP64, CT,
+                    DIM, stride_dbn, stride_dcn, RED_TILE, FOLD, FP64, CT,
                 )  # fmt: skip
         # the adjoint slot written above is read by other threads in the next chunk
         tl.debug_barrier()

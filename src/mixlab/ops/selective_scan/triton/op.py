@@ -26,7 +26,9 @@ def default_config(dim: int, length: int, groups: int) -> list[int]:
     Optional trailing entries pick backward variants (see ``bwd_variant``): ``bwd_states`` (states per
     iteration of the backward's state loop: 1, or 2 for two interleaved independent scans), ``bwd_red``
     (0: dB/dC summed over the block's channels before the atomics; 1: both added as [block_d, block_l]
-    tiles with atomics; 2: dC only as a tile) and ``bwd_maxnreg`` (a register cap for the backward, 0 = none).
+    tiles with atomics; 2: dC only as a tile), ``bwd_maxnreg`` (a register cap for the backward, 0 = none) and
+    ``bwd_fold`` (1: the carried state / adjoint enters the scans as an input term, so their product outputs and
+    the multiply-adds after them are dead code).
 
     block_l: time steps per chunk (shared by both passes: the saved chunk states depend on it); each
     [block_d, block_l] tile holds 8 elements a thread, so that Triton keeps 8 consecutive steps in a
@@ -43,15 +45,18 @@ def default_config(dim: int, length: int, groups: int) -> list[int]:
     return [bl, bd_f, 4 if bd_f * bl >= 1024 else 1, bd_b, 1]
 
 
-def bwd_variant(cfg: list[int], n: int) -> tuple[int, int, int]:
-    """``(NS, RED_TILE, maxnreg)`` of the backward from a 5-, 7- or 8-entry config; NS = 2 needs an even N."""
+def bwd_variant(cfg: list[int], n: int) -> tuple[int, int, int, int]:
+    """``(NS, RED_TILE, maxnreg, FOLD)`` of the backward from a 5-, 7-, 8- or 9-entry config; NS = 2 needs an even N."""
     ns, red = (cfg[5], cfg[6]) if len(cfg) >= 7 else (1, 0)
     maxnreg = cfg[7] if len(cfg) >= 8 else 0
+    fold = cfg[8] if len(cfg) >= 9 else 0
+    if fold not in (0, 1):
+        raise ValueError(f"selective_scan_triton: bwd_fold must be 0 or 1, got {fold}")
     if ns not in (1, 2) or red not in (0, 1, 2):
         raise ValueError(f"selective_scan_triton: bwd_states must be 1 or 2 and bwd_red 0, 1 or 2, got {ns}, {red}")
     if maxnreg and not 24 <= maxnreg <= 255:
         raise ValueError(f"selective_scan_triton: bwd_maxnreg must be 0 or in [24, 255], got {maxnreg}")
-    return (ns if n % ns == 0 else 1), red, maxnreg
+    return (ns if n % ns == 0 else 1), red, maxnreg, fold
 
 
 def _n_chunks(length: int, block_l: int) -> int:
@@ -159,7 +164,7 @@ def selective_scan_bwd(
     sd = state_dtype(u)
     nc = states.shape[1] - 1
     block_l, block_d, num_warps = cfg[0], *cfg[3:5]
-    ns, red_tile, maxnreg = bwd_variant(cfg, n)
+    ns, red_tile, maxnreg, fold = bwd_variant(cfg, n)
     # a register cap trades spills for resident warps (the backward is latency-bound); not a CPU option
     extra = {"maxnreg": maxnreg} if maxnreg and u.is_cuda else {}
     dout = dout.contiguous()
@@ -222,6 +227,7 @@ def selective_scan_bwd(
         FP64=sd == torch.float64,
         NS=ns,
         RED_TILE=red_tile,
+        FOLD=fold,
         num_warps=num_warps,
         **extra,
     )
