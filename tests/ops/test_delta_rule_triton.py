@@ -182,6 +182,24 @@ def test_bf16_new_variants_within_1e2(gated, bf16_interpreter, monkeypatch):
     _compare(xs, 128**-0.5, 1e-2)
 
 
+def test_gradient_through_the_final_state_only():
+    """With the output unused, autograd hands the backward None for it (no materialised zeros): the gradients
+    through the final state alone still match the reference."""
+    xs = _inputs(6, 1, 70, 2, 16, 16, gated=True)
+    outs = []
+    for fn, ins in ((delta_rule_triton, xs), (delta_rule_reference, [x.double() for x in xs])):
+        leaves = [x.clone().requires_grad_() for x in ins]
+        _, ht = fn(*leaves[:5], scale=0.25, initial_state=leaves[5], output_final_state=True)
+        (ht.double() ** 2).sum().backward()
+        outs.append([x.grad for x in leaves])
+    for a, b in zip(*outs):
+        if b is None:  # q does not reach the final state
+            assert a is None or not a.any()
+        else:
+            assert _rel(a, b) < 1e-5
+    assert outs[1][0] is None and outs[1][2] is not None
+
+
 @pytest.mark.parametrize("cu", [None, [0, 1, 70, 70, 135]])
 def test_kept_states_give_the_same_gradients(cu, monkeypatch):
     """``CONFIG["bwd_h"]["save"]``: the backward reads the forward's h and V_new instead of recomputing them,
