@@ -705,7 +705,10 @@ def _dg_finalize_kernel(
 #: ``{"fwd_h": {"num_warps": 8}}``. ``wy_bwd``: tiles of 64 at K ≤ 128 (H100: GDN 8.62 vs 9.06 ms with
 #: 32, despite a 68-byte spill in the ungated kernel), 32 above (``small_above``: spill-free at K = 256,
 #: V = 512); its ``kk_dot`` 1 selects the older dβ/dG form (``_wy_bwd_kernel``). ``dqkwg`` dk_part_f32 0:
-#: the dk partial in the input dtype (H100: −0.15 ms, bf16 dk error 6.2 → 6.4e-3).
+#: the dk partial in the input dtype (H100: −0.15 ms, bf16 dk error 6.2 → 6.4e-3). From the v4 variants
+#: (H100, T=2K, per-kernel profile): ``wy_bwd`` reuse_tdw 1 (GDN 1.72 → 1.64 ms, DN 1.55 → 1.44), ``dqkwg``
+#: BV 32 for the ungated kernel only (DN 1.39 → 1.29; GDN 2.00 → 2.17 so it keeps 64), ``dqkwg_ssd`` BV 32
+#: (4.44 → 4.05); the kkt_solve row_regs / split variants and BV 16 for the sequential kernels were slower.
 CONFIG: dict[str, dict[str, int]] = {
     # row_regs 1: the forward substitution reads rows from registers, not from L2; split 1: A = K Kᵀ… and the
     # solve as two launches (kkt_warps, solve_warps), see _kkt_solve_kernel. sm_90, K = 128, Triton 3.9: one
@@ -725,12 +728,12 @@ CONFIG: dict[str, dict[str, int]] = {
     "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2},
-    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "dk_part_f32": 0},
+    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "dk_part_f32": 0, "BV_ungated": 32},
     # gated linear attention (SSD, no delta rule): sum_dp 1 sums the masked dP over the value heads of a group
     # and applies it once (see _bwd_dqkwg_kernel)
-    "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "sum_dp": 0},
+    "dqkwg_ssd": {"BK": 64, "BV": 32, "num_warps": 8, "num_stages": 3, "sum_dp": 0},
     # reuse_tdw 1: dβ/dG's Tᵀ dW reductions from the dk loop's product instead of a second product
-    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "kk_dot": 0, "small_above": 128, "reuse_tdw": 0},
+    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "kk_dot": 0, "small_above": 128, "reuse_tdw": 1},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
     # between forward and backward: ((T/64)·K + 1)·V values per token-head beyond v)
@@ -947,6 +950,8 @@ def chunk_bwd(
     # dq, dk, dw and the K tiles' shares of dG
     dq_cfg = "dqkwg" if use_delta else "dqkwg_ssd"
     BK, BV, kw = _launch(dq_cfg, K, V)
+    if use_delta and not use_g:  # the ungated kernel is faster with narrower V tiles (H100, v4)
+        BV = min(BV, CONFIG["dqkwg"].get("BV_ungated", BV))
     NK = triton.cdiv(K, BK)
     ns = NK + (1 if use_delta else 0)
     dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
