@@ -218,10 +218,10 @@ def _scan_time_once(ins, cfg) -> None:
 
 
 def _scan_sweep_configs(smoke: bool) -> list[list[int]]:
-    # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps(, bwd_states, bwd_red(, bwd_maxnreg(, bwd_fold)))];
+    # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps(, bwd_states, bwd_red(, bwd_maxnreg(, fold)))];
     # 8 elements per thread in each tile. bwd_states 2: two states per iteration of the backward; bwd_red 1: dB/dC
-    # added as tiles with atomics (no cross-lane sums); bwd_maxnreg: register cap; bwd_fold 1: carries folded into
-    # the scans' inputs (ops/selective_scan/triton/op.py)
+    # added as tiles with atomics (no cross-lane sums); bwd_maxnreg: register cap; fold 1: carries folded into
+    # the scans' inputs, both passes (forward loop 183 -> 160 per state) (ops/selective_scan/triton/op.py)
     if smoke:
         return [[8, 4, 1, 4, 1], [8, 2, 1, 2, 1], [8, 4, 1, 4, 1, 2, 1, 0, 1], [8, 4, 1, 4, 1, 1, 2, 128, 1]]
     # the backward dominates (~21 of 25.5 ms) and is latency-bound: vary its resident warps and variant. sm_90

@@ -109,6 +109,7 @@ def selective_scan_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr,
+    FOLD: tl.constexpr = 0,
 ):
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_d = tl.program_id(0)
@@ -146,8 +147,13 @@ def selective_scan_fwd_kernel(
                 a_row = a_row * LOG2E
             a = _decay(dl, a_row, FP64)
             bb = du * Bn.to(CT)
-            P, S = tl.associative_scan((a, bb), 1, _scan_combine)
-            h = S + P * h_in.to(CT)[:, None]
+            if FOLD:
+                # the carried state enters as a_0 h_in added to b_0: the scan's product output is dead code
+                first = tt[None, :] == 0
+                _, h = tl.associative_scan((a, bb + tl.where(first, a * h_in.to(CT)[:, None], 0.0)), 1, _scan_combine)
+            else:
+                P, S = tl.associative_scan((a, bb), 1, _scan_combine)
+                h = S + P * h_in.to(CT)[:, None]
             y += h * Cn.to(CT)
             # end state -> slot c + 1 (masked steps have a = 1, b = 0, so the chunk's last column is it)
             tl.store((st_in + (N + n) * DIM)[:, None] + 0 * tt[None, :], h.to(hchunk_ptr.dtype.element_ty), mask=last)

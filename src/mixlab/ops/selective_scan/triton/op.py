@@ -27,8 +27,8 @@ def default_config(dim: int, length: int, groups: int) -> list[int]:
     iteration of the backward's state loop: 1, or 2 for two interleaved independent scans), ``bwd_red``
     (0: dB/dC summed over the block's channels before the atomics; 1: both added as [block_d, block_l]
     tiles with atomics; 2: dC only as a tile), ``bwd_maxnreg`` (a register cap for the backward, 0 = none) and
-    ``bwd_fold`` (1: the carried state / adjoint enters the scans as an input term, so their product outputs and
-    the multiply-adds after them are dead code).
+    ``fold`` (both passes; 1: the carried state / adjoint enters the scans as an input term, so their product
+    outputs and the multiply-adds after them are dead code).
 
     block_l: time steps per chunk (shared by both passes: the saved chunk states depend on it); each
     [block_d, block_l] tile holds 8 elements a thread, so that Triton keeps 8 consecutive steps in a
@@ -51,7 +51,7 @@ def bwd_variant(cfg: list[int], n: int) -> tuple[int, int, int, int]:
     maxnreg = cfg[7] if len(cfg) >= 8 else 0
     fold = cfg[8] if len(cfg) >= 9 else 0
     if fold not in (0, 1):
-        raise ValueError(f"selective_scan_triton: bwd_fold must be 0 or 1, got {fold}")
+        raise ValueError(f"selective_scan_triton: fold must be 0 or 1, got {fold}")
     if ns not in (1, 2) or red not in (0, 1, 2):
         raise ValueError(f"selective_scan_triton: bwd_states must be 1 or 2 and bwd_red 0, 1 or 2, got {ns}, {red}")
     if maxnreg and not 24 <= maxnreg <= 255:
@@ -86,6 +86,7 @@ def selective_scan_fwd(
     n = A.shape[1]
     groups = B.shape[1]
     block_l, block_d, num_warps = cfg[:3]
+    fold = bwd_variant(cfg, n)[3]
     nc = _n_chunks(length, block_l)
     out = torch.empty_like(u)
     states = torch.empty(bsz, nc + 1, n, dim, device=u.device, dtype=state_dtype(u))
@@ -123,6 +124,7 @@ def selective_scan_fwd(
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus,
         FP64=states.dtype == torch.float64,
+        FOLD=fold,
         num_warps=num_warps,
     )
     return out, states[:, nc].transpose(1, 2).contiguous(), states
