@@ -86,3 +86,16 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def pyplot(suite: str) -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or None (with a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"bench {suite}: matplotlib is not installed (pip install 'mixlab[plot]'); no plot written")
+        return None
+    return plt

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .common import environment, format_table, save_results
+from .common import environment, format_table, pyplot, save_results
 
 DEFAULT_PRESETS = (
     "transformer-1.3b",
@@ -275,13 +275,8 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Per-token latency and prefill time against context, one panel per batch size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench decode: matplotlib is not installed (pip install 'mixlab[plot]'); no plot written")
+    plt = pyplot("decode")
+    if plt is None:
         return None
     ok = [r for r in rows if r["status"] == "ok"]
     batches = sorted({r["batch"] for r in ok})

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mixlab.bench.common import environment, format_table, save_results
+from mixlab.bench.common import environment, format_table, pyplot, save_results
 
 DEFAULT_PRESETS = "gated_deltanet-1.3b,transformer-1.3b"
 COLUMNS = ["preset", "strategy", "gpus", "status", "global_batch", "tokens_per_s", "per_gpu", "efficiency",
@@ -221,13 +221,8 @@ def resume_check(
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Tokens/s against world size with the ideal line, and the efficiency, per preset and strategy."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench scaling: matplotlib is not installed (pip install 'mixlab[plot]'); no plot written")
+    plt = pyplot("scaling")
+    if plt is None:
         return None
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:

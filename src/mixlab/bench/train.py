@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .common import environment, format_table, save_results
+from .common import environment, format_table, pyplot, save_results
 
 DEFAULT_PRESETS = (
     "transformer-1.3b",
@@ -372,13 +372,8 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Tokens/s and peak memory against sequence length, one line per preset (matplotlib optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench train: matplotlib is not installed (pip install 'mixlab[plot]'); no plot written")
+    plt = pyplot("train")
+    if plt is None:
         return None
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
