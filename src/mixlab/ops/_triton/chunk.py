@@ -792,7 +792,7 @@ class _Layout:
 
 def save_states() -> bool:
     """Whether the delta rule's forward keeps ``h`` and ``V_new`` for the backward (``CONFIG["bwd_h"]``)."""
-    return bool(CONFIG["bwd_h"].get("save", 0))
+    return bool(CONFIG["bwd_h"]["save"])
 
 
 def states_shape(B: int, T: int, H: int, K: int, V: int, n_seqs: int | None) -> tuple[int, int, int, int]:
@@ -839,14 +839,12 @@ def chunk_fwd(
         u = torch.empty_like(v)
         BK, _, kw = _launch("kkt_solve", K, V)
         cfg = CONFIG["kkt_solve"]
-        split = bool(cfg.get("split", 0))
-        for phase, nw in (
-            ((1, cfg.get("kkt_warps", 4)), (2, cfg.get("solve_warps", 1))) if split else ((0, kw["num_warps"]),)
-        ):
+        split = bool(cfg["split"])
+        for phase, nw in ((1, cfg["kkt_warps"]), (2, cfg["solve_warps"])) if split else ((0, kw["num_warps"]),):
             _kkt_solve_kernel[(lay.NC, H)](
                 k, beta, gp, Tm, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
                 H=H, HK=HK, K=K, BT=BT, BK=BK, USE_G=use_g, IS_VARLEN=lay.is_varlen,
-                ROW_REGS=bool(cfg.get("row_regs", 0)), PHASE=phase, num_warps=nw, num_stages=kw["num_stages"],
+                ROW_REGS=bool(cfg["row_regs"]), PHASE=phase, num_warps=nw, num_stages=kw["num_stages"],
             )  # fmt: skip
         BK, BV, kw = _launch("wu_fwd", K, V)
         _wu_fwd_kernel[(lay.NC, H)](
@@ -951,13 +949,13 @@ def chunk_bwd(
     dq_cfg = "dqkwg" if use_delta else "dqkwg_ssd"
     BK, BV, kw = _launch(dq_cfg, K, V)
     if use_delta and not use_g:  # the ungated kernel is faster with narrower V tiles (H100, v4)
-        BV = min(BV, CONFIG["dqkwg"].get("BV_ungated", BV))
+        BV = min(BV, CONFIG["dqkwg"]["BV_ungated"])
     NK = triton.cdiv(K, BK)
     ns = NK + (1 if use_delta else 0)
     dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
     dw = torch.empty(B, T, H, K, dtype=q.dtype, device=dev) if use_delta else dummy
     # the WY part comes next; dk_part_f32 0 stores the partial in the input dtype (half the traffic, one rounding more)
-    dk_dt = f32 if CONFIG["dqkwg"].get("dk_part_f32", 1) else q.dtype
+    dk_dt = f32 if CONFIG["dqkwg"]["dk_part_f32"] else q.dtype
     dk_part = torch.empty(B, T, H, K, dtype=dk_dt, device=dev) if use_delta else dk
     _bwd_dqkwg_kernel[(NK, lay.NC, HK)](
         q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
@@ -969,8 +967,8 @@ def chunk_bwd(
         _wy_bwd_kernel[(lay.NC, H)](
             k, v, beta, gp, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
             lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=use_g, IS_VARLEN=lay.is_varlen, KK_DOT=bool(CONFIG["wy_bwd"].get("kk_dot", 0)),
-            REUSE_TDW=bool(CONFIG["wy_bwd"].get("reuse_tdw", 0)), **kw,
+            USE_G=use_g, IS_VARLEN=lay.is_varlen, KK_DOT=bool(CONFIG["wy_bwd"]["kk_dot"]),
+            REUSE_TDW=bool(CONFIG["wy_bwd"]["reuse_tdw"]), **kw,
         )  # fmt: skip
     if use_g:
         _dg_finalize_kernel[(lay.NC, H)](

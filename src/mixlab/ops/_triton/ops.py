@@ -130,7 +130,7 @@ def _setup_context(ctx, inputs, output):
     ctx.keep_states = h.numel() > 0
     # Autograd would otherwise fill zero gradients for the unused outputs (Tm, w, u, ...): three ~0.1 ms
     # memsets of [B, T, H, 64|K|V] per backward on the H100 (CONFIG["autograd"]["materialize"] 1 restores them).
-    ctx.set_materialize_grads(bool(CONFIG["autograd"].get("materialize", 0)))
+    ctx.set_materialize_grads(bool(CONFIG["autograd"]["materialize"]))
     ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u, h, vn)
     ctx.scale, ctx.output_final_state, ctx.use_delta = scale, output_final_state, use_delta
 
