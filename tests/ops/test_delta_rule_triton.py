@@ -134,13 +134,15 @@ def test_kkt_solve_variants(gated, row_regs, split, monkeypatch):
     _compare(xs, 0.25, 1e-5, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_wy_bwd_reuse_and_dqkwg_v_tiles(gated, monkeypatch):
-    """``CONFIG["wy_bwd"]["reuse_tdw"]`` (dβ/dG from the dk loop's Tᵀ dW) with ``CONFIG["dqkwg"]["BV"]`` 32
-    (two V tiles): every gradient against float64, packed sequences."""
+@pytest.mark.parametrize("gated,reuse_tdw,kk_dot", [(True, 1, 0), (False, 1, 0), (True, 0, 0), (False, 0, 1)])
+def test_wy_bwd_reuse_and_dqkwg_v_tiles(gated, reuse_tdw, kk_dot, monkeypatch):
+    """``CONFIG["wy_bwd"]`` reuse_tdw (dβ/dG from the dk loop's Tᵀ dW; the default) or not, and kk_dot (the
+    older dβ/dG form), with ``CONFIG["dqkwg"]["BV"]`` 32 (two V tiles): every gradient against float64,
+    packed sequences."""
     from mixlab.ops._triton import chunk
 
-    monkeypatch.setitem(chunk.CONFIG, "wy_bwd", {**chunk.CONFIG["wy_bwd"], "reuse_tdw": 1})
+    cfg = {**chunk.CONFIG["wy_bwd"], "reuse_tdw": reuse_tdw, "kk_dot": kk_dot}
+    monkeypatch.setitem(chunk.CONFIG, "wy_bwd", cfg)
     monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**chunk.CONFIG["dqkwg"], "BV": 32})
     cu = torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
     xs = _inputs(41 + gated, 1, 100, 1, 32, 64, gated=gated, N=4)
