@@ -79,6 +79,16 @@ def test_backward_row_and_channel_tiles(T, W, has_state, bwd):
         torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("bwd", [[8, 8, 1, 3], [8, 8, 1, 8]])
+def test_bad_backward_unroll_is_rejected(bwd):
+    # 3 does not divide 8 rows; 8 rows in flight exceed the 4 the kernel names (it would reuse the 4th)
+    g = torch.Generator().manual_seed(3)
+    x = _rand(g, 1, 9, 5).requires_grad_()
+    y, _ = causal_conv1d_triton(x, _rand(g, 5, 4), None, "silu", None, config=[32, 8, 1, *bwd])
+    with pytest.raises(ValueError, match="bwd_unroll"):
+        y.sum().backward()
+
+
 def test_strided_input_and_bf16():
     # x is a channel slice of a wider projection (as in Mamba's in_proj output), in bfloat16
     g = torch.Generator().manual_seed(7)

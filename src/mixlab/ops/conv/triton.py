@@ -478,8 +478,8 @@ def causal_conv1d_bwd(
     dh0 = torch.empty(bsz, C, W - 1, device=x.device, dtype=h0.dtype) if h0 is not None else x.new_empty(0)
     tl_rows, bc, nw = config[3:6]
     unroll = config[6] if len(config) > 6 else 4
-    if tl_rows % unroll:
-        raise ValueError(f"causal_conv1d: bwd_rows={tl_rows} must be a multiple of bwd_unroll={unroll}")
+    if not 1 <= unroll <= 4 or tl_rows % unroll:  # the kernel names up to 4 rows in flight (_lag)
+        raise ValueError(f"causal_conv1d: bwd_unroll={unroll} must be in 1..4 and divide bwd_rows={tl_rows}")
     n_p = triton.cdiv(T + (W - 1 if h0 is not None else 0), tl_rows)
     dw_part = torch.empty(bsz * n_p, C, W, device=x.device, dtype=acc)
     db_part = torch.empty(bsz * n_p, C, device=x.device, dtype=acc)
