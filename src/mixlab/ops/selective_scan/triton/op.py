@@ -21,10 +21,11 @@ def state_dtype(u: Tensor) -> torch.dtype:
 
 
 def default_config(dim: int, length: int, groups: int) -> list[int]:
-    """Launch configuration ``[block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps]``.
+    """Launch configuration ``[block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps, bwd_states, bwd_red,
+    bwd_maxnreg, fold]`` (the default sets all nine).
 
-    Optional trailing entries pick backward variants (see ``bwd_variant``): ``bwd_states`` (states per
-    iteration of the backward's state loop: 1, or 2 for two interleaved independent scans), ``bwd_red``
+    The last four are optional in a given config (5, 7, 8 or 9 entries; see ``bwd_variant``): ``bwd_states``
+    (states per iteration of the backward's state loop: 1, or 2 for two interleaved independent scans), ``bwd_red``
     (0: dB/dC summed over the block's channels before the atomics; 1: both added as [block_d, block_l]
     tiles with atomics; 2: dC only as a tile), ``bwd_maxnreg`` (a register cap for the backward, 0 = none) and
     ``fold`` (both passes; 1: the carried state / adjoint enters the scans as an input term, so their product
