@@ -215,16 +215,22 @@ MODEL_VOCAB_POLICIES = ("fit", "grow", "keep")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-def _ac_mode_ok(mode: str) -> bool:
-    """An activation checkpointing mode of AC_MODES, ``selective:N`` (blocks) or ``selective:F`` (0 <= F < 1)."""
+AC_FORMS = "none, full, selective, selective:N (N blocks) or selective:F (a fraction 0 <= F < 1 of the blocks)"
+
+
+def ac_selective_arg(mode: str) -> float | None:
+    """The N or F of an activation checkpointing mode ``selective:N`` / ``selective:F``; None for a mode
+    of ``AC_MODES``. Anything else raises ``ValueError`` naming the allowed forms (``AC_FORMS``)."""
     if mode in AC_MODES:
-        return True
+        return None
     head, _, arg = str(mode).partition(":")
     try:
-        value = float(arg)
+        value = float(arg) if head == "selective" else -1.0
     except ValueError:
-        return False
-    return head == "selective" and value >= 0 and (value < 1 or value.is_integer())
+        value = -1.0
+    if not (value >= 0 and (value < 1 or value.is_integer())):  # also rejects nan and inf
+        raise ValueError(f"activation checkpointing mode {mode!r}; allowed: {AC_FORMS}")
+    return value
 
 
 @dataclass
@@ -360,11 +366,12 @@ class TrainConfig:
         _check(self.precision in PRECISIONS, f"train.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if isinstance(self.activation_checkpointing, bool):
             self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
-        _check(
-            _ac_mode_ok(self.activation_checkpointing),
-            f"train.activation_checkpointing={self.activation_checkpointing!r}; allowed: {', '.join(AC_MODES)}, "
-            "selective:N (N blocks) or selective:F (a fraction 0 <= F < 1 of the blocks)",
-        )
+        try:
+            ac_selective_arg(self.activation_checkpointing)
+        except ValueError:
+            raise ConfigError(
+                f"train.activation_checkpointing={self.activation_checkpointing!r}; allowed: {AC_FORMS}"
+            ) from None
         _check(self.log_every > 0, "train.log_every must be positive")
         _check(self.eval_every >= 0 and self.save_every >= 0, "train.eval_every / train.save_every must be >= 0")
         _check(self.eval_batches > 0, "train.eval_batches must be positive")

@@ -180,4 +180,6 @@ def test_ac_auto_skips_the_levels_the_estimate_rules_out(monkeypatch) -> None:
 
 def test_bad_ac_mode_is_refused(capsys) -> None:
     assert main(["bench", "train", "--quick", "--ac", "half", "--no-plot"]) == 2
-    assert "is not a mode" in capsys.readouterr().out
+    assert "--ac: activation checkpointing mode 'half'; allowed: none, full" in capsys.readouterr().out
+    assert main(["bench", "train", "--quick", "--oom-retry-ac", "auto", "--no-plot"]) == 2
+    assert "--oom-retry-ac: activation checkpointing mode 'auto'" in capsys.readouterr().out

@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--oom-retry-ac",
         default="none",
-        help="retry a point that ran out of memory once with this activation checkpointing (default: no retry)",
+        help="retry a point that ran out of memory once with this activation checkpointing (default: no retry; "
+        "--ac auto tries its own ladder instead)",
     )
     parser.add_argument("--backend", default=None, help="op backend of every mixer (default: the preset's, auto)")
     parser.add_argument(
@@ -427,7 +428,8 @@ def run_suite(
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every (preset, shape) point, in this process or (``isolate``) each in a fresh one; a point that
-    runs out of memory is retried once with ``oom_retry_ac`` activation checkpointing (unless ``none``).
+    runs out of memory is retried once with ``oom_retry_ac`` activation checkpointing (unless ``none``);
+    ``ac="auto"`` tries the modes of :func:`ac_ladder` in turn instead, until one fits.
     ``on_row(rows)`` is called after every point (the partial results are saved by it)."""
     points = [(p, s, b) for p in presets for s, b in shapes]
     if long_shape is not None:
@@ -545,12 +547,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"bench train: {e}")
         return 2
-    from ..config import _ac_mode_ok
+    from ..config import ac_selective_arg
 
-    bad = [m for m in (args.ac, args.oom_retry_ac) if m != "auto" and not _ac_mode_ok(m)]
-    if bad or args.oom_retry_ac == "auto":
-        print(f"bench train: activation checkpointing {bad[0] if bad else 'auto'!r} is not a mode here; see --help")
-        return 2
+    for flag, mode in (("--ac", args.ac), ("--oom-retry-ac", args.oom_retry_ac)):
+        try:
+            if not (flag == "--ac" and mode == "auto"):
+                ac_selective_arg(mode)
+        except ValueError as e:
+            print(f"bench train: {flag}: {e}" + (", or auto" if flag == "--ac" else ""))
+            return 2
     steps, warmup = (min(args.steps, 2), min(args.warmup, 1)) if quick else (args.steps, args.warmup)
     if steps < 1 or warmup < 0:
         print("bench train: --steps must be >= 1 and --warmup >= 0")

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mixlab.config import ParallelConfig
+from mixlab.config import ParallelConfig, ac_selective_arg
 
 __all__ = [
     "LossModule",
@@ -95,16 +95,7 @@ def checkpointed_blocks(mode: str, n_blocks: int) -> list[int]:
         return list(range(n_blocks))
     if mode == "selective":
         return list(range(0, n_blocks, 2))
-    head, _, arg = mode.partition(":")
-    try:
-        value = float(arg) if head == "selective" and arg else -1.0
-    except ValueError:
-        value = -1.0
-    if value < 0 or (value >= 1 and not value.is_integer()):
-        raise ValueError(
-            f"activation checkpointing mode {mode!r}; allowed: none, full, selective, selective:N "
-            "(a number of blocks) or selective:F (a fraction 0 <= F < 1)"
-        )
+    value = ac_selective_arg(mode) or 0.0  # N or F; a ValueError naming the allowed forms for anything else
     n = min(n_blocks, int(value) if value >= 1 else math.ceil(value * n_blocks))
     # n blocks at evenly spaced positions (the middle of n equal spans of the depth)
     return sorted({min(n_blocks - 1, int((j + 0.5) * n_blocks / n)) for j in range(n)}) if n else []
