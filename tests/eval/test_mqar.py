@@ -147,6 +147,8 @@ def test_fixed_training_set_is_deterministic_and_read_in_epochs() -> None:
     c = SyntheticLoader("mqar", kw, 32, 10, seed=3)
     assert len({tuple(r) for s in range(2) for r in c.batch(s).inputs.tolist()}) == 20
     assert {tuple(r) for r in c.batch(2).inputs.tolist()} <= pool
+    with pytest.raises(ValueError, match="train_examples=-1 must be >= 0"):
+        SyntheticLoader("mqar", {**kw, "train_examples": -1}, 32, 8, seed=3)
 
 
 def test_selective_copying_layout() -> None:

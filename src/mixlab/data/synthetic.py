@@ -267,6 +267,10 @@ class SyntheticLoader:
         }
         self.eval_examples = int(p.get("eval_examples", 1000))
         self.train_examples = int(p.get("train_examples", 0) or 0)
+        if self.train_examples < 0:
+            raise ValueError(
+                f"synthetic.train_examples={self.train_examples} must be >= 0 (0: a fresh batch every step)"
+            )
         self.step = 0
         self._pool: tuple[torch.Tensor, torch.Tensor] | None = None  # int32 inputs, labels [E, T]
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its order)
