@@ -149,6 +149,18 @@ def test_wy_bwd_reuse_and_dqkwg_v_tiles(gated, reuse_tdw, kk_dot, monkeypatch):
     _compare(xs, 0.2, 1e-5, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_wy_bwd_small_tiles_above(gated, monkeypatch):
+    """``CONFIG["wy_bwd"]["small_above"]`` (32-wide K and V tiles above that K; 128 by default, so K = 256 on
+    a GPU): lowered to 32 here so that K = V = 64 runs in two K and two V tiles."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "wy_bwd", {**chunk.CONFIG["wy_bwd"], "small_above": 32})
+    assert chunk._launch("wy_bwd", 64, 64)[:2] == (32, 32)
+    xs = _inputs(51 + gated, 1, 70, 1, 64, 64, gated=gated)
+    _compare(xs, 0.125, 1e-5)
+
+
 def test_unused_outputs_get_no_zero_gradients(monkeypatch):
     """The custom op's backward runs with None for its unused outputs (no zero fills) and gives the same
     gradients as with autograd's materialized zeros (``CONFIG["autograd"]["materialize"]``)."""
