@@ -51,6 +51,15 @@ def test_train_command_keeps_the_per_gpu_batch() -> None:
     assert "parallel.strategy=fsdp" in cmd and "run.device=cpu" in cmd and cmd[-1] == "train.lr=1e-3"
 
 
+def test_a_bad_ac_mode_is_refused_before_any_run(tmp_path) -> None:
+    parser = argparse.ArgumentParser()
+    scaling.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--ac", "selective:x", "--work-dir", str(tmp_path / "w")])
+    with pytest.raises(SystemExit, match="--ac: activation checkpointing mode 'selective:x'; allowed: none"):
+        scaling.run(args)
+    assert not (tmp_path / "w").exists()
+
+
 def test_two_gloo_ranks_and_a_checkpoint_resumed_on_one(tmp_path, monkeypatch) -> None:
     """One point at world size 2 (FSDP) and the resume check: saved on 2 ranks, resumed on 1."""
     from mixlab.cli import main

@@ -261,6 +261,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from mixlab.config import ac_selective_arg
+
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda"):
@@ -270,6 +272,10 @@ def run(args: argparse.Namespace) -> int:
     for s in strategies:
         if s not in ("ddp", "fsdp"):
             raise SystemExit(f"bench scaling: --strategies {s!r}; allowed: ddp, fsdp")
+    try:
+        ac_selective_arg(args.ac)  # refused here, not once per torchrun point
+    except ValueError as e:
+        raise SystemExit(f"bench scaling: --ac: {e}") from None
     sizes = world_sizes(args.gpus, args.device)
     visible = _visible_gpus() if args.device == "cuda" else None
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="mixlab-scaling-"))
