@@ -153,14 +153,6 @@ def preset_letters(preset: str) -> list[str]:
     return list(dict.fromkeys(get_preset(preset).layer_types))
 
 
-def model_saved_bytes_per_token(preset: str, triton: bool = True) -> float:
-    """Bytes per token saved by all blocks of ``preset`` (each letter measured once, times its count)."""
-    from ..models import get_preset
-
-    types = get_preset(preset).layer_types
-    return sum(block_saved_bytes(preset, ltr, triton=triton).total * types.count(ltr) for ltr in set(types))
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
