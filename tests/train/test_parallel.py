@@ -96,7 +96,9 @@ def test_activation_checkpointing_modes_and_their_config_spelling() -> None:
     assert config_from_dict({"train": {"activation_checkpointing": False}}).train.activation_checkpointing == "none"
     with pytest.raises(ConfigError, match="allowed: none, full, selective"):
         config_from_dict({"train": {"activation_checkpointing": "half"}})
-    assert config_from_dict({"train": {"activation_checkpointing": "selective:6"}}).train.activation_checkpointing
+    assert config_from_dict({"train": {"activation_checkpointing": "selective:6"}}).train.activation_checkpointing == (
+        "selective:6"
+    )
     for bad in ("selective:1.5", "selective:-1", "selective:x", "full:2"):
         with pytest.raises(ConfigError, match="selective:N"):
             config_from_dict({"train": {"activation_checkpointing": bad}})
