@@ -543,7 +543,7 @@ def write_report(
     same = "same seed, data, batch, sequence length and steps unless varied"
     # the effective value of each key: later overrides (command line) replace the file's base
     base = list({b.split("=", 1)[0]: b for b in (base or [])}.values())
-    setting = "\n".join(f"- `{b}`" for b in (base or [])) or "- (defaults)"
+    setting = "\n".join(f"- `{b}`" for b in base) or "- (defaults)"
     varied = "\n".join(f"- `{k}`: {', '.join(f'`{v}`' for v in vs)}" for k, vs in (vary or {}).items()) or "- nothing"
 
     md = [f"# {title}", "", f"{description}".strip(), "", f"Generated {date}. {len(summaries)} run(s); {same}.", ""]
@@ -587,7 +587,7 @@ def write_report(
 <p>Generated {esc(date)}. {len(summaries)} run(s); {esc(same)}.</p>
 {f"<pre>{esc(command)}</pre>" if command else ""}
 <h2>Setting</h2><p>Varied:</p><ul>{"".join(f"<li><code>{esc(k)}</code>: {esc(', '.join(vs))}</li>" for k, vs in (vary or {}).items())}</ul>
-<p>Shared by every run:</p><ul>{"".join(f"<li><code>{esc(b)}</code></li>" for b in (base or []))}</ul>
+<p>Shared by every run:</p><ul>{"".join(f"<li><code>{esc(b)}</code></li>" for b in base)}</ul>
 <h2>Results</h2>{table}
 <p>Final train loss: mean over the last 10% of logged steps. tokens/s: median over steps after the first.</p>
 {"".join(imgs)}

@@ -194,9 +194,8 @@ def resume_check(
     global_batch = args.batch_per_gpu * world
     if global_batch % half:
         return {**row, "status": f"global batch {global_batch} does not split over {half} ranks"}
-    ns_full = args
     ns = argparse.Namespace(**{**vars(args), "batch_per_gpu": global_batch // half})
-    cmd = train_command(preset, strategy, world, full_dir, ns_full, 2 * k, [*extra, f"train.save_every={k}"])
+    cmd = train_command(preset, strategy, world, full_dir, args, 2 * k, [*extra, f"train.save_every={k}"])
     rc, _ = _run(cmd, work / f"{full_dir.name}.log", args.timeout, args.device)
     if rc != 0:
         return {**row, "status": f"full run failed (rc {rc}): {_tail(work / f'{full_dir.name}.log')}"}
