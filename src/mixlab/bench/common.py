@@ -7,6 +7,7 @@ torch/triton/python versions, the date, the exact command line and a list of res
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import platform
 import re
@@ -99,3 +100,21 @@ def pyplot(suite: str) -> Any:
         print(f"bench {suite}: matplotlib is not installed (pip install 'mixlab[plot]'); no plot written")
         return None
     return plt
+
+
+def cuda_sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an out-of-memory error (``torch.OutOfMemoryError`` or an allocator message)."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and return cached CUDA blocks, so the next point starts from a clean allocator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

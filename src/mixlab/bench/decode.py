@@ -19,7 +19,6 @@ Cheap by design: a few timed steps per point; anything that runs out of memory i
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import statistics
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .common import environment, format_table, pyplot, save_results
+from .common import cuda_sync, environment, format_table, free_memory, is_oom, pyplot, save_results
 
 DEFAULT_PRESETS = (
     "transformer-1.3b",
@@ -67,21 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _peak_gb(device: torch.device) -> float | None:
@@ -131,27 +115,27 @@ def measure_point(
     # The first prefill is untimed: it pays for kernel compilation and autotuning at this shape.
     for attempt in range(1 + max(1, prefill_repeats)):
         cache = step = None
-        _free(device)
+        free_memory(device)
         cache = use_row_positions(model.init_cache(batch, max_len), batch, device)
         step = DecodeStep(model, cache, batch, cuda_graph=cuda_graph)
         _reset_peak(device)
-        _sync(device)
+        cuda_sync(device)
         t0 = time.perf_counter()
         try:
             tok = _prefill(model, cache, ids, chunk)
         except Exception as e:  # OOM: retry once in chunks, then give up on this point
-            if not _is_oom(e) or chunk or prefill_chunk <= 0 or context <= prefill_chunk:
+            if not is_oom(e) or chunk or prefill_chunk <= 0 or context <= prefill_chunk:
                 raise
             cache = step = None
-            _free(device)
+            free_memory(device)
             chunk = prefill_chunk
             cache = use_row_positions(model.init_cache(batch, max_len), batch, device)
             step = DecodeStep(model, cache, batch, cuda_graph=cuda_graph)
             _reset_peak(device)
-            _sync(device)
+            cuda_sync(device)
             t0 = time.perf_counter()
             tok = _prefill(model, cache, ids, chunk)
-        _sync(device)
+        cuda_sync(device)
         if attempt > 0:
             prefill_times.append((time.perf_counter() - t0) * 1e3)
     row["prefill_ms"] = statistics.median(prefill_times)
@@ -166,17 +150,17 @@ def measure_point(
     _reset_peak(device)
     for _ in range(warmup):
         tok = step(tok).argmax(-1)
-    _sync(device)
+    cuda_sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         tok = step(tok).argmax(-1)
-    _sync(device)
+    cuda_sync(device)
     per_token = (time.perf_counter() - t0) * 1e3 / max(steps, 1)
     row["decode_ms_per_token"] = per_token
     row["decode_tok_s"] = batch / (per_token / 1e3)
     row["decode_peak_gb"] = _peak_gb(device)
     del cache, step
-    _free(device)
+    free_memory(device)
     return row
 
 
@@ -201,12 +185,12 @@ def run_suite(
         try:
             model = build_model(get_preset(name), device=device, dtype=dtype).eval()
         except Exception as e:
-            status = "oom" if _is_oom(e) else f"error: {type(e).__name__}: {e}"
+            status = "oom" if is_oom(e) else f"error: {type(e).__name__}: {e}"
             log(f"{name}: model build failed ({status})")
             rows += [
                 {"preset": name, "batch": b, "context": c, "status": status} for b in batch_sizes for c in contexts
             ]
-            _free(device)
+            free_memory(device)
             continue
         params = model.num_parameters()
         for b in batch_sizes:
@@ -215,19 +199,19 @@ def run_suite(
                     with torch.inference_mode():
                         row = measure_point(model, b, c, steps, warmup, prefill_repeats, prefill_chunk, cuda_graph)
                 except Exception as e:
-                    if not _is_oom(e):
+                    if not is_oom(e):
                         log(f"{name} B={b} T={c}: {type(e).__name__}: {e}")
                     row = {
                         "batch": b,
                         "context": c,
-                        "status": "oom" if _is_oom(e) else f"error: {type(e).__name__}: {e}",
+                        "status": "oom" if is_oom(e) else f"error: {type(e).__name__}: {e}",
                     }
-                    _free(device)
+                    free_memory(device)
                 row = {"preset": name, "params": params, **row}
                 rows.append(row)
                 log(_one_line(row))
         del model
-        _free(device)
+        free_memory(device)
     return rows
 
 

@@ -30,7 +30,6 @@ length per architecture, and peak memory) go to ``benchmarks/results/`` (``--out
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import statistics
 import time
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .common import environment, format_table, pyplot, save_results
+from .common import cuda_sync, environment, format_table, free_memory, is_oom, pyplot, save_results
 
 DEFAULT_PRESETS = (
     "transformer-1.3b",
@@ -187,21 +186,6 @@ def _arch(preset: str) -> str:
     return preset.rsplit("-", 1)[0]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def bench_point(
     preset: str,
     seq_len: int,
@@ -233,14 +217,14 @@ def bench_point(
         "status": "ok",
     }
     if device.type == "cuda":
-        _free(device)
+        free_memory(device)
         torch.cuda.reset_peak_memory_stats(device)
     failure: str | None = None
     try:
         _measure(row, cfg, seq_len, batch, device, steps, warmup, ac, compile_blocks, peak_flops)
     except Exception as e:  # recorded, not raised: one point must not end the suite
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        failure = "oom" if _is_oom(e) else f"{type(e).__name__}: {first}"
+        failure = "oom" if is_oom(e) else f"{type(e).__name__}: {first}"
     # The model, optimizer state and activations lived in _measure's frame: freed with the exception.
     if failure is not None:
         row["status"] = "oom" if failure == "oom" else "error"
@@ -250,7 +234,7 @@ def bench_point(
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     if compile_blocks:
         torch._dynamo.reset()
-    _free(device)
+    free_memory(device)
     return row
 
 
@@ -295,7 +279,7 @@ def _measure(
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
-    _sync(device)
+    cuda_sync(device)
     row["warmup_s"] = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -303,7 +287,7 @@ def _measure(
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
-        _sync(device)
+        cuda_sync(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     row["step_ms"] = step_s * 1e3
