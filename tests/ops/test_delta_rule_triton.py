@@ -134,15 +134,12 @@ def test_kkt_solve_variants(gated, row_regs, split, monkeypatch):
     _compare(xs, 0.25, 1e-5, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("gated,reuse_tdw,kk_dot", [(True, 1, 0), (False, 1, 0), (True, 0, 0), (False, 0, 1)])
-def test_wy_bwd_reuse_and_dqkwg_v_tiles(gated, reuse_tdw, kk_dot, monkeypatch):
-    """``CONFIG["wy_bwd"]`` reuse_tdw (dβ/dG from the dk loop's Tᵀ dW; the default) or not, and kk_dot (the
-    older dβ/dG form), with ``CONFIG["dqkwg"]["BV"]`` 32 (two V tiles): every gradient against float64,
-    packed sequences."""
+@pytest.mark.parametrize("gated", [True, False])
+def test_dqkwg_v_tiles(gated, monkeypatch):
+    """``CONFIG["dqkwg"]["BV"]`` 32 (two V tiles in the gated kernel; the ungated one takes ``BV_ungated``):
+    every gradient against float64, packed sequences."""
     from mixlab.ops._triton import chunk
 
-    cfg = {**chunk.CONFIG["wy_bwd"], "reuse_tdw": reuse_tdw, "kk_dot": kk_dot}
-    monkeypatch.setitem(chunk.CONFIG, "wy_bwd", cfg)
     monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**chunk.CONFIG["dqkwg"], "BV": 32})
     cu = torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
     xs = _inputs(41 + gated, 1, 100, 1, 32, 64, gated=gated, N=4)
@@ -180,15 +177,14 @@ def test_unused_outputs_get_no_zero_gradients(monkeypatch):
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_bf16_new_variants_within_1e2(gated, bf16_interpreter, monkeypatch):
-    """bf16 at K = 128 with the v4 CONFIG variants together (dqkwg BV 32, wy_bwd reuse_tdw, kkt_solve 8 warps
-    with rows from registers): within the bench's 1e-2 bar, as the defaults."""
+    """bf16 at K = 128 with the v4 CONFIG variants together (dqkwg BV 32, kkt_solve 8 warps with rows from
+    registers): within the bench's 1e-2 bar, as the defaults."""
     if DEVICE != "cpu":
         pytest.skip("the bf16 interpreter fixture is for TRITON_INTERPRET=1")
     from mixlab.ops._triton import chunk
 
     for name, cfg in {
         "dqkwg": {"BV": 32},
-        "wy_bwd": {"reuse_tdw": 1},
         "kkt_solve": {"num_warps": 8, "row_regs": 1},
     }.items():
         monkeypatch.setitem(chunk.CONFIG, name, {**chunk.CONFIG[name], **cfg})

@@ -557,7 +557,6 @@ def _wy_bwd_kernel(
     k, v, beta, g, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, cu_seqlens, chunk_indices, T, NT, NTOK, SLOT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
-    KK_DOT: tl.constexpr = False, REUSE_TDW: tl.constexpr = False,
 ):  # fmt: skip
     """Backward of ``U = T diag(β) V``, ``W = T diag(βγ) K``, ``T = (I + A)⁻¹`` per (chunk, head):
     writes ``dv``, ``dbeta``, ``dG[SLOT]`` and the final ``dk = dk_part + WY terms`` (H == HK)."""
@@ -591,7 +590,6 @@ def _wy_bwd_kernel(
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_dG = tl.zeros([BT], dtype=tl.float32)
-    b_KK = tl.zeros([BT, BT], dtype=tl.float32)  # only with KK_DOT
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = m_t[:, None] & (o_v < V)[None, :]
@@ -610,12 +608,6 @@ def _wy_bwd_kernel(
         b_kf = b_k.to(tl.float32)
         b_dw = tl.load(dw + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0).to(dt)
         b_dT += tl.dot(b_dw, tl.trans((b_kf * b_bg[:, None]).to(dt)), input_precision="ieee")
-        if not REUSE_TDW:  # else from the same product in the dk loop below (one 64×64×BK product less per tile)
-            b_tk = tl.sum(tl.dot(b_Tt, b_dw, input_precision="ieee") * b_kf, axis=1)
-            b_db += b_tk * b_gam
-            b_dG += b_tk * b_bg
-        if KK_DOT:
-            b_KK += tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
     m_s = o_t[:, None] > o_t[None, :]
     b_dA = tl.dot(tl.dot(b_Tt, b_dT.to(dt), input_precision="ieee").to(dt), b_Tt, input_precision="ieee")
     b_dA = tl.where(m_s, -b_dA, 0.0)
@@ -625,13 +617,8 @@ def _wy_bwd_kernel(
         b_dM = b_dA
     # Through A = β ⊙ (K Kᵀ) ⊙ Γ: dβ_t += Σ_s dM_ts k_t·k_s = k_t·(dM K)_t and, for dG, the row and column
     # sums of dM ⊙ A = k_t·β_t(dM K)_t and k_s·(dMᵀ diag(β) K)_s. Both products also give dk, so the
-    # reductions reuse them (KK_DOT: the older form with a separate K Kᵀ tile, kept for comparison; it
-    # measured 2e-2 to 5e-2 relative dbeta error on the H100 in bf16).
-    if KK_DOT:
-        if USE_G:
-            b_dAA = b_dM * b_KK * b_beta[:, None]
-            b_dG += tl.sum(b_dAA, axis=1) - tl.sum(b_dAA, axis=0)
-        b_db += tl.sum(b_dM * b_KK, axis=1)
+    # reductions reuse them; likewise dβ/dG's Tᵀ dW terms. (A separate K Kᵀ tile measured 2e-2 to 5e-2
+    # relative dbeta error on the H100 in bf16: benchmarks/NOTES-kernels.md, v3.)
     b_dMc = b_dM.to(dt)
     b_dMt = tl.trans(b_dM).to(dt)
     for i_k in range(tl.cdiv(K, BK)):
@@ -645,19 +632,17 @@ def _wy_bwd_kernel(
         b_dk = tl.load(dk_part + p_d, mask=m_k, other=0.0).to(tl.float32)
         b_tdw = tl.dot(b_Tt, b_dw, input_precision="ieee")  # Tᵀ dW
         b_dk += b_tdw * b_bg[:, None]
-        if REUSE_TDW:
-            b_tk = tl.sum(b_tdw * b_kf, axis=1)
-            b_db += b_tk * b_gam
-            b_dG += b_tk * b_bg
+        b_tk = tl.sum(b_tdw * b_kf, axis=1)
+        b_db += b_tk * b_gam
+        b_dG += b_tk * b_bg
         b_mk = tl.dot(b_dMc, b_k, input_precision="ieee")  # dM K
-        if not KK_DOT:
-            b_kmk = tl.sum(b_mk * b_kf, axis=1)
-            b_db += b_kmk
-            if USE_G:
-                b_dG += b_kmk * b_beta
+        b_kmk = tl.sum(b_mk * b_kf, axis=1)
+        b_db += b_kmk
+        if USE_G:
+            b_dG += b_kmk * b_beta
         b_dk += b_mk * b_beta[:, None]
         b_mtk = tl.dot(b_dMt, b_kb, input_precision="ieee")  # dMᵀ diag(β) K
-        if not KK_DOT and USE_G:
+        if USE_G:
             b_dG -= tl.sum(b_mtk * b_kf, axis=1)
         b_dk += b_mtk
         tl.store(dk + p_d, b_dk.to(dk.dtype.element_ty), mask=m_k)
@@ -704,9 +689,10 @@ def _dg_finalize_kernel(
 #: ``MIXLAB_TRITON_CHUNK_CONFIG`` (JSON, same keys) overrides entries for tuning runs, e.g.
 #: ``{"fwd_h": {"num_warps": 8}}``. ``wy_bwd``: tiles of 64 at K ≤ 128 (H100: GDN 8.62 vs 9.06 ms with
 #: 32, despite a 68-byte spill in the ungated kernel), 32 above (``small_above``: spill-free at K = 256,
-#: V = 512); its ``kk_dot`` 1 selects the older dβ/dG form (``_wy_bwd_kernel``). ``dqkwg`` dk_part_f32 0:
+#: V = 512). ``dqkwg`` dk_part_f32 0:
 #: the dk partial in the input dtype (H100: −0.15 ms, bf16 dk error 6.2 → 6.4e-3). From the v4 variants
-#: (H100, T=2K, per-kernel profile): ``wy_bwd`` reuse_tdw 1 (GDN 1.72 → 1.64 ms, DN 1.55 → 1.44), ``dqkwg``
+#: (H100, T=2K, per-kernel profile): ``_wy_bwd_kernel`` takes dβ/dG's Tᵀ dW terms from the dk loop's
+#: product (GDN 1.72 → 1.64 ms, DN 1.55 → 1.44 against a second product), ``dqkwg``
 #: BV 32 for the ungated kernel only (DN 1.39 → 1.29; GDN 2.00 → 2.17 so it keeps 64), ``dqkwg_ssd`` BV 32
 #: (4.44 → 4.05); the kkt_solve row_regs / split variants and BV 16 for the sequential kernels were slower.
 CONFIG: dict[str, dict[str, int]] = {
@@ -732,8 +718,7 @@ CONFIG: dict[str, dict[str, int]] = {
     # gated linear attention (SSD, no delta rule): sum_dp 1 sums the masked dP over the value heads of a group
     # and applies it once (see _bwd_dqkwg_kernel)
     "dqkwg_ssd": {"BK": 64, "BV": 32, "num_warps": 8, "num_stages": 3, "sum_dp": 0},
-    # reuse_tdw 1: dβ/dG's Tᵀ dW reductions from the dk loop's product instead of a second product
-    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "kk_dot": 0, "small_above": 128, "reuse_tdw": 1},
+    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
     # between forward and backward: ((T/64)·K + 1)·V values per token-head beyond v)
@@ -967,8 +952,7 @@ def chunk_bwd(
         _wy_bwd_kernel[(lay.NC, H)](
             k, v, beta, gp, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
             lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=use_g, IS_VARLEN=lay.is_varlen, KK_DOT=bool(CONFIG["wy_bwd"]["kk_dot"]),
-            REUSE_TDW=bool(CONFIG["wy_bwd"]["reuse_tdw"]), **kw,
+            USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
     if use_g:
         _dg_finalize_kernel[(lay.NC, H)](
