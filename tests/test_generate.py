@@ -23,15 +23,6 @@ from mixlab.models import build_model
 V = 40
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: one thread is much faster than two competing ones on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(pattern: str, dtype=torch.float64, seed: int = 0, backend: str = "chunked"):
     torch.manual_seed(seed)
     cfg = ModelConfig(

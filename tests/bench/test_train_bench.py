@@ -12,14 +12,6 @@ from mixlab.cli import main
 from mixlab.models import get_preset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _results(tmp_path) -> dict:
     files = sorted(tmp_path.glob("train-*.json"))
     assert len(files) == 1

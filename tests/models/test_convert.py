@@ -21,15 +21,6 @@ from mixlab.models.hub import detect_format, from_pretrained, read_weights, save
 VOCAB, D = 48, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: one thread is much faster than two competing ones on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _write(path, cfg: dict, state: dict, bin_file: bool = False) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
