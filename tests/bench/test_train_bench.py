@@ -175,3 +175,27 @@ def test_bad_ac_mode_is_refused(capsys) -> None:
     assert "--ac: activation checkpointing mode 'half'; allowed: none, full" in capsys.readouterr().out
     assert main(["bench", "train", "--quick", "--oom-retry-ac", "auto", "--no-plot"]) == 2
     assert "--oom-retry-ac: activation checkpointing mode 'auto'" in capsys.readouterr().out
+
+
+def test_profile_attributes_a_steps_time_to_kernel_classes(tmp_path, capsys) -> None:
+    args = ["bench", "train", "--quick", "--presets", "transformer-tiny", "--shapes", "32x2", "--profile",
+            "--out-dir", str(tmp_path), "--no-plot"]  # fmt: skip
+    assert main(args) == 0
+    (row,) = _results(tmp_path)["rows"]
+    prof = row["profile"]
+    assert prof["top"] and prof["total_ms"] > 0
+    assert abs(sum(prof["by_class"].values()) - prof["total_ms"]) < 1e-6 * max(1.0, prof["total_ms"])
+    names = [name for name, _, _ in prof["top"]]
+    assert any("mm" in n or "linear" in n for n in names)  # a training step runs matmuls
+    assert "profile transformer-tiny 32x2" in capsys.readouterr().out
+
+
+def test_kernel_classes() -> None:
+    from mixlab.bench.train import kernel_class
+
+    assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kernel_class("pytorch_flash::flash_bwd_kernel<...>") == "attention"
+    assert kernel_class("_bwd_dqkwg_kernel") == "mixlab triton"
+    assert kernel_class("triton_poi_fused_add_mul_0") == "inductor"
+    assert kernel_class("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"
+    assert kernel_class("void at::native::vectorized_elementwise_kernel<4, ...>") != "mixlab triton"

@@ -101,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one more step (torch.profiler): the device time by kernel class and the top "
+        "kernels go into the row (`profile`) and are printed",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: tiny presets at {QUICK_SHAPES}, 1 warmup + 2 steps (explicit options still apply)",
@@ -197,8 +203,10 @@ def bench_point(
     compile_blocks: bool = False,
     backend: str | None = None,
     peak_flops: float | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """Time ``steps`` training steps of ``preset`` on ``[batch, seq_len]`` random tokens; one result row."""
+    """Time ``steps`` training steps of ``preset`` on ``[batch, seq_len]`` random tokens; one result row
+    (with ``profile``, also where one step's device time goes: :func:`profile_step`)."""
     from ..models import get_preset
 
     cfg = get_preset(preset)
@@ -221,7 +229,7 @@ def bench_point(
         torch.cuda.reset_peak_memory_stats(device)
     failure: str | None = None
     try:
-        _measure(row, cfg, seq_len, batch, device, steps, warmup, ac, compile_blocks, peak_flops)
+        _measure(row, cfg, seq_len, batch, device, steps, warmup, ac, compile_blocks, peak_flops, profile=profile)
     except Exception as e:  # recorded, not raised: one point must not end the suite
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         failure = "oom" if is_oom(e) else f"{type(e).__name__}: {first}"
@@ -249,6 +257,7 @@ def _measure(
     ac: str,
     compile_blocks: bool,
     peak_flops: float | None,
+    profile: bool = False,
 ) -> None:
     from ..config import ParallelConfig, TrainConfig
     from ..models import build_model
@@ -301,6 +310,65 @@ def _measure(
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         row["reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
+    if profile:
+        row["profile"] = profile_step(step, device)
+
+
+#: kernel classes of :func:`profile_step`, first match wins (lower-case substrings of the kernel name)
+KERNEL_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "splitk")),
+    ("optimizer", ("multi_tensor", "adam", "foreach", "_amp_foreach")),
+    ("inductor", ("triton_",)),  # torch.compile's generated kernels
+    ("collective", ("nccl",)),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The class of a device kernel (or, on CPU, an operator) by its name: :data:`KERNEL_CLASSES` or ``other``."""
+    low = name.lower()
+    if low.startswith("_") and low.endswith("_kernel"):  # the ops' Triton kernels are all named ``_..._kernel``
+        return "mixlab triton"
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def profile_step(step: Callable[[], float], device: torch.device, top: int = 25) -> dict[str, Any]:
+    """Run ``step`` once under ``torch.profiler``: ``{"total_ms", "by_class": {class: ms}, "top": [[name, ms,
+    calls]]}`` of self device time per kernel (CPU: self CPU time per operator, whose classes mean less)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        step()
+        cuda_sync(device)
+    kernels: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        if cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
+        else:
+            us = float(e.self_cpu_time_total)
+        if us > 0:
+            k = kernels.setdefault(e.key, [0.0, 0])
+            k[0] += us / 1e3
+            k[1] += e.count
+    by_class: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        cls = kernel_class(name)
+        by_class[cls] = by_class.get(cls, 0.0) + ms
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "total_ms": sum(ms for ms, _ in kernels.values()),
+        "by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+        "top": [[name[:160], ms, int(n)] for name, (ms, n) in ranked],
+        "unit": "device ms (self time, one step)" if cuda else "CPU ms (self time per operator, one step)",
+    }
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -410,6 +478,7 @@ def run_suite(
     point_timeout: float = 1800.0,
     oom_retry_ac: str = "none",
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+    profile: bool = False,
 ) -> list[dict[str, Any]]:
     """Every (preset, shape) point, in this process or (``isolate``) each in a fresh one; a point that
     runs out of memory is retried once with ``oom_retry_ac`` activation checkpointing (unless ``none``);
@@ -439,11 +508,11 @@ def run_suite(
                     print(f"oom; again with activation checkpointing {mode} ...", end=" ", flush=True)
                 if isolate:
                     row = _point_in_subprocess(
-                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, point_timeout
+                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, point_timeout, profile
                     )
                 else:
                     row = bench_point(
-                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, peak_flops
+                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, peak_flops, profile
                     )
                     if row["status"] == "error" and _context_lost(row.get("error", "")):
                         lost = row["error"]
@@ -485,6 +554,7 @@ def _point_in_subprocess(
     compile_blocks: bool,
     backend: str | None,
     timeout: float,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """One point in a fresh ``mixlab bench train`` process (a crashed kernel cannot take the suite down)."""
     import json
@@ -500,6 +570,8 @@ def _point_in_subprocess(
         ]  # fmt: skip
         if compile_blocks:
             cmd.append("--compile")
+        if profile:
+            cmd.append("--profile")
         if backend:
             cmd += ["--backend", backend]
         base = {"preset": preset, "arch": _arch(preset), "seq_len": seq, "batch": batch}
@@ -567,13 +639,16 @@ def run(args: argparse.Namespace) -> int:
 
     rows = run_suite(
         presets, shapes, device, steps, warmup, args.ac, args.compile, args.backend, peak, long_shape, args.isolate,
-        oom_retry_ac=args.oom_retry_ac, on_row=save_partial,
+        oom_retry_ac=args.oom_retry_ac, on_row=save_partial, profile=args.profile,
     )  # fmt: skip
     targets = check_targets(rows)
     extra["targets"] = targets
     path = save_results("train", rows, extra=extra, out_dir=args.out_dir)
     png = None if args.no_plot else plot(rows, path.with_suffix(".png"))
     long_rows = [r for r in rows if long_shape and (r["seq_len"], r["batch"]) == long_shape]
+    for r in rows:
+        if r.get("profile"):
+            print_profile(r)
     print()
     print(format_table(rows, COLUMNS))
     if long_rows:
@@ -588,6 +663,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nMFU: {FLOPS_FORMULA}")
     print(f"results: {path}" + (f"\nplot:    {png}" if png else ""))
     return 0
+
+
+def print_profile(row: dict[str, Any], top: int = 12) -> None:
+    """The profile of one row: time by kernel class, then the top kernels."""
+    prof = row["profile"]
+    total = prof["total_ms"] or 1.0
+    print(f"\nprofile {row['preset']} {row['seq_len']}x{row['batch']} ({row.get('ac')}): {prof['total_ms']:.1f} "
+          f"{prof['unit']}")  # fmt: skip
+    print("  " + ", ".join(f"{c} {ms:.1f} ({ms / total:.0%})" for c, ms in prof["by_class"].items()))
+    for name, ms, n in prof["top"][:top]:
+        print(f"  {ms:8.2f} ms  {n:5d}x  {name[:100]}")
 
 
 def _tokens(n: int) -> str:
