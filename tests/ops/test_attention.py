@@ -165,3 +165,50 @@ def test_rope_per_batch_tables_and_errors():
     with pytest.raises(ValueError, match="even"):
         rope_cos_sin(torch.arange(3), 5)
     assert math.isclose(float(rope_cos_sin(torch.tensor([1]), 4, dtype=F64)[0][0, 0]), math.cos(1.0))
+
+
+def test_rope_table_matches_rope_cos_sin_and_grows() -> None:
+    from mixlab.ops.attention import _ROPE_TABLES, rope_table
+
+    _ROPE_TABLES.clear()
+    cos, sin = rope_table(10, 8, 500.0, "cpu", F64)
+    assert cos.shape == (1024, 8)  # at least 1024 positions, a power of two
+    ref_cos, ref_sin = rope_cos_sin(torch.arange(1024), 8, 500.0, dtype=F64)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    assert rope_table(1000, 8, 500.0, "cpu", F64)[0] is cos  # cached
+    longer, _ = rope_table(3000, 8, 500.0, "cpu", F64)
+    assert longer.shape[0] == 4096 and torch.equal(longer[:1024], cos)
+
+
+def test_rope_table_built_under_inference_mode_serves_autograd() -> None:
+    from mixlab.ops.attention import _ROPE_TABLES, rope_table
+
+    _ROPE_TABLES.clear()
+    with torch.inference_mode():
+        rope_table(16, 8, 10000.0, "cpu", torch.float32)
+    cos, sin = rope_table(16, 8, 10000.0, "cpu", torch.float32)
+    x = torch.randn(1, 16, 2, 8, requires_grad=True)
+    apply_rope(x, cos[:16], sin[:16]).sum().backward()  # an inference tensor could not be saved for backward
+    assert x.grad is not None
+
+
+def test_compiled_attention_layer_takes_rope_from_the_table_not_from_trig_in_the_graph() -> None:
+    from mixlab.layers.attention import Attention
+    from mixlab.ops.attention import _ROPE_TABLES
+
+    _ROPE_TABLES.clear()  # the first call builds the table, as a training run's first compiled step does
+    torch.manual_seed(0)
+    layer = Attention(d_model=32, n_heads=4)
+    x = torch.randn(2, 24, 32)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(layer, backend=record)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, layer(x))
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")}
+    assert graphs and not any("cos" in t or "sin" in t for t in targets), targets

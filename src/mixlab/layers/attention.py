@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.attention import apply_rope, attention, rope_cos_sin
+from ..ops.attention import apply_rope, attention, rope_cos_sin, rope_table
 from .base import Mixer
 
 
@@ -113,9 +113,13 @@ class Attention(Mixer):
         if cache is not None and isinstance(cache.pos, torch.Tensor):
             return self.o_proj(self._forward_rows(q, k, v, cache).reshape(b, t, self.n_heads * self.head_dim))
         start = 0 if cache is None else cache.pos
-        cos, sin = rope_cos_sin(
-            torch.arange(start, start + t, device=x.device), self.head_dim, self.rope_theta, dtype=q.dtype
-        )
+        if cache is None:  # training / full-sequence: slices of a cached table (no trig inside compiled graphs)
+            cos, sin = rope_table(t, self.head_dim, self.rope_theta, x.device, q.dtype)
+            cos, sin = cos[:t], sin[:t]
+        else:
+            cos, sin = rope_cos_sin(
+                torch.arange(start, start + t, device=x.device), self.head_dim, self.rope_theta, dtype=q.dtype
+            )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             o = attention(q, k, v, causal=True, window=self.window, backend=self.backend)

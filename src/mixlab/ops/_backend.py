@@ -17,6 +17,7 @@ import torch
 BACKENDS = ("auto", "reference", "chunked", "triton")
 
 
+@torch.compiler.assume_constant_result  # compiled graphs take the answer, not a trace of the cached call
 @functools.cache
 def triton_available() -> bool:
     """True when Triton imports and either CUDA is present or the interpreter is on."""
