@@ -348,6 +348,8 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
         cuda_sync(device)
     kernels: dict[str, list[float]] = {}
     for e in prof.key_averages():
+        if "#" in e.key:  # user annotations (``Optimizer.step#AdamW.step``) span kernels counted on their own
+            continue
         if cuda:
             if e.device_type != torch.autograd.DeviceType.CUDA:
                 continue
