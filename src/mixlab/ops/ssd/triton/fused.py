@@ -196,6 +196,24 @@ def _empty(ref: Tensor) -> Tensor:
     return ref.new_empty(0)
 
 
+def ssd_prep(x: Tensor, dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool) -> tuple[Tensor, Tensor]:
+    """The prep stage alone (plain function, for callers that recompute it in a backward): x ``[B, T, H, P]``,
+    dt ``[B, T, H]`` -> ``(v = x·d [B, T, H, P] contiguous in x's dtype, g = d·A [B, T, H] float32)``."""
+    b, T, H, P = x.shape
+    ntok = b * T
+    xs, sx_t, sx_h = _tokens(x)
+    dts, sdt_t, sdt_h = _tokens(dt)
+    v = torch.empty(b, T, H, P, device=x.device, dtype=x.dtype)
+    g = torch.empty(b, T, H, device=x.device, dtype=torch.float32)
+    if ntok:
+        grid, kw = _grid("prep_fwd", ntok, H, P)
+        _prep_fwd_kernel[grid](
+            xs, sx_t, sx_h, dts, sdt_t, sdt_h, dt_bias if dt_bias is not None else A, A, v, g, ntok, H=H, P=P,
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, **kw,
+        )  # fmt: skip
+    return v, g
+
+
 @torch.library.custom_op("mixlab::ssd_fused_fwd", mutates_args=())
 def ssd_fused_fwd(
     x: Tensor,
@@ -218,15 +236,7 @@ def ssd_fused_fwd(
     b, T, H, P = x.shape
     ntok = b * T
     xs, sx_t, sx_h = _tokens(x)
-    dts, sdt_t, sdt_h = _tokens(dt)
-    v = torch.empty(b, T, H, P, device=x.device, dtype=x.dtype)
-    g = torch.empty(b, T, H, device=x.device, dtype=torch.float32)
-    if ntok:
-        grid, kw = _grid("prep_fwd", ntok, H, P)
-        _prep_fwd_kernel[grid](
-            xs, sx_t, sx_h, dts, sdt_t, sdt_h, dt_bias if dt_bias is not None else A, A, v, g, ntok, H=H, P=P,
-            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, **kw,
-        )  # fmt: skip
+    v, g = ssd_prep(x, dt, A, dt_bias, dt_softplus)
     y, ht, *_ = chunk_gated_delta_fwd(q, k, v, None, g, 1.0, initial_state, output_final_state, cu_seqlens, False)
     if D is None and z is None:
         return y, ht, v, g, _empty(y)
@@ -392,4 +402,4 @@ def ssd_fused(
     return out, (ht.transpose(-1, -2) if output_final_state else None)
 
 
-__all__ = ["ssd_fused"]
+__all__ = ["ssd_fused", "ssd_prep"]
