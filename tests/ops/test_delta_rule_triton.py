@@ -294,3 +294,35 @@ def test_torch_compile_traces_around_the_kernels():
     assert torch.allclose(out_c, out_e)
     for ga, gb in zip(torch.autograd.grad(out_c, a), torch.autograd.grad(out_e, b)):
         assert torch.allclose(ga, gb)
+
+
+@pytest.mark.parametrize(
+    "gated,split_k,prefetch,K", [(True, 1, 0, 48), (False, 1, 0, 32), (True, 0, 1, 16), (False, 0, 1, 16)]
+)
+def test_fwd_h_variants(gated, split_k, prefetch, K, monkeypatch):
+    """``CONFIG["fwd_h"]``: the state as two half-K register tiles (split_k; K = 48 leaves the upper half
+    partly masked) or the next chunk's k / w loaded a step ahead (prefetch); packed sequences with an empty
+    one, one of a single token and partial chunks, every output and gradient vs float64."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], "split_k": split_k, "prefetch": prefetch})
+    cu = torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
+    xs = _inputs(61 + gated, 1, 100, 1, K, 16, gated=gated, N=4)
+    _compare(xs, K**-0.5, 1e-5, cu_seqlens=cu)
+
+
+def test_launch_k256_keys(monkeypatch):
+    """``_launch``: without ``*_k256`` keys the K > 128 rules hold (sequential BV ≤ 32 at ≥ 8 warps, wy_bwd's
+    32-wide tiles); given keys replace them above K = 128 only."""
+    from mixlab.ops._triton import chunk
+
+    assert chunk._launch("fwd_h", 256, 512, seq=True) == (256, 32, {"num_warps": 8, "num_stages": 2})
+    assert chunk._launch("wy_bwd", 256, 512)[:2] == (32, 32)
+    assert chunk._launch("fwd_h", 128, 128, seq=True) == (128, 32, {"num_warps": 4, "num_stages": 2})
+    k256 = {"BV_k256": 64, "num_warps_k256": 4, "num_stages_k256": 3}
+    monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], **k256})
+    monkeypatch.setitem(chunk.CONFIG, "wy_bwd", {**chunk.CONFIG["wy_bwd"], "BK_k256": 64, "BV_k256": 64})
+    assert chunk._launch("fwd_h", 256, 512, seq=True) == (256, 64, {"num_warps": 4, "num_stages": 3})
+    assert chunk._launch("fwd_h", 128, 128, seq=True) == (128, 32, {"num_warps": 4, "num_stages": 2})
+    assert chunk._launch("wy_bwd", 256, 512)[:2] == (64, 64)
+    assert chunk._launch("wy_bwd", 128, 128)[:2] == (64, 64)

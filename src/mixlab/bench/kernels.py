@@ -7,6 +7,9 @@ and reports TFLOP/s and the share of the floor ``max(FLOPs / matmul peak, bytes 
 with both ceilings measured on the card in the same run. Peers run side by side when importable:
 fla (``chunk_gated_delta_rule``, ``chunk_delta_rule``), mamba_ssm (``mamba_chunk_scan_combined``).
 
+``--shape gdn-1.3b`` times the delta-rule ops (gdn, dn) at the 1.3b Gated DeltaNet layer's shape instead:
+H6 K256 V512 at 32,768 tokens per call (B = 8 at T = 4096), the shape its training step runs the kernels at.
+
 ``--check`` first compares the kernels at full head shapes with float64 references (relative error
 of outputs, final states and every gradient; bf16 ≤ 1e-2, fp32 ≤ 1e-3). ``--profile`` prints the
 per-kernel time split of one forward+backward. ``--variants`` times launch-table overrides.
@@ -36,12 +39,28 @@ SHAPES = {
     "ssd": {"H": 64, "P": 64, "N": 128, "G": 1, "chunk": 256},
     "sdpa": {"H": 16, "D": 128},
 }
+#: ``--shape`` presets: SHAPES entries replaced, and the tokens per call unless ``--tokens`` is given.
+SHAPE_PRESETS: dict[str, dict[str, Any]] = {
+    "bench": {"shapes": {}, "tokens": 65536},
+    "gdn-1.3b": {
+        "shapes": {"gdn": {"H": 6, "K": 256, "V": 512}, "dn": {"H": 6, "K": 256, "V": 512}},
+        "tokens": 32768,
+    },
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default="gdn,dn,ssd,sdpa", help="comma list of gdn, dn, ssd, sdpa")
     parser.add_argument("--seqlens", default="2048,4096,8192,16384,32768", help="comma list of T")
-    parser.add_argument("--tokens", type=int, default=65536, help="tokens per call (batch = tokens / T)")
+    parser.add_argument(
+        "--shape",
+        default="bench",
+        choices=sorted(SHAPE_PRESETS),
+        help="bench: ANCHORS.md shapes at 65,536 tokens; gdn-1.3b: gdn/dn at H6 K256 V512, 32,768 tokens per call",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="tokens per call (batch = tokens / T); default from --shape"
+    )
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
     parser.add_argument("--check", action="store_true", help="first check the kernels against float64 references")
@@ -53,7 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variants",
         default="",
-        help='JSON list of launch-table overrides, e.g. \'[{"fwd_h": {"num_warps": 8}}]\', timed at T 2K and 32K',
+        help='JSON list of launch-table overrides, e.g. \'[{"fwd_h": {"num_warps": 8}}]\', timed at --variant-seqlens',
+    )
+    parser.add_argument("--variant-seqlens", default="2048,32768", help="comma list of T timed for each variant")
+    parser.add_argument(
+        "--check-seqlen", type=int, default=4096, help="T of the --check / --variant-check inputs (B = 2)"
     )
     parser.add_argument("--variant-ops", default="gdn,dn,ssd", help="comma list of ops timed for each --variants entry")
     parser.add_argument(
@@ -310,7 +333,7 @@ def run_checks(
             errs = {"o": _rel(o, ro), "ht": _rel(ht, rht)}
             errs.update({f"d{n}": _rel(a, b) for n, a, b in zip(names, grads, rgrads)})
             worst = max(errs.values())
-            rows.append({"op": op, "dtype": name, "shape": f"B{B} T{T}", "max_rel_err": worst,
+            rows.append({"op": op, "dtype": name, "shape": f"B{B} T{T} H{s['H']} K{s['K']} V{s['V']}", "max_rel_err": worst,
                          "pass": worst <= tol[name], "errors": errs})  # fmt: skip
         if not ssd:
             continue
@@ -367,10 +390,30 @@ def profile_split(op: str, T: int, tokens: int, dtype, device) -> list[dict[str,
     return rows[:14]
 
 
+def apply_shape(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Install the ``--shape`` preset into SHAPES and fill ``args.tokens``; returns the SHAPES to restore."""
+    saved = {k: dict(v) for k, v in SHAPES.items()}
+    preset = SHAPE_PRESETS[args.shape]
+    for op, s in preset["shapes"].items():
+        SHAPES[op] = {**SHAPES[op], **s}
+    if args.tokens is None:
+        args.tokens = preset["tokens"]
+    return saved
+
+
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("mixlab bench kernels needs a CUDA GPU (none found)")
         return 1
+    saved = apply_shape(args)
+    try:
+        return _run(args)
+    finally:
+        SHAPES.clear()
+        SHAPES.update(saved)
+
+
+def _run(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     dtype = DTYPES[args.dtype]
     esize = torch.tensor([], dtype=dtype).element_size()
@@ -378,11 +421,12 @@ def run(args: argparse.Namespace) -> int:
     ceil = measure_ceilings(device)
     print(f"{env.get('device')}  torch {env['torch']}  triton {env['triton']}  "
           f"matmul {ceil['matmul_tflops']:.0f} TFLOP/s  copy {ceil['copy_tbs']:.2f} TB/s", flush=True)  # fmt: skip
-    extra: dict[str, Any] = {"ceilings": ceil, "shapes": SHAPES, "tokens": args.tokens, "dtype": args.dtype}
+    extra: dict[str, Any] = {"ceilings": ceil, "shape": args.shape, "shapes": {k: dict(v) for k, v in SHAPES.items()},
+                             "tokens": args.tokens, "dtype": args.dtype}  # fmt: skip
 
     if args.check:
         try:
-            checks = run_checks(device, {"bf16": 1e-2, "fp32": 1e-3})
+            checks = run_checks(device, {"bf16": 1e-2, "fp32": 1e-3}, T=args.check_seqlen)
         except Exception:  # report and go on to the timings
             traceback.print_exc()
             checks = []
@@ -432,12 +476,12 @@ def run(args: argparse.Namespace) -> int:
                 chunk.CONFIG[k] = {**base[k], **v}
             if args.variant_check:
                 ssd_check = "ssd" in args.variant_ops.split(",")  # SSD kernels have variants too (dqkwg_ssd)
-                for c in run_checks(device, {"bf16": 1e-2}, dtypes=("bf16",), ssd=ssd_check):
+                for c in run_checks(device, {"bf16": 1e-2}, T=args.check_seqlen, dtypes=("bf16",), ssd=ssd_check):
                     variant_rows.append({"variant": i, "op": c["op"], "T": "check", "fwd_ms": None, "fwdbwd_ms": None,
                                          "config": json.dumps(var), "max_rel_err": c["max_rel_err"],
                                          "errors": {k: f"{v:.1e}" for k, v in c["errors"].items()}})  # fmt: skip
                     print(i, c["op"], c["dtype"], {k: f"{v:.1e}" for k, v in c["errors"].items()}, flush=True)
-            for T in (2048, 32768):
+            for T in (int(t) for t in args.variant_seqlens.split(",") if t):
                 for op in args.variant_ops.split(","):
                     fn, leaves = _impls(op, args.tokens // T, T, dtype, device, peers=False)["mixlab"]
                     ms_f = _bench(fn, args.warmup_ms, args.rep_ms)
