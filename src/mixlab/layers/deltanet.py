@@ -12,6 +12,11 @@ Forward, per token (K = ``head_dim``, V = ``head_dim * expand_v``):
 with scale ``K ** -0.5``; per-head RMSNorm of the output, times ``silu(x W_g)`` when gated;
 ``o_proj``.
 
+Training on the Triton backend (no cache) runs two lean custom ops (:func:`_lean_qkv_delta`,
+:func:`_lean_norm_out`) that save the projections' outputs instead of the convs' and L2 norms' results,
+and the output norm's inputs instead of its result: their backward recomputes conv -> SiLU -> L2 norm
+and the norm (same kernels, same values), so the gradients are the unfused path's.
+
 Decoding (see :func:`mixlab.layers.common.decode_path`): with a cache, no gradient and few new tokens,
 the delta rule runs as its recurrence on the cached state: on CUDA the conv-update and fused
 recurrent delta-rule Triton kernels, elsewhere a few PyTorch ops per token (:func:`delta_rule_steps`).
@@ -26,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._backend import resolve_backend
 from ..ops.conv import causal_conv1d
 from ..ops.delta_rule import delta_rule
 from .base import Mixer
@@ -62,6 +68,269 @@ def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
             return _L2Norm.apply(x, eps)
     xf = x if x.dtype == torch.float64 else x.float()
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+# ------------------------------------------------------------------ lean Triton training path
+# Two torch.library custom ops (opaque to torch.compile, so its partitioner cannot decide to keep the
+# recomputed tensors instead) whose backward ops recompute what the forward did not save.
+
+
+def _l2_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`_L2Norm`'s forward: ``(y in x's dtype, rstd [..., 1] float32)``."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)
+    return (xf * rstd).to(x.dtype), rstd
+
+
+def _l2_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """:class:`_L2Norm`'s backward."""
+    yf, dyf = y.to(rstd.dtype), dy.to(rstd.dtype)
+    return (rstd * (dyf - yf * (dyf * yf).sum(-1, keepdim=True))).to(y.dtype)
+
+
+def _conv_cfg(x: torch.Tensor) -> list[int]:
+    from ..ops.conv.triton import default_config
+
+    return default_config(x.shape[1], x.shape[2])
+
+
+def _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads):
+    """``silu(conv(.))`` of the projections, q and k L2-normed per head: ``(q, k, v [B, T, H, D], rstd_q, rstd_k)``."""
+    from ..ops.conv.triton import causal_conv1d_fwd
+
+    B, T, _ = qp.shape
+    q, k, v = (causal_conv1d_fwd(p, w, None, None, True, _conv_cfg(p))[0] for p, w in ((qp, wq), (kp, wk), (vp, wv)))
+    q, rq = _l2_fwd(q.view(B, T, n_heads, -1), L2_EPS)
+    k, rk = _l2_fwd(k.view(B, T, n_heads, -1), L2_EPS)
+    return q, k, v.view(B, T, n_heads, -1), rq, rk
+
+
+@torch.library.custom_op("mixlab::deltanet_lean_fwd", mutates_args=())
+def _lean_fwd(
+    qp: torch.Tensor,
+    kp: torch.Tensor,
+    vp: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    n_heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qp, kp ``[B, T, H*K]``, vp ``[B, T, H*V]`` (contiguous), conv weights ``[C, W]``, beta/g ``[B, T, H]``
+    -> ``(o [B, T, H, V], Tm, w, u, h, vn)``: the delta op's outputs (see ``mixlab::chunk_gated_delta_fwd``)."""
+    from ..ops._triton.ops import chunk_gated_delta_fwd
+
+    with torch.autocast(qp.device.type, enabled=False):
+        q, k, v, _, _ = _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads)
+        o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(q, k, v, beta, g, scale, None, False, None, True)
+    return o, Tm, w, u, h, vn
+
+
+@_lean_fwd.register_fake
+def _(qp, kp, vp, wq, wk, wv, beta, g, n_heads, scale):
+    from ..ops._triton.ops import chunk_gated_delta_fwd
+
+    B, T, _ = qp.shape
+    q = qp.new_empty(B, T, n_heads, qp.shape[-1] // n_heads)
+    v = vp.new_empty(B, T, n_heads, vp.shape[-1] // n_heads)
+    o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(q, q, v, beta, g, scale, None, False, None, True)
+    return o, Tm, w, u, h, vn
+
+
+@torch.library.custom_op("mixlab::deltanet_lean_bwd", mutates_args=())
+def _lean_bwd(
+    qp: torch.Tensor,
+    kp: torch.Tensor,
+    vp: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    Tm: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    h: torch.Tensor,
+    vn: torch.Tensor,
+    do: torch.Tensor,
+    n_heads: int,
+    scale: float,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """Recompute conv -> SiLU -> L2 norm, then the delta op's, the L2 norms' and the convs' backward.
+    Returns ``(dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg | empty)``."""
+    from ..ops._triton.ops import chunk_gated_delta_bwd
+    from ..ops.conv.triton import causal_conv1d_bwd
+
+    keep = h.numel() > 0
+    with torch.autocast(qp.device.type, enabled=False):
+        q, k, v, rq, rk = _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads)
+        dq, dk, dv, dbeta, dg, _ = chunk_gated_delta_bwd(
+            q, k, v, beta, g, scale, None, None, Tm, w, u, do, None, True, h if keep else None, vn if keep else None
+        )
+        del v
+        dq, dk = _l2_bwd(q, rq, dq).flatten(2), _l2_bwd(k, rk, dk).flatten(2)
+        del q, k
+        dqp, dwq, _, _ = causal_conv1d_bwd(qp, wq, None, None, dq, None, True, _conv_cfg(qp))
+        dkp, dwk, _, _ = causal_conv1d_bwd(kp, wk, None, None, dk, None, True, _conv_cfg(kp))
+        dvp, dwv, _, _ = causal_conv1d_bwd(vp, wv, None, None, dv.flatten(2), None, True, _conv_cfg(vp))
+    return dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg
+
+
+@_lean_bwd.register_fake
+def _(qp, kp, vp, wq, wk, wv, beta, g, Tm, w, u, h, vn, do, n_heads, scale):
+    like = torch.empty_like
+    return (
+        like(qp),
+        like(kp),
+        like(vp),
+        like(wq),
+        like(wk),
+        like(wv),
+        like(beta),
+        like(g) if g is not None else beta.new_empty(0),
+    )
+
+
+def _lean_fwd_setup(ctx, inputs, output):
+    qp, kp, vp, wq, wk, wv, beta, g, n_heads, scale = inputs
+    _, Tm, w, u, h, vn = output
+    ctx.set_materialize_grads(False)  # Tm, w, u, h, vn feed only the backward
+    ctx.save_for_backward(qp, kp, vp, wq, wk, wv, beta, g, Tm, w, u, h, vn)
+    ctx.cfg = (n_heads, scale)
+
+
+def _lean_fwd_backward(ctx, do, *_):
+    qp, kp, vp, wq, wk, wv, beta, g, Tm, w, u, h, vn = ctx.saved_tensors
+    if do is None:
+        return (None,) * 10
+    dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg = _lean_bwd(
+        qp, kp, vp, wq, wk, wv, beta, g, Tm, w, u, h, vn, do.contiguous(), *ctx.cfg
+    )
+    return dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg if g is not None else None, None, None
+
+
+_lean_fwd.register_autograd(_lean_fwd_backward, setup_context=_lean_fwd_setup)
+
+
+def _lean_qkv_delta(
+    layer: DeltaNet,
+    qp: torch.Tensor,
+    kp: torch.Tensor,
+    vp: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """``delta_rule(l2(silu(conv(qp))), l2(silu(conv(kp))), silu(conv(vp)), beta, g)`` saving qp, kp, vp
+    (and the delta op's Tm, w, u) for backward. qp, kp ``[B, T, H*K]``, vp ``[B, T, H*V]`` -> o ``[B, T, H, V]``."""
+    o, *_ = _lean_fwd(
+        qp.contiguous(),
+        kp.contiguous(),
+        vp.to(qp.dtype).contiguous(),
+        *(c.weight.squeeze(1).contiguous() for c in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d)),
+        beta.contiguous(),
+        g.contiguous() if g is not None else None,
+        layer.n_heads,
+        float(scale),
+    )
+    return o
+
+
+@torch.library.custom_op("mixlab::deltanet_norm_out_fwd", mutates_args=())
+def _norm_out_fwd(
+    o: torch.Tensor, z: torch.Tensor | None, norm_w: torch.Tensor, out_w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``norm(o) [* silu(z)]`` per head, then ``@ out_w.T`` in out_w's dtype. o, z ``[B, T, H*V]``
+    contiguous, norm_w ``[V]``, out_w ``[d, H*V]`` -> ``(out [B, T, d], rstd [B*T*H, 1])``."""
+    from ..ops.norm_triton import gated_rms_norm_fwd
+
+    V = norm_w.shape[0]
+    with torch.autocast(o.device.type, enabled=False):
+        y, rstd = gated_rms_norm_fwd(
+            o.view(-1, V), z.view(-1, V) if z is not None else None, norm_w, eps, V, z is not None
+        )
+        return F.linear(y.view(o.shape).to(out_w.dtype), out_w), rstd
+
+
+@_norm_out_fwd.register_fake
+def _(o, z, norm_w, out_w, eps):
+    acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+    return o.new_empty(*o.shape[:-1], out_w.shape[0], dtype=out_w.dtype), o.new_empty(
+        o.numel() // norm_w.shape[0], 1, dtype=acc
+    )
+
+
+@torch.library.custom_op("mixlab::deltanet_norm_out_bwd", mutates_args=())
+def _norm_out_bwd(
+    o: torch.Tensor,
+    z: torch.Tensor | None,
+    norm_w: torch.Tensor,
+    out_w: torch.Tensor,
+    rstd: torch.Tensor,
+    dout: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recompute the norm's output, then the matmul's and the norm's backward: ``(do, dz | empty, dnorm_w, dout_w)``.
+    The products are the ones autograd runs for ``F.linear`` of a 3-D input."""
+    from ..ops.norm_triton import gated_rms_norm_bwd, gated_rms_norm_fwd
+
+    V = norm_w.shape[0]
+    o2, z2 = o.view(-1, V), z.view(-1, V) if z is not None else None
+    with torch.autocast(o.device.type, enabled=False):
+        y = gated_rms_norm_fwd(o2, z2, norm_w, eps, V, z is not None)[0].view(-1, o.shape[-1]).to(out_w.dtype)
+        d2 = dout.view(-1, dout.shape[-1])
+        dw = d2.t().mm(y)
+        del y
+        dy = d2.mm(out_w).to(o.dtype)
+        do, dz, dnw = gated_rms_norm_bwd(o2, z2, norm_w, rstd, dy, V, z is not None)
+    return do.view(o.shape), dz.view(o.shape) if z is not None else dz, dnw, dw
+
+
+@_norm_out_bwd.register_fake
+def _(o, z, norm_w, out_w, rstd, dout, eps):
+    like = torch.empty_like
+    return like(o), like(z) if z is not None else o.new_empty(0), like(norm_w), like(out_w)
+
+
+def _norm_out_setup(ctx, inputs, output):
+    o, z, norm_w, out_w, eps = inputs
+    ctx.save_for_backward(o, z, norm_w, out_w, output[1])
+    ctx.eps = eps
+
+
+def _norm_out_backward(ctx, dout, _drstd):
+    o, z, norm_w, out_w, rstd = ctx.saved_tensors
+    do, dz, dnw, dw = _norm_out_bwd(o, z, norm_w, out_w, rstd, dout.contiguous(), ctx.eps)
+    return do, dz if z is not None else None, dnw, dw, None
+
+
+_norm_out_fwd.register_autograd(_norm_out_backward, setup_context=_norm_out_setup)
+
+
+def _lean_norm_out(layer: DeltaNet, o: torch.Tensor, z: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``o_proj(o_norm(o[, z]))`` keeping o, z and rstd for backward but not the norm's output.
+    o ``[B, T, H, V]``, z ``[B, T, H*V]`` | None -> ``[B, T, d_model]`` (dtype as the unfused o_proj)."""
+    B, T = o.shape[:2]
+    amp = _compute_dtype(x)
+    return _norm_out_fwd(
+        o.reshape(B, T, layer.value_dim).contiguous(),
+        z.contiguous() if z is not None else None,
+        layer.o_norm.weight,
+        layer.o_proj.weight.to(amp),
+        float(layer.o_norm.eps),
+    )[0]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``o_proj`` computes in for the layer input ``x``: autocast's, else x's."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def delta_rule_steps(
@@ -151,6 +420,8 @@ class DeltaNet(Mixer):
 
     residual_out_proj = ("o_proj",)
     _gated_decay = False
+    #: take the lean custom ops on the Triton training path (False: the unfused ops, e.g. to compare)
+    lean = True
 
     def __init__(
         self,
@@ -294,6 +565,20 @@ class DeltaNet(Mixer):
             out.append(y)
         return tuple(out)
 
+    def _lean_ok(self, x: torch.Tensor, cache: DeltaNetCache | None) -> bool:
+        """Whether ``forward`` takes the lean custom ops: training (no cache, grad mode on) on the Triton
+        backend with the short convs the conv kernel takes (widths 2-4), not float64."""
+        return (
+            self.lean
+            and cache is None
+            and torch.is_grad_enabled()
+            and self.use_short_conv
+            and 2 <= self.conv_size <= 4
+            and x.dtype != torch.float64
+            and x.shape[1] > 0
+            and resolve_backend(self.backend, x) == "triton"
+        )
+
     def forward(self, x: torch.Tensor, cache: DeltaNetCache | None = None) -> torch.Tensor:
         """``x [B, T, d_model]``; with ``cache``, continue the cached sequences and update the cache in place."""
         B, T, _ = x.shape
@@ -303,6 +588,10 @@ class DeltaNet(Mixer):
             )
         path = decode_path(self, x, cache)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self._lean_ok(x, cache):
+            beta = torch.sigmoid(_acc(self.b_proj(x)))
+            o = _lean_qkv_delta(self, q, k, v, beta, self._decay(x), self.head_dim**-0.5)
+            return _lean_norm_out(self, o, self.g_proj(x) if self.use_output_gate else None, x)
         if self.use_short_conv:
             q, k, v = self._short_convs(q, k, v, cache, path)
         else:

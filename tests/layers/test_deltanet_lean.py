@@ -1,0 +1,122 @@
+"""The lean Triton training path of DeltaNet / Gated DeltaNet (``DeltaNet.lean``): the same outputs and
+gradients as the unfused ops, fewer bytes saved for backward (no conv / L2-norm / output-norm results).
+
+The kernels run on the CPU under ``TRITON_INTERPRET=1`` (bf16 through ``patched_bf16`` of
+tests/ops/conftest.py); :func:`mixlab.bench.activations._force_triton` makes ``backend="auto"`` of the
+conv and norm ops resolve to Triton as on CUDA, so both paths run the same kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixlab.bench.activations import _force_triton, block_saved_bytes
+from mixlab.layers.deltanet import DeltaNet, GatedDeltaNet
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs Triton (run on the CPU under TRITON_INTERPRET=1)",
+)
+KIB = 1024
+
+
+def _patched_bf16():
+    spec = importlib.util.spec_from_file_location("_ops_conftest", Path(__file__).parents[1] / "ops" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.patched_bf16()
+
+
+def _layer(gated: bool, dtype=torch.float32) -> DeltaNet:
+    torch.manual_seed(0)
+    kw = dict(n_heads=2, head_dim=16, backend="triton", dtype=dtype)
+    layer = GatedDeltaNet(24, **kw) if gated else DeltaNet(24, expand_v=1.5, use_output_gate=False, **kw)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if p.dim() == 2 and "conv" not in name:
+                p.normal_(0, 0.2)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return layer
+
+
+def _run(layer: DeltaNet, lean: bool, x: torch.Tensor, dy: torch.Tensor, amp: torch.dtype | None):
+    """Output and gradients (x and every parameter) of ``layer(x)`` with ``lean`` on or off; also the
+    number of lean forward calls."""
+    from mixlab.layers import deltanet as mod
+
+    calls = []
+    fwd = mod._lean_qkv_delta
+    mod._lean_qkv_delta = lambda *a: calls.append(1) or fwd(*a)
+    layer.lean = lean
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    try:
+        with _force_triton(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            y = layer(x)
+        (y.float() * dy).sum().backward()
+    finally:
+        mod._lean_qkv_delta = fwd
+    grads = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    return y.detach(), grads, len(calls)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_lean_path_equals_the_unfused_ops_fp32(gated):
+    layer = _layer(gated)
+    x = torch.randn(2, 70, 24)  # two chunks of 64, the second partial
+    dy = torch.randn(2, 70, 24)
+    y0, g0, n0 = _run(layer, False, x, dy, None)
+    y1, g1, n1 = _run(layer, True, x, dy, None)
+    assert (n0, n1) == (0, 1)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    assert g1.keys() == g0.keys() and all(g is not None for g in g1.values())
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_lean_path_equals_the_unfused_ops_under_bf16_autocast(gated):
+    layer = _layer(gated)
+    x = torch.randn(1, 66, 24)
+    dy = torch.randn(1, 66, 24)
+    with _patched_bf16():
+        y0, g0, _ = _run(layer, False, x, dy, torch.bfloat16)
+        y1, g1, n1 = _run(layer, True, x, dy, torch.bfloat16)
+    assert n1 == 1 and y1.dtype == y0.dtype == torch.bfloat16
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for name in g0:
+        assert g1[name].dtype == g0[name].dtype, name
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_cache_and_no_grad_keep_the_unfused_path():
+    layer = _layer(True)
+    x = torch.randn(1, 5, 24)
+    with _force_triton():
+        assert layer._lean_ok(x, None)
+        assert not layer._lean_ok(x, layer.init_cache(1, 8))
+        with torch.no_grad():
+            assert not layer._lean_ok(x, None)
+    assert not _layer(True, torch.float64)._lean_ok(x.double(), None)
+
+
+@pytest.mark.parametrize(("preset", "budget_kib"), [("gated_deltanet-1.3b", 73), ("deltanet-1.3b", 66.5)])
+def test_lean_layer_saves_no_conv_l2_or_norm_output(preset, budget_kib):
+    """1.3b widths, the Triton ops' saves (fake tensors): the unfused path saved 90.7 / 82.3 KiB a token,
+    of which the conv outputs, L2-norm outputs and the output norm's result (o_proj's input) ~18 / 16 KiB."""
+    r = block_saved_bytes(preset, seq_lens=(64, 128))
+    assert 0 < r.total <= budget_kib * KIB, r.by_site
+    banned = ("ops/conv/", "l2_normalize", "ops/delta_rule/", "ops/norm_triton")
+    assert not [s for s in r.by_site if any(b in s for b in banned)], r.by_site
+    layer = {s: b for s, b in r.by_site.items() if s.startswith("layers/deltanet.py")}
+    # x for the projections (4 KiB), qp/kp/vp + Tm/w/u, o and the gate z (+ rstd, beta, g)
+    assert sum(layer.values()) <= (budget_kib - 30) * KIB, layer
