@@ -1,0 +1,159 @@
+"""Mamba2's lean training op ``mixlab::mamba2_mix_fwd``: same values and gradients as the separate ops,
+and only the in_proj output and the SSD output kept for backward (eager and under ``torch.compile``).
+
+The Triton kernels run on the CPU under ``TRITON_INTERPRET=1``; bf16 through tests/ops/conftest.py's
+:func:`patched_bf16` (the interpreter's raw bf16 arithmetic is garbage otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+import mixlab.layers.mamba2 as m2
+from mixlab.bench.activations import _force_triton, block_saved_bytes
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs Triton (run on the CPU under TRITON_INTERPRET=1)",
+)
+KIB = 1024
+
+
+def _patched_bf16():
+    spec = importlib.util.spec_from_file_location("_ops_conftest", Path(__file__).parents[1] / "ops" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.patched_bf16()
+
+
+def _layer(ngroups=1, bias=False, seed=0):
+    torch.manual_seed(seed)
+    layer = m2.Mamba2(32, d_state=8, headdim=16, ngroups=ngroups, bias=bias, backend="triton")
+    with torch.no_grad():  # away from the init's ones so that their gradients are tested
+        layer.norm.weight.uniform_(0.5, 1.5)
+        layer.D.uniform_(0.5, 1.5)
+    return layer
+
+
+def _run(layer, x, lean, amp=None, fn=None):
+    """Output and gradients of ``x`` and every parameter; asserts which path ran."""
+    old = m2.LEAN_MIX
+    m2.LEAN_MIX = lean
+    try:
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            y = (layer if fn is None else fn)(x)
+        w = torch.linspace(-1, 1, y.numel()).view_as(y)
+        grads = torch.autograd.grad((y.float() * w).sum(), [x, *layer.parameters()])
+    finally:
+        m2.LEAN_MIX = old
+    return [y, *grads]
+
+
+def _names(layer):
+    return ["y", "x"] + [n for n, _ in layer.named_parameters()]
+
+
+@needs_triton
+@pytest.mark.parametrize(("ngroups", "bias"), [(1, False), (2, True)])
+def test_lean_mix_equals_the_separate_ops_float32(ngroups, bias, monkeypatch):
+    layer = _layer(ngroups, bias)
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    calls = []
+    real = m2.mamba2_mix_fwd
+    monkeypatch.setattr(m2, "mamba2_mix_fwd", lambda *a: calls.append(1) or real(*a))
+    ref = _run(layer, x, lean=False)
+    assert not calls
+    new = _run(layer, x, lean=True)
+    assert calls
+    for n, a, b in zip(_names(layer), ref, new):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item(), msg=n)
+
+
+@needs_triton
+def test_lean_mix_equals_the_separate_ops_bf16_autocast():
+    """The separate ops on their Triton kernels too (on the CPU "auto" picks the plain conv and norm):
+    the forward and every gradient not downstream of the D skip's dx are bit-identical."""
+    layer = _layer(ngroups=1)
+    x = torch.randn(1, 40, 32, requires_grad=True)
+    with _patched_bf16(), _force_triton():
+        ref = _run(layer, x, lean=False, amp=torch.bfloat16)
+        new = _run(layer, x, lean=True, amp=torch.bfloat16)
+    exact = {"y", "dt_bias", "A_log", "norm.weight", "out_proj.weight"}
+    for n, a, b in zip(_names(layer), ref, new):
+        assert a.dtype == b.dtype and torch.isfinite(b).all(), n
+        if n in exact:
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
+        else:  # dx of the SSD input is rounded to bf16 once (dv·dt + D·dy) where it was twice
+            err = (a.float() - b.float()).abs().max() / a.float().abs().max()
+            assert err < 1e-2, (n, err.item())
+
+
+def _saved_storages(layer, x, fn=None):
+    """Sorted nbytes of the storages saved for backward by ``fn(x)`` under bf16 autocast, leaving out
+    parameters and their autocast copies (any tensor shaped as a parameter, transposed or not)."""
+    params = {StorageWeakRef(p.untyped_storage()) for p in layer.parameters()}
+    shapes = {tuple(sorted(p.shape)) for p in layer.parameters()}
+    seen = {}
+
+    def pack(t):
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref not in params and tuple(sorted(t.shape)) not in shapes:
+            seen[ref] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        (layer if fn is None else fn)(x)
+    return sorted(seen.values(), reverse=True)
+
+
+@needs_triton
+def test_lean_mix_keeps_only_the_in_proj_input_and_output_and_the_ssd_output():
+    layer = _layer()
+    B, T = 2, 24
+    x = torch.randn(B, T, 32, requires_grad=True)
+    saved = _saved_storages(layer, x)
+    # bf16 in_proj input, in_proj output (z, xBC, dt) and SSD output y; nothing else above a few bytes a
+    # token: no conv output, no v = x·dt, no z copy, no norm output
+    width = 2 * layer.d_inner + 2 * layer.d_state + layer.nheads
+    expect = sorted([B * T * width * 2, B * T * layer.d_inner * 2, B * T * 32 * 2], reverse=True)
+    assert [b for b in saved if b >= B * T * 4] == expect, saved
+
+
+def test_1_3b_mamba2_block_saves_at_most_33_kib_per_token():
+    r = block_saved_bytes("mamba2-1.3b", seq_lens=(64, 128))
+    assert 0 < r.total <= 33 * KIB, r.by_site
+    sites = " ".join(r.by_site)
+    for gone in ("conv", "norm_triton", "ssd", "_SkipD"):
+        assert gone not in sites, r.by_site
+
+
+@needs_triton
+def test_lean_mix_under_compile_aot_eager_same_grads_and_saved_bytes():
+    layer = _layer(ngroups=2, bias=True)
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    ref = _run(layer, x, lean=True)
+    new = _run(layer, x, lean=True, fn=compiled)
+    for n, a, b in zip(_names(layer), ref, new):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
+    assert _saved_storages(layer, x, fn=compiled) == _saved_storages(layer, x)
+
+
+@needs_triton
+def test_lean_mix_under_whole_block_checkpoint():
+    layer = _layer()
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    ref = _run(layer, x, lean=True)
+    new = _run(layer, x, lean=True, fn=lambda t: torch.utils.checkpoint.checkpoint(layer, t, use_reentrant=False))
+    for n, a, b in zip(_names(layer), ref, new):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
