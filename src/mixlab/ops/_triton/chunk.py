@@ -332,10 +332,10 @@ def _fwd_h_kernel(
                     b_wn = tl.load(w + rn[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_kn, other=0.0)
             else:
                 b_k = tl.load(k + rows[:, None] * (HK * K) + i_hk * K + o_k[None, :], mask=m_k, other=0.0)
-                if USE_DELTA:
-                    b_w = tl.load(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0)
             b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
             if USE_DELTA:
+                if not PREFETCH:
+                    b_w = tl.load(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0)
                 b_v -= tl.dot(b_w, b_h.to(dt), input_precision="ieee")
                 if SAVE_VNEW:
                     tl.store(vn + p_v, b_v.to(dt), mask=m_v)
