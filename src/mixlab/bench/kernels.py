@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variant-check",
         action="store_true",
-        help="also run the bf16 accuracy checks (GDN, DN; SSD when in --variant-ops) for each --variants entry",
+        help="also run the bf16 accuracy checks (of the --variant-ops among gdn, dn, ssd) for each --variants entry",
     )
 
 
@@ -300,7 +300,12 @@ def _ssd_reference_f64(x, dt, A, B, C, dt_bias, h0, chunk=64):
 
 
 def run_checks(
-    device, tol: dict[str, float], T: int = 4096, dtypes: tuple[str, ...] = ("bf16", "fp32"), ssd: bool = True
+    device,
+    tol: dict[str, float],
+    T: int = 4096,
+    dtypes: tuple[str, ...] = ("bf16", "fp32"),
+    ssd: bool = True,
+    delta_ops: tuple[str, ...] = ("gdn", "dn"),
 ) -> list[dict[str, Any]]:
     """Kernels vs float64 references at full head shapes: relative error of every output and gradient."""
     from mixlab.ops.delta_rule.chunked import delta_rule_chunked
@@ -311,7 +316,7 @@ def run_checks(
     gen0 = torch.Generator(device=device).manual_seed(3)  # initial states: the same for every call (variants)
     for name in dtypes:
         dtype = DTYPES[name]
-        for op in ("gdn", "dn"):
+        for op in delta_ops:
             s = SHAPES[op]
             B = 2
             q, k, v, beta, g = _delta_inputs(B, T, s["H"], s["K"], s["V"], op == "gdn", dtype, device, seed=1)
@@ -475,8 +480,11 @@ def _run(args: argparse.Namespace) -> int:
             for k, v in var.items():
                 chunk.CONFIG[k] = {**base[k], **v}
             if args.variant_check:
-                ssd_check = "ssd" in args.variant_ops.split(",")  # SSD kernels have variants too (dqkwg_ssd)
-                for c in run_checks(device, {"bf16": 1e-2}, T=args.check_seqlen, dtypes=("bf16",), ssd=ssd_check):
+                vops = args.variant_ops.split(",")
+                ssd_check = "ssd" in vops  # SSD kernels have variants too (dqkwg_ssd)
+                dops = tuple(op for op in ("gdn", "dn") if op in vops)
+                for c in run_checks(device, {"bf16": 1e-2}, T=args.check_seqlen, dtypes=("bf16",), ssd=ssd_check,
+                                    delta_ops=dops):  # fmt: skip
                     variant_rows.append({"variant": i, "op": c["op"], "T": "check", "fwd_ms": None, "fwdbwd_ms": None,
                                          "config": json.dumps(var), "max_rel_err": c["max_rel_err"],
                                          "errors": {k: f"{v:.1e}" for k, v in c["errors"].items()}})  # fmt: skip
