@@ -56,8 +56,9 @@ def _run(layer: DeltaNet, lean: bool, x: torch.Tensor, dy: torch.Tensor, amp: to
     calls = []
     fwd = mod._lean_qkv_delta
     mod._lean_qkv_delta = lambda *a: calls.append(1) or fwd(*a)
-    layer.lean = lean
-    layer.zero_grad(set_to_none=True)
+    inner = getattr(layer, "_orig_mod", layer)  # a compiled module runs the same parameters
+    inner.lean = lean
+    inner.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     try:
         with _force_triton(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
@@ -65,7 +66,7 @@ def _run(layer: DeltaNet, lean: bool, x: torch.Tensor, dy: torch.Tensor, amp: to
         (y.float() * dy).sum().backward()
     finally:
         mod._lean_qkv_delta = fwd
-    grads = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    grads = {"x": x.grad, **{n: p.grad for n, p in inner.named_parameters()}}
     return y.detach(), grads, len(calls)
 
 
@@ -120,3 +121,65 @@ def test_lean_layer_saves_no_conv_l2_or_norm_output(preset, budget_kib):
     layer = {s: b for s, b in r.by_site.items() if s.startswith("layers/deltanet.py")}
     # x for the projections (4 KiB), qp/kp/vp + Tm/w/u, o and the gate z (+ rstd, beta, g)
     assert sum(layer.values()) <= (budget_kib - 30) * KIB, layer
+
+
+def _saved_per_token(fn, layer: DeltaNet, seq_lens=(64, 128)) -> float:
+    """Bytes per token that ``fn(x)`` saves for backward (distinct storages, parameters excluded)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    params = {StorageWeakRef(p.untyped_storage()) for p in layer.parameters()}
+    totals = []
+    for T in seq_lens:
+        seen: dict = {}
+
+        def pack(t, seen=seen):
+            ref = StorageWeakRef(t.untyped_storage())
+            if ref not in params:
+                seen[ref] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(1, T, layer.d_model, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _force_triton():
+            fn(x)
+        totals.append(sum(seen.values()))
+    return (totals[1] - totals[0]) / (seq_lens[1] - seq_lens[0])
+
+
+def test_compiled_lean_layer_saves_what_eager_saves_and_agrees():
+    """``torch.compile`` (aot_eager: AOTAutograd's partitioner, no codegen) keeps the lean saving: the
+    custom ops are opaque, so the partitioner cannot keep the recomputed conv / norm results instead."""
+    layer = _layer(True)
+    eager_lean = _saved_per_token(layer, layer)
+    compiled = torch.compile(layer, backend="aot_eager")
+    assert _saved_per_token(compiled, layer) <= eager_lean
+    layer.lean = False
+    assert _saved_per_token(layer, layer) >= eager_lean + 4 * (2 * 32 + 2 * 64)  # conv outputs of q, k, v, o_proj input
+    layer.lean = True
+    x, dy = torch.randn(1, 70, 24), torch.randn(1, 70, 24)
+    y0, g0, _ = _run(layer, True, x, dy, None)
+    y1, g1, _ = _run(compiled, True, x, dy, None)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_lean_layer_under_outer_activation_checkpointing():
+    """A whole-block ``torch.utils.checkpoint`` around the lean ops (as train/parallel.py applies it,
+    and compiled): the recomputed forward gives the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _layer(True)
+    x, dy = torch.randn(1, 70, 24), torch.randn(1, 70, 24)
+    y0, g0, _ = _run(layer, True, x, dy, None)
+    ckpt = torch.nn.Module()
+    ckpt.forward = lambda x: checkpoint(layer, x, use_reentrant=False)
+    for fn in (ckpt.forward, torch.compile(ckpt.forward, backend="aot_eager")):
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        with _force_triton():
+            y1 = fn(xx)
+        (y1 * dy).sum().backward()
+        torch.testing.assert_close(y1.detach(), y0, rtol=0, atol=0)
+        torch.testing.assert_close(xx.grad, g0["x"], rtol=1e-6, atol=1e-6)
+        for name, p in layer.named_parameters():
+            torch.testing.assert_close(p.grad, g0[name], rtol=1e-6, atol=1e-6, msg=name)
