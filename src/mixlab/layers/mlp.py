@@ -25,7 +25,9 @@ class _GatedDown(torch.autograd.Function):
         g, u, weight = ctx.saved_tensors
         w = weight.to(g.dtype)
         s = F.silu(g)
-        h = s * u
+        # u * s, not s * u: under torch.compile the forward's s * u would be merged with this one (CSE),
+        # and the partitioner then saves h (it feeds a matmul here) instead of recomputing it
+        h = u * s
         dout = dout.to(g.dtype)
         dw = dout.reshape(-1, dout.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
         acc = torch.promote_types(g.dtype, torch.float32)

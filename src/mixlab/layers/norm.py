@@ -51,7 +51,9 @@ class _LeanRMSNorm(torch.autograd.Function):
         if triton:
             from ..ops.norm_triton import gated_rms_norm_bwd
 
-            dx, _, dw = gated_rms_norm_bwd(xs.to(x_dtype), None, weight.contiguous(), rstd, dy.to(x_dtype), D, False)
+            # xs and dy as they are (the kernel widens them): a widened copy of xs in a compiled graph
+            # lets the partitioner save that float32 copy (or the block's input) instead of xs
+            dx, _, dw = gated_rms_norm_bwd(xs, None, weight.contiguous(), rstd, dy, D, False, x_dtype)
         else:
             xhat = xs.to(acc) * rstd.reshape(-1, 1)
             dyf = dy.to(acc)

@@ -187,8 +187,12 @@ def gated_rms_norm_bwd(
     dy: Tensor,
     group_size: int,
     norm_before_gate: bool,
+    dx_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dz, dweight)``; dz / dweight are empty when z / weight are absent."""
+    """Returns ``(dx, dz, dweight)``; dz / dweight are empty when z / weight are absent. ``x`` and ``dy``
+    may be narrower than the compute dtype (read and widened in the kernel); ``dx`` is in ``dx_dtype``
+    (default x's): a caller that saved a bf16 copy of a float32 ``x`` passes it as is, and no widened
+    copy appears in a compiled graph for the partitioner to save instead."""
     M, D = x.shape
     ng = D // group_size
     gsp = triton.next_power_of_2(group_size)
@@ -199,7 +203,7 @@ def gated_rms_norm_bwd(
     n_prog = max(1, min(n_blocks, max(1, max_prog // ng)))
     iters = triton.cdiv(n_blocks, n_prog)
     n_prog = triton.cdiv(n_blocks, iters)
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x, dtype=dx_dtype)
     dz = torch.empty_like(z) if z is not None else x.new_empty(0)
     dw_part = torch.empty(n_prog, D, device=x.device, dtype=rstd.dtype) if weight is not None else rstd
     _norm_bwd_kernel[(n_prog, ng)](
@@ -229,9 +233,9 @@ def gated_rms_norm_bwd(
 
 
 @gated_rms_norm_bwd.register_fake
-def _(x, z, weight, rstd, dy, group_size, norm_before_gate):
+def _(x, z, weight, rstd, dy, group_size, norm_before_gate, dx_dtype=None):
     return (
-        torch.empty_like(x),
+        torch.empty_like(x, dtype=dx_dtype),
         torch.empty_like(z) if z is not None else x.new_empty(0),
         torch.empty_like(weight) if weight is not None else x.new_empty(0),
     )
