@@ -158,6 +158,17 @@ def test_wy_bwd_small_tiles_above(gated, monkeypatch):
     _compare(xs, 0.125, 1e-5)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_k256_launches(gated):
+    """K = 256 takes the K > 128 launch table (sequential kernels at BV 64, wy_bwd 32 x 64 tiles, as the 1.3b
+    Gated DeltaNet runs them): every output and gradient vs float64, two V tiles and a partial chunk."""
+    from mixlab.ops._triton import chunk
+
+    assert chunk._launch("fwd_h", 256, 128, seq=True)[1] == 64 and chunk._launch("wy_bwd", 256, 128)[:2] == (32, 64)
+    xs = _inputs(71 + gated, 1, 70, 1, 256, 128, gated=gated)
+    _compare(xs, 256**-0.5, 1e-5)
+
+
 def test_unused_outputs_get_no_zero_gradients(monkeypatch):
     """The custom op's backward runs with None for its unused outputs (no zero fills) and gives the same
     gradients as with autograd's materialized zeros (``CONFIG["autograd"]["materialize"]``)."""
@@ -316,6 +327,10 @@ def test_launch_k256_keys(monkeypatch):
     32-wide tiles); given keys replace them above K = 128 only."""
     from mixlab.ops._triton import chunk
 
+    assert chunk._launch("fwd_h", 256, 512, seq=True) == (256, 64, {"num_warps": 8, "num_stages": 2})  # defaults
+    assert chunk._launch("wy_bwd", 256, 512)[:2] == (32, 64)
+    for name in ("fwd_h", "bwd_dh", "wy_bwd"):  # without the keys
+        monkeypatch.setitem(chunk.CONFIG, name, {k: v for k, v in chunk.CONFIG[name].items() if "_k256" not in k})
     assert chunk._launch("fwd_h", 256, 512, seq=True) == (256, 32, {"num_warps": 8, "num_stages": 2})
     assert chunk._launch("wy_bwd", 256, 512)[:2] == (32, 32)
     assert chunk._launch("fwd_h", 128, 128, seq=True) == (128, 32, {"num_warps": 4, "num_stages": 2})
