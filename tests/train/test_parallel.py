@@ -4,6 +4,7 @@ FSDP/DDP as a group of one, loading the previous single-process checkpoint forma
 from __future__ import annotations
 
 import json
+import os
 import zlib
 
 import numpy as np
@@ -273,3 +274,12 @@ def test_the_launcher_environment_is_read_from_torchrun_or_an_srun_step(monkeypa
     monkeypatch.setenv("GROUP_RANK", "0")
     env = detect_launch()
     assert (env.launcher, env.rank, env.world_size, env.local_rank) == ("torchrun", 3, 4, 3)
+
+
+def test_training_takes_expandable_segments_unless_the_allocator_is_configured(monkeypatch) -> None:
+    from mixlab.train.parallel import TRAINING_ALLOC_CONF, training_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert training_allocator() and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == TRAINING_ALLOC_CONF
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:256")
+    assert not training_allocator() and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:256"

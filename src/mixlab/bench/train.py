@@ -591,7 +591,9 @@ def _point_in_subprocess(
 def run(args: argparse.Namespace) -> int:
     from ..models import list_presets
     from ..train.metrics import device_peak_flops
+    from ..train.parallel import training_allocator
 
+    training_allocator()  # as the trainer: before the first CUDA allocation
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     quick = args.quick
     presets = [p.strip() for p in (args.presets or ",".join(QUICK_PRESETS if quick else DEFAULT_PRESETS)).split(",")]

@@ -183,6 +183,9 @@ def train(config: Config, log=None) -> RunResult:
     ``log``: a ``print``-like function for progress messages (default: print, or tqdm.write
     while the progress bar is shown); only rank 0 logs progress."""
     say = log or print
+    from mixlab.train.parallel import training_allocator
+
+    training_allocator()  # before the first CUDA allocation
     ctx = distributed.setup(config.parallel, config.run.device, log=say)
     try:
         return _train(config, ctx, log)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "lm_loss",
     "parallelize",
     "tied_aliases",
+    "training_allocator",
 ]
 
 
@@ -76,6 +78,22 @@ class LossModule(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return lm_loss(self.model, inputs, targets, self.amp_dtype)
+
+
+#: the CUDA caching allocator setting training runs take unless the user set PYTORCH_CUDA_ALLOC_CONF
+TRAINING_ALLOC_CONF = "expandable_segments:True"
+
+
+def training_allocator() -> bool:
+    """Let training use the CUDA allocator's expandable segments (``PYTORCH_CUDA_ALLOC_CONF``), unless the
+    variable is set already. A run near the memory limit otherwise fragments the cached blocks, and the allocator
+    frees and re-allocates them, synchronising the device each time (on an H100 a compiled 1.3b Gated DeltaNet
+    step peaking at 79 of 80 GB ran 825 ms for 710 ms of kernels). Takes effect only before the process's first CUDA allocation
+    (the trainer and ``mixlab bench train`` call it first); returns whether it set the variable."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return False
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = TRAINING_ALLOC_CONF
+    return True
 
 
 # ------------------------------------------------------------------ activation checkpointing
