@@ -337,7 +337,9 @@ def kernel_class(name: str) -> str:
 
 def profile_step(step: Callable[[], float], device: torch.device, top: int = 25) -> dict[str, Any]:
     """Run ``step`` once under ``torch.profiler``: ``{"total_ms", "by_class": {class: ms}, "top": [[name, ms,
-    calls]]}`` of self device time per kernel (CPU: self CPU time per operator, whose classes mean less)."""
+    calls]]}`` of self device time per kernel (CPU: self CPU time per operator, whose classes mean less); on CUDA
+    also ``host_ms`` / ``host_top``, the host-side operators' self CPU time (a step whose time exceeds its kernels'
+    is waiting for the host)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -347,7 +349,10 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
         step()
         cuda_sync(device)
     kernels: dict[str, list[float]] = {}
+    host: dict[str, list[float]] = {}  # CUDA runs: host-side operators by self CPU time (what keeps the GPU waiting)
     for e in prof.key_averages():
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA and e.self_cpu_time_total > 0:
+            host[e.key] = [e.self_cpu_time_total / 1e3, e.count]
         if "#" in e.key:  # user annotations (``Optimizer.step#AdamW.step``) span kernels counted on their own
             continue
         if cuda:
@@ -369,6 +374,8 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
         "total_ms": sum(ms for ms, _ in kernels.values()),
         "by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
         "top": [[name[:160], ms, int(n)] for name, (ms, n) in ranked],
+        "host_ms": sum(ms for ms, _ in host.values()),
+        "host_top": [[k[:160], ms, int(n)] for k, (ms, n) in sorted(host.items(), key=lambda kv: -kv[1][0])[:top]],
         "unit": "device ms (self time, one step)" if cuda else "CPU ms (self time per operator, one step)",
     }
 
@@ -678,6 +685,9 @@ def print_profile(row: dict[str, Any], top: int = 12) -> None:
     print("  " + ", ".join(f"{c} {ms:.1f} ({ms / total:.0%})" for c, ms in prof["by_class"].items()))
     for name, ms, n in prof["top"][:top]:
         print(f"  {ms:8.2f} ms  {n:5d}x  {name[:100]}")
+    if prof.get("host_top"):
+        print(f"  host: {prof['host_ms']:.1f} ms self CPU time; top: " + ", ".join(
+            f"{name[:60]} {ms:.1f} ({n}x)" for name, ms, n in prof["host_top"][:6]))  # fmt: skip
 
 
 def _tokens(n: int) -> str:
