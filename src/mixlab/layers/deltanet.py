@@ -15,7 +15,8 @@ with scale ``K ** -0.5``; per-head RMSNorm of the output, times ``silu(x W_g)`` 
 Training on the Triton backend (no cache) runs two lean custom ops (:func:`_lean_qkv_delta`,
 :func:`_lean_norm_out`) that save the projections' outputs instead of the convs' and L2 norms' results,
 and the output norm's inputs instead of its result: their backward recomputes conv -> SiLU -> L2 norm
-and the norm (same kernels, same values), so the gradients are the unfused path's.
+and the norm (the same kernels; the L2 norm as the fused RMSNorm kernel), so the gradients are the
+unfused path's up to float rounding.
 
 Decoding (see :func:`mixlab.layers.common.decode_path`): with a cache, no gradient and few new tokens,
 the delta rule runs as its recurrence on the cached state: on CUDA the conv-update and fused
@@ -75,17 +76,27 @@ def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
 # recomputed tensors instead) whose backward ops recompute what the forward did not save.
 
 
-def _l2_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:class:`_L2Norm`'s forward: ``(y in x's dtype, rstd [..., 1] float32)``."""
-    xf = x.float()
-    rstd = torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)
-    return (xf * rstd).to(x.dtype), rstd
+def _l2_weight(x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[-1],), x.shape[-1] ** -0.5, device=x.device, dtype=torch.float32)
 
 
-def _l2_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """:class:`_L2Norm`'s backward."""
-    yf, dyf = y.to(rstd.dtype), dy.to(rstd.dtype)
-    return (rstd * (dyf - yf * (dyf * yf).sum(-1, keepdim=True))).to(y.dtype)
+def _l2_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`l2_normalize` of x ``[..., K]`` (contiguous) in one fused kernel, the RMSNorm one with
+    weight ``K^-1/2`` and eps ``L2_EPS / K`` (the same function: ``x / sqrt(sum x^2 + eps)``; for a
+    power-of-4 K the scalings are exact, the sums' order differs). Returns ``(y, rstd [N, 1])``."""
+    from ..ops.norm_triton import gated_rms_norm_fwd
+
+    K = x.shape[-1]
+    y, rstd = gated_rms_norm_fwd(x.view(-1, K), None, _l2_weight(x), L2_EPS / K, K, False)
+    return y.view(x.shape), rstd
+
+
+def _l2_bwd(x: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """The backward of :func:`_l2_fwd` from its input x and rstd."""
+    from ..ops.norm_triton import gated_rms_norm_bwd
+
+    K = x.shape[-1]
+    return gated_rms_norm_bwd(x.view(-1, K), None, _l2_weight(x), rstd, dy.reshape(-1, K), K, False)[0].view(x.shape)
 
 
 def _conv_cfg(x: torch.Tensor) -> list[int]:
@@ -95,14 +106,17 @@ def _conv_cfg(x: torch.Tensor) -> list[int]:
 
 
 def _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads):
-    """``silu(conv(.))`` of the projections, q and k L2-normed per head: ``(q, k, v [B, T, H, D], rstd_q, rstd_k)``."""
+    """``silu(conv(.))`` of the projections ``[B, T, H, D]``, q and k L2-normed per head:
+    ``(q, k, v, (q before the norm, its rstd), (k before the norm, its rstd))``."""
     from ..ops.conv.triton import causal_conv1d_fwd
 
     B, T, _ = qp.shape
-    q, k, v = (causal_conv1d_fwd(p, w, None, None, True, _conv_cfg(p))[0] for p, w in ((qp, wq), (kp, wk), (vp, wv)))
-    q, rq = _l2_fwd(q.view(B, T, n_heads, -1), L2_EPS)
-    k, rk = _l2_fwd(k.view(B, T, n_heads, -1), L2_EPS)
-    return q, k, v.view(B, T, n_heads, -1), rq, rk
+    qc, kc, vc = (
+        causal_conv1d_fwd(p, w, None, None, True, _conv_cfg(p))[0].view(B, T, n_heads, -1)
+        for p, w in ((qp, wq), (kp, wk), (vp, wv))
+    )
+    (q, rq), (k, rk) = _l2_fwd(qc), _l2_fwd(kc)
+    return q, k, vc, (qc, rq), (kc, rk)
 
 
 @torch.library.custom_op("mixlab::deltanet_lean_fwd", mutates_args=())
@@ -167,13 +181,13 @@ def _lean_bwd(
 
     keep = h.numel() > 0
     with torch.autocast(qp.device.type, enabled=False):
-        q, k, v, rq, rk = _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads)
+        q, k, v, qn, kn = _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads)
         dq, dk, dv, dbeta, dg, _ = chunk_gated_delta_bwd(
             q, k, v, beta, g, scale, None, None, Tm, w, u, do, None, True, h if keep else None, vn if keep else None
         )
-        del v
-        dq, dk = _l2_bwd(q, rq, dq).flatten(2), _l2_bwd(k, rk, dk).flatten(2)
-        del q, k
+        del q, k, v
+        dq, dk = _l2_bwd(*qn, dq).flatten(2), _l2_bwd(*kn, dk).flatten(2)
+        del qn, kn
         dqp, dwq, _, _ = causal_conv1d_bwd(qp, wq, None, None, dq, None, True, _conv_cfg(qp))
         dkp, dwk, _, _ = causal_conv1d_bwd(kp, wk, None, None, dk, None, True, _conv_cfg(kp))
         dvp, dwv, _, _ = causal_conv1d_bwd(vp, wv, None, None, dv.flatten(2), None, True, _conv_cfg(vp))
