@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -348,6 +349,10 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
     with torch_profile(activities=activities) as prof:
         step()
         cuda_sync(device)
+    trace_dir = os.environ.get("MIXLAB_PROFILE_TRACE")  # a directory: also write the Chrome trace there
+    if trace_dir:
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(trace_dir) / f"trace-{time.strftime('%H%M%S')}.json"))
     kernels: dict[str, list[float]] = {}
     host: dict[str, list[float]] = {}  # CUDA runs: host-side operators by self CPU time (what keeps the GPU waiting)
     for e in prof.key_averages():
