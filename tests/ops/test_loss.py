@@ -14,12 +14,13 @@ def _inputs(n=37, d=16, v=50, dtype=torch.float64, seed=0, ignore_frac=0.2):
     return h, w, t
 
 
+@pytest.mark.parametrize("compact", [None, True, False])  # None: compacts at 0.9 only
 @pytest.mark.parametrize("ignore_frac", [0.2, 0.9])  # 0.9: only the scored rows meet the LM head
 @pytest.mark.parametrize("chunk_rows", [1, 5, 37, 1000])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_matches_full_logits_loss_and_grads(chunk_rows, reduction, ignore_frac):
+def test_matches_full_logits_loss_and_grads(chunk_rows, reduction, ignore_frac, compact):
     h, w, t = _inputs(ignore_frac=ignore_frac)
-    loss = linear_cross_entropy(h, w, t, reduction=reduction, chunk_rows=chunk_rows)
+    loss = linear_cross_entropy(h, w, t, reduction=reduction, chunk_rows=chunk_rows, compact=compact)
     gh, gw = torch.autograd.grad(loss * 1.7, (h, w))
     ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100, reduction=reduction)
     rh, rw = torch.autograd.grad(ref * 1.7, (h, w))
@@ -70,3 +71,19 @@ def test_low_precision_inputs_accumulate_in_float32():
     assert gh.dtype == torch.bfloat16
     ref = F.cross_entropy(hb.float() @ w.detach().bfloat16().float().t(), t)
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=1e-2)
+
+
+def test_compact_false_never_counts_on_the_host(monkeypatch):
+    """``compact=False`` (the trainer on token streams) keeps the denominator on the device: no ``int(tensor)``
+    (a device synchronisation on CUDA), still the exact mean over the scored targets."""
+    h, w, t = _inputs(ignore_frac=0.3)
+
+    def no_host_count(self):
+        raise AssertionError("host-side count of the scored targets")
+
+    monkeypatch.setattr(torch.Tensor, "__int__", no_host_count)
+    loss = linear_cross_entropy(h, w, t, chunk_rows=5, compact=False)
+    with pytest.raises(AssertionError, match="host-side count"):
+        linear_cross_entropy(h, w, t, chunk_rows=5)
+    monkeypatch.undo()
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), t), rtol=1e-12, atol=0)

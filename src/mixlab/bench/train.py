@@ -279,7 +279,7 @@ def _measure(
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> float:
-        loss = par.runner(inputs, targets)
+        loss = par.runner(inputs, targets, all_scored=True)
         loss.backward()
         clip_grad_norm(params, 1.0)
         opt.step()

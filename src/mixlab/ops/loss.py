@@ -25,20 +25,25 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, with_grads, fused):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, with_grads, fused, compact):  # type: ignore[override]
         n, _ = hidden.shape
         need_dh = with_grads and ctx.needs_input_grad[0]
         need_dw = with_grads and ctx.needs_input_grad[1]
         w = weight.to(hidden.dtype)
-        valid = targets != ignore_index
-        n_valid = int(valid.sum())
-        denom = max(n_valid, 1) if reduction == "mean" else 1
-        rows, full_shape = None, hidden.shape
-        if n_valid < n // 2:  # mostly unscored rows (synthetic tasks): only the scored ones meet the LM head
-            rows = valid.nonzero().squeeze(1)
-            hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
-            valid, n = valid.index_select(0, rows), n_valid
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        valid = targets != ignore_index
+        rows, full_shape = None, hidden.shape
+        denom: float | torch.Tensor = 1
+        if compact is False:  # no host-side count: the denominator stays on the device, every row runs
+            if reduction == "mean":
+                denom = valid.sum().clamp(min=1).to(acc)
+        else:
+            n_valid = int(valid.sum())  # a device synchronisation
+            denom = max(n_valid, 1) if reduction == "mean" else 1
+            if compact or n_valid < n // 2:  # mostly unscored rows (synthetic tasks): only scored ones meet the head
+                rows = valid.nonzero().squeeze(1)
+                hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+                valid, n = valid.index_select(0, rows), n_valid
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_dh else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
@@ -88,7 +93,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_dh, need_dw = ctx.need
         dh = grad_h * grad_out.to(grad_h.dtype) if need_dh else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if need_dw else None
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -99,6 +104,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_rows: int | None = None,
     backend: str = "auto",
+    compact: bool | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets`` without materialising the logits.
 
@@ -110,6 +116,11 @@ def linear_cross_entropy(
         chunk_rows: tokens per chunk; default keeps a chunk's logits near 2^26 elements.
         backend: ``auto`` (fused Triton softmax-gradient kernel on CUDA, plain PyTorch elsewhere),
             ``triton``, or ``chunked``/``reference`` (plain PyTorch).
+        compact: ``None`` (default): count the scored targets on the host (one device synchronisation) and,
+            when fewer than half are scored, run only their rows through the LM head (synthetic tasks);
+            ``True``: always run only the scored rows; ``False``: no count, no synchronisation, every row runs
+            (language modelling, where every target is scored: the host can keep queueing the backward while
+            the device still runs the forward).
 
     Returns:
         A float32 scalar (float64 for float64 inputs).
@@ -131,7 +142,7 @@ def linear_cross_entropy(
     # The fused kernel computes in float32: float64 inputs keep the exact plain path.
     fused = resolve_backend(backend, hidden) == "triton" and hidden.dtype != torch.float64
     return _LinearCrossEntropy.apply(
-        hidden, weight, targets, ignore_index, reduction, int(chunk_rows), with_grads, fused
+        hidden, weight, targets, ignore_index, reduction, int(chunk_rows), with_grads, fused, compact
     )
 
 

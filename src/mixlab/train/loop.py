@@ -119,13 +119,14 @@ def _compute_loss(model: nn.Module, tokens: Any, amp_dtype: torch.dtype | None) 
 
     ``model``: a bare ``LanguageModel``, or the runner of :func:`~mixlab.train.parallel.parallelize`
     (a ``LossModule``, possibly inside DDP / FSDP, which knows its own autocast dtype)."""
+    all_scored = not isinstance(tokens, LabeledBatch)  # a token stream scores every target: no host-side count
     if isinstance(tokens, LabeledBatch):
         inputs, targets = tokens.inputs, tokens.labels
     else:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if hasattr(model, "forward_hidden"):
-        return lm_loss(model, inputs, targets, amp_dtype)
-    return model(inputs, targets)
+        return lm_loss(model, inputs, targets, amp_dtype, all_scored)
+    return model(inputs, targets, all_scored=all_scored)
 
 
 def format_duration(seconds: float) -> str:

@@ -47,11 +47,16 @@ __all__ = [
 
 
 def lm_loss(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, amp_dtype: torch.dtype | None
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    amp_dtype: torch.dtype | None,
+    all_scored: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``model`` (a ``LanguageModel``) on ``inputs [B, T]`` against ``targets [B, T]``
     (-100 = not scored), with the chunked LM head (no ``[B, T, vocab]`` logits); bf16 autocast when
-    ``amp_dtype`` is given."""
+    ``amp_dtype`` is given. ``all_scored``: the targets are a token stream (none is -100), so the loss
+    skips its host-side count of scored rows (``linear_cross_entropy(compact=False)``, no device sync)."""
     from mixlab.ops.loss import linear_cross_entropy
 
     device_type = inputs.device.type
@@ -62,7 +67,7 @@ def lm_loss(
         hidden = hidden.to(amp_dtype)  # the LM head in bf16 too, as under autocast
     elif hidden.dtype != weight.dtype:  # FSDP bf16 parameters without autocast
         hidden = hidden.to(weight.dtype)
-    return linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
+    return linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), compact=False if all_scored else None)
 
 
 class LossModule(nn.Module):
@@ -76,8 +81,8 @@ class LossModule(nn.Module):
         self.model = model
         self.amp_dtype = amp_dtype
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return lm_loss(self.model, inputs, targets, self.amp_dtype)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, all_scored: bool = False) -> torch.Tensor:
+        return lm_loss(self.model, inputs, targets, self.amp_dtype, all_scored)
 
 
 #: the CUDA caching allocator setting training runs take unless the user set PYTORCH_CUDA_ALLOC_CONF
@@ -86,10 +91,10 @@ TRAINING_ALLOC_CONF = "expandable_segments:True"
 
 def training_allocator() -> bool:
     """Let training use the CUDA allocator's expandable segments (``PYTORCH_CUDA_ALLOC_CONF``), unless the
-    variable is set already. A run near the memory limit otherwise fragments the cached blocks, and the allocator
-    frees and re-allocates them, synchronising the device each time (on an H100 a compiled 1.3b Gated DeltaNet
-    step peaking at 79 of 80 GB ran 825 ms for 710 ms of kernels). Takes effect only before the process's first CUDA allocation
-    (the trainer and ``mixlab bench train`` call it first); returns whether it set the variable."""
+    variable is set already: near the memory limit the cached blocks otherwise fragment, and the allocator
+    frees and re-allocates them, synchronising the device (PyTorch's advice for memory-bound training). Takes
+    effect only before the process's first CUDA allocation (the trainer and ``mixlab bench train`` call it
+    first); returns whether it set the variable."""
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
         return False
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = TRAINING_ALLOC_CONF
