@@ -221,3 +221,22 @@ def test_bad_variant_is_rejected():
         selective_scan_triton(**ins, config=[*_cfg(8, 4), 1, 0, 300])
     with pytest.raises(ValueError, match="fold must"):
         selective_scan_triton(**ins, config=[*_cfg(8, 4), 1, 0, 0, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_op_fake_matches_real_layouts(dtype):
+    """The backward op's fake implementation gives every gradient the real one's shape, dtype and strides
+    (inductor asserts them: dA was a transposed view, dB/dC contiguous while the fake copied B's strides)."""
+    ins = _inputs(2, 4, 6, 2, 1, dtype, seed=7)
+    B = ins["B"].transpose(-1, -2).contiguous().transpose(-1, -2)  # [bsz, groups, n, L] with L-major strides
+    C = ins["C"]
+    fwd = torch.ops.mixlab.selective_scan_fwd.default
+    args = (ins["u"], ins["delta"], ins["A"], B, C, ins["D"], ins["z"], ins["delta_bias"], ins["initial_state"])
+    out = fwd(*args, True, _cfg(8, 4))
+    dout = torch.randn_like(ins["u"])
+    dlast = torch.randn_like(out[1])
+    torch.library.opcheck(
+        torch.ops.mixlab.selective_scan_bwd.default,
+        (*args[:8], out[2], dout, dlast, True, _cfg(8, 4)),
+        test_utils=("test_schema", "test_faketensor"),
+    )

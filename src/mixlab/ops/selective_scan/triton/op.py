@@ -243,8 +243,9 @@ def selective_scan_bwd(
         dl0 = dl0 + delta_bias.to(sd)
     if delta_softplus:
         dl0 = torch.nn.functional.softplus(dl0)
-    dh0 = torch.exp(dl0[..., None] * A.to(sd)) * gbuf[:, 1].transpose(1, 2)
-    dA = dA_t.sum(0).t().to(A.dtype)
+    # every gradient contiguous, as the fake implementation states (compiled graphs assert the strides)
+    dh0 = (torch.exp(dl0[..., None] * A.to(sd)) * gbuf[:, 1].transpose(1, 2)).contiguous()
+    dA = dA_t.sum(0).t().to(A.dtype).contiguous()
     dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dh0
@@ -255,12 +256,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, states, dout, dlast, delta_softplus, 
     bsz, dim, _ = u.shape
     n = A.shape[1]
     sd = state_dtype(u)
+
+    def dense(t: Tensor) -> Tensor:  # contiguous, whatever the input's strides (as the real op allocates)
+        return t.new_empty(t.shape)
+
     return (
         torch.empty_like(u),
         torch.empty_like(delta),
-        torch.empty_like(A),
-        torch.empty_like(B),
-        torch.empty_like(C),
+        dense(A),
+        dense(B),
+        dense(C),
         torch.empty_like(D) if D is not None else u.new_empty(0),
         torch.empty_like(z) if z is not None else u.new_empty(0),
         torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0),
