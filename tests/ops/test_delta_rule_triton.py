@@ -169,6 +169,19 @@ def test_k256_launches(gated):
     _compare(xs, 256**-0.5, 1e-5)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_wide_state_tiles_with_enough_programs(gated, monkeypatch):
+    """``CONFIG["fwd_h"]["BV_wide"]``: 64 value columns per program once sequences × heads × V/64 reach
+    ``wide_min_programs`` (lowered to 0 here, so tiny shapes take it): every output and gradient vs float64."""
+    from mixlab.ops._triton import chunk
+
+    assert chunk._launch("fwd_h", 128, 128, seq=True, seq_heads=32 * 16)[1] == 64  # T = 2K at 65,536 tokens
+    assert chunk._launch("fwd_h", 128, 128, seq=True, seq_heads=2 * 16)[1] == 32  # T = 32K: too few programs
+    monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], "wide_min_programs": 0})
+    xs = _inputs(81 + gated, 2, 70, 1, 32, 128, gated=gated)
+    _compare(xs, 32**-0.5, 1e-5)
+
+
 def test_unused_outputs_get_no_zero_gradients(monkeypatch):
     """The custom op's backward runs with None for its unused outputs (no zero fills) and gives the same
     gradients as with autograd's materialized zeros (``CONFIG["autograd"]["materialize"]``)."""

@@ -784,7 +784,19 @@ CONFIG: dict[str, dict[str, int]] = {
     # Gated DeltaNet shape (H6 K256 V512, B8 T4096, H100, per-kernel profile of one fwd+bwd): the sequential
     # kernels at BV 64 (8 warps) instead of 32: fwd_h 1.23 -> 0.73 ms, bwd_dh 1.72 -> 1.13 ms, although
     # Triton 3.9's ptxas reports more spills there; wy_bwd at 32 x 64 tiles 0.96 -> 0.81 ms
-    "fwd_h": {"BV": 32, "num_warps": 4, "num_stages": 2, "split_k": 0, "prefetch": 0, "BV_k256": 64},
+    # BV_wide: 64 value columns per program while that leaves >= wide_min_programs programs (two waves of 132
+    # SMs); H100, H16 K128 V128, 65,536 tokens: fwd_h (×2) 1.40 -> 1.15 ms at T = 2K (1,024 programs), but at
+    # T = 32K (2 sequences: 64 programs) BV 64 ran 9.95 ms forward+backward against 9.31 (results/kernels-...-s3-bv64.json)
+    "fwd_h": {
+        "BV": 32,
+        "num_warps": 4,
+        "num_stages": 2,
+        "split_k": 0,
+        "prefetch": 0,
+        "BV_k256": 64,
+        "BV_wide": 64,
+        "wide_min_programs": 264,
+    },
     "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2, "BV_k256": 64},
@@ -809,11 +821,17 @@ def _np2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _launch(name: str, K: int, V: int, seq: bool = False) -> tuple[int, int, dict[str, int]]:
-    """(BK, BV, launch kwargs) of kernel ``name`` for head dims K, V."""
+def _launch(
+    name: str, K: int, V: int, seq: bool = False, seq_heads: int | None = None
+) -> tuple[int, int, dict[str, int]]:
+    """(BK, BV, launch kwargs) of kernel ``name`` for head dims K, V; ``seq_heads`` (sequences × heads) lets a
+    sequential kernel take its wider ``BV_wide`` value tile when that still gives ``wide_min_programs`` programs."""
     cfg = CONFIG[name]
     BK = _np2(K) if seq else min(cfg["BK"], _np2(K))
     BV = min(cfg["BV"], _np2(V))
+    wide = cfg.get("BV_wide")
+    if wide and seq_heads is not None and seq_heads * triton.cdiv(V, wide) >= cfg.get("wide_min_programs", 0):
+        BV = min(wide, _np2(V))
     nw, ns = cfg["num_warps"], cfg["num_stages"]
     if seq and BK > 128:  # keep the float32 state tile [K, BV] within the register file
         BV, nw = min(BV, 32), max(nw, 8)
@@ -944,7 +962,7 @@ def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta):
     """Run the sequential state kernel: fills ``h`` (and ``vn`` with the delta rule), optionally ``ht``."""
     HK, K = k.shape[2], k.shape[3]
     H, V = vsrc.shape[2], vsrc.shape[3]
-    BK, BV, kw = _launch("fwd_h", K, V, seq=True)
+    BK, BV, kw = _launch("fwd_h", K, V, seq=True, seq_heads=lay.N * H)
     cfg = CONFIG["fwd_h"]
     dummy = vsrc
     _fwd_h_kernel[(triton.cdiv(V, BV), lay.N * H)](
