@@ -784,9 +784,10 @@ CONFIG: dict[str, dict[str, int]] = {
     # Gated DeltaNet shape (H6 K256 V512, B8 T4096, H100, per-kernel profile of one fwd+bwd): the sequential
     # kernels at BV 64 (8 warps) instead of 32: fwd_h 1.23 -> 0.73 ms, bwd_dh 1.72 -> 1.13 ms, although
     # Triton 3.9's ptxas reports more spills there; wy_bwd at 32 x 64 tiles 0.96 -> 0.81 ms
-    # BV_wide: 64 value columns per program while that leaves >= wide_min_programs programs (two waves of 132
-    # SMs); H100, H16 K128 V128, 65,536 tokens: fwd_h (×2) 1.40 -> 1.15 ms at T = 2K (1,024 programs), but at
-    # T = 32K (2 sequences: 64 programs) BV 64 ran 9.95 ms forward+backward against 9.31 (results/kernels-...-s3-bv64.json)
+    # BV_wide: 64 value columns per program while that leaves >= wide_min_programs programs (about two waves of
+    # 132 SMs). H100, 65,536 tokens, forward+backward (results/kernels-...-s3-wide*.json): GDN H16 K128 V128
+    # 8.15 -> 7.89 ms at T = 2K, 4K, 8K (1,024 / 512 / 256 programs), DN 7.21 -> 7.05, SSD H64 (V = 64) 11.18 -> 10.97
+    # at 2K and 11.67 -> 11.38 at 16K; at 16K GDN/DN (128 programs) level, at 32K (64) BV 64 ran 9.95 against 9.31
     "fwd_h": {
         "BV": 32,
         "num_warps": 4,
@@ -795,7 +796,7 @@ CONFIG: dict[str, dict[str, int]] = {
         "prefetch": 0,
         "BV_k256": 64,
         "BV_wide": 64,
-        "wide_min_programs": 264,
+        "wide_min_programs": 256,
     },
     "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
