@@ -212,3 +212,23 @@ def test_compiled_attention_layer_takes_rope_from_the_table_not_from_trig_in_the
     torch.testing.assert_close(out, layer(x))
     targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")}
     assert graphs and not any("cos" in t or "sin" in t for t in targets), targets
+
+
+def test_compiled_ops_trace_no_cached_probe(recwarn) -> None:
+    """The backend and attention probes enter compiled graphs as constants: Dynamo finds no
+    ``functools.lru_cache`` wrapper to warn about (it did on every compiled block)."""
+    from torch._dynamo.utils import warn_once_cache
+
+    from mixlab.layers.attention import Attention
+
+    warn_once_cache.clear()
+    torch._dynamo.reset()
+    layer = Attention(d_model=32, n_heads=4, n_kv_heads=2)
+    x = torch.randn(1, 8, 32)
+    torch.compile(layer, backend="eager")(x)
+    from mixlab.ops import triton_available
+
+    out = torch.compile(lambda t: t + float(triton_available()), backend="eager")(x)
+    torch._dynamo.reset()
+    assert torch.equal(out, x + float(triton_available()))
+    assert not [w for w in recwarn if "lru_cache" in str(w.message)]

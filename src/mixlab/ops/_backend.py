@@ -11,14 +11,29 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
 BACKENDS = ("auto", "reference", "chunked", "triton")
 
 
-@torch.compiler.assume_constant_result  # compiled graphs take the answer, not a trace of the cached call
-@functools.cache
+def probe_once(fn: Callable[[], bool]) -> Callable[[], bool]:
+    """Cache a no-argument probe's answer. A compiled graph calls it at trace time and keeps the answer as a
+    constant (``torch.compiler.assume_constant_result``), rather than tracing a ``functools.cache`` wrapper,
+    which Dynamo warns about on every compiled block."""
+    answer: list[bool] = []
+
+    @functools.wraps(fn)
+    def probe() -> bool:
+        if not answer:
+            answer.append(fn())
+        return answer[0]
+
+    return torch.compiler.assume_constant_result(probe)
+
+
+@probe_once
 def triton_available() -> bool:
     """True when Triton imports and either CUDA is present or the interpreter is on."""
     try:

@@ -26,6 +26,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ._backend import probe_once
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "reference", "chunked", "triton")
 _FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)  # head sizes FlexAttention's kernels handle on every version we support
 
@@ -207,8 +209,7 @@ def _resolve(backend: str, q: torch.Tensor, window, q_offset: int, tq: int, s: i
     return "sdpa"
 
 
-@torch.compiler.assume_constant_result  # compiled graphs take the answer, not a trace of the cached call
-@functools.cache
+@probe_once
 def _sdpa_has_gqa() -> bool:
     try:
         return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
@@ -260,8 +261,7 @@ def _attention_reference(q, k, v, causal, window, scale, q_offset) -> torch.Tens
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v)
 
 
-@torch.compiler.assume_constant_result
-@functools.cache
+@probe_once
 def _flex_available() -> bool:
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
