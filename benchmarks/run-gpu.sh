@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call GPU check-and-benchmark driver (used on the lent H100; each stage is time-boxed).
 #   bash benchmarks/run-gpu.sh OUT_DIR STAGE...
-# Stages: env kernels kernels-profile kernels-mamba train-baseline bench-train train-mem decode graphs mqar scaling1
+# Stages: env kernels kernels-profile kernels-gdn13b kernels-mamba train-baseline bench-train train-compile train-mem
+#         decode graphs mqar scaling1
 # Results land in OUT_DIR (JSON/PNG/logs); copy them into benchmarks/results/ afterwards.
 set -u
 out=${1:?usage: run-gpu.sh OUT_DIR STAGE...}; shift
@@ -26,6 +27,10 @@ for s in "$@"; do case $s in
          train.max_steps=200 train.eval_every=0 log.progress=false run.dir="/tmp/mixlab-runs/$m"
        cp "/tmp/mixlab-runs/$m/metrics.jsonl" "$out/train-$m.metrics.jsonl" 2>/dev/null; done;;
   bench-train) stage bench-train 230 python3 -m mixlab bench train --steps 3 --warmup 1 --long --out-dir "$out";;
+  train-compile) stage train-compile 560 python3 -m mixlab bench train --compile --profile --long --steps 3 --warmup 3 \
+       --presets transformer-1.3b,gated_deltanet-1.3b,gdn_h1-1.3b,mamba2-1.3b --out-dir "$out/train-compile";;
+  kernels-gdn13b) stage kernels-gdn13b 150 python3 -m mixlab bench kernels --shape gdn-1.3b --ops gdn --seqlens 4096 \
+       --profile 4096 --profile-ops gdn --no-peers --out-dir "$out/gdn13b";;
   decode) stage decode 150 python3 -m mixlab bench decode --steps 8 --warmup 2 --prefill-repeats 1 --out-dir "$out";;
   graphs) stage graphs 50 python3 -m pytest -q -x tests/test_generate.py -k cuda -p no:cacheprovider;;
   mqar) stage mqar 470 python3 -m mixlab.eval.mqar_sweep --budget-min 6.25 --jobs 16 --device cuda \
