@@ -2,7 +2,7 @@
 gradients as the unfused ops, fewer bytes saved for backward (no conv / L2-norm / output-norm results).
 
 The kernels run on the CPU under ``TRITON_INTERPRET=1`` (bf16 through ``patched_bf16`` of
-tests/ops/conftest.py); :func:`mixlab.bench.activations._force_triton` makes ``backend="auto"`` of the
+tests/conftest.py); :func:`mixlab.bench.activations._force_triton` makes ``backend="auto"`` of the
 conv and norm ops resolve to Triton as on CUDA, so both paths run the same kernels.
 """
 
@@ -13,7 +13,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,13 +25,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs Triton (run on the CPU under TRITON_INTERPRET=1)",
 )
 KIB = 1024
-
-
-def _patched_bf16():
-    spec = importlib.util.spec_from_file_location("_ops_conftest", Path(__file__).parents[1] / "ops" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.patched_bf16()
 
 
 def _layer(gated: bool, dtype=torch.float32) -> DeltaNet:
@@ -92,13 +84,12 @@ def test_lean_path_equals_the_unfused_ops_fp32(gated):
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_lean_path_equals_the_unfused_ops_under_bf16_autocast(gated):
+def test_lean_path_equals_the_unfused_ops_under_bf16_autocast(gated, bf16_interpreter):
     layer = _layer(gated)
     x = torch.randn(1, 20, 24)
     dy = torch.randn(1, 20, 24)
-    with _patched_bf16():
-        y0, g0, _ = _run(layer, False, x, dy, torch.bfloat16)
-        y1, g1, n1 = _run(layer, True, x, dy, torch.bfloat16)
+    y0, g0, _ = _run(layer, False, x, dy, torch.bfloat16)
+    y1, g1, n1 = _run(layer, True, x, dy, torch.bfloat16)
     assert n1 == 1 and y1.dtype == y0.dtype == torch.bfloat16
     _close(y1, y0, 1e-2)  # a bf16 rounding of q or k may flip
     for name in g0:

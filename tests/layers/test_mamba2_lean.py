@@ -1,7 +1,7 @@
 """Mamba2's lean training op ``mixlab::mamba2_mix_fwd``: same values and gradients as the separate ops,
 and only the in_proj output and the SSD output kept for backward (eager and under ``torch.compile``).
 
-The Triton kernels run on the CPU under ``TRITON_INTERPRET=1``; bf16 through tests/ops/conftest.py's
+The Triton kernels run on the CPU under ``TRITON_INTERPRET=1``; bf16 through tests/conftest.py's
 :func:`patched_bf16` (the interpreter's raw bf16 arithmetic is garbage otherwise).
 """
 
@@ -12,7 +12,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,13 +25,6 @@ needs_triton = pytest.mark.skipif(
     reason="needs Triton (run on the CPU under TRITON_INTERPRET=1)",
 )
 KIB = 1024
-
-
-def _patched_bf16():
-    spec = importlib.util.spec_from_file_location("_ops_conftest", Path(__file__).parents[1] / "ops" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.patched_bf16()
 
 
 def _layer(ngroups=1, bias=False, norm_before_gate=False):
@@ -84,12 +76,12 @@ def test_lean_mix_equals_the_separate_ops_float32(ngroups, bias, norm_before_gat
 
 
 @needs_triton
-def test_lean_mix_equals_the_separate_ops_bf16_autocast():
+def test_lean_mix_equals_the_separate_ops_bf16_autocast(bf16_interpreter):
     """The separate ops on their Triton kernels too (on the CPU "auto" picks the plain conv and norm):
     the forward and every gradient not downstream of the D skip's dx are bit-identical."""
     layer = _layer(ngroups=1)
     x = torch.randn(1, 40, 32, requires_grad=True)
-    with _patched_bf16(), _force_triton():
+    with _force_triton():
         ref = _run(layer, x, lean=False, amp=torch.bfloat16)
         new = _run(layer, x, lean=True, amp=torch.bfloat16)
     exact = {"y", "dt_bias", "A_log", "norm.weight", "out_proj.weight"}

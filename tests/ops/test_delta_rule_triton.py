@@ -3,7 +3,7 @@
 Outputs, final states and every gradient (q, k, v, beta, g, initial state), odd lengths around the
 64-token chunk, packed sequences, the fused recurrent decode kernel, and the custom op's
 registration. CPU under ``TRITON_INTERPRET=1`` (set here before Triton is imported) at tiny shapes;
-bf16 runs there through the ``bf16_interpreter`` fixture (tests/ops/conftest.py: tensor-core-like dots
+bf16 runs there through the ``bf16_interpreter`` fixture (tests/conftest.py: tensor-core-like dots
 and round-to-nearest casts), and at full shapes on the GPU through ``mixlab bench kernels --check``.
 """
 
@@ -318,21 +318,6 @@ def test_torch_compile_traces_around_the_kernels():
     assert torch.allclose(out_c, out_e)
     for ga, gb in zip(torch.autograd.grad(out_c, a), torch.autograd.grad(out_e, b)):
         assert torch.allclose(ga, gb)
-
-
-@pytest.mark.parametrize(
-    "gated,split_k,prefetch,K", [(True, 1, 0, 48), (False, 1, 0, 32), (True, 0, 1, 16), (False, 0, 1, 16)]
-)
-def test_fwd_h_variants(gated, split_k, prefetch, K, monkeypatch):
-    """``CONFIG["fwd_h"]``: the state as two half-K register tiles (split_k; K = 48 leaves the upper half
-    partly masked) or the next chunk's k / w loaded a step ahead (prefetch); packed sequences with an empty
-    one, one of a single token and partial chunks, every output and gradient vs float64."""
-    from mixlab.ops._triton import chunk
-
-    monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], "split_k": split_k, "prefetch": prefetch})
-    cu = torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
-    xs = _inputs(61 + gated, 1, 100, 1, K, 16, gated=gated, N=4)
-    _compare(xs, K**-0.5, 1e-5, cu_seqlens=cu)
 
 
 def test_launch_k256_keys(monkeypatch):

@@ -3,7 +3,7 @@
 Outputs, final states and every gradient (x, dt, A, B, C, D, z, dt_bias, initial state) with grouped
 B/C, odd lengths around the 64-token chunk, packed sequences, and the fused recurrent decode kernel.
 CPU under ``TRITON_INTERPRET=1`` (set here before Triton is imported) at tiny shapes; bf16 through the
-``bf16_interpreter`` fixture (tests/ops/conftest.py).
+``bf16_interpreter`` fixture (tests/conftest.py).
 """
 
 from __future__ import annotations

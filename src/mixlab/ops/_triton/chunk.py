@@ -231,14 +231,10 @@ def _fwd_h_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, SAVE_VNEW: tl.constexpr,
-    IS_VARLEN: tl.constexpr, SPLIT_K: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Sequential over the chunks of one (sequence, head, V tile): states ``h`` [NC, H, K, V] entering
-    each chunk, and ``V_new`` (``U − W S`` with the delta rule, ``v`` holding ``U``; else ``v``).
-
-    ``SPLIT_K``: the state as two register tiles [BK/2, BV] (rows 0..BK/2 and BK/2..BK), each with its own
-    half-width k / w loads and products. ``PREFETCH``: the next chunk's k and w tiles are loaded at the top
-    of each step (software pipelining of the dependent chunk loop; the compiler does not multi-buffer them)."""
+    each chunk, and ``V_new`` (``U − W S`` with the delta rule, ``v`` holding ``U``; else ``v``)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -253,101 +249,38 @@ def _fwd_h_kernel(
         nt = NT
         c0 = i_n * NT
     o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     dt = k.dtype.element_ty
-    if SPLIT_K:
-        BH: tl.constexpr = BK // 2
-        o_k = tl.arange(0, BH)
-        o_k2 = BH + tl.arange(0, BH)
-        m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-        m_kv2 = (o_k2 < K)[:, None] & (o_v < V)[None, :]
-        p_s = o_k[:, None] * V + o_v[None, :]
-        p_s2 = o_k2[:, None] * V + o_v[None, :]
-        b_h = tl.zeros([BH, BV], dtype=tl.float32)
-        b_h2 = tl.zeros([BH, BV], dtype=tl.float32)
-        if USE_INITIAL_STATE:
-            b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
-            b_h2 += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s2, mask=m_kv2, other=0.0).to(tl.float32)
-        for i_t in range(nt):
-            t0 = bos + i_t * BT
-            m_t = (t0 + o_t) < eos
-            rows = (t0 + o_t).to(tl.int64)
-            p_hc = h + ((c0 + i_t).to(tl.int64) * H + i_h) * K * V
-            tl.store(p_hc + p_s, b_h.to(dt), mask=m_kv)
-            tl.store(p_hc + p_s2, b_h2.to(dt), mask=m_kv2)
-            m_v = m_t[:, None] & (o_v < V)[None, :]
-            p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
-            p_kc = k + rows[:, None] * (HK * K) + i_hk * K
-            b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
-            if USE_DELTA:
-                p_wc = w + rows[:, None] * (H * K) + i_h * K
-                b_w = tl.load(p_wc + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-                b_v -= tl.dot(b_w, b_h.to(dt), input_precision="ieee")
-                b_w2 = tl.load(p_wc + o_k2[None, :], mask=m_t[:, None] & (o_k2 < K)[None, :], other=0.0)
-                b_v -= tl.dot(b_w2, b_h2.to(dt), input_precision="ieee")
-                if SAVE_VNEW:
-                    tl.store(vn + p_v, b_v.to(dt), mask=m_v)
-            if USE_G:
-                b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-                b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
-                b_v = b_v * tl.exp(b_glast - b_g)[:, None]
-                b_h *= tl.exp(b_glast)
-                b_h2 *= tl.exp(b_glast)
-            b_vd = b_v.to(dt)
-            b_k = tl.load(p_kc + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-            b_h += tl.dot(tl.trans(b_k), b_vd, input_precision="ieee")
-            b_k2 = tl.load(p_kc + o_k2[None, :], mask=m_t[:, None] & (o_k2 < K)[None, :], other=0.0)
-            b_h2 += tl.dot(tl.trans(b_k2), b_vd, input_precision="ieee")
-        if STORE_FINAL_STATE:
-            tl.store(ht + i_nh.to(tl.int64) * K * V + p_s, b_h, mask=m_kv)
-            tl.store(ht + i_nh.to(tl.int64) * K * V + p_s2, b_h2, mask=m_kv2)
-    else:
-        o_k = tl.arange(0, BK)
-        m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-        p_s = o_k[:, None] * V + o_v[None, :]
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_INITIAL_STATE:
-            b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
-        if PREFETCH:  # chunk 0's k and w
-            m_k = ((bos + o_t) < eos)[:, None] & (o_k < K)[None, :]
-            rows = (bos + o_t).to(tl.int64)
-            b_kn = tl.load(k + rows[:, None] * (HK * K) + i_hk * K + o_k[None, :], mask=m_k, other=0.0)
-            b_wn = b_kn
-            if USE_DELTA:
-                b_wn = tl.load(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0)
-        for i_t in range(nt):
-            t0 = bos + i_t * BT
-            m_t = (t0 + o_t) < eos
-            rows = (t0 + o_t).to(tl.int64)
-            tl.store(h + ((c0 + i_t).to(tl.int64) * H + i_h) * K * V + p_s, b_h.to(dt), mask=m_kv)
-            m_k = m_t[:, None] & (o_k < K)[None, :]
-            m_v = m_t[:, None] & (o_v < V)[None, :]
-            p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
-            if PREFETCH:
-                b_k = b_kn
-                b_w = b_wn
-                rn = rows + BT  # the next chunk's rows (masked off past the sequence's end)
-                m_kn = ((t0 + BT + o_t) < eos)[:, None] & (o_k < K)[None, :]
-                b_kn = tl.load(k + rn[:, None] * (HK * K) + i_hk * K + o_k[None, :], mask=m_kn, other=0.0)
-                if USE_DELTA:
-                    b_wn = tl.load(w + rn[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_kn, other=0.0)
-            else:
-                b_k = tl.load(k + rows[:, None] * (HK * K) + i_hk * K + o_k[None, :], mask=m_k, other=0.0)
-            b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
-            if USE_DELTA:
-                if not PREFETCH:
-                    b_w = tl.load(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0)
-                b_v -= tl.dot(b_w, b_h.to(dt), input_precision="ieee")
-                if SAVE_VNEW:
-                    tl.store(vn + p_v, b_v.to(dt), mask=m_v)
-            if USE_G:
-                b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-                b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
-                b_v = b_v * tl.exp(b_glast - b_g)[:, None]
-                b_h *= tl.exp(b_glast)
-            b_h += tl.dot(tl.trans(b_k), b_v.to(dt), input_precision="ieee")
-        if STORE_FINAL_STATE:
-            tl.store(ht + i_nh.to(tl.int64) * K * V + p_s, b_h, mask=m_kv)
+    p_s = o_k[:, None] * V + o_v[None, :]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    for i_t in range(nt):
+        t0 = bos + i_t * BT
+        m_t = (t0 + o_t) < eos
+        rows = (t0 + o_t).to(tl.int64)
+        tl.store(h + ((c0 + i_t).to(tl.int64) * H + i_h) * K * V + p_s, b_h.to(dt), mask=m_kv)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        m_v = m_t[:, None] & (o_v < V)[None, :]
+        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        b_k = tl.load(k + rows[:, None] * (HK * K) + i_hk * K + o_k[None, :], mask=m_k, other=0.0)
+        b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
+        if USE_DELTA:
+            b_w = tl.load(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0)
+            b_v -= tl.dot(b_w, b_h.to(dt), input_precision="ieee")
+            if SAVE_VNEW:
+                tl.store(vn + p_v, b_v.to(dt), mask=m_v)
+        if USE_G:
+            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+            b_v = b_v * tl.exp(b_glast - b_g)[:, None]
+            b_h *= tl.exp(b_glast)
+        b_h += tl.dot(tl.trans(b_k), b_v.to(dt), input_precision="ieee")
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + p_s, b_h, mask=m_kv)
 
 
 @triton.jit
@@ -778,8 +711,7 @@ CONFIG: dict[str, dict[str, int]] = {
         "solve_warps": 1,
     },
     "wu_fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3},
-    # split_k 1: the state as two [K/2, BV] register tiles; prefetch 1: the next chunk's k, w loaded a step ahead
-    # (see _fwd_h_kernel). Any entry may take K-dependent launch keys BK_k256, BV_k256, num_warps_k256,
+    # Any entry may take K-dependent launch keys BK_k256, BV_k256, num_warps_k256,
     # num_stages_k256 (used when K > 128, replacing the built-in K > 128 rules of _launch). Measured at the 1.3b
     # Gated DeltaNet shape (H6 K256 V512, B8 T4096, H100, per-kernel profile of one fwd+bwd): the sequential
     # kernels at BV 64 (8 warps) instead of 32: fwd_h 1.23 -> 0.73 ms, bwd_dh 1.72 -> 1.13 ms, although
@@ -792,8 +724,6 @@ CONFIG: dict[str, dict[str, int]] = {
         "BV": 32,
         "num_warps": 4,
         "num_stages": 2,
-        "split_k": 0,
-        "prefetch": 0,
         "BV_k256": 64,
         "BV_wide": 64,
         "wide_min_programs": 256,
@@ -964,7 +894,6 @@ def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta):
     HK, K = k.shape[2], k.shape[3]
     H, V = vsrc.shape[2], vsrc.shape[3]
     BK, BV, kw = _launch("fwd_h", K, V, seq=True, seq_heads=lay.N * H)
-    cfg = CONFIG["fwd_h"]
     dummy = vsrc
     _fwd_h_kernel[(triton.cdiv(V, BV), lay.N * H)](
         k, vsrc, w if w is not None else dummy, g if g is not None else dummy, h, vn,
@@ -972,7 +901,7 @@ def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta):
         lay.cu_seqlens, lay.chunk_offsets, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, USE_DELTA=use_delta,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None, SAVE_VNEW=use_delta,
-        IS_VARLEN=lay.is_varlen, SPLIT_K=bool(cfg["split_k"]) and BK >= 32, PREFETCH=bool(cfg["prefetch"]), **kw,
+        IS_VARLEN=lay.is_varlen, **kw,
     )  # fmt: skip
 
 
