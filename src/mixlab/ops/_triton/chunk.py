@@ -450,7 +450,7 @@ def _bwd_dqkwg_kernel(
     q, k, vn, g, h, do, dh, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, T, NT, NTOK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
-    IS_VARLEN: tl.constexpr, SUM_DP: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr, SUM_DP: tl.constexpr = False, LEAN: tl.constexpr = False,
 ):  # fmt: skip
     """Per (K tile, chunk, query/key head): ``dq``, ``dk`` summed over the value heads that share the
     query/key head (all but the WY part of dk), per value head ``dw = −dV_new Sᵀ`` (input dtype) and
@@ -458,7 +458,12 @@ def _bwd_dqkwg_kernel(
 
     ``SUM_DP`` (for many value heads per key head, SSD): the intra-chunk parts ``dP_h K`` and ``dP_hᵀ Q``
     summed over heads are ``(Σ_h dP_h) K`` and ``(Σ_h dP_h)ᵀ Q``: two products per group instead of two per
-    head; each head's dG share then takes ``rowsum − colsum`` of ``dP_h ⊙ Q Kᵀ`` instead."""
+    head; each head's dG share then takes ``rowsum − colsum`` of ``dP_h ⊙ Q Kᵀ`` instead.
+
+    ``LEAN`` (with ``USE_G`` only; fewer live registers, same sums up to summation order): q and k for dG are
+    read again after the V loop instead of held in float32 across it, dw is stored right after the loop, and
+    Σ h⊙dh is reduced to one scalar every V step instead of a [BK] vector. sm_90, K = V = 128, BK 64 BV 32,
+    8 warps: 154 → 128 registers with Triton 3.6, no spill, i.e. two CTAs per SM (Triton 3.9: 140)."""
     i_k, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NG: tl.constexpr = H // HK
     if IS_VARLEN:
@@ -483,8 +488,9 @@ def _bwd_dqkwg_kernel(
     p_qk = rows[:, None] * (HK * K) + i_hk * K + o_k[None, :]
     b_q = tl.load(q + p_qk, mask=m_k, other=0.0)
     b_k = tl.load(k + p_qk, mask=m_k, other=0.0)
-    b_qf = b_q.to(tl.float32)
-    b_kf = b_k.to(tl.float32)
+    if not LEAN:
+        b_qf = b_q.to(tl.float32)
+        b_kf = b_k.to(tl.float32)
     b_dq_sum = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk_sum = tl.zeros([BT, BK], dtype=tl.float32)
     if SUM_DP:
@@ -498,7 +504,7 @@ def _bwd_dqkwg_kernel(
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
         b_dw = tl.zeros([BT, BK], dtype=tl.float32)
         b_dP = tl.zeros([BT, BT], dtype=tl.float32)
-        b_hdh = tl.zeros([BK], dtype=tl.float32)
+        b_hdh = tl.zeros([1 if LEAN else BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
@@ -515,7 +521,17 @@ def _bwd_dqkwg_kernel(
                 b_dv = tl.load(dvn + p_v, mask=m_v, other=0.0).to(dt)
                 b_dw += tl.dot(b_dv, tl.trans(b_h), input_precision="ieee")
             if USE_G:
-                b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+                b_hh = b_h.to(tl.float32) * b_dh.to(tl.float32)
+                if LEAN:
+                    b_hdh += tl.sum(tl.sum(b_hh, axis=1), axis=0)
+                else:
+                    b_hdh += tl.sum(b_hh, axis=1)
+        if LEAN:
+            if USE_DELTA:
+                p_w = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
+                tl.store(dw + p_w, (-b_dw).to(dw.dtype.element_ty), mask=m_k)
+            b_qf = tl.load(q + p_qk, mask=m_k, other=0.0).to(tl.float32)
+            b_kf = tl.load(k + p_qk, mask=m_k, other=0.0).to(tl.float32)
         if USE_G:
             b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
             b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
@@ -533,7 +549,7 @@ def _bwd_dqkwg_kernel(
             b_dP = (tl.where(m_i, b_dP, 0.0) * scale).to(dt)
             b_dq += tl.dot(b_dP, b_k, input_precision="ieee")
             b_dk += tl.dot(tl.trans(b_dP), b_q, input_precision="ieee")
-        if USE_DELTA:
+        if USE_DELTA and not LEAN:
             p_w = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
             tl.store(dw + p_w, (-b_dw).to(dw.dtype.element_ty), mask=m_k)
         if USE_G:
@@ -731,7 +747,21 @@ CONFIG: dict[str, dict[str, int]] = {
     "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2, "BV_k256": 64},
-    "dqkwg": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "dk_part_f32": 0, "BV_ungated": 32},
+    # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
+    # (pointer args 16-aligned, as launched), GDN K = V = 128, BK 64, 8 warps, registers / spill bytes, Triton 3.6
+    # (3.9): BV 64 3 stages 161 / 0 (153), BV 32 154 / 0 (154): one 8-warp CTA per SM either way; lean BV 32
+    # 128 / 0 (140; maxnreg 128: 24 B spill), lean maxnreg 128 BV 64 2 stages 128 / 0 (16 B), 82 KB shared memory:
+    # two CTAs per SM as the ungated kernel (92 registers). Not measured on the GPU yet
+    "dqkwg": {
+        "BK": 64,
+        "BV": 64,
+        "num_warps": 8,
+        "num_stages": 3,
+        "dk_part_f32": 0,
+        "BV_ungated": 32,
+        "lean": 0,
+        "maxnreg": 0,
+    },
     # gated linear attention (SSD, no delta rule): sum_dp 1 sums the masked dP over the value heads of a group
     # and applies it once (see _bwd_dqkwg_kernel)
     "dqkwg_ssd": {"BK": 64, "BV": 32, "num_warps": 8, "num_stages": 3, "sum_dp": 0},
@@ -975,6 +1005,9 @@ def chunk_bwd(
     BK, BV, kw = _launch(dq_cfg, K, V)
     if use_delta and not use_g:  # the ungated kernel is faster with narrower V tiles (H100, v4)
         BV = min(BV, CONFIG["dqkwg"]["BV_ungated"])
+    lean = use_g and bool(CONFIG[dq_cfg].get("lean", 0))  # gated kernel only (see _bwd_dqkwg_kernel)
+    if use_g and CONFIG[dq_cfg].get("maxnreg", 0):
+        kw["maxnreg"] = CONFIG[dq_cfg]["maxnreg"]
     NK = triton.cdiv(K, BK)
     ns = NK + (1 if use_delta else 0)
     dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
@@ -985,7 +1018,7 @@ def chunk_bwd(
     _bwd_dqkwg_kernel[(NK, lay.NC, HK)](
         q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
         scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
-        USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, SUM_DP=bool(CONFIG[dq_cfg].get("sum_dp", 0)), **kw,
+        USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, SUM_DP=bool(CONFIG[dq_cfg].get("sum_dp", 0)), LEAN=lean, **kw,
     )  # fmt: skip
     if use_delta:
         BK, BV, kw = _launch("wy_bwd", K, V)
