@@ -41,6 +41,9 @@ from .norm import GatedRMSNorm, RMSNorm
 
 # fla's l2norm epsilon (inside the square root), kept so that imported checkpoints compute the same.
 L2_EPS = 1e-6
+#: the lean path runs q/k's conv -> SiLU -> L2 norm as one kernel (mixlab.ops.conv.triton_l2) where K is a
+#: power of two in 64..256 and W in 2..4; False: the conv kernel, then the RMSNorm kernel as L2 norm (to compare)
+FUSED_CONV_L2 = True
 
 
 class _L2Norm(torch.autograd.Function):
@@ -105,15 +108,27 @@ def _conv_cfg(x: torch.Tensor) -> list[int]:
     return default_config(x.shape[1], x.shape[2])
 
 
+def _fused_conv_l2(p: torch.Tensor, w: torch.Tensor, n_heads: int) -> bool:
+    """Whether q/k of this shape take the fused conv -> SiLU -> L2 kernels (:data:`FUSED_CONV_L2`, K, W)."""
+    from ..ops.conv.triton_l2 import supported
+
+    return FUSED_CONV_L2 and supported(p.shape[-1] // n_heads, w.shape[-1])
+
+
 def _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads):
     """``silu(conv(.))`` of the projections ``[B, T, H, D]``, q and k L2-normed per head:
-    ``(q, k, v, (q before the norm, its rstd), (k before the norm, its rstd))``."""
+    ``(q, k, v, (q before the norm, its rstd), (k before the norm, its rstd))``; the two pairs are None
+    on the fused path (its backward recomputes them)."""
     from ..ops.conv.triton import causal_conv1d_fwd
+    from ..ops.conv.triton_l2 import conv_silu_l2_fwd
 
     B, T, _ = qp.shape
-    qc, kc, vc = (
+    vc = causal_conv1d_fwd(vp, wv, None, None, True, _conv_cfg(vp))[0].view(B, T, n_heads, -1)
+    if _fused_conv_l2(qp, wq, n_heads):
+        return conv_silu_l2_fwd(qp, wq, n_heads, L2_EPS), conv_silu_l2_fwd(kp, wk, n_heads, L2_EPS), vc, None, None
+    qc, kc = (
         causal_conv1d_fwd(p, w, None, None, True, _conv_cfg(p))[0].view(B, T, n_heads, -1)
-        for p, w in ((qp, wq), (kp, wk), (vp, wv))
+        for p, w in ((qp, wq), (kp, wk))
     )
     (q, rq), (k, rk) = _l2_fwd(qc), _l2_fwd(kc)
     return q, k, vc, (qc, rq), (kc, rk)
@@ -178,6 +193,7 @@ def _lean_bwd(
     Returns ``(dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg | empty)``."""
     from ..ops._triton.ops import chunk_gated_delta_bwd
     from ..ops.conv.triton import causal_conv1d_bwd
+    from ..ops.conv.triton_l2 import conv_silu_l2_bwd
 
     keep = h.numel() > 0
     with torch.autocast(qp.device.type, enabled=False):
@@ -186,10 +202,14 @@ def _lean_bwd(
             q, k, v, beta, g, scale, None, None, Tm, w, u, do, None, True, h if keep else None, vn if keep else None
         )
         del q, k, v
-        dq, dk = _l2_bwd(*qn, dq).flatten(2), _l2_bwd(*kn, dk).flatten(2)
-        del qn, kn
-        dqp, dwq, _, _ = causal_conv1d_bwd(qp, wq, None, None, dq, None, True, _conv_cfg(qp))
-        dkp, dwk, _, _ = causal_conv1d_bwd(kp, wk, None, None, dk, None, True, _conv_cfg(kp))
+        if qn is None:
+            dqp, dwq = conv_silu_l2_bwd(qp, wq, dq, n_heads, L2_EPS)
+            dkp, dwk = conv_silu_l2_bwd(kp, wk, dk, n_heads, L2_EPS)
+        else:
+            dq, dk = _l2_bwd(*qn, dq).flatten(2), _l2_bwd(*kn, dk).flatten(2)
+            del qn, kn
+            dqp, dwq, _, _ = causal_conv1d_bwd(qp, wq, None, None, dq, None, True, _conv_cfg(qp))
+            dkp, dwk, _, _ = causal_conv1d_bwd(kp, wk, None, None, dk, None, True, _conv_cfg(kp))
         dvp, dwv, _, _ = causal_conv1d_bwd(vp, wv, None, None, dv.flatten(2), None, True, _conv_cfg(vp))
     return dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg
 
