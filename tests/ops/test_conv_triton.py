@@ -143,3 +143,25 @@ def test_custom_op_traces_under_compile():
     torch.testing.assert_close(y, causal_conv1d(x, w, activation="silu")[0] + 1, atol=1e-12, rtol=1e-12)
     y.sum().backward()
     assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+def test_backward_into_channel_slices():
+    """``causal_conv1d_bwd_into`` over channel ranges of a wider buffer (Mamba2's x / B / C pieces) gives the
+    allocating op's dx, dweight and dbias, and leaves the rest of the buffer alone."""
+    from mixlab.ops.conv.triton import causal_conv1d_bwd, causal_conv1d_bwd_into, default_config
+
+    torch.manual_seed(4)
+    x = torch.randn(2, 45, 40, dtype=torch.float64)[..., 4:36]  # strided input: 32 of 40 channels
+    w, b = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
+    dy = torch.randn(2, 45, 32, dtype=torch.float64)
+    cfg = default_config(45, 32)
+    dx, dw, db, _ = causal_conv1d_bwd(x, w, b, None, dy, None, True, cfg)
+    buf = torch.full((2, 45, 50), 7.0, dtype=torch.float64)
+    for lo, hi in ((0, 20), (20, 32)):
+        dw2, db2, _ = causal_conv1d_bwd_into(
+            x[..., lo:hi], w[lo:hi], b[lo:hi], None, dy[..., lo:hi], None, True, cfg, buf[..., 10 + lo : 10 + hi]
+        )
+        torch.testing.assert_close(dw2, dw[lo:hi], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(db2, db[lo:hi], rtol=1e-12, atol=1e-12)
+    assert torch.equal(buf[..., 10:42], dx)
+    assert (buf[..., :10] == 7.0).all() and (buf[..., 42:] == 7.0).all()

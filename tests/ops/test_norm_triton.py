@@ -97,3 +97,22 @@ def test_custom_op_traces_under_compile():
     torch.testing.assert_close(y, 3 * gated_rms_norm(x, z, w, group_size=4), atol=1e-12, rtol=1e-12)
     y.sum().backward()
     assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+def test_backward_into_slices_of_a_wider_buffer():
+    """``gated_rms_norm_bwd_into`` writes dx / dz into strided slices (Mamba2's in-place zxbcdt gradient) with the
+    values of the allocating op, and leaves the rest of the buffer alone."""
+    from mixlab.ops.norm_triton import gated_rms_norm_bwd, gated_rms_norm_bwd_into, gated_rms_norm_fwd
+
+    torch.manual_seed(3)
+    x, z, dy = (torch.randn(37, 24, dtype=torch.float64) for _ in range(3))
+    w = torch.rand(24, dtype=torch.float64) + 0.5
+    _, rstd = gated_rms_norm_fwd(x, z, w, 1e-5, 8, False)
+    dx, dz, dw = gated_rms_norm_bwd(x, z, w, rstd, dy, 8, False)
+    buf = torch.full((37, 60), 7.0, dtype=torch.float64)
+    dw2 = gated_rms_norm_bwd_into(x, z, w, rstd, dy, 8, False, buf[:, 30:54], buf[:, 2:26])
+    assert torch.equal(buf[:, 30:54], dx) and torch.equal(buf[:, 2:26], dz) and torch.equal(dw2, dw)
+    rest = torch.cat([buf[:, :2], buf[:, 26:30], buf[:, 54:]], 1)
+    assert (rest == 7.0).all()
+    with pytest.raises(ValueError, match="unit column stride"):
+        gated_rms_norm_bwd_into(x, z, w, rstd, dy, 8, False, buf[:, 30:54], buf[:, 2:50:2])

@@ -189,14 +189,18 @@ def mamba2_mix_bwd(
 ]:  # fmt: skip
     """Recomputes the conv, the SSD prep (v, g) and the norm output, then runs the ops' backwards.
     Returns the gradients of ``(zxbcdt, conv_w, conv_b | empty, A, D, dt_bias, norm_w, out_w, out_b | empty)``."""
-    from ..ops.conv.triton import causal_conv1d_bwd
-    from ..ops.norm_triton import gated_rms_norm_bwd, gated_rms_norm_fwd
+    from ..ops.conv.triton import causal_conv1d_bwd_into
+    from ..ops.norm_triton import gated_rms_norm_bwd_into, gated_rms_norm_fwd
     from ..ops.ssd.triton.fused import ssd_fused_bwd, ssd_prep
 
     d_inner, conv_dim, H, P, G = dims[:5]
     b, T, _ = zxbcdt.shape
     M = b * T
     z, xBC, dt = _mix_split(zxbcdt, d_inner, conv_dim)
+    # The gradient of zxbcdt is written in place, slice by slice (dz by the norm's backward, dxBC by the conv's,
+    # one channel range per SSD input), instead of concatenating the pieces: two full-width copies less.
+    dzxbcdt = torch.empty(zxbcdt.shape, device=zxbcdt.device, dtype=zxbcdt.dtype)
+    dz, dxBC, ddt_out = _mix_split(dzxbcdt, d_inner, conv_dim)
     with torch.autocast(zxbcdt.device.type, enabled=False):
         zc = z.reshape(M, d_inner).contiguous()
         y2 = y.view(M, d_inner)
@@ -206,7 +210,8 @@ def mamba2_mix_bwd(
         d_out_b = dout2.sum(0).to(out_b.dtype) if out_b is not None else zxbcdt.new_empty(0)
         do = dout2.mm(out_w).to(o.dtype)
         del o
-        dy, dz, dnw = gated_rms_norm_bwd(y2, zc, norm_w, rstd, do, d_inner // G, norm_before_gate)
+        dy = torch.empty_like(y2)
+        dnw = gated_rms_norm_bwd_into(y2, zc, norm_w, rstd, do, d_inner // G, norm_before_gate, dy, dz.view(M, d_inner))
         del do, zc, rstd
         xs, q, k = _mix_conv_ssd_inputs(xBC, conv_w, conv_b, conv_cfg, dims)
         v, g = ssd_prep(xs, dt, A, dt_bias, True)
@@ -214,11 +219,19 @@ def mamba2_mix_bwd(
             xs, dt, A, q, k, dt_bias, D, None, None, None, v, g, y.new_empty(0), dy.view(b, T, H, P), None, True
         )
         del xs, q, k, v, g, dy
-        dxc = torch.cat([dx.view(b, T, -1), dk.view(b, T, -1), dq.view(b, T, -1)], dim=-1)
-        del dx, dq, dk
-        dxBC, dcw, dcb, _ = causal_conv1d_bwd(xBC, conv_w, conv_b, None, dxc, None, True, conv_cfg)
-        del dxc
-        dzxbcdt = torch.cat([dz.view(b, T, -1), dxBC, ddt.view(b, T, -1)], dim=-1)
+        ddt_out.copy_(ddt.view(b, T, -1))
+        # the conv is depthwise: x, B and C channels run as three calls, each reading its own SSD gradient
+        GN = dims[4] * dims[5]
+        ranges = ((0, H * P, dx), (H * P, H * P + GN, dk), (H * P + GN, conv_dim, dq))  # x, B (= k), C (= q)
+        dcw = torch.empty_like(conv_w)
+        dcb = torch.empty_like(conv_b) if conv_b is not None else zxbcdt.new_empty(0)
+        for lo, hi, dpiece in ranges:
+            dcw[lo:hi], db_piece, _ = causal_conv1d_bwd_into(
+                xBC[..., lo:hi], conv_w[lo:hi], conv_b[lo:hi] if conv_b is not None else None, None,
+                dpiece.view(b, T, -1), None, True, conv_cfg, dxBC[..., lo:hi],
+            )  # fmt: skip
+            if conv_b is not None:
+                dcb[lo:hi] = db_piece
     return dzxbcdt, dcw, dcb, dA, dD, dbias, dnw, d_out_w, d_out_b
 
 

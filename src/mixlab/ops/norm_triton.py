@@ -77,6 +77,8 @@ def _norm_bwd_kernel(
     D,
     NG,
     ITERS,
+    sdx,
+    sdz,
     GS: tl.constexpr,
     GSP: tl.constexpr,
     BM: tl.constexpr,
@@ -128,8 +130,8 @@ def _norm_bwd_kernel(
             if not NORM_BEFORE_GATE:
                 dx = da * gate
                 dz = da * x * dgate
-            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=m)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+            tl.store(dz_ptr + rows[:, None].to(tl.int64) * sdz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(dx_ptr + rows[:, None].to(tl.int64) * sdx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
     if HAS_W:
         tl.store(dw_part_ptr + pid.to(tl.int64) * D + cols, dw_acc, mask=cmask)
 
@@ -193,18 +195,38 @@ def gated_rms_norm_bwd(
     may be narrower than the compute dtype (read and widened in the kernel); ``dx`` is in ``dx_dtype``
     (default x's): a caller that saved a bf16 copy of a float32 ``x`` passes it as is, and no widened
     copy appears in a compiled graph for the partitioner to save instead."""
+    dx = torch.empty_like(x, dtype=dx_dtype)
+    dz = torch.empty_like(z) if z is not None else x.new_empty(0)
+    dw = gated_rms_norm_bwd_into(x, z, weight, rstd, dy, group_size, norm_before_gate, dx, dz)
+    return dx, dz, dw
+
+
+def gated_rms_norm_bwd_into(
+    x: Tensor,
+    z: Tensor | None,
+    weight: Tensor | None,
+    rstd: Tensor,
+    dy: Tensor,
+    group_size: int,
+    norm_before_gate: bool,
+    dx: Tensor,
+    dz: Tensor,
+) -> Tensor:
+    """:func:`gated_rms_norm_bwd` writing dx and dz (``[M, D]``, any row stride, unit column stride: e.g. slices
+    of a wider gradient buffer) into given tensors; returns dweight (empty without weight)."""
     M, D = x.shape
     ng = D // group_size
     gsp = triton.next_power_of_2(group_size)
     bm = _block_rows(gsp)
     dy = dy.contiguous()
+    for name, t in (("dx", dx), ("dz", dz)) if z is not None else (("dx", dx),):
+        if t.shape != x.shape or t.stride(1) != 1:
+            raise ValueError(f"gated_rms_norm_bwd_into: {name} must be {list(x.shape)} with unit column stride")
     n_blocks = triton.cdiv(M, bm)
     max_prog = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     n_prog = max(1, min(n_blocks, max(1, max_prog // ng)))
     iters = triton.cdiv(n_blocks, n_prog)
     n_prog = triton.cdiv(n_blocks, iters)
-    dx = torch.empty_like(x, dtype=dx_dtype)
-    dz = torch.empty_like(z) if z is not None else x.new_empty(0)
     dw_part = torch.empty(n_prog, D, device=x.device, dtype=rstd.dtype) if weight is not None else rstd
     _norm_bwd_kernel[(n_prog, ng)](
         x,
@@ -219,6 +241,8 @@ def gated_rms_norm_bwd(
         D,
         ng,
         iters,
+        dx.stride(0),
+        dz.stride(0) if z is not None else 0,
         GS=group_size,
         GSP=gsp,
         BM=bm,
@@ -228,8 +252,7 @@ def gated_rms_norm_bwd(
         FP64=rstd.dtype == torch.float64,
         num_warps=4 if gsp <= 1024 else 8,
     )
-    dw = dw_part.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
-    return dx, dz, dw
+    return dw_part.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
 
 
 @gated_rms_norm_bwd.register_fake

@@ -468,12 +468,31 @@ def causal_conv1d_bwd(
     config: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias, dinitial_state)`` (empty tensors for absent bias / initial state)."""
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    return (dx, *causal_conv1d_bwd_into(x, weight, bias, initial_state, dy, dfinal, silu, config, dx))
+
+
+def causal_conv1d_bwd_into(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    initial_state: Tensor | None,
+    dy: Tensor,
+    dfinal: Tensor | None,
+    silu: bool,
+    config: list[int],
+    dx: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`causal_conv1d_bwd` writing dx into a given ``[B, T, C]`` tensor (any strides with unit channel
+    stride, e.g. a slice of a wider gradient buffer); returns ``(dweight, dbias, dinitial_state)``. Channels
+    are independent, so a caller may run channel ranges as separate calls."""
     bsz, T, C = x.shape
     W = weight.shape[1]
     if dy.stride(2) != 1:
         dy = dy.contiguous()
+    if dx.shape != x.shape or dx.stride(2) != 1:
+        raise ValueError(f"causal_conv1d_bwd_into: dx must be {list(x.shape)} with unit channel stride")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dx = torch.empty(bsz, T, C, device=x.device, dtype=x.dtype)
     h0 = initial_state
     dh0 = torch.empty(bsz, C, W - 1, device=x.device, dtype=h0.dtype) if h0 is not None else x.new_empty(0)
     tl_rows, bc, nw = config[3:6]
@@ -519,7 +538,7 @@ def causal_conv1d_bwd(
     )
     dw = dw_part.sum(0).to(weight.dtype)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return dx, dw, db, dh0
+    return dw, db, dh0
 
 
 @causal_conv1d_bwd.register_fake
