@@ -243,6 +243,8 @@ def test_kept_states_give_the_same_gradients(cu, monkeypatch):
     calls = []
     real = chunk._chunk_h
     monkeypatch.setattr(chunk, "_chunk_h", lambda *a: calls.append(1) or real(*a))
+    # the same forward kernels on both sides (the fused forward is compared in its own test)
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "enable": 0})
     cu_t = torch.tensor(cu, device=DEVICE) if cu else None
     xs = _inputs(12, 1, 135, 2, 16, 16, gated=True, N=4 if cu else None)
     base = _run(delta_rule_triton, xs, 0.25, cu_t)
@@ -422,3 +424,65 @@ def test_k256_tiles_in_bounds(gated, monkeypatch):
             _compare(xs, 256**-0.5, 1e-5)
     finally:  # an address outside the arguments is the finding that matters, even when values are off too
         assert not bad, bad
+
+
+@pytest.mark.parametrize(
+    "use_delta,gated,HK,cu,wide",
+    [
+        (True, True, 2, None, False),
+        (True, False, 2, None, True),
+        (True, True, 2, [0, 1, 70, 70, 135], False),
+        (False, True, 1, None, False),  # SSD: value heads share one q/k head
+        (False, True, 1, [0, 64, 65, 135], True),
+    ],
+)
+def test_fused_forward_matches_state_pass_plus_output(use_delta, gated, HK, cu, wide, monkeypatch):
+    """``CONFIG["fwd_ho"]``: the forward's state pass and output in one kernel (no ``h`` / ``V_new``) gives the
+    outputs and final states of ``_fwd_h_kernel`` + ``_fwd_o_kernel`` (same roundings; float32 here), with
+    initial states, packed sequences, grouped q/k heads and the wide value tile."""
+    from mixlab.ops._triton import chunk
+
+    if wide:
+        monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "wide_min_programs": 0})
+    assert chunk._launch("fwd_ho", 128, 128, seq=True, seq_heads=32 * 16)[1] == 64 or wide
+    H, T = 2, 135
+    g = torch.Generator().manual_seed(7 + 3 * gated + use_delta)
+    B, N = (1, len(cu) - 1) if cu else (2, 2)
+    q = torch.randn(B, T, HK, 32, generator=g)
+    k = F.normalize(torch.randn(B, T, HK, 32, generator=g), dim=-1)
+    v = torch.randn(B, T, H, 64 if wide else 16, generator=g)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=g)) if use_delta else None
+    gate = F.logsigmoid(torch.randn(B, T, H, generator=g)) / 4 if gated else None
+    h0 = torch.randn(N, H, 32, v.shape[-1], generator=g)
+    cu_t = torch.tensor(cu, dtype=torch.int32) if cu else None
+    xs = [x.to(DEVICE) if x is not None else None for x in (q, k, v, beta, gate)]
+    args = (*xs, 0.3, h0.to(DEVICE), True, cu_t.to(DEVICE) if cu else None, use_delta)
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "enable": 1})
+    o, ht, *_, h, vn = chunk.chunk_fwd(*args)
+    assert h is None and vn is None
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "enable": 0})
+    o_ref, ht_ref, *_ = chunk.chunk_fwd(*args)
+    assert _rel(o, o_ref) < 1e-6, _rel(o, o_ref)
+    assert _rel(ht, ht_ref) < 1e-6, _rel(ht, ht_ref)
+    assert o_ref.abs().amax() > 0.1 and ht_ref.abs().amax() > 0.1  # outputs that can disagree
+
+
+def test_fused_forward_only_up_to_max_k(monkeypatch):
+    """The fused forward runs for K <= ``CONFIG["fwd_ho"]["max_k"]`` (128) and not above, where its tiles do not
+    fit the shared memory of one H100 SM twice; kept states (``bwd_h.save``) never take it (they need h)."""
+    from mixlab.ops._triton import chunk
+
+    launched = []
+
+    class _Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return lambda *a, **kw: None
+
+    monkeypatch.setattr(chunk, "_fwd_ho_kernel", _Spy())
+    for K, saved, expect in ((32, 0, 1), (256, 0, 0), (32, 1, 0)):
+        monkeypatch.setitem(chunk.CONFIG, "bwd_h", {"save": saved})
+        xs = _inputs(3, 1, 40, 1, K, 16, gated=True)
+        launched.clear()
+        chunk.chunk_fwd(*xs[:5], 0.5, None, False, None, True, keep_states=bool(saved))
+        assert len(launched) == expect, (K, saved)

@@ -284,6 +284,73 @@ def _fwd_h_kernel(
 
 
 @triton.jit
+def _fwd_ho_kernel(
+    q, k, v, w, g, o, h0, ht, cu_seqlens, scale, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """The forward's state pass and output in one sequential kernel per (sequence, head, V tile): each chunk's
+    ``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` is formed from the state ``S`` in registers, so the
+    chunk states ``h`` and ``V_new`` are never written (the backward recomputes them with ``_fwd_h_kernel``).
+    Same roundings as ``_fwd_h_kernel`` + ``_fwd_o_kernel``: S and V_new enter the products in the input dtype."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hk = i_h // (H // HK)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+        nt = tl.cdiv(eos - bos, BT)
+    else:
+        bos = i_n * T
+        eos = bos + T
+        nt = NT
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    m_i = o_t[:, None] >= o_t[None, :]
+    dt = k.dtype.element_ty
+    p_s = o_k[:, None] * V + o_v[None, :]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    for i_t in range(nt):
+        t0 = bos + i_t * BT
+        m_t = (t0 + o_t) < eos
+        rows = (t0 + o_t).to(tl.int64)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        m_v = m_t[:, None] & (o_v < V)[None, :]
+        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        p_qk = rows[:, None] * (HK * K) + i_hk * K + o_k[None, :]
+        b_q = tl.load(q + p_qk, mask=m_k, other=0.0)
+        b_k = tl.load(k + p_qk, mask=m_k, other=0.0)
+        b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
+        b_hd = b_h.to(dt)
+        b_o = tl.dot(b_q, b_hd, input_precision="ieee")
+        b_A = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        if USE_DELTA:
+            b_w = tl.load(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0)
+            b_v -= tl.dot(b_w, b_hd, input_precision="ieee")
+        b_vd = b_v.to(dt)
+        if USE_G:
+            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+            b_o = b_o * tl.exp(b_g)[:, None]
+            b_A = b_A * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
+        b_A = tl.where(m_i, b_A, 0.0)
+        b_o = (b_o + tl.dot(b_A.to(dt), b_vd, input_precision="ieee")) * scale
+        tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        if USE_G:
+            b_vd = (b_v * tl.exp(b_glast - b_g)[:, None]).to(dt)
+            b_h *= tl.exp(b_glast)
+        b_h += tl.dot(tl.trans(b_k), b_vd, input_precision="ieee")
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + p_s, b_h, mask=m_kv)
+
+
+@triton.jit
 def _fwd_o_kernel(
     q, k, vn, g, h, o, cu_seqlens, chunk_indices, scale, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -745,6 +812,21 @@ CONFIG: dict[str, dict[str, int]] = {
         "wide_min_programs": 256,
     },
     "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
+    # enable 1: a forward that does not keep its states runs _fwd_ho_kernel (state pass and output in one
+    # sequential kernel, no h / V_new written or read) instead of _fwd_h_kernel + _fwd_o_kernel, for K <= max_k.
+    # H100, 65,536 tokens, T = 2K, forward ms (fwd_h + fwd_o -> fused; results/kernels-...-2026-11-24-s4-fused.json):
+    # GDN 2.41 -> 2.25, DN 2.32 -> 1.86, SSD 2.66 -> 1.52 at 4 warps (8 warps: 2.52 / 2.10 / 2.45); at K = 256
+    # (1.3b GDN shape, 8 warps, BV 32: 2.20 ms vs 0.73 + 0.91) the q / k / w tiles take ~210 KB of shared
+    # memory (one program per SM), so it stays off there
+    "fwd_ho": {
+        "enable": 1,
+        "max_k": 128,
+        "BV": 32,
+        "num_warps": 4,
+        "num_stages": 2,
+        "BV_wide": 64,
+        "wide_min_programs": 256,
+    },
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2, "BV_k256": 64},
     # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
@@ -907,6 +989,18 @@ def chunk_fwd(
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
     keep = keep_states and use_delta
+    fused = CONFIG["fwd_ho"]
+    if not keep and fused["enable"] and fused["max_k"] >= K:
+        BK, BV, kw = _launch("fwd_ho", K, V, seq=True, seq_heads=lay.N * H)
+        _fwd_ho_kernel[(triton.cdiv(V, BV), lay.N * H)](
+            q, k, u if use_delta else v, w if use_delta else dummy, gp, o,
+            initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
+            lay.cu_seqlens, scale, lay.T, lay.NT,
+            H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
+            USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
+            IS_VARLEN=lay.is_varlen, **kw,
+        )  # fmt: skip
+        return o, ht, Tm, w, u, None, None
     nc = states_shape(B, T, H, K, V, lay.N if lay.is_varlen else None)[0] if keep else lay.NC
     h = torch.empty(nc, H, K, V, dtype=q.dtype, device=dev)
     vn = torch.empty_like(v) if use_delta else v
