@@ -27,8 +27,38 @@ Tensor = torch.Tensor
 
 __all__ = ["bwd_variants", "conv_silu_l2_bwd", "conv_silu_l2_fwd", "default_config", "supported"]
 
+#: float32 on an NVIDIA GPU: the SiLU's exp and reciprocal as approximate PTX instructions (see _sigmoid);
+#: False: tl.exp and an IEEE-rounded division, as the interpreter (CPU) always runs
+FAST_MATH = True
 #: fla's l2norm epsilon (as ``mixlab.layers.deltanet.L2_EPS``; ops do not import layers)
 EPS = 1e-6
+
+
+@triton.jit
+def _sigmoid(x, FP64: tl.constexpr, FAST: tl.constexpr):
+    """``1 / (1 + exp(-x))``. FAST (float32 on a GPU): ex2 and rcp as the approximate flush-to-zero PTX
+    instructions, 4 instructions an element instead of 11 (tl.exp and the division add range checks)."""
+    if FAST:
+        e = tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * -1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1
+        )
+        r = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1
+        )
+    elif FP64:
+        r = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        r = tl.fdiv(tl.full(x.shape, 1.0, x.dtype), 1.0 + tl.exp(-x))
+    return r
+
+
+@triton.jit
+def _rsqrt(x, FP64: tl.constexpr):
+    if FP64:
+        r = 1.0 / tl.sqrt(x)
+    else:
+        r = tl.rsqrt(x)
+    return r
 
 
 @triton.jit
@@ -43,6 +73,7 @@ def _fwd_kernel(
     K: tl.constexpr,
     BT: tl.constexpr,
     FP64: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_t = tl.program_id(0)
@@ -57,15 +88,17 @@ def _fwd_kernel(
         m = ((r >= 0) & (r < T))[:, None]  # broadcast over K: keeps the loads vectorised
         xv = tl.load(x_ptr + (b * T + r)[:, None].to(tl.int64) * HK + c[None, :], mask=m, other=0.0)
         acc += wk[None, :] * xv.to(CT)
-    s = acc * (1.0 / (1.0 + tl.exp(-acc)))
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, 1) + eps)
+    s = acc * _sigmoid(acc, FP64, FAST)
+    rstd = _rsqrt(tl.sum(s * s, 1) + eps, FP64)
     y = s * rstd[:, None]
     m = (t < T)[:, None]
     tl.store(y_ptr + (b * T + t)[:, None].to(tl.int64) * HK + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, eps, W: tl.constexpr):
+def _bwd_row(
+    xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, eps, W: tl.constexpr, FP64: tl.constexpr, FAST: tl.constexpr
+):
     """Row t: xv = x[t], gv = dy[t], x1..x3 = x[t-1..t-3], d1..d3 = dpre[t-1..t-3] (all [K], float).
 
     Returns (dpre[t], dx[t - (W-1)]); tap i pairs with x[t - (W-1) + i].
@@ -75,9 +108,9 @@ def _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, eps, W: tl.constexp
         pre += w2 * _lag(W - 3, xv, x1, x2, x3)
     if W > 3:
         pre += w3 * xv
-    sg = 1.0 / (1.0 + tl.exp(-pre))
+    sg = _sigmoid(pre, FP64, FAST)
     s = pre * sg
-    r = 1.0 / tl.sqrt(tl.sum(s * s, 0) + eps)
+    r = _rsqrt(tl.sum(s * s, 0) + eps, FP64)
     dot = tl.sum(gv * s, 0)
     ds = r * gv - s * (r * r * r * dot)
     dpre = ds * sg * (1.0 + pre * (1.0 - sg))
@@ -119,6 +152,7 @@ def _bwd_kernel(
     TL: tl.constexpr,
     U: tl.constexpr,
     FP64: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     # One program: head h's K channels and TL output rows s of dx, s in [pid_t * TL, pid_t * TL + TL); it walks
     # time rows t = s + W-1 in order (dx[s] needs dpre[s .. s+W-1]), after a warm-up of W-1 rows.
@@ -162,7 +196,7 @@ def _bwd_kernel(
         t = s0 + j
         xv = tl.load(x_row + t.to(tl.int64) * HK, mask=_rows(c, HK, t, 0, T, True), other=0.0).to(CT)
         gv = tl.load(dy_row + t.to(tl.int64) * sdyt, mask=_rows(c, HK, t, 0, T, True), other=0.0).to(CT)
-        dpre, _ = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, eps, W)
+        dpre, _ = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, eps, W, FP64, FAST)
         dw0, dw1, dw2, dw3 = _dw_acc(dpre * first, xv, x1, x2, x3, dw0, dw1, dw2, dw3, W)
         x3 = x2
         x2 = x1
@@ -193,7 +227,7 @@ def _bwd_kernel(
         for j in tl.static_range(U):
             xv = _lag(j, xa, xb, xc, xd).to(CT)
             gv = _lag(j, ga, gb, gc, gd).to(CT)
-            dpre, dxr = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, eps, W)
+            dpre, dxr = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, eps, W, FP64, FAST)
             dw0, dw1, dw2, dw3 = _dw_acc(dpre, xv, x1, x2, x3, dw0, dw1, dw2, dw3, W)
             sr = t + j - (W - 1)
             tl.store(dx_row + sr.to(tl.int64) * HK, dxr.to(dx_ptr.dtype.element_ty), mask=_rows(c, HK, sr, 0, T, True))
@@ -221,11 +255,11 @@ def default_config(T: int, K: int) -> list[int]:
     """``[fwd_rows, fwd_warps, bwd_rows, bwd_unroll, bwd_warps]``: the forward's ``[rows, K]`` tile, the
     backward's rows per program, walked ``bwd_unroll`` at a time.
 
-    From the sm_90 cross-compile (bf16, W 4; registers, no spills in any): forward ``[2048 / K, K]`` tiles on
-    4 warps, 16 elements a thread in 16-byte loads, 64 registers. Backward 4 channels a thread (K / 128
-    warps: 8-byte loads; K 256: 126 registers, 16 warps an SM; K 128: 144, one warp, no barrier in the
-    row reductions), 64 rows a program (W-1 warm-up rows: 5% recompute), 4 rows in flight. Variants to
-    compare on a device: :func:`bwd_variants`.
+    From the sm_90 cross-compile (Triton 3.9, bf16, W 4, FAST_MATH; no spills in any): forward ``[2048 / K, K]``
+    tiles on 4 warps, 16 elements a thread in 16-byte loads, 64 (K 256) / 71 (K 128) registers. Backward
+    4 channels a thread (K / 128 warps, 8-byte loads): K 256 128 registers (16 warps an SM), K 128 137 (one
+    warp: no barrier in the row reductions); 64 rows a program (the W-1 warm-up rows: 5% recompute), 4 rows
+    in flight, ~45 SASS instructions an element in the row loop. Variants to time: :func:`bwd_variants`.
     """
     bt = min(max(2048 // K, 1), triton.next_power_of_2(max(T, 1)))
     tl_b = min(64, max(4, triton.next_power_of_2(T)))
@@ -238,6 +272,10 @@ def bwd_variants(T: int, K: int) -> list[list[int]]:
     fwd = base[:2]
     alts = [[128, 4, base[4]], [64, 2, base[4]], [64, 4, max(1, base[4] // 2)], [64, 4, 2 * base[4]]]
     return [base] + [fwd + a for a in alts if fwd + a != base]
+
+
+def _fast(x: Tensor) -> bool:
+    return FAST_MATH and x.is_cuda and torch.version.hip is None and x.dtype != torch.float64
 
 
 def _check(x: Tensor, w: Tensor, n_heads: int) -> tuple[int, int, int, int, int]:
@@ -256,7 +294,7 @@ def conv_silu_l2_fwd(x: Tensor, w: Tensor, n_heads: int, eps: float = EPS, confi
     bt, nw = (config or default_config(T, K))[:2]
     y = torch.empty(B, T, n_heads, K, device=x.device, dtype=x.dtype)
     _fwd_kernel[(triton.cdiv(T, bt), n_heads, B)](
-        x, w, y, T, HK, eps, W=W, K=K, BT=bt, FP64=x.dtype == torch.float64, num_warps=nw
+        x, w, y, T, HK, eps, W=W, K=K, BT=bt, FP64=x.dtype == torch.float64, FAST=_fast(x), num_warps=nw
     )
     return y
 
@@ -295,6 +333,7 @@ def conv_silu_l2_bwd(
         TL=tl_rows,
         U=unroll,
         FP64=x.dtype == torch.float64,
+        FAST=_fast(x),
         num_warps=nw,
     )
     return dx, dw_part.sum(0).to(w.dtype)
