@@ -5,9 +5,9 @@ then the RMSNorm kernel as L2 norm): accuracy against float64 and forward / back
 of y, dx, dw of both paths against a float64 PyTorch reference at the 1.3b GDN shape (B 8, T 4096, H 6, K 256,
 bf16 x and dy, float32 weight as the layer has it); (b) ``triton.testing.do_bench`` medians of the forward
 and the backward of both paths at B8 T4096 H6 K256 and B16 T2048 H16 K128, the fused kernels at a few launch
-configs. The lean layer runs, per q or k and training step, the forward twice (forward + the backward's
-recompute) and the backward once: ``step = 2 fwd + bwd`` in the table. Results:
-``DIR/conv-l2-<device>-<date>.json``. ``--smoke``: a tiny shape, float32, on the CPU under Triton's
+configs (and with ``FAST_MATH`` off: ``fused-ieee``). The lean layer runs, per q or k and training step,
+the forward twice (forward + the backward's recompute) and the backward once: ``step = 2 fwd + bwd`` in the
+table. Results: ``DIR/conv-l2-<device>-<date>.json``. ``--smoke``: a tiny shape, float32, on the CPU under Triton's
 interpreter (a check that the script runs; its times mean nothing).
 """
 
@@ -124,6 +124,15 @@ def time_shape(B, T, H, K, dtype, device, timer, sweep: bool) -> list[dict[str, 
         add("fused", "fwd", cfg[:2], timer(lambda cfg=cfg: conv_silu_l2_fwd(x, w, H, L2_EPS, cfg)), 2 * n * es)
     for cfg in bwd_variants(T, K) if sweep else [dflt]:
         add("fused", "bwd", cfg[2:], timer(lambda cfg=cfg: conv_silu_l2_bwd(x, w, dy, H, L2_EPS, cfg)), 3 * n * es)
+    if sweep:  # the default configs with tl.exp and the IEEE division instead of the approximate PTX
+        from mixlab.ops.conv import triton_l2
+
+        triton_l2.FAST_MATH = False
+        try:
+            add("fused-ieee", "fwd", dflt[:2], timer(lambda: conv_silu_l2_fwd(x, w, H, L2_EPS, dflt)), 2 * n * es)
+            add("fused-ieee", "bwd", dflt[2:], timer(lambda: conv_silu_l2_bwd(x, w, dy, H, L2_EPS, dflt)), 3 * n * es)
+        finally:
+            triton_l2.FAST_MATH = True
     return rows
 
 

@@ -16,7 +16,8 @@ Training on the Triton backend (no cache) runs two lean custom ops (:func:`_lean
 :func:`_lean_norm_out`) that save the projections' outputs instead of the convs' and L2 norms' results,
 and the output norm's inputs instead of its result: their backward recomputes conv -> SiLU -> L2 norm
 and the norm (the same kernels; the L2 norm as the fused RMSNorm kernel), so the gradients are the
-unfused path's up to float rounding.
+unfused path's up to float rounding. For q and k (K a power of two in 64..256) conv -> SiLU -> L2 norm is
+one kernel each way (:mod:`mixlab.ops.conv.triton_l2`, switch :data:`FUSED_CONV_L2`).
 
 Decoding (see :func:`mixlab.layers.common.decode_path`): with a cache, no gradient and few new tokens,
 the delta rule runs as its recurrence on the cached state: on CUDA the conv-update and fused
