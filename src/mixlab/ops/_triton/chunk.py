@@ -607,10 +607,9 @@ def _bwd_dqkwg_kernel(
             b_dk = b_dk * tl.exp(b_glast - b_g)[:, None]
             # d G_last through γ_C S and through the decayed keys of the state update
             if LEAN:  # one flat reduction (Triton 3.6, sm_90: 32 instructions and 4 barriers fewer than two)
-                b_dkk = tl.sum(tl.reshape(b_dk * b_kf, [BT * BK]), axis=0)
+                b_dglast = tl.sum(b_hdh, axis=0) * tl.exp(b_glast) + tl.sum(tl.reshape(b_dk * b_kf, [BT * BK]), axis=0)
             else:
-                b_dkk = tl.sum(tl.sum(b_dk * b_kf, axis=1), axis=0)
-            b_dglast = tl.sum(b_hdh, axis=0) * tl.exp(b_glast) + b_dkk
+                b_dglast = tl.sum(b_hdh, axis=0) * tl.exp(b_glast) + tl.sum(tl.sum(b_dk * b_kf, axis=1), axis=0)
             b_dP = b_dP * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
         else:
             b_dq = b_dq * scale
