@@ -530,8 +530,8 @@ def _bwd_dqkwg_kernel(
     ``LEAN`` (with ``USE_G`` only; fewer live registers, same sums up to summation order): q and k for dG are
     read again after the V loop instead of held in float32 across it, dw is stored right after the loop,
     Σ h⊙dh is reduced to one scalar every V step instead of a [BK] vector, and dG_last's Σ dk⊙k is one flat
-    reduction. sm_90, K = V = 128, BK 64 BV 32,
-    8 warps: 154 → 128 registers with Triton 3.6, no spill, i.e. two CTAs per SM (Triton 3.9: 138)."""
+    reduction. sm_90, K = V = 128, BK 64 BV 32, 8 warps: 154 → 128 registers with Triton 3.6, no spill, i.e.
+    two CTAs per SM (Triton 3.9: 138)."""
     i_k, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NG: tl.constexpr = H // HK
     if IS_VARLEN:
@@ -835,7 +835,7 @@ CONFIG: dict[str, dict[str, int]] = {
     "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2, "BV_k256": 64},
     # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
     # (pointer args 16-aligned, as launched), GDN K = V = 128, BK 64, 8 warps; registers / spill bytes / SASS
-    # instructions with Triton 3.6 (registers with 3.9): BV 64 3 stages 160 / 0 / 1336 (153), BV 32 154 / 0 / 1480
+    # instructions with Triton 3.6 (registers with 3.9): BV 64 3 stages 161 / 0 / 1336 (153), BV 32 154 / 0 / 1480
     # (154): one 8-warp CTA per SM either way (the ungated kernel: 92, two); lean BV 32 128 / 0 / 1528 (138; 128 and
     # no spill with maxnreg 128), lean BV 64 2 stages maxnreg 128: 128 / 0 / 1328 (128 / 0), 82 KB shared memory:
     # both two CTAs per SM. Not measured on the GPU yet
