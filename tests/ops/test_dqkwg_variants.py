@@ -121,8 +121,10 @@ def test_lean_end_to_end(gated, cfg, monkeypatch):
     """dq, dk, dv, dβ, dg, dh0 with the variant keys: against float64, and against the default path."""
     cu = torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
     xs = _inputs(61 + gated, 100, 2, 32, 64, gated, N=4)
+    orig = chunk.CONFIG["dqkwg"]
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**orig, "lean": 0, "maxnreg": 0, "num_stages_lean": 0})
     base = _grads(delta_rule_triton, xs, torch.float32, cu)
-    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**chunk.CONFIG["dqkwg"], **cfg})
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**orig, "lean": 0, "maxnreg": 0, "num_stages_lean": 0, **cfg})
     got = _grads(delta_rule_triton, xs, torch.float32, cu)
     ref = _grads(delta_rule_reference, xs, torch.float64, cu)
     for name, a, b, r in zip(["q", "k", "v", "beta", "g", "h0"], got, base, ref):
@@ -144,8 +146,10 @@ def test_lean_bf16_at_k128(cfg, bf16_interpreter, monkeypatch):
     if DEVICE != "cpu":
         pytest.skip("the bf16 interpreter fixture is for TRITON_INTERPRET=1")
     xs = _inputs(71, 100, 1, 128, 128, True, N=1)
+    orig = chunk.CONFIG["dqkwg"]
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**orig, "lean": 0, "maxnreg": 0, "num_stages_lean": 0})
     base = _grads(delta_rule_triton, xs, torch.bfloat16, None)
-    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**chunk.CONFIG["dqkwg"], **cfg})
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**orig, "lean": 0, "maxnreg": 0, "num_stages_lean": 0, **cfg})
     got = _grads(delta_rule_triton, xs, torch.bfloat16, None)
     ref = _grads(delta_rule_reference, xs, torch.float64, None)
     for name, a, b, r in zip(["q", "k", "v", "beta", "g", "h0"], got, base, ref):

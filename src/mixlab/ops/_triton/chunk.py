@@ -815,7 +815,9 @@ CONFIG: dict[str, dict[str, int]] = {
         "BV_wide": 64,
         "wide_min_programs": 256,
     },
-    "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
+    # BV_k256 128: at the 1.3b GDN shape (K 256, V 512) q and k are re-read by half as many V tiles; H100 fwd+bwd
+    # 6.25 -> 5.96 ms per layer call (results/kernels-gdn-1.3b-shape-...-2026-11-24-s4-variants.json)
+    "fwd_o": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3, "BV_k256": 128},
     # enable 1: a forward that does not keep its states runs _fwd_ho_kernel (state pass and output in one
     # sequential kernel, no h / V_new written or read) instead of _fwd_h_kernel + _fwd_o_kernel, for K <= max_k.
     # H100, 65,536 tokens, T = 2K, forward ms (fwd_h + fwd_o -> fused; results/kernels-...-2026-11-24-s4-fused.json):
@@ -838,7 +840,9 @@ CONFIG: dict[str, dict[str, int]] = {
     # instructions with Triton 3.6 (registers with 3.9): BV 64 3 stages 161 / 0 / 1336 (153), BV 32 154 / 0 / 1480
     # (154): one 8-warp CTA per SM either way (the ungated kernel: 92, two); lean BV 32 128 / 0 / 1528 (138; 128 and
     # no spill with maxnreg 128), lean BV 64 2 stages maxnreg 128: 128 / 0 / 1328 (128 / 0), 82 KB shared memory:
-    # both two CTAs per SM. Not measured on the GPU yet
+    # both two CTAs per SM. H100, 65,536 tokens, GDN H16 K128 V128 fwd+bwd (results/kernels-...-2026-11-24-s4-dqkwg.json):
+    # 7.74 -> 7.34 ms at T = 2K and 8K with lean, 2 stages (num_stages_lean), maxnreg 128; lean BV 32 7.52, lean alone
+    # 7.76. DeltaNet keeps 3 stages (6.59 ms; 2 stages: 6.85). 1.3b shape (K 256, V 512): level (6.24 vs 6.25 ms)
     "dqkwg": {
         "BK": 64,
         "BV": 64,
@@ -846,8 +850,9 @@ CONFIG: dict[str, dict[str, int]] = {
         "num_stages": 3,
         "dk_part_f32": 0,
         "BV_ungated": 32,
-        "lean": 0,
-        "maxnreg": 0,
+        "lean": 1,
+        "maxnreg": 128,
+        "num_stages_lean": 2,
     },
     # gated linear attention (SSD, no delta rule): sum_dp 1 sums the masked dP over the value heads of a group
     # and applies it once (see _bwd_dqkwg_kernel)
@@ -1107,6 +1112,8 @@ def chunk_bwd(
     lean = use_g and bool(CONFIG[dq_cfg].get("lean", 0))  # gated kernel only (see _bwd_dqkwg_kernel)
     if use_g and CONFIG[dq_cfg].get("maxnreg", 0):
         kw["maxnreg"] = CONFIG[dq_cfg]["maxnreg"]
+    if lean and CONFIG[dq_cfg].get("num_stages_lean"):
+        kw["num_stages"] = CONFIG[dq_cfg]["num_stages_lean"]
     NK = triton.cdiv(K, BK)
     ns = NK + (1 if use_delta else 0)
     dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
