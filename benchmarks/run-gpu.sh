@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check-and-benchmark driver (used on the lent H100; each stage is time-boxed).
 #   bash benchmarks/run-gpu.sh OUT_DIR STAGE...
-# Stages: env kernels kernels-profile kernels-gdn13b kernels-mamba train-baseline bench-train train-compile train-mem
+# Stages: env kernels kernels-profile kernels-gdn13b conv-l2 kernels-mamba train-baseline bench-train train-compile train-mem
 #         decode graphs mqar scaling1
 # Results land in OUT_DIR (JSON/PNG/logs); copy them into benchmarks/results/ afterwards.
 set -u
@@ -21,6 +21,7 @@ for s in "$@"; do case $s in
        --presets transformer-1.3b,gated_deltanet-1.3b,mamba2-1.3b --out-dir "$out/train-mem";;
   scaling1) stage scaling1 240 python3 -m mixlab bench scaling --gpus 1 --presets gated_deltanet-1.3b \
        --seq-len 4096 --batch-per-gpu 2 --steps 6 --warmup 2 --out-dir "$out/scaling";;
+  conv-l2) stage conv-l2 150 python3 -m mixlab.bench.conv_l2 --out-dir "$out";;
   kernels-mamba) stage kernels-mamba 60 python3 -m mixlab bench kernels-mamba --sections loss --out-dir "$out";;
   train-baseline) for m in gated_deltanet-125m transformer-125m mamba2-125m; do
        stage "train-$m" 90 python3 -m mixlab train -c configs/train/gpu-125m.yaml model=$m train.batch_size=8 \
