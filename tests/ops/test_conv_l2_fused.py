@@ -122,8 +122,8 @@ def _grads(layer, fused: bool, x, dy, amp):
     old = mod.FUSED_CONV_L2
     mod.FUSED_CONV_L2 = fused
     calls = []
-    orig = fl.conv_silu_l2_bwd
-    fl.conv_silu_l2_bwd = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    orig = fl.conv_silu_l2_bwd_into
+    fl.conv_silu_l2_bwd_into = lambda *a, **k: calls.append(1) or orig(*a, **k)
     layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
     try:
@@ -132,7 +132,7 @@ def _grads(layer, fused: bool, x, dy, amp):
         (y.float() * dy).sum().backward()
     finally:
         mod.FUSED_CONV_L2 = old
-        fl.conv_silu_l2_bwd = orig
+        fl.conv_silu_l2_bwd_into = orig
     return y.detach(), {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}, len(calls)
 
 
@@ -166,3 +166,21 @@ def test_lean_layer_fused_bf16_autocast_as_accurate_as_unfused(bf16_interpreter)
     assert n1 == 2 and y1.dtype == y0.dtype == torch.bfloat16
     for name, a, b, r in [("y", y1, y0, yr)] + [(n, g1[n], g0[n], gr[n]) for n in gr]:
         assert _rel_err(a, r) <= 2 * _rel_err(b, r) + 1e-2, name
+
+
+def test_strided_input_and_gradient_into_a_slice():
+    """x as a channel slice of a wider tensor (the fused q | k | v projection) and dx written into a slice of a
+    wider gradient: the same results as on contiguous copies, the rest of the buffer untouched."""
+    from mixlab.ops.conv.triton_l2 import conv_silu_l2_bwd_into
+
+    torch.manual_seed(5)
+    wide = torch.randn(2, 21, 3 * 64 + 8, dtype=torch.float64)
+    x, w = wide[..., 64:128], torch.randn(64, 4, dtype=torch.float64) * 0.5
+    dy = torch.randn(2, 21, 1, 64, dtype=torch.float64)
+    y_ref = conv_silu_l2_fwd(x.contiguous(), w, 1)
+    dx_ref, dw_ref = conv_silu_l2_bwd(x.contiguous(), w, dy, 1)
+    assert torch.equal(conv_silu_l2_fwd(x, w, 1), y_ref)
+    buf = torch.full_like(wide, 7.0)
+    dw = conv_silu_l2_bwd_into(x, w, dy, 1, buf[..., 64:128])
+    assert torch.equal(buf[..., 64:128], dx_ref) and torch.equal(dw, dw_ref)
+    assert (buf[..., :64] == 7.0).all() and (buf[..., 128:] == 7.0).all()

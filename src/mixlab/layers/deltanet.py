@@ -116,13 +116,20 @@ def _fused_conv_l2(p: torch.Tensor, w: torch.Tensor, n_heads: int) -> bool:
     return FUSED_CONV_L2 and supported(p.shape[-1] // n_heads, w.shape[-1])
 
 
-def _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads):
+def _split_qkv(qkv: torch.Tensor, wq: torch.Tensor, wv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views of q, k ``[B, T, H*K]`` and v ``[B, T, H*V]`` in the fused projection ``qkv`` (channels q | k | v)."""
+    dk, dv = wq.shape[0], wv.shape[0]
+    return qkv[..., :dk], qkv[..., dk : 2 * dk], qkv[..., 2 * dk : 2 * dk + dv]
+
+
+def _lean_inputs(qkv, wq, wk, wv, n_heads):
     """``silu(conv(.))`` of the projections ``[B, T, H, D]``, q and k L2-normed per head:
     ``(q, k, v, (q before the norm, its rstd), (k before the norm, its rstd))``; the two pairs are None
     on the fused path (its backward recomputes them)."""
     from ..ops.conv.triton import causal_conv1d_fwd
     from ..ops.conv.triton_l2 import conv_silu_l2_fwd
 
+    qp, kp, vp = _split_qkv(qkv, wq, wv)
     B, T, _ = qp.shape
     vc = causal_conv1d_fwd(vp, wv, None, None, True, _conv_cfg(vp))[0].view(B, T, n_heads, -1)
     if _fused_conv_l2(qp, wq, n_heads):
@@ -137,9 +144,7 @@ def _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads):
 
 @torch.library.custom_op("mixlab::deltanet_lean_fwd", mutates_args=())
 def _lean_fwd(
-    qp: torch.Tensor,
-    kp: torch.Tensor,
-    vp: torch.Tensor,
+    qkv: torch.Tensor,
     wq: torch.Tensor,
     wk: torch.Tensor,
     wv: torch.Tensor,
@@ -148,32 +153,31 @@ def _lean_fwd(
     n_heads: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qp, kp ``[B, T, H*K]``, vp ``[B, T, H*V]`` (contiguous), conv weights ``[C, W]``, beta/g ``[B, T, H]``
-    -> ``(o [B, T, H, V], Tm, w, u, h, vn)``: the delta op's outputs (see ``mixlab::chunk_gated_delta_fwd``)."""
+    """qkv ``[B, T, 2*H*K + H*V]`` (the q | k | v projections of one GEMM, contiguous), conv weights ``[C, W]``,
+    beta/g ``[B, T, H]`` -> ``(o [B, T, H, V], Tm, w, u, h, vn)``: the delta op's outputs (see
+    ``mixlab::chunk_gated_delta_fwd``)."""
     from ..ops._triton.ops import chunk_gated_delta_fwd
 
-    with torch.autocast(qp.device.type, enabled=False):
-        q, k, v, _, _ = _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads)
+    with torch.autocast(qkv.device.type, enabled=False):
+        q, k, v, _, _ = _lean_inputs(qkv, wq, wk, wv, n_heads)
         o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(q, k, v, beta, g, scale, None, False, None, True)
     return o, Tm, w, u, h, vn
 
 
 @_lean_fwd.register_fake
-def _(qp, kp, vp, wq, wk, wv, beta, g, n_heads, scale):
+def _(qkv, wq, wk, wv, beta, g, n_heads, scale):
     from ..ops._triton.ops import chunk_gated_delta_fwd
 
-    B, T, _ = qp.shape
-    q = qp.new_empty(B, T, n_heads, qp.shape[-1] // n_heads)
-    v = vp.new_empty(B, T, n_heads, vp.shape[-1] // n_heads)
+    B, T, _ = qkv.shape
+    q = qkv.new_empty(B, T, n_heads, wq.shape[0] // n_heads)
+    v = qkv.new_empty(B, T, n_heads, wv.shape[0] // n_heads)
     o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(q, q, v, beta, g, scale, None, False, None, True)
     return o, Tm, w, u, h, vn
 
 
 @torch.library.custom_op("mixlab::deltanet_lean_bwd", mutates_args=())
 def _lean_bwd(
-    qp: torch.Tensor,
-    kp: torch.Tensor,
-    vp: torch.Tensor,
+    qkv: torch.Tensor,
     wq: torch.Tensor,
     wk: torch.Tensor,
     wv: torch.Tensor,
@@ -187,41 +191,41 @@ def _lean_bwd(
     do: torch.Tensor,
     n_heads: int,
     scale: float,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
-]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recompute conv -> SiLU -> L2 norm, then the delta op's, the L2 norms' and the convs' backward.
-    Returns ``(dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg | empty)``."""
+    Returns ``(dqkv, dwq, dwk, dwv, dbeta, dg | empty)``; the convs' backwards write their dx straight into
+    the slices of dqkv (one gradient for the fused projection, no concatenation)."""
     from ..ops._triton.ops import chunk_gated_delta_bwd
-    from ..ops.conv.triton import causal_conv1d_bwd
-    from ..ops.conv.triton_l2 import conv_silu_l2_bwd
+    from ..ops.conv.triton import causal_conv1d_bwd_into
+    from ..ops.conv.triton_l2 import conv_silu_l2_bwd_into
 
     keep = h.numel() > 0
-    with torch.autocast(qp.device.type, enabled=False):
-        q, k, v, qn, kn = _lean_inputs(qp, kp, vp, wq, wk, wv, n_heads)
+    qp, kp, vp = _split_qkv(qkv, wq, wv)
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    dqp, dkp, dvp = _split_qkv(dqkv, wq, wv)
+    with torch.autocast(qkv.device.type, enabled=False):
+        q, k, v, qn, kn = _lean_inputs(qkv, wq, wk, wv, n_heads)
         dq, dk, dv, dbeta, dg, _ = chunk_gated_delta_bwd(
             q, k, v, beta, g, scale, None, None, Tm, w, u, do, None, True, h if keep else None, vn if keep else None
         )
         del q, k, v
         if qn is None:
-            dqp, dwq = conv_silu_l2_bwd(qp, wq, dq, n_heads, L2_EPS)
-            dkp, dwk = conv_silu_l2_bwd(kp, wk, dk, n_heads, L2_EPS)
+            dwq = conv_silu_l2_bwd_into(qp, wq, dq, n_heads, dqp, L2_EPS)
+            dwk = conv_silu_l2_bwd_into(kp, wk, dk, n_heads, dkp, L2_EPS)
         else:
             dq, dk = _l2_bwd(*qn, dq).flatten(2), _l2_bwd(*kn, dk).flatten(2)
             del qn, kn
-            dqp, dwq, _, _ = causal_conv1d_bwd(qp, wq, None, None, dq, None, True, _conv_cfg(qp))
-            dkp, dwk, _, _ = causal_conv1d_bwd(kp, wk, None, None, dk, None, True, _conv_cfg(kp))
-        dvp, dwv, _, _ = causal_conv1d_bwd(vp, wv, None, None, dv.flatten(2), None, True, _conv_cfg(vp))
-    return dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg
+            dwq, _, _ = causal_conv1d_bwd_into(qp, wq, None, None, dq, None, True, _conv_cfg(qp), dqp)
+            dwk, _, _ = causal_conv1d_bwd_into(kp, wk, None, None, dk, None, True, _conv_cfg(kp), dkp)
+        dwv, _, _ = causal_conv1d_bwd_into(vp, wv, None, None, dv.flatten(2), None, True, _conv_cfg(vp), dvp)
+    return dqkv, dwq, dwk, dwv, dbeta, dg
 
 
 @_lean_bwd.register_fake
-def _(qp, kp, vp, wq, wk, wv, beta, g, Tm, w, u, h, vn, do, n_heads, scale):
+def _(qkv, wq, wk, wv, beta, g, Tm, w, u, h, vn, do, n_heads, scale):
     like = torch.empty_like
     return (
-        like(qp),
-        like(kp),
-        like(vp),
+        like(qkv, memory_format=torch.contiguous_format),
         like(wq),
         like(wk),
         like(wv),
@@ -231,41 +235,40 @@ def _(qp, kp, vp, wq, wk, wv, beta, g, Tm, w, u, h, vn, do, n_heads, scale):
 
 
 def _lean_fwd_setup(ctx, inputs, output):
-    qp, kp, vp, wq, wk, wv, beta, g, n_heads, scale = inputs
+    qkv, wq, wk, wv, beta, g, n_heads, scale = inputs
     _, Tm, w, u, h, vn = output
     ctx.set_materialize_grads(False)  # Tm, w, u, h, vn feed only the backward
-    ctx.save_for_backward(qp, kp, vp, wq, wk, wv, beta, g, Tm, w, u, h, vn)
+    ctx.save_for_backward(qkv, wq, wk, wv, beta, g, Tm, w, u, h, vn)
     ctx.cfg = (n_heads, scale)
 
 
 def _lean_fwd_backward(ctx, do, *_):
-    qp, kp, vp, wq, wk, wv, beta, g, Tm, w, u, h, vn = ctx.saved_tensors
+    qkv, wq, wk, wv, beta, g, Tm, w, u, h, vn = ctx.saved_tensors
     if do is None:
-        return (None,) * 10
-    dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg = _lean_bwd(
-        qp, kp, vp, wq, wk, wv, beta, g, Tm, w, u, h, vn, do.contiguous(), *ctx.cfg
-    )
-    return dqp, dkp, dvp, dwq, dwk, dwv, dbeta, dg if g is not None else None, None, None
+        return (None,) * 8
+    dqkv, dwq, dwk, dwv, dbeta, dg = _lean_bwd(qkv, wq, wk, wv, beta, g, Tm, w, u, h, vn, do.contiguous(), *ctx.cfg)
+    return dqkv, dwq, dwk, dwv, dbeta, dg if g is not None else None, None, None
 
 
 _lean_fwd.register_autograd(_lean_fwd_backward, setup_context=_lean_fwd_setup)
 
 
+def _qkv_projection(layer: DeltaNet, x: torch.Tensor) -> torch.Tensor:
+    """``x [B, T, d_model]`` through q_proj, k_proj and v_proj as one GEMM against their concatenated weights
+    (the parameters stay separate): x is read once, and backward has one input-gradient GEMM instead of three
+    plus their sum. -> ``[B, T, 2*H*K + H*V]`` (channels q | k | v)."""
+    w = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight])
+    return F.linear(x, w)
+
+
 def _lean_qkv_delta(
-    layer: DeltaNet,
-    qp: torch.Tensor,
-    kp: torch.Tensor,
-    vp: torch.Tensor,
-    beta: torch.Tensor,
-    g: torch.Tensor | None,
-    scale: float,
+    layer: DeltaNet, qkv: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """``delta_rule(l2(silu(conv(qp))), l2(silu(conv(kp))), silu(conv(vp)), beta, g)`` saving qp, kp, vp
-    (and the delta op's Tm, w, u) for backward. qp, kp ``[B, T, H*K]``, vp ``[B, T, H*V]`` -> o ``[B, T, H, V]``."""
+    """``delta_rule(l2(silu(conv(q))), l2(silu(conv(k))), silu(conv(v)), beta, g)`` of the fused projection
+    ``qkv [B, T, 2*H*K + H*V]`` (see :func:`_qkv_projection`), saving qkv (and the delta op's Tm, w, u) for
+    backward -> o ``[B, T, H, V]``."""
     o, *_ = _lean_fwd(
-        qp.contiguous(),
-        kp.contiguous(),
-        vp.to(qp.dtype).contiguous(),
+        qkv.contiguous(),
         *(c.weight.squeeze(1).contiguous() for c in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d)),
         beta.contiguous(),
         g.contiguous() if g is not None else None,
@@ -622,11 +625,12 @@ class DeltaNet(Mixer):
                 f"{type(self).__name__}: cache was made for batch {cache.state.shape[0]}, input has batch {B}"
             )
         path = decode_path(self, x, cache)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self._lean_ok(x, cache):
             beta = torch.sigmoid(_acc(self.b_proj(x)))
-            o = _lean_qkv_delta(self, q, k, v, beta, self._decay(x), self.head_dim**-0.5)
+            qkv = _qkv_projection(self, x)
+            o = _lean_qkv_delta(self, qkv, beta, self._decay(x), self.head_dim**-0.5)
             return _lean_norm_out(self, o, self.g_proj(x) if self.use_output_gate else None, x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             q, k, v = self._short_convs(q, k, v, cache, path)
         else:

@@ -25,7 +25,14 @@ from .triton import _lag, _rows
 
 Tensor = torch.Tensor
 
-__all__ = ["bwd_variants", "conv_silu_l2_bwd", "conv_silu_l2_fwd", "default_config", "supported"]
+__all__ = [
+    "bwd_variants",
+    "conv_silu_l2_bwd",
+    "conv_silu_l2_bwd_into",
+    "conv_silu_l2_fwd",
+    "default_config",
+    "supported",
+]
 
 #: float32 on an NVIDIA GPU: the SiLU's exp and reciprocal as approximate PTX instructions (see _sigmoid);
 #: False: tl.exp and an IEEE-rounded division, as the interpreter (CPU) always runs
@@ -68,6 +75,8 @@ def _fwd_kernel(
     y_ptr,
     T,
     HK,
+    sxb,
+    sxt,
     eps,
     W: tl.constexpr,
     K: tl.constexpr,
@@ -86,7 +95,7 @@ def _fwd_kernel(
         wk = tl.load(w_ptr + c * W + k).to(CT)
         r = t + (k - (W - 1))
         m = ((r >= 0) & (r < T))[:, None]  # broadcast over K: keeps the loads vectorised
-        xv = tl.load(x_ptr + (b * T + r)[:, None].to(tl.int64) * HK + c[None, :], mask=m, other=0.0)
+        xv = tl.load(x_ptr + b * sxb + r[:, None].to(tl.int64) * sxt + c[None, :], mask=m, other=0.0)
         acc += wk[None, :] * xv.to(CT)
     s = acc * _sigmoid(acc, FP64, FAST)
     rstd = _rsqrt(tl.sum(s * s, 1) + eps, FP64)
@@ -143,6 +152,10 @@ def _bwd_kernel(
     dw_part_ptr,
     T,
     HK,
+    sxb,
+    sxt,
+    sdxb,
+    sdxt,
     sdyb,
     sdyt,
     sdyh,
@@ -179,22 +192,22 @@ def _bwd_kernel(
     d1 = zero
     d2 = zero
     d3 = zero
-    x_row = x_ptr + b * T * HK + c
+    x_row = x_ptr + b * sxb + c
     dy_row = dy_ptr + b * sdyb + h * sdyh + kk
     # ring of x[s0 - 1], x[s0 - 2], x[s0 - 3] (zero before the sequence)
-    x1 = tl.load(x_row + (s0 - 1).to(tl.int64) * HK, mask=_rows(c, HK, s0 - 1, 0, T, True), other=0.0).to(CT)
+    x1 = tl.load(x_row + (s0 - 1).to(tl.int64) * sxt, mask=_rows(c, HK, s0 - 1, 0, T, True), other=0.0).to(CT)
     x2 = zero
     x3 = zero
     if W > 2:
-        x2 = tl.load(x_row + (s0 - 2).to(tl.int64) * HK, mask=_rows(c, HK, s0 - 2, 0, T, True), other=0.0).to(CT)
+        x2 = tl.load(x_row + (s0 - 2).to(tl.int64) * sxt, mask=_rows(c, HK, s0 - 2, 0, T, True), other=0.0).to(CT)
     if W > 3:
-        x3 = tl.load(x_row + (s0 - 3).to(tl.int64) * HK, mask=_rows(c, HK, s0 - 3, 0, T, True), other=0.0).to(CT)
+        x3 = tl.load(x_row + (s0 - 3).to(tl.int64) * sxt, mask=_rows(c, HK, s0 - 3, 0, T, True), other=0.0).to(CT)
     # warm-up rows t in [s0, s0 + W - 1): dpre only; their dw terms belong to this program only if it is the
     # first one (the others' warm-up rows are the previous program's main rows)
     first = (pid_t == 0).to(CT)
     for j in tl.static_range(W - 1):
         t = s0 + j
-        xv = tl.load(x_row + t.to(tl.int64) * HK, mask=_rows(c, HK, t, 0, T, True), other=0.0).to(CT)
+        xv = tl.load(x_row + t.to(tl.int64) * sxt, mask=_rows(c, HK, t, 0, T, True), other=0.0).to(CT)
         gv = tl.load(dy_row + t.to(tl.int64) * sdyt, mask=_rows(c, HK, t, 0, T, True), other=0.0).to(CT)
         dpre, _ = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, eps, W, FP64, FAST)
         dw0, dw1, dw2, dw3 = _dw_acc(dpre * first, xv, x1, x2, x3, dw0, dw1, dw2, dw3, W)
@@ -205,10 +218,10 @@ def _bwd_kernel(
         d2 = d1
         d1 = dpre
     # main rows, U at a time so that their loads are in flight together
-    dx_row = dx_ptr + b * T * HK + c
+    dx_row = dx_ptr + b * sdxb + c
     for it in range(TL // U):
         t = s0 + (W - 1) + it * U
-        xa = tl.load(x_row + t.to(tl.int64) * HK, mask=_rows(c, HK, t, 0, T, True), other=0.0)
+        xa = tl.load(x_row + t.to(tl.int64) * sxt, mask=_rows(c, HK, t, 0, T, True), other=0.0)
         ga = tl.load(dy_row + t.to(tl.int64) * sdyt, mask=_rows(c, HK, t, 0, T, True), other=0.0)
         xb = xa
         gb = ga
@@ -217,12 +230,12 @@ def _bwd_kernel(
         xd = xa
         gd = ga
         if U > 1:
-            xb = tl.load(x_row + (t + 1).to(tl.int64) * HK, mask=_rows(c, HK, t + 1, 0, T, True), other=0.0)
+            xb = tl.load(x_row + (t + 1).to(tl.int64) * sxt, mask=_rows(c, HK, t + 1, 0, T, True), other=0.0)
             gb = tl.load(dy_row + (t + 1).to(tl.int64) * sdyt, mask=_rows(c, HK, t + 1, 0, T, True), other=0.0)
         if U > 2:
-            xc = tl.load(x_row + (t + 2).to(tl.int64) * HK, mask=_rows(c, HK, t + 2, 0, T, True), other=0.0)
+            xc = tl.load(x_row + (t + 2).to(tl.int64) * sxt, mask=_rows(c, HK, t + 2, 0, T, True), other=0.0)
             gc = tl.load(dy_row + (t + 2).to(tl.int64) * sdyt, mask=_rows(c, HK, t + 2, 0, T, True), other=0.0)
-            xd = tl.load(x_row + (t + 3).to(tl.int64) * HK, mask=_rows(c, HK, t + 3, 0, T, True), other=0.0)
+            xd = tl.load(x_row + (t + 3).to(tl.int64) * sxt, mask=_rows(c, HK, t + 3, 0, T, True), other=0.0)
             gd = tl.load(dy_row + (t + 3).to(tl.int64) * sdyt, mask=_rows(c, HK, t + 3, 0, T, True), other=0.0)
         for j in tl.static_range(U):
             xv = _lag(j, xa, xb, xc, xd).to(CT)
@@ -230,7 +243,9 @@ def _bwd_kernel(
             dpre, dxr = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, eps, W, FP64, FAST)
             dw0, dw1, dw2, dw3 = _dw_acc(dpre, xv, x1, x2, x3, dw0, dw1, dw2, dw3, W)
             sr = t + j - (W - 1)
-            tl.store(dx_row + sr.to(tl.int64) * HK, dxr.to(dx_ptr.dtype.element_ty), mask=_rows(c, HK, sr, 0, T, True))
+            tl.store(
+                dx_row + sr.to(tl.int64) * sdxt, dxr.to(dx_ptr.dtype.element_ty), mask=_rows(c, HK, sr, 0, T, True)
+            )
             x3 = x2
             x2 = x1
             x1 = xv
@@ -284,19 +299,21 @@ def _check(x: Tensor, w: Tensor, n_heads: int) -> tuple[int, int, int, int, int]
     W = w.shape[1]
     if HK % n_heads or not supported(HK // n_heads, W) or w.shape[0] != HK:
         raise ValueError(f"conv_silu_l2: x {tuple(x.shape)}, weight {tuple(w.shape)}, {n_heads} heads unsupported")
-    if not (x.is_contiguous() and w.is_contiguous()):
-        raise ValueError("conv_silu_l2: x and weight must be contiguous")
+    if x.stride(2) != 1 or not w.is_contiguous():
+        raise ValueError("conv_silu_l2: x needs a unit channel stride and the weight must be contiguous")
     return B, T, HK, HK // n_heads, W
 
 
 def conv_silu_l2_fwd(x: Tensor, w: Tensor, n_heads: int, eps: float = EPS, config: list[int] | None = None) -> Tensor:
-    """x ``[B, T, H*K]``, w ``[H*K, W]`` (both contiguous) -> ``l2(silu(conv(x)))`` as y ``[B, T, H, K]``."""
+    """x ``[B, T, H*K]`` (unit channel stride, e.g. a slice of a fused projection), w ``[H*K, W]`` (contiguous)
+    -> ``l2(silu(conv(x)))`` as a contiguous y ``[B, T, H, K]``."""
     B, T, HK, K, W = _check(x, w, n_heads)
     bt, nw = (config or default_config(T, K))[:2]
     y = torch.empty(B, T, n_heads, K, device=x.device, dtype=x.dtype)
     _fwd_kernel[(triton.cdiv(T, bt), n_heads, B)](
-        x, w, y, T, HK, eps, W=W, K=K, BT=bt, FP64=x.dtype == torch.float64, FAST=_fast(x), num_warps=nw
-    )
+        x, w, y, T, HK, x.stride(0), x.stride(1), eps,
+        W=W, K=K, BT=bt, FP64=x.dtype == torch.float64, FAST=_fast(x), num_warps=nw,
+    )  # fmt: skip
     return y
 
 
@@ -305,7 +322,18 @@ def conv_silu_l2_bwd(
 ) -> tuple[Tensor, Tensor]:
     """The backward of :func:`conv_silu_l2_fwd` from its inputs and dy ``[B, T, H, K]`` (unit last stride):
     ``(dx [B, T, H*K] in x's dtype, dw [H*K, W] in w's dtype)``."""
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    return dx, conv_silu_l2_bwd_into(x, w, dy, n_heads, dx, eps, config)
+
+
+def conv_silu_l2_bwd_into(
+    x: Tensor, w: Tensor, dy: Tensor, n_heads: int, dx: Tensor, eps: float = EPS, config: list[int] | None = None
+) -> Tensor:
+    """:func:`conv_silu_l2_bwd` writing dx into a given ``[B, T, H*K]`` tensor with a unit channel stride (e.g. a
+    slice of the fused projection's gradient); returns dw."""
     B, T, HK, K, W = _check(x, w, n_heads)
+    if dx.shape != x.shape or dx.stride(2) != 1:
+        raise ValueError(f"conv_silu_l2_bwd_into: dx must be {list(x.shape)} with unit channel stride")
     if dy.shape != (B, T, n_heads, K):
         raise ValueError(f"conv_silu_l2_bwd: dy must be {[B, T, n_heads, K]}, got {list(dy.shape)}")
     if dy.stride(3) != 1:
@@ -315,7 +343,6 @@ def conv_silu_l2_bwd(
         raise ValueError(f"conv_silu_l2_bwd: bwd_unroll={unroll} must be 1, 2 or 4 and divide bwd_rows={tl_rows}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n_p = triton.cdiv(T, tl_rows)
-    dx = torch.empty_like(x)
     dw_part = torch.empty(B * n_p, HK, W, device=x.device, dtype=acc)
     _bwd_kernel[(n_p, n_heads, B)](
         x,
@@ -325,6 +352,10 @@ def conv_silu_l2_bwd(
         dw_part,
         T,
         HK,
+        x.stride(0),
+        x.stride(1),
+        dx.stride(0),
+        dx.stride(1),
         dy.stride(0),
         dy.stride(1),
         dy.stride(2),
@@ -337,4 +368,4 @@ def conv_silu_l2_bwd(
         FAST=_fast(x),
         num_warps=nw,
     )
-    return dx, dw_part.sum(0).to(w.dtype)
+    return dw_part.sum(0).to(w.dtype)
