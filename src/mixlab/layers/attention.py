@@ -111,14 +111,6 @@ class Attention(Mixer):
     def forward(self, x: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
         """``x [B, T, d_model]``; with ``cache``, continue the cached sequence (and update the cache)."""
         b, t, _ = x.shape
-        if cache is None:
-            # training / full-sequence: slices of a cached table (no trig inside compiled graphs). Fetched before
-            # the projections: rope_table is a graph break, and here it leaves the projections in the graph of
-            # their consumers (RoPE, attention), so the fused q/k GEMM's gradient is written in place, not
-            # gathered from two tangents of another graph.
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            cos, sin = rope_table(t, self.head_dim, self.rope_theta, x.device, dtype)
-            cos, sin = cos[:t], sin[:t]
         if FUSED_PROJ and cache is None and torch.is_grad_enabled():
             q, k, v = self._qkv_fused(x)
         else:
@@ -127,9 +119,13 @@ class Attention(Mixer):
             v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         if cache is not None and isinstance(cache.pos, torch.Tensor):
             return self.o_proj(self._forward_rows(q, k, v, cache).reshape(b, t, self.n_heads * self.head_dim))
-        if cache is not None:
+        start = 0 if cache is None else cache.pos
+        if cache is None:  # training / full-sequence: slices of a cached table (no trig inside compiled graphs)
+            cos, sin = rope_table(t, self.head_dim, self.rope_theta, x.device, q.dtype)
+            cos, sin = cos[:t], sin[:t]
+        else:
             cos, sin = rope_cos_sin(
-                torch.arange(cache.pos, cache.pos + t, device=x.device), self.head_dim, self.rope_theta, dtype=q.dtype
+                torch.arange(start, start + t, device=x.device), self.head_dim, self.rope_theta, dtype=q.dtype
             )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
