@@ -12,10 +12,6 @@ from torch import nn
 from ..ops.attention import apply_rope, attention, rope_cos_sin, rope_table
 from .base import Mixer
 
-#: the training path (no cache, grad enabled) computes q and k with one GEMM against their concatenated
-#: weights (False: separate GEMMs; kept for A/B runs and tests). See :meth:`Attention._qkv_fused`.
-FUSED_PROJ = True
-
 
 @dataclass
 class AttentionCache:
@@ -111,12 +107,9 @@ class Attention(Mixer):
     def forward(self, x: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
         """``x [B, T, d_model]``; with ``cache``, continue the cached sequence (and update the cache)."""
         b, t, _ = x.shape
-        if FUSED_PROJ and cache is None and torch.is_grad_enabled():
-            q, k, v = self._qkv_fused(x)
-        else:
-            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-            k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         if cache is not None and isinstance(cache.pos, torch.Tensor):
             return self.o_proj(self._forward_rows(q, k, v, cache).reshape(b, t, self.n_heads * self.head_dim))
         start = 0 if cache is None else cache.pos
@@ -133,23 +126,6 @@ class Attention(Mixer):
         else:
             o = self._attend_cached(q, k, v, cache)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.head_dim))
-
-    def _qkv_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q ``[B, T, H, D]``, k, v ``[B, T, Hkv, D]``, q and k as views of one GEMM against their concatenated
-        weights: one read of x fewer, and in backward one dX GEMM (and one sum) fewer.
-
-        v keeps its own GEMM: attention saves v for backward, and a view of a fused q/k/v output would keep the
-        whole buffer alive (pre-RoPE q and k too, 8 KiB/token at 1.3b); q and k are only read by RoPE, whose
-        outputs are what attention saves. The q/k views are strided (row stride ``(H + Hkv) D``), which RoPE
-        (elementwise) reads as is.
-        """
-        b, t, _ = x.shape
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight])
-        bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias])
-        q, k = F.linear(x, weight, bias).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
-        q = q.view(b, t, self.n_heads, self.head_dim)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim)
-        return q, k, self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
 
     def _attend_cached(self, q, k, v, cache: AttentionCache) -> torch.Tensor:
         b, t = q.shape[:2]
