@@ -855,8 +855,10 @@ CONFIG: dict[str, dict[str, int]] = {
         "num_stages_lean": 2,
     },
     # gated linear attention (SSD, no delta rule): sum_dp 1 sums the masked dP over the value heads of a group
-    # and applies it once (see _bwd_dqkwg_kernel)
-    "dqkwg_ssd": {"BK": 64, "BV": 32, "num_warps": 8, "num_stages": 3, "sum_dp": 0},
+    # and applies it once (see _bwd_dqkwg_kernel). H100, SSD H64 P64 N128, 65,536 tokens, T = 2K
+    # (results/kernels-...-2026-11-24-s4-dqkwg-ssd*.json): 4 warps 4.02 -> 2.65 ms per call (fwd+bwd 9.76 -> 8.38);
+    # BK 128 at 8 warps 2.65 too, at 4 warps 6.97; 2 warps 8.00; sum_dp 1 4.08; BV 64 4.41; 2 stages 4.52
+    "dqkwg_ssd": {"BK": 64, "BV": 32, "num_warps": 4, "num_stages": 3, "sum_dp": 0},
     "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128, "BK_k256": 32, "BV_k256": 64},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
