@@ -30,7 +30,9 @@ from __future__ import annotations
 import _thread
 import argparse
 import json
+import os
 import shlex
+import signal
 import statistics
 import sys
 import threading
@@ -116,24 +118,40 @@ def _step_seconds(run_dir: Path) -> float:
 
 
 class _Deadline:
-    """Interrupts the main thread (KeyboardInterrupt, which the training loop turns into a clean
-    stop with a checkpoint) after ``seconds``; ``fired`` tells it apart from a user's Ctrl-C."""
+    """Stops training after ``seconds`` the way a preemption does: SIGUSR1, on which the training loop finishes
+    its step, writes a checkpoint and returns ``"preempted"``. If the loop has not returned ``grace`` seconds
+    later (e.g. still before its first step), the main thread gets a KeyboardInterrupt. (An interrupt alone
+    can land inside the optimizer update, where the loop stops without a checkpoint to score.) ``fired``
+    tells either apart from a user's Ctrl-C."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, grace: float = 30.0) -> None:
         self.fired = False
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
+        self._signal = hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread()
+        self._timers = [threading.Timer(seconds, self._stop)]
+        if self._signal:
+            self._timers.append(threading.Timer(seconds + grace, _thread.interrupt_main))
+        for t in self._timers:
+            t.daemon = True
 
-    def _fire(self) -> None:
+    def _stop(self) -> None:
         self.fired = True
-        _thread.interrupt_main()
+        if self._signal:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        else:
+            _thread.interrupt_main()
 
     def __enter__(self) -> _Deadline:
-        self._timer.start()
+        if self._signal:  # a signal that arrives after the loop has returned (and restored this handler) is ignored
+            self._previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+        for t in self._timers:
+            t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
+        for t in self._timers:
+            t.cancel()
+        if self._signal:
+            signal.signal(signal.SIGUSR1, self._previous if self._previous is not None else signal.SIG_DFL)
 
 
 def _plot(path: Path, best: list[dict[str, Any]], title: str) -> None:
@@ -238,7 +256,7 @@ def _run_point(
                     raise
                 raise RuntimeError("the time share ran out before the first training step") from None
         train_s = time.monotonic() - t1
-        if deadline.fired and res.status == "interrupted" and res.step > 0:
+        if deadline.fired and res.status in ("preempted", "interrupted") and res.step > 0:
             row["stopped_by_budget"] = True  # evaluated at its last checkpoint, the schedule cut short
             log(f"  {arch} d{d} lr {lr}: time share spent at step {res.step} of {steps}")
             steps = res.step
