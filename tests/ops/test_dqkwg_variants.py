@@ -98,6 +98,12 @@ def _inputs(seed, T, H, K, V, gated, N):
     return [q, k, v, beta, gate, h0]
 
 
+def _dqkwg_config(monkeypatch, **cfg):
+    """``CONFIG["dqkwg"]`` as the non-lean kernel (the comparison base), with ``cfg`` on top."""
+    base = chunk.CONFIG["dqkwg"]
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**base, "lean": 0, "maxnreg": 0, "num_stages_lean": 0, **cfg})
+
+
 def _grads(fn, xs, dtype, cu):
     leaves = [x.to(DEVICE, dtype if i < 5 else torch.float32).clone().requires_grad_() if x is not None else None
               for i, x in enumerate(xs)]  # fmt: skip
@@ -121,10 +127,9 @@ def test_lean_end_to_end(gated, cfg, monkeypatch):
     """dq, dk, dv, dβ, dg, dh0 with the variant keys: against float64, and against the default path."""
     cu = torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
     xs = _inputs(61 + gated, 100, 2, 32, 64, gated, N=4)
-    orig = chunk.CONFIG["dqkwg"]
-    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**orig, "lean": 0, "maxnreg": 0, "num_stages_lean": 0})
+    _dqkwg_config(monkeypatch)
     base = _grads(delta_rule_triton, xs, torch.float32, cu)
-    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**orig, "lean": 0, "maxnreg": 0, "num_stages_lean": 0, **cfg})
+    _dqkwg_config(monkeypatch, **cfg)
     got = _grads(delta_rule_triton, xs, torch.float32, cu)
     ref = _grads(delta_rule_reference, xs, torch.float64, cu)
     for name, a, b, r in zip(["q", "k", "v", "beta", "g", "h0"], got, base, ref):
@@ -146,10 +151,9 @@ def test_lean_bf16_at_k128(cfg, bf16_interpreter, monkeypatch):
     if DEVICE != "cpu":
         pytest.skip("the bf16 interpreter fixture is for TRITON_INTERPRET=1")
     xs = _inputs(71, 100, 1, 128, 128, True, N=1)
-    orig = chunk.CONFIG["dqkwg"]
-    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**orig, "lean": 0, "maxnreg": 0, "num_stages_lean": 0})
+    _dqkwg_config(monkeypatch)
     base = _grads(delta_rule_triton, xs, torch.bfloat16, None)
-    monkeypatch.setitem(chunk.CONFIG, "dqkwg", {**orig, "lean": 0, "maxnreg": 0, "num_stages_lean": 0, **cfg})
+    _dqkwg_config(monkeypatch, **cfg)
     got = _grads(delta_rule_triton, xs, torch.bfloat16, None)
     ref = _grads(delta_rule_reference, xs, torch.float64, None)
     for name, a, b, r in zip(["q", "k", "v", "beta", "g", "h0"], got, base, ref):
