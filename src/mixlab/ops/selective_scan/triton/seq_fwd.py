@@ -1,0 +1,250 @@
+"""Selective scan forward, v3: channels across lanes, time inside each thread.
+
+One program owns (batch b, a block of ``BD`` channels) and walks the sequence in chunks of ``BT`` steps. The
+``[BD, BT]`` tiles of u, delta, z hold ``BT`` consecutive steps of one channel in one thread (L is contiguous),
+so the scan over time is sequential inside the thread: ``tl.associative_scan`` along axis 1 lowers to ``BT - 1``
+in-thread combines, no shuffles. The state loop is unrolled (``tl.static_range``, N is a constexpr) and the
+states carried across chunks live in a register tile ``h [BD, NP]`` whose N columns sit in the thread owning
+the channel: column n is read and written with ``where(nn == n, ...)`` selects, which fold to register moves.
+The carried state enters the scan folded into its first input (``b_0 += a_0 h_in``), so the scan's product
+output is dead code and the recurrence costs one FFMA per (t, d, n) element.
+
+The B and C rows of a chunk (``[BT]`` per state, the same for every channel of the group) are loaded as ``[BT]``
+vectors, which Triton keeps whole in every thread: one broadcast load per state and chunk, no layout conversion.
+
+The states entering every ``block_l`` steps go to v2's buffer ``states [B, n_chunks + 1, N, D]``
+(``n_chunks = cdiv(L, block_l)``, slot 0 = initial state written by the launcher, slot n_chunks = final state),
+so both backwards (v2's and v3's) can read it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernels import _softplus
+from .op import state_dtype
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _col(x, idx, k):
+    """Column k of ``x [R, K]`` as ``[R]`` (idx = arange(K)); the -0.0 fill makes the sum exact (x + -0.0 == x),
+    so with K inside the thread it folds to picking one register."""
+    return tl.sum(tl.where(idx[None, :] == k, x, -0.0), 1)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    if FAST:
+        # one MUFU.EX2 (tl.exp2 adds a denormal range fix-up: 3 more instructions); decays below 2^-126 flush to 0
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _silu(x, FAST: tl.constexpr):
+    if FAST:
+        e = tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * -1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1
+        )
+        r = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1
+        )
+        return x * r
+    else:
+        return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _scan_combine(a1, b1, a2, b2):
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def selective_scan_seq_fwd_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    states_ptr,
+    out_ptr,
+    DIM,
+    L,
+    N_CHUNKS,
+    CH_PER_GROUP,
+    stride_bb,
+    stride_bg,
+    stride_bn,
+    stride_cb,
+    stride_cg,
+    stride_cn,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BD: tl.constexpr,
+    BT: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    FP64: tl.constexpr,
+    FAST: tl.constexpr,
+    A_REG: tl.constexpr,
+):
+    """Grid (DIM // BD, batch). u, delta, z, out ``[B, DIM, L]``; A ``[DIM, N]``; B, C ``[B, G, N, L]`` by strides;
+    states ``[B, N_CHUNKS + 1, N, DIM]`` (slot 0 read, slots 1.. written). A_REG: A's row kept as a register tile
+    (1) or loaded per state and chunk (0)."""
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    grp = (pid_d * BD) // CH_PER_GROUP
+    tt = tl.arange(0, BT)
+    nn = tl.arange(0, NP)
+    row = (b * DIM + d).to(tl.int64) * L  # [BD] start of each channel's sequence
+    B_base = B_ptr + b * stride_bb + grp * stride_bg
+    C_base = C_ptr + b * stride_cb + grp * stride_cg
+    st_ptrs = states_ptr + b * (N_CHUNKS + 1) * N * DIM + nn[None, :] * DIM + d[:, None]  # [BD, NP], slot 0
+    st_mask = (nn[None, :] < N) & (d[:, None] < DIM)
+    h = tl.load(st_ptrs, mask=st_mask, other=0.0).to(CT)
+    if A_REG:
+        A2 = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(CT)
+        if not FP64:
+            A2 = A2 * LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + d).to(CT)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d).to(CT)
+    n_steps = tl.cdiv(L, BT)
+    for k in range(0, n_steps):
+        t = k * BT + tt
+        tmask = t < L
+        mask = tmask[None, :]
+        offs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+        dl = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(CT)
+        if HAS_BIAS:
+            dl = dl + bias[:, None]
+        if SOFTPLUS:
+            dl = _softplus(dl)
+        dl = tl.where(mask, dl, 0.0)  # padded steps: decay 1, input 0, the state passes through
+        du = dl * u
+        if HAS_D:
+            y = Dv[:, None] * u
+        else:
+            y = tl.zeros([BD, BT], dtype=CT)
+        for n in tl.static_range(N):
+            if A_REG:
+                a_n = _col(A2, nn, n)
+            else:
+                a_n = tl.load(A_ptr + d * N + n).to(CT)
+                if not FP64:
+                    a_n = a_n * LOG2E
+            Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)
+            Cn = tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0).to(CT)
+            if FP64:
+                a = tl.exp(dl * a_n[:, None])
+            else:
+                a = _exp2(dl * a_n[:, None], FAST)
+            h_in = _col(h, nn, n)
+            # fold: the carried state enters as a_0 h_in added to b_0 (-0.0 elsewhere: bb + -0.0 folds away)
+            bb = du * Bn[None, :] + tl.where(tt[None, :] == 0, a * h_in[:, None], -0.0)
+            _, hs = tl.associative_scan((a, bb), 1, _scan_combine)
+            y += hs * Cn[None, :]
+            h = tl.where(nn[None, :] == n, _col(hs, tt, BT - 1)[:, None], h)
+        if HAS_Z:
+            zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+            y = y * _silu(zz, FAST)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        # the states entering step (k + 1) * BT when that is a multiple of BLOCK_L, and the final state
+        if (((k + 1) * BT) % BLOCK_L == 0) | (k == n_steps - 1):
+            slot = tl.cdiv((k + 1) * BT, BLOCK_L)
+            tl.store(st_ptrs + slot * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
+
+
+def fast_math(u: torch.Tensor) -> bool:
+    """Approximate ex2/rcp PTX (float32 math on an NVIDIA GPU); the interpreter runs the exact path."""
+    return u.is_cuda and torch.version.hip is None and u.dtype != torch.float64
+
+
+def seq_fwd(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    delta_softplus: bool,
+    block_l: int = 64,
+    bt: int = 8,
+    bd: int = 32,
+    num_warps: int = 1,
+    *,
+    a_reg: int = 1,
+    fast: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u, delta, z ``[B, D, L]`` contiguous; A ``[D, N]``; B, C ``[B, G, N, L]`` (L contiguous); D, delta_bias ``[D]``;
+    initial_state ``[B, D, N]``. Returns ``out [B, D, L]`` (u's dtype), ``last_state [B, D, N]`` and the states
+    buffer ``[B, cdiv(L, block_l) + 1, N, D]`` (v2's format). bd must divide D / G; block_l a multiple of bt."""
+    bsz, dim, length = u.shape
+    n = A.shape[1]
+    groups = B.shape[1]
+    if block_l % bt or bt & (bt - 1) or bd & (bd - 1) or (dim // groups) % bd:
+        raise ValueError(f"seq_fwd: need powers of two bt={bt} | block_l={block_l} and bd={bd} | D/G={dim // groups}")
+    nc = triton.cdiv(length, block_l)
+    out = torch.empty_like(u)
+    states = torch.empty(bsz, nc + 1, n, dim, device=u.device, dtype=state_dtype(u))
+    if initial_state is not None:
+        states[:, 0] = initial_state.transpose(1, 2)
+    else:
+        states[:, 0] = 0
+    dummy = u
+    selective_scan_seq_fwd_kernel[(dim // bd, bsz)](
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy,
+        states,
+        out,
+        dim,
+        length,
+        nc,
+        dim // groups,
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        C.stride(0),
+        C.stride(1),
+        C.stride(2),
+        N=n,
+        NP=triton.next_power_of_2(n),
+        BD=bd,
+        BT=bt,
+        BLOCK_L=block_l,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus),
+        FP64=states.dtype == torch.float64,
+        FAST=fast_math(u) if fast is None else bool(fast),
+        A_REG=int(a_reg),
+        num_warps=num_warps,
+    )
+    return out, states[:, nc].transpose(1, 2).contiguous(), states
