@@ -1,0 +1,332 @@
+"""Selective-scan backward v3: channels across lanes, time inside each thread.
+
+Tiles are ``[BD, BT]``: each thread holds ``BT`` consecutive time steps of ``BD / (32 num_warps)`` channel
+rows, so both scans over time (state h forward, adjoint g in reverse) are in-thread sequential chains
+(``tl.associative_scan`` along axis 1 lowers to BT - 1 combines, no shuffles). Program = (block of BD
+channels, batch); it walks the blocks of ``block_l`` steps in reverse order. Per block:
+
+- pass 1 recomputes h over the block's first ``J - 1`` sub-chunks of BT steps (``J = block_l / BT``) from the
+  forward's saved state ``states[c]`` and stashes the state entering each sub-chunk in a scratch buffer
+  ``[B, J - 1, N, D]`` (each row is written and read back by the thread that owns it);
+- pass 2 walks the sub-chunks in reverse: recomputes h from the stashed start, then the adjoint
+  ``g_t = dy_t C_t + a_{t+1} g_{t+1}`` by a reverse in-thread scan whose combine carries the later step's
+  decay (a three-term segment summary, so ``a_{t+1}`` needs no second exp and no shifted load). What is carried
+  between sub-chunks (and blocks) per (d, n) is ``q = a_t g_t`` at the sub-chunk's first step, in a
+  ``[B, N, D]`` buffer that starts as d(last state) and ends as d(initial state).
+
+Per state n the gradients accumulate as ``sgB = sum_n g B`` and ``sgAh = sum_n g A a_t h_{t-1}``:
+``du = delta sgB + D dy``, ``ddelta = u sgB + sgAh`` (times softplus'), ``dA[d, n] = sum_t g delta a_t h_{t-1}``
+(read-modify-write of the program's own rows of a ``[B, N, D]`` buffer), and dB / dC, sums over channels,
+go through ``tl.sum`` over axis 0 and float32 atomics into ``[B, G, N, L]`` buffers as in v2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernels import LOG2E, _load_delta, _scan_combine
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _rev_combine(al1, p1, r1, al2, p2, r2):
+    # Reverse scan: (al1, p1, r1) summarises the later segment, (al2, p2, r2) the earlier one. A segment [t..s]
+    # is (a_t, prod_{k=t+1..s} a_k, R) with g_t = R + P a_{s+1} g_{s+1}; joining needs the later one's first decay.
+    m = p2 * al1
+    return al2, m * p1, r2 + m * r1
+
+
+@triton.jit
+def _keep_first(a, b):
+    return a
+
+
+@triton.jit
+def _keep_last(a, b):
+    return b
+
+
+@triton.jit
+def _decay2(dl, a_row, FP64: tl.constexpr):
+    # exp(dl * A) for a [BD, BT] tile and a [BD] row (pre-scaled by log2(e) in float32 mode)
+    if FP64:
+        return tl.exp(dl * a_row[:, None])
+    else:
+        return tl.exp2(dl * a_row[:, None])
+
+
+@triton.jit
+def seq_bwd_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    states_ptr,
+    stash_ptr,
+    gq_ptr,
+    dout_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    dB_ptr,
+    dC_ptr,
+    dA_ptr,
+    dD_part_ptr,
+    dbias_part_ptr,
+    DIM,
+    L,
+    N,
+    N_CHUNKS,
+    CH_PER_GROUP,
+    stride_bb,
+    stride_bg,
+    stride_bn,
+    stride_cb,
+    stride_cg,
+    stride_cn,
+    stride_dbb,
+    stride_dbg,
+    stride_dbn,
+    stride_dcb,
+    stride_dcg,
+    stride_dcn,
+    BD: tl.constexpr,
+    BT: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    """u, delta, z, dout, du, ddelta, dz ``[B, D, L]``; states ``[B, N_CHUNKS + 1, N, D]``; stash ``[B, J - 1, N, D]``;
+    gq ``[B, N, D]`` (in: d(last state), out: d(initial state)); dA ``[B, N, D]`` (zeroed); dB, dC ``[B, G, N, L]``
+    float (zeroed); dD_part, dbias_part ``[B, D]``."""
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    J: tl.constexpr = BLOCK_L // BT
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    grp = (pid_d * BD) // CH_PER_GROUP
+    tt = tl.arange(0, BT)
+    row = (b * DIM + d).to(tl.int64) * L  # [BD] offsets of each channel's sequence
+    first = (tt == 0)[None, :]
+    last = (tt == BT - 1)[None, :]
+    ND = N * DIM
+    dD_acc = tl.zeros([BD], dtype=CT)
+    dbias_acc = tl.zeros([BD], dtype=CT)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d).to(CT)
+    B_base = B_ptr + b * stride_bb + grp * stride_bg
+    C_base = C_ptr + b * stride_cb + grp * stride_cg
+    dB_base = dB_ptr + b * stride_dbb + grp * stride_dbg
+    dC_base = dC_ptr + b * stride_dcb + grp * stride_dcg
+    A_row = A_ptr + d * N
+    gq_row = gq_ptr + b * ND + d
+    dA_row = dA_ptr + b * ND + d
+    stash_row = stash_ptr + b * (J - 1) * ND + d  # sub-chunk j >= 1 at + (j - 1) * ND
+    for ci in range(0, N_CHUNKS):
+        c = N_CHUNKS - 1 - ci
+        st_row = states_ptr + (b * (N_CHUNKS + 1) + c) * ND + d
+        # pass 1: states entering sub-chunks 1 .. J-1 of this block
+        for j in range(0, J - 1):
+            t = c * BLOCK_L + j * BT + tt
+            mask = (t < L)[None, :]
+            offs = row[:, None] + t[None, :]
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+            dl, _ = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
+            dlu = dl * u
+            t2 = t[None, :] + 0 * d[:, None]  # B rows broadcast over the block, in the tile's own layout
+            m2 = t2 < L
+            src = tl.where(j == 0, st_row, stash_row + (j - 1) * ND)
+            dst = stash_row + j * ND
+            for n in range(0, N):
+                a_row = tl.load(A_row + n).to(CT)
+                if not FP64:
+                    a_row = a_row * LOG2E
+                Bn = tl.load(B_base + n * stride_bn + t2, mask=m2, other=0.0).to(CT)
+                h_in = tl.load(src + n * DIM).to(CT)
+                a = _decay2(dl, a_row, FP64)
+                bb = dlu * Bn + tl.where(first, a * h_in[:, None], 0.0)
+                _, h = tl.associative_scan((a, bb), 1, _scan_combine)
+                tl.store(dst + n * DIM, tl.reduce(h, 1, _keep_last).to(stash_ptr.dtype.element_ty))
+        # pass 2: sub-chunks in reverse
+        for jj in range(0, J):
+            j = J - 1 - jj
+            t = c * BLOCK_L + j * BT + tt
+            tmask = t < L
+            mask = tmask[None, :]
+            offs = row[:, None] + t[None, :]
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+            dl, raw = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
+            dlu = dl * u
+            dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
+            if HAS_Z:
+                zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+                sz = tl.sigmoid(zz)
+                dy = dout * zz * sz
+            else:
+                dy = dout
+            t2 = t[None, :] + 0 * d[:, None]
+            m2 = t2 < L
+            src = tl.where(j == 0, st_row, stash_row + (j - 1) * ND)
+            y = tl.zeros([BD, BT], dtype=CT)
+            sgB = tl.zeros([BD, BT], dtype=CT)
+            sgAh = tl.zeros([BD, BT], dtype=CT)
+            ones = tl.full([BD, BT], 1.0, CT)
+            for n in range(0, N):
+                a_nat = tl.load(A_row + n).to(CT)
+                a_row = a_nat
+                if not FP64:
+                    a_row = a_nat * LOG2E
+                Bn = tl.load(B_base + n * stride_bn + t2, mask=m2, other=0.0).to(CT)
+                Cn = tl.load(C_base + n * stride_cn + t2, mask=m2, other=0.0).to(CT)
+                h_in = tl.load(src + n * DIM).to(CT)
+                q_in = tl.load(gq_row + n * DIM).to(CT)
+                a = _decay2(dl, a_row, FP64)
+                bb = dlu * Bn
+                _, h = tl.associative_scan((a, bb + tl.where(first, a * h_in[:, None], 0.0)), 1, _scan_combine)
+                y += h * Cn
+                cc = dy * Cn + tl.where(last, q_in[:, None], 0.0)
+                _, _, g = tl.associative_scan((a, ones, cc), 1, _rev_combine, reverse=True)
+                q_out = tl.reduce(a, 1, _keep_first) * tl.reduce(g, 1, _keep_first)
+                tl.store(gq_row + n * DIM, q_out.to(gq_ptr.dtype.element_ty))
+                p = g * (h - bb)  # g a_t h_{t-1}
+                sgAh += p * a_nat[:, None]
+                sgB += g * Bn
+                dA_n = tl.load(dA_row + n * DIM) + tl.sum(p * dl, 1)
+                tl.store(dA_row + n * DIM, dA_n)
+                tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(g * dlu, 0), mask=tmask, sem="relaxed")
+                tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dy * h, 0), mask=tmask, sem="relaxed")
+            du = dl * sgB
+            ddl = u * sgB + sgAh
+            if HAS_D:
+                y += Dv[:, None] * u
+                du += Dv[:, None] * dy
+                dD_acc += tl.sum(dy * u, 1)
+            if HAS_Z:
+                dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+                tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            if SOFTPLUS:
+                ddl = ddl * tl.sigmoid(raw)
+            ddl = tl.where(mask, ddl, 0.0)
+            dbias_acc += tl.sum(ddl, 1)
+            tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask)
+    part = b * DIM + d
+    tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
+    tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))
+
+
+def _state_dtype(u: Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def seq_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    states: Tensor,
+    dout: Tensor,
+    dlast: Tensor | None,
+    delta_softplus: bool,
+    block_l: int = 64,
+    bt: int = 4,
+    bd: int = 64,
+    num_warps: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
+    (absent optional inputs give empty tensors). u, delta, z, dout ``[B, D, L]``; A ``[D, N]``; B, C ``[B, G, N, L]``;
+    states ``[B, cdiv(L, block_l) + 1, N, D]`` from the forward; dlast ``[B, D, N]`` or None.
+
+    block_l: steps per saved state (a multiple of bt); bt: steps held by a thread; bd: channels per program
+    (a power of two dividing D / G, a multiple of 32 num_warps on the GPU)."""
+    bsz, dim, length = u.shape
+    n = A.shape[1]
+    groups = B.shape[1]
+    sd = _state_dtype(u)
+    nc = states.shape[1] - 1
+    if block_l % bt or nc != triton.cdiv(length, block_l):
+        raise ValueError(f"seq_bwd: block_l {block_l} must be a multiple of bt {bt} and match states ({nc} blocks)")
+    if (dim // groups) % bd:
+        raise ValueError(f"seq_bwd: bd {bd} must divide the {dim // groups} channels of a group")
+    jsub = block_l // bt
+    dout = dout.contiguous()
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
+    dB = torch.zeros(B.shape, device=u.device, dtype=sd)
+    dC = torch.zeros(C.shape, device=u.device, dtype=sd)
+    dA_t = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
+    dD_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
+    dbias_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
+    stash = torch.empty(bsz, max(jsub - 1, 1), n, dim, device=u.device, dtype=sd)
+    gq = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
+    if dlast is not None:
+        gq.copy_(dlast.transpose(1, 2))
+    dummy = u
+    seq_bwd_kernel[(dim // bd, bsz)](
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy,
+        states,
+        stash,
+        gq,
+        dout,
+        du,
+        ddelta,
+        dz if z is not None else dummy,
+        dB,
+        dC,
+        dA_t,
+        dD_part,
+        dbias_part,
+        dim,
+        length,
+        n,
+        nc,
+        dim // groups,
+        B.stride(0),
+        B.stride(1),
+        B.stride(2),
+        C.stride(0),
+        C.stride(1),
+        C.stride(2),
+        dB.stride(0),
+        dB.stride(1),
+        dB.stride(2),
+        dC.stride(0),
+        dC.stride(1),
+        dC.stride(2),
+        BD=bd,
+        BT=bt,
+        BLOCK_L=block_l,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus,
+        FP64=sd == torch.float64,
+        num_warps=num_warps,
+    )
+    dh0 = gq.transpose(1, 2).contiguous()  # a_0 g_0
+    dA = dA_t.sum(0).t().to(A.dtype).contiguous()
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
+    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dh0
