@@ -199,3 +199,23 @@ def test_kernel_classes() -> None:
     assert kernel_class("triton_poi_fused_add_mul_0") == "inductor"
     assert kernel_class("void at::native::multi_tensor_apply_kernel<...>") == "optimizer"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<4, ...>") != "mixlab triton"
+
+
+def test_device_gaps_measure_idle_time_between_kernels() -> None:
+    from types import SimpleNamespace
+
+    from mixlab.bench.train import _device_gaps
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, start, end, dev=cuda):
+        return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(start=start, end=end))
+
+    # kernels (us): a [0, 100], b [50, 150] overlaps a, c [400, 500], d [510, 600]; a host op in the gap is ignored
+    events = [ev("c", 400, 500), ev("a", 0, 100), ev("host", 150, 400, cpu), ev("b", 50, 150), ev("d", 510, 600)]
+    gaps = _device_gaps(SimpleNamespace(events=lambda: events), min_us=20.0)
+    assert gaps["span_ms"] == pytest.approx(0.6)
+    assert gaps["busy_ms"] == pytest.approx(0.34)  # [0, 150] + [400, 500] + [510, 600]
+    assert gaps["idle_ms"] == pytest.approx(0.26)
+    assert gaps["idle_gaps_ms"] == pytest.approx(0.25)  # the 10 us gap before d is below min_us
+    assert gaps["gaps"] == [[pytest.approx(0.25), "b", "c"]]

@@ -61,3 +61,30 @@ def test_optimizer_uses_the_schedule() -> None:
     assert LRSchedule(cfg).apply(opt, 0) == 0.25
     assert all(g["lr"] == 0.25 for g in opt.param_groups)
     assert opt.param_groups[0]["betas"] == cfg.betas
+
+
+@pytest.mark.parametrize("max_norm", [0.5, float("inf")])
+def test_clip_folded_into_a_fused_optimizer_matches_clipping_the_gradients(max_norm) -> None:
+    from mixlab.train.parallel import clip_grad_norm
+
+    torch.manual_seed(0)
+    ref = [torch.randn(40, 30, requires_grad=True), torch.randn(30, requires_grad=True)]
+    mine = [p.detach().clone().requires_grad_() for p in ref]
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=True)
+    opt = torch.optim.AdamW(mine, lr=1e-2, weight_decay=0.1, fused=True)
+    for step in range(5):
+        for p, q in zip(ref, mine):
+            g = torch.randn_like(p) * (3.0 if step % 2 else 0.01)  # the clip is active on odd steps only
+            p.grad, q.grad = g.clone(), g.clone()
+        before = mine[0].grad.clone()
+        norm_ref = clip_grad_norm(ref, max_norm, opt_ref)
+        norm = clip_grad_norm(mine, max_norm, opt)
+        assert norm == pytest.approx(norm_ref, rel=1e-6)
+        if step % 2 and max_norm < 1:
+            assert opt.grad_scale.item() > 1.0
+            assert torch.equal(mine[0].grad, before)  # gradients left as they were
+            assert not torch.allclose(mine[0].grad, ref[0].grad)  # while the reference rescaled its own
+        opt_ref.step()
+        opt.step()
+        for p, q in zip(ref, mine):
+            torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)

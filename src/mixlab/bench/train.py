@@ -281,7 +281,7 @@ def _measure(
     def step() -> float:
         loss = par.runner(inputs, targets, all_scored=True)
         loss.backward()
-        clip_grad_norm(params, 1.0)
+        clip_grad_norm(params, 1.0, opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
@@ -370,6 +370,7 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
             k = kernels.setdefault(e.key, [0.0, 0])
             k[0] += us / 1e3
             k[1] += e.count
+    gaps = _device_gaps(prof) if cuda else {}
     by_class: dict[str, float] = {}
     for name, (ms, _) in kernels.items():
         cls = kernel_class(name)
@@ -382,6 +383,41 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
         "host_ms": sum(ms for ms, _ in host.values()),
         "host_top": [[k[:160], ms, int(n)] for k, (ms, n) in sorted(host.items(), key=lambda kv: -kv[1][0])[:top]],
         "unit": "device ms (self time, one step)" if cuda else "CPU ms (self time per operator, one step)",
+        **gaps,
+    }
+
+
+def _device_gaps(prof: Any, top: int = 12, min_us: float = 20.0) -> dict[str, Any]:
+    """Where the device sat idle during the profiled step: ``span_ms`` (first kernel start to last kernel end),
+    ``busy_ms`` (the union of kernel intervals), ``idle_ms`` and ``gaps`` (the longest idle intervals of at least
+    ``min_us``: [ms, kernel before, kernel after]). Idle time inside a step is host-bound time (a sync, Python
+    work before the next launch) that no kernel change can remove."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return {}
+    busy, gap_list = 0.0, []
+    cur_start, cur_end, cur_name = spans[0]
+    for start, end, name in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            if start - cur_end >= min_us:
+                gap_list.append([(start - cur_end) / 1e3, cur_name[:80], name[:80]])
+            cur_start, cur_end, cur_name = start, end, name
+        elif end > cur_end:
+            cur_end, cur_name = end, name
+    busy += cur_end - cur_start
+    span = max(e for _, e, _ in spans) - spans[0][0]
+    gap_list.sort(key=lambda g: -g[0])
+    return {
+        "span_ms": span / 1e3,
+        "busy_ms": busy / 1e3,
+        "idle_ms": (span - busy) / 1e3,
+        "idle_gaps_ms": sum(g[0] for g in gap_list),
+        "gaps": gap_list[:top],
     }
 
 
@@ -693,6 +729,10 @@ def print_profile(row: dict[str, Any], top: int = 12) -> None:
     if prof.get("host_top"):
         print(f"  host: {prof['host_ms']:.1f} ms self CPU time; top: " + ", ".join(
             f"{name[:60]} {ms:.1f} ({n}x)" for name, ms, n in prof["host_top"][:6]))  # fmt: skip
+    if prof.get("span_ms"):
+        print(f"  device span {prof['span_ms']:.1f} ms, busy {prof['busy_ms']:.1f}, idle {prof['idle_ms']:.1f} "
+              f"({prof['idle_gaps_ms']:.1f} in gaps >= 20 us); longest: " + ", ".join(
+            f"{ms:.2f} ({a[:30]} -> {b[:30]})" for ms, a, b in prof["gaps"][:4]))  # fmt: skip
 
 
 def _tokens(n: int) -> str:

@@ -399,7 +399,7 @@ def _train(config: Config, ctx: distributed.DistContext, log) -> RunResult:
                 loss_val = float(stats[0]) / world
                 stop_votes = round(float(stats[1]))
                 max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-                grad_norm = clip_grad_norm(params, max_norm)
+                grad_norm = clip_grad_norm(params, max_norm, optimizer)
             if stop_votes and preempted is None:
                 preempted = (ctx.preempt.requested if ctx.preempt and ctx.preempt.requested else None) or (
                     f"a signal on {stop_votes} other rank(s)"

@@ -178,12 +178,27 @@ def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src=src)
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """``clip_grad_norm_`` that also accepts FSDP's DTensor gradients; returns the global norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+def clip_grad_norm(
+    params: list[torch.Tensor], max_norm: float, optimizer: torch.optim.Optimizer | None = None
+) -> float:
+    """``clip_grad_norm_`` that also accepts FSDP's DTensor gradients; returns the global norm before clipping.
+
+    With a fused ``optimizer`` (and no DTensor parameters) the gradients are not rescaled here: the clip factor
+    goes to the optimizer as its ``grad_scale`` (the fused kernels divide every gradient by it on the fly, as for
+    a ``GradScaler``), which saves a read and write of every gradient. The caller then calls ``optimizer.step()``
+    or skips the step."""
+    # not for FSDP's DTensor parameters: the fused step would mix a plain grad_scale tensor with DTensors
+    fold = optimizer is not None and optimizer.defaults.get("fused") and not any(_is_dtensor(p) for p in params)
+    if not fold:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     full = getattr(norm, "full_tensor", None)
     if callable(full):
         norm = full()
+    if fold:
+        # clip_grad_norm_'s factor max_norm / (norm + 1e-6), capped at 1, as a divisor
+        optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # type: ignore[attr-defined]
     return float(norm)
 
 
@@ -202,11 +217,15 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _is_sharded(model: nn.Module) -> bool:
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch < 2.4
         return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return isinstance(t, DTensor)
 
 
 # ------------------------------------------------------------------ wrapping
