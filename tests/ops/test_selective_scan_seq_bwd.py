@@ -52,7 +52,7 @@ def _reference_grads(ins, softplus, dout, dlast):
     return dict(zip(leaves, grads))
 
 
-def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True):
+def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, rows=None):
     """Returns (v3 grads, v2 grads, reference grads, dout, dlast) as dicts keyed by NAMES (present inputs only)."""
     bsz, dim, length = ins["u"].shape
     n = ins["A"].shape[1]
@@ -62,7 +62,7 @@ def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True):
     g = torch.Generator().manual_seed(seed)
     dout = torch.randn(bsz, dim, length, generator=g, dtype=torch.float64).to(ins["u"].dtype).to(DEVICE)
     dlast = torch.randn(bsz, dim, n, generator=g, dtype=torch.float64).to(last.dtype).to(DEVICE) if with_dlast else None
-    v3 = seq_bwd(*args, states, dout, dlast, softplus, block_l, bt, bd, num_warps)
+    v3 = seq_bwd(*args, states, dout, dlast, softplus, block_l, bt, bd, num_warps, rows_per_thread=rows)
     v2 = selective_scan_bwd(*args, states, dout, dlast, softplus, cfg)
     ref = _reference_grads(ins, softplus, dout, dlast)
     keys = NAMES
@@ -88,18 +88,19 @@ def _check(ins, softplus, block_l, bt, bd, tol, **kw):
 
 
 @pytest.mark.parametrize(
-    "length,block_l,bt",
+    "length,block_l,bt,rows",
     [
-        (19, 8, 4),  # partial last block, two sub-chunks per block
-        (21, 16, 4),  # four sub-chunks, last block mostly masked
-        (13, 8, 8),  # one sub-chunk per block (no stash)
-        (11, 8, 2),  # L not a multiple of bt
+        (19, 8, 4, 2),  # partial last block, two sub-chunks per block, 2 channel rows a thread (permuted channels)
+        (21, 16, 4, 1),  # four sub-chunks, last block mostly masked
+        (13, 8, 8, 4),  # one sub-chunk per block (no stash)
+        (11, 8, 2, 1),  # L not a multiple of bt
+        (9, 4, 1, 2),  # one step a thread
     ],
 )
-def test_all_features_float64(length, block_l, bt):
+def test_all_features_float64(length, block_l, bt, rows):
     # grouped B/C (2 groups of 4 channels), D, z, bias + softplus, initial state and d(last state)
     ins = _inputs(2, 8, length, 3, 2, torch.float64, seed=length)
-    _check(ins, True, block_l, bt, 4, 1e-10)
+    _check(ins, True, block_l, bt, 4, 1e-10, rows=rows)
 
 
 def test_plain_float64_one_group():

@@ -32,16 +32,65 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _rev_combine(al1, p1, r1, al2, p2, r2):
-    # Reverse scan: (al1, p1, r1) summarises the later segment, (al2, p2, r2) the earlier one. A segment [t..s]
-    # is (a_t, prod_{k=t+1..s} a_k, R) with g_t = R + P a_{s+1} g_{s+1}; joining needs the later one's first decay.
-    m = p2 * al1
-    return al2, m * p1, r2 + m * r1
+def _rev_adjoint(a, c, q, BD: tl.constexpr, BT: tl.constexpr):
+    """``g_t = c_t + a_{t+1} g_{t+1}`` over a [BD, BT] tile's in-thread columns, with ``g_{BT-1} = c_{BT-1} + q``
+    (q [BD]: the carry a g from the step after the tile). Returns (g [BD, BT], a_0 g_0 [BD]).
 
-
-@triton.jit
-def _keep_first(a, b):
-    return a
+    Written out column by column (reshape + split / join keep the registers in place): Triton 3.6 lowers a
+    ``reverse=True`` associative_scan with a flip of every operand across the lanes (5 shuffles each, in and out)
+    even when no lanes lie along the scanned axis."""
+    if BT == 1:
+        g = c + q[:, None]
+        qo = tl.sum(a * g, 1)
+    elif BT == 2:
+        a0, a1 = tl.split(a)
+        c0, c1 = tl.split(c)
+        g1 = c1 + q
+        g0 = c0 + a1 * g1
+        g = tl.join(g0, g1)
+        qo = a0 * g0
+    elif BT == 4:
+        ae, ao = tl.split(tl.reshape(a, [BD, 2, 2]))
+        a0, a2 = tl.split(ae)
+        a1, a3 = tl.split(ao)
+        ce, co = tl.split(tl.reshape(c, [BD, 2, 2]))
+        c0, c2 = tl.split(ce)
+        c1, c3 = tl.split(co)
+        g3 = c3 + q
+        g2 = c2 + a3 * g3
+        g1 = c1 + a2 * g2
+        g0 = c0 + a1 * g1
+        g = tl.reshape(tl.join(tl.join(g0, g2), tl.join(g1, g3)), [BD, 4])
+        qo = a0 * g0
+    else:
+        tl.static_assert(BT == 8, "seq_bwd: bt must be 1, 2, 4 or 8")
+        a_0, a_1 = tl.split(tl.reshape(a, [BD, 2, 2, 2]))  # column 4i + 2j + k at [i, j, k]
+        a00, a01 = tl.split(a_0)
+        a10, a11 = tl.split(a_1)
+        a0, a4 = tl.split(a00)
+        a2, a6 = tl.split(a01)
+        a1, a5 = tl.split(a10)
+        a3, a7 = tl.split(a11)
+        c_0, c_1 = tl.split(tl.reshape(c, [BD, 2, 2, 2]))
+        c00, c01 = tl.split(c_0)
+        c10, c11 = tl.split(c_1)
+        c0, c4 = tl.split(c00)
+        c2, c6 = tl.split(c01)
+        c1, c5 = tl.split(c10)
+        c3, c7 = tl.split(c11)
+        g7 = c7 + q
+        g6 = c6 + a7 * g7
+        g5 = c5 + a6 * g6
+        g4 = c4 + a5 * g5
+        g3 = c3 + a4 * g4
+        g2 = c2 + a3 * g3
+        g1 = c1 + a2 * g2
+        g0 = c0 + a1 * g1
+        g_0 = tl.join(tl.join(g0, g4), tl.join(g2, g6))
+        g_1 = tl.join(tl.join(g1, g5), tl.join(g3, g7))
+        g = tl.reshape(tl.join(g_0, g_1), [BD, 8])
+        qo = a0 * g0
+    return g, qo
 
 
 @triton.jit
@@ -100,6 +149,7 @@ def seq_bwd_kernel(
     BD: tl.constexpr,
     BT: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    R: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -113,12 +163,14 @@ def seq_bwd_kernel(
     J: tl.constexpr = BLOCK_L // BT
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    d = pid_d * BD + tl.arange(0, BD)
+    # channel of tile row k: thread k % (BD / R) holds rows k, k + BD / R, ..., given consecutive channels here, so
+    # that [BD] vectors loaded on their own (A, carried states) get the tiles' row layout without a conversion
+    kk = tl.arange(0, BD)
+    d = pid_d * BD + (kk % (BD // R)) * R + kk // (BD // R)
     grp = (pid_d * BD) // CH_PER_GROUP
     tt = tl.arange(0, BT)
     row = (b * DIM + d).to(tl.int64) * L  # [BD] offsets of each channel's sequence
     first = (tt == 0)[None, :]
-    last = (tt == BT - 1)[None, :]
     ND = N * DIM
     dD_acc = tl.zeros([BD], dtype=CT)
     dbias_acc = tl.zeros([BD], dtype=CT)
@@ -138,20 +190,19 @@ def seq_bwd_kernel(
         # pass 1: states entering sub-chunks 1 .. J-1 of this block
         for j in range(0, J - 1):
             t = c * BLOCK_L + j * BT + tt
-            mask = (t < L)[None, :]
+            tmask = t < L
+            mask = tmask[None, :]
             offs = row[:, None] + t[None, :]
             u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
             dl, _ = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
             dlu = dl * u
-            t2 = t[None, :] + 0 * d[:, None]  # B rows broadcast over the block, in the tile's own layout
-            m2 = t2 < L
             src = tl.where(j == 0, st_row, stash_row + (j - 1) * ND)
             dst = stash_row + j * ND
             for n in range(0, N):
                 a_row = tl.load(A_row + n).to(CT)
                 if not FP64:
                     a_row = a_row * LOG2E
-                Bn = tl.load(B_base + n * stride_bn + t2, mask=m2, other=0.0).to(CT)
+                Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)[None, :]
                 h_in = tl.load(src + n * DIM).to(CT)
                 a = _decay2(dl, a_row, FP64)
                 bb = dlu * Bn + tl.where(first, a * h_in[:, None], 0.0)
@@ -165,38 +216,31 @@ def seq_bwd_kernel(
             mask = tmask[None, :]
             offs = row[:, None] + t[None, :]
             u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
-            dl, raw = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
+            dl, _ = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, CT)
             dlu = dl * u
-            dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
+            dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
             if HAS_Z:
                 zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-                sz = tl.sigmoid(zz)
-                dy = dout * zz * sz
-            else:
-                dy = dout
-            t2 = t[None, :] + 0 * d[:, None]
-            m2 = t2 < L
+                dy = dy * zz * tl.sigmoid(zz)
             src = tl.where(j == 0, st_row, stash_row + (j - 1) * ND)
             y = tl.zeros([BD, BT], dtype=CT)
             sgB = tl.zeros([BD, BT], dtype=CT)
             sgAh = tl.zeros([BD, BT], dtype=CT)
-            ones = tl.full([BD, BT], 1.0, CT)
             for n in range(0, N):
                 a_nat = tl.load(A_row + n).to(CT)
                 a_row = a_nat
                 if not FP64:
                     a_row = a_nat * LOG2E
-                Bn = tl.load(B_base + n * stride_bn + t2, mask=m2, other=0.0).to(CT)
-                Cn = tl.load(C_base + n * stride_cn + t2, mask=m2, other=0.0).to(CT)
+                # [BT] rows: each thread loads all BT values once (a tile load would repeat them for every row it holds)
+                Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)[None, :]
+                Cn = tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0).to(CT)[None, :]
                 h_in = tl.load(src + n * DIM).to(CT)
                 q_in = tl.load(gq_row + n * DIM).to(CT)
                 a = _decay2(dl, a_row, FP64)
                 bb = dlu * Bn
                 _, h = tl.associative_scan((a, bb + tl.where(first, a * h_in[:, None], 0.0)), 1, _scan_combine)
                 y += h * Cn
-                cc = dy * Cn + tl.where(last, q_in[:, None], 0.0)
-                _, _, g = tl.associative_scan((a, ones, cc), 1, _rev_combine, reverse=True)
-                q_out = tl.reduce(a, 1, _keep_first) * tl.reduce(g, 1, _keep_first)
+                g, q_out = _rev_adjoint(a, dy * Cn, q_in, BD, BT)
                 tl.store(gq_row + n * DIM, q_out.to(gq_ptr.dtype.element_ty))
                 p = g * (h - bb)  # g a_t h_{t-1}
                 sgAh += p * a_nat[:, None]
@@ -211,10 +255,15 @@ def seq_bwd_kernel(
                 y += Dv[:, None] * u
                 du += Dv[:, None] * dy
                 dD_acc += tl.sum(dy * u, 1)
+            # dout, z and the pre-softplus delta are reloaded (from cache) rather than kept live across the state loop
             if HAS_Z:
+                dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
+                zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+                sz = tl.sigmoid(zz)
                 dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
                 tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             if SOFTPLUS:
+                _, raw = _load_delta(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, False, CT)
                 ddl = ddl * tl.sigmoid(raw)
             ddl = tl.where(mask, ddl, 0.0)
             dbias_acc += tl.sum(ddl, 1)
@@ -246,13 +295,16 @@ def seq_bwd(
     bt: int = 4,
     bd: int = 64,
     num_warps: int = 1,
+    *,
+    rows_per_thread: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
     (absent optional inputs give empty tensors). u, delta, z, dout ``[B, D, L]``; A ``[D, N]``; B, C ``[B, G, N, L]``;
     states ``[B, cdiv(L, block_l) + 1, N, D]`` from the forward; dlast ``[B, D, N]`` or None.
 
     block_l: steps per saved state (a multiple of bt); bt: steps held by a thread; bd: channels per program
-    (a power of two dividing D / G, a multiple of 32 num_warps on the GPU)."""
+    (a power of two dividing D / G, a multiple of 32 num_warps on the GPU). rows_per_thread: the channel rows a
+    thread holds, bd / (32 num_warps) by default (only the order of channels within a block depends on it)."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
@@ -263,6 +315,9 @@ def seq_bwd(
     if (dim // groups) % bd:
         raise ValueError(f"seq_bwd: bd {bd} must divide the {dim // groups} channels of a group")
     jsub = block_l // bt
+    rows = rows_per_thread or max(1, bd // (32 * num_warps))
+    if bd % rows:
+        raise ValueError(f"seq_bwd: rows_per_thread {rows} must divide bd {bd}")
     dout = dout.contiguous()
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
@@ -318,6 +373,7 @@ def seq_bwd(
         BD=bd,
         BT=bt,
         BLOCK_L=block_l,
+        R=rows,
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
