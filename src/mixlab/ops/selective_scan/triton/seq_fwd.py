@@ -48,6 +48,23 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _softplus_poly(x, FAST: tl.constexpr):
+    """float32 softplus as ``max(x, 0) + log1p(e)``, ``e = exp(-|x|)`` in (0, 1], with log1p(e) = e P(e) and P a
+    degree-8 fit of log1p(e) / e on [0, 1] (relative error 2.3e-7 in float32 Horner): one MUFU and ~11 FMA-pipe
+    instructions instead of a logf and a division. Above x = 20 it rounds to x, as the thresholded form."""
+    e = _exp2(tl.abs(x) * -1.4426950408889634, FAST)
+    p = 0.005232624243944883 * e - 0.029504956677556038
+    p = p * e + 0.07822549343109131
+    p = p * e - 0.1366320699453354
+    p = p * e + 0.1910598874092102
+    p = p * e - 0.2484297752380371
+    p = p * e + 0.3331909477710724
+    p = p * e - 0.4999949336051941
+    p = p * e + 0.9999999403953552
+    return tl.maximum(x, 0.0) + e * p
+
+
+@triton.jit
 def _silu(x, FAST: tl.constexpr):
     if FAST:
         e = tl.inline_asm_elementwise(
@@ -67,6 +84,68 @@ def _scan_combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _chunk(
+    h, A2, u, dl, zz, Dv, bias, t, tmask, offs, d, tt, nn, bc_ptr, B_row, C_row, stride_bn, stride_cn, A_ptr, out_ptr,
+    N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FP64: tl.constexpr, FAST: tl.constexpr, A_REG: tl.constexpr,
+    BC_PACK: tl.constexpr, SP_POLY: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One chunk of BT steps: u, dl (raw delta), zz are its [BD, BT] tiles as loaded; returns the carried states
+    ``h [BD, NP]`` after it. MASKED: the chunk runs past L (padded steps: decay 1, input 0)."""
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    u = u.to(CT)
+    dl = dl.to(CT)
+    if HAS_BIAS:
+        dl = dl + bias[:, None]
+    if SOFTPLUS:
+        if SP_POLY:
+            dl = _softplus_poly(dl, FAST)
+        else:
+            dl = _softplus(dl)
+    if MASKED:
+        dl = tl.where(tmask[None, :], dl, 0.0)
+    du = dl * u
+    if HAS_D:
+        y = Dv[:, None] * u
+    else:
+        y = tl.zeros([BD, BT], dtype=CT)
+    for n in tl.static_range(N):
+        if A_REG:
+            a_n = _col(A2, nn, n)
+        else:
+            a_n = tl.load(A_ptr + d * N + n).to(CT)
+            if not FP64:
+                a_n = a_n * LOG2E
+        if BC_PACK:
+            # chunk-major [.., N, 2, BT] rows, zero-padded past L: constant offsets, no mask
+            Bn = tl.load(bc_ptr + (2 * n) * BT + tt)
+            Cn = tl.load(bc_ptr + (2 * n + 1) * BT + tt)
+        elif MASKED:
+            Bn = tl.load(B_row + n * stride_bn + t, mask=tmask, other=0.0).to(CT)
+            Cn = tl.load(C_row + n * stride_cn + t, mask=tmask, other=0.0).to(CT)
+        else:
+            Bn = tl.load(B_row + n * stride_bn + t).to(CT)
+            Cn = tl.load(C_row + n * stride_cn + t).to(CT)
+        if FP64:
+            a = tl.exp(dl * a_n[:, None])
+        else:
+            a = _exp2(dl * a_n[:, None], FAST)
+        h_in = _col(h, nn, n)
+        # fold: the carried state enters as a_0 h_in added to b_0 (-0.0 elsewhere: bb + -0.0 folds away)
+        bb = du * Bn[None, :] + tl.where(tt[None, :] == 0, a * h_in[:, None], -0.0)
+        _, hs = tl.associative_scan((a, bb), 1, _scan_combine)
+        y += hs * Cn[None, :]
+        h = tl.where(nn[None, :] == n, _col(hs, tt, BT - 1)[:, None], h)
+    if HAS_Z:
+        y = y * _silu(zz.to(CT), FAST)
+    if MASKED:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=tmask[None, :])
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty))
+    return h
+
+
+@triton.jit
 def selective_scan_seq_fwd_kernel(
     u_ptr,
     delta_ptr,
@@ -78,10 +157,12 @@ def selective_scan_seq_fwd_kernel(
     bias_ptr,
     states_ptr,
     out_ptr,
+    bc_ptr,
     DIM,
     L,
     N_CHUNKS,
     CH_PER_GROUP,
+    G,
     stride_bb,
     stride_bg,
     stride_bn,
@@ -100,10 +181,15 @@ def selective_scan_seq_fwd_kernel(
     FP64: tl.constexpr,
     FAST: tl.constexpr,
     A_REG: tl.constexpr,
+    BC_PACK: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    SP_POLY: tl.constexpr,
 ):
-    """Grid (DIM // BD, batch). u, delta, z, out ``[B, DIM, L]``; A ``[DIM, N]``; B, C ``[B, G, N, L]`` by strides;
-    states ``[B, N_CHUNKS + 1, N, DIM]`` (slot 0 read, slots 1.. written). A_REG: A's row kept as a register tile
-    (1) or loaded per state and chunk (0)."""
+    """Grid (DIM // BD, batch). u, delta, z, out ``[B, DIM, L]``; A ``[DIM, N]``; B, C ``[B, G, N, L]`` by strides,
+    or (BC_PACK) bc ``[B, G, cdiv(L, BT), N, 2, BT]`` (B and C rows of each chunk, zero-padded); states
+    ``[B, N_CHUNKS + 1, N, DIM]`` (slot 0 read, slots 1.. written). A_REG: A's row as a register tile (1) or loaded
+    per state and chunk (0). PREFETCH: the next chunk's u, delta, z are loaded before this chunk's states.
+    SP_POLY: softplus by ``_softplus_poly`` (float32 only) instead of v2's logf form."""
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -112,64 +198,86 @@ def selective_scan_seq_fwd_kernel(
     tt = tl.arange(0, BT)
     nn = tl.arange(0, NP)
     row = (b * DIM + d).to(tl.int64) * L  # [BD] start of each channel's sequence
-    B_base = B_ptr + b * stride_bb + grp * stride_bg
-    C_base = C_ptr + b * stride_cb + grp * stride_cg
+    B_row = B_ptr + b * stride_bb + grp * stride_bg
+    C_row = C_ptr + b * stride_cb + grp * stride_cg
+    n_steps = tl.cdiv(L, BT)
+    bc_base = bc_ptr + (b * G + grp) * n_steps * (2 * N * BT)
     st_ptrs = states_ptr + b * (N_CHUNKS + 1) * N * DIM + nn[None, :] * DIM + d[:, None]  # [BD, NP], slot 0
     st_mask = (nn[None, :] < N) & (d[:, None] < DIM)
     h = tl.load(st_ptrs, mask=st_mask, other=0.0).to(CT)
+    A2 = h  # placeholder when A_REG = 0
     if A_REG:
         A2 = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(CT)
         if not FP64:
             A2 = A2 * LOG2E
+    Dv = d.to(CT)  # placeholders when absent
+    bias = Dv
     if HAS_D:
         Dv = tl.load(D_ptr + d).to(CT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d).to(CT)
-    n_steps = tl.cdiv(L, BT)
-    for k in range(0, n_steps):
-        t = k * BT + tt
-        tmask = t < L
-        mask = tmask[None, :]
-        offs = row[:, None] + t[None, :]
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
-        dl = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(CT)
-        if HAS_BIAS:
-            dl = dl + bias[:, None]
-        if SOFTPLUS:
-            dl = _softplus(dl)
-        dl = tl.where(mask, dl, 0.0)  # padded steps: decay 1, input 0, the state passes through
-        du = dl * u
-        if HAS_D:
-            y = Dv[:, None] * u
-        else:
-            y = tl.zeros([BD, BT], dtype=CT)
-        for n in tl.static_range(N):
-            if A_REG:
-                a_n = _col(A2, nn, n)
-            else:
-                a_n = tl.load(A_ptr + d * N + n).to(CT)
-                if not FP64:
-                    a_n = a_n * LOG2E
-            Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)
-            Cn = tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0).to(CT)
-            if FP64:
-                a = tl.exp(dl * a_n[:, None])
-            else:
-                a = _exp2(dl * a_n[:, None], FAST)
-            h_in = _col(h, nn, n)
-            # fold: the carried state enters as a_0 h_in added to b_0 (-0.0 elsewhere: bb + -0.0 folds away)
-            bb = du * Bn[None, :] + tl.where(tt[None, :] == 0, a * h_in[:, None], -0.0)
-            _, hs = tl.associative_scan((a, bb), 1, _scan_combine)
-            y += hs * Cn[None, :]
-            h = tl.where(nn[None, :] == n, _col(hs, tt, BT - 1)[:, None], h)
+    n_full = L // BT
+    # full chunks: no masks
+    offs = row[:, None] + tt[None, :]
+    if PREFETCH:
+        m0 = (tt < n_full * BT)[None, :]  # the first chunk if it is a full one
+        u_nx = tl.load(u_ptr + offs, mask=m0, other=0.0)
+        dl_nx = tl.load(delta_ptr + offs, mask=m0, other=0.0)
+        z_nx = u_nx
         if HAS_Z:
-            zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-            y = y * _silu(zz, FAST)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        # the states entering step (k + 1) * BT when that is a multiple of BLOCK_L, and the final state
-        if (((k + 1) * BT) % BLOCK_L == 0) | (k == n_steps - 1):
-            slot = tl.cdiv((k + 1) * BT, BLOCK_L)
-            tl.store(st_ptrs + slot * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
+            z_nx = tl.load(z_ptr + offs, mask=m0, other=0.0)
+    for k in range(0, n_full):
+        t = k * BT + tt
+        offs = row[:, None] + t[None, :]
+        if PREFETCH:
+            u, dl, zz = u_nx, dl_nx, z_nx
+            offs_nx = row[:, None] + (tl.minimum(k + 1, n_full - 1) * BT + tt)[None, :]
+            u_nx = tl.load(u_ptr + offs_nx)
+            dl_nx = tl.load(delta_ptr + offs_nx)
+            if HAS_Z:
+                z_nx = tl.load(z_ptr + offs_nx)
+        else:
+            u = tl.load(u_ptr + offs)
+            dl = tl.load(delta_ptr + offs)
+            zz = u
+            if HAS_Z:
+                zz = tl.load(z_ptr + offs)
+        h = _chunk(
+            h, A2, u, dl, zz, Dv, bias, t, t < L, offs, d, tt, nn, bc_base + k * (2 * N * BT), B_row, C_row,
+            stride_bn, stride_cn, A_ptr, out_ptr,
+            N, BD, BT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FP64, FAST, A_REG, BC_PACK, SP_POLY, False,
+        )  # fmt: skip
+        # the states entering step (k + 1) * BT when that is a multiple of BLOCK_L (the last one: the final state)
+        if ((k + 1) * BT) % BLOCK_L == 0:
+            tl.store(st_ptrs + ((k + 1) * BT // BLOCK_L) * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
+    if n_full < n_steps:
+        # the partial last chunk, masked
+        t = n_full * BT + tt
+        tmask = t < L
+        offs = row[:, None] + t[None, :]
+        u = tl.load(u_ptr + offs, mask=tmask[None, :], other=0.0)
+        dl = tl.load(delta_ptr + offs, mask=tmask[None, :], other=0.0)
+        zz = u
+        if HAS_Z:
+            zz = tl.load(z_ptr + offs, mask=tmask[None, :], other=0.0)
+        h = _chunk(
+            h, A2, u, dl, zz, Dv, bias, t, tmask, offs, d, tt, nn, bc_base + n_full * (2 * N * BT), B_row, C_row,
+            stride_bn, stride_cn, A_ptr, out_ptr,
+            N, BD, BT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FP64, FAST, A_REG, BC_PACK, SP_POLY, True,
+        )  # fmt: skip
+    if L % BLOCK_L != 0:
+        tl.store(st_ptrs + N_CHUNKS * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
+
+
+def pack_bc(B: torch.Tensor, C: torch.Tensor, bt: int, dtype: torch.dtype) -> torch.Tensor:
+    """B, C ``[B, G, N, L]`` -> ``[B, G, cdiv(L, bt), N, 2, bt]`` in ``dtype``, zero-padded past L: each chunk's rows
+    of every state in one block, so the kernel loads them at constant offsets from one pointer."""
+    bsz, g, n, length = B.shape
+    nk = triton.cdiv(length, bt)
+    bc = torch.zeros(bsz, g, nk * bt, n, 2, device=B.device, dtype=dtype)
+    bc[:, :, :length, :, 0] = B.transpose(2, 3)
+    bc[:, :, :length, :, 1] = C.transpose(2, 3)
+    return bc.view(bsz, g, nk, bt, n, 2).permute(0, 1, 2, 4, 5, 3).contiguous()
 
 
 def fast_math(u: torch.Tensor) -> bool:
@@ -194,6 +302,9 @@ def seq_fwd(
     num_warps: int = 1,
     *,
     a_reg: int = 1,
+    bc_pack: int = 1,
+    prefetch: int = 1,
+    softplus_poly: int | None = None,
     fast: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u, delta, z ``[B, D, L]`` contiguous; A ``[D, N]``; B, C ``[B, G, N, L]`` (L contiguous); D, delta_bias ``[D]``;
@@ -212,6 +323,7 @@ def seq_fwd(
     else:
         states[:, 0] = 0
     dummy = u
+    bc = pack_bc(B, C, bt, states.dtype) if bc_pack else dummy
     selective_scan_seq_fwd_kernel[(dim // bd, bsz)](
         u,
         delta,
@@ -223,10 +335,12 @@ def seq_fwd(
         delta_bias if delta_bias is not None else dummy,
         states,
         out,
+        bc,
         dim,
         length,
         nc,
         dim // groups,
+        groups,
         B.stride(0),
         B.stride(1),
         B.stride(2),
@@ -245,6 +359,9 @@ def seq_fwd(
         FP64=states.dtype == torch.float64,
         FAST=fast_math(u) if fast is None else bool(fast),
         A_REG=int(a_reg),
+        BC_PACK=int(bc_pack),
+        PREFETCH=int(prefetch),
+        SP_POLY=int(fast_math(u) if softplus_poly is None else softplus_poly) and states.dtype != torch.float64,
         num_warps=num_warps,
     )
     return out, states[:, nc].transpose(1, 2).contiguous(), states
