@@ -50,21 +50,36 @@ def _check(ins, softplus, block_l, bt, bd, atol, **kw):
 
 
 def test_all_features_float64_grouped_partial():
-    # 2 groups of 4 channels, z, D, bias + softplus, initial state; L = 21 is not a multiple of bt 4 nor block_l 8
+    # 2 groups of 4 channels, z, D, bias + softplus, initial state; L = 21 is not a multiple of bt 4 nor block_l 8;
+    # N = 3 is padded to 4 in the state tile
     ins = _inputs(2, 8, 21, 3, 2, torch.float64, seed=0)
     _check(ins, True, 8, 4, 4, 1e-10)
 
 
 def test_plain_float64_no_optional_inputs():
-    # no z / D / bias / softplus / initial state; ungrouped B/C [B, N, L]; one bt per block_l
+    # no z / D / bias / softplus / initial state; ungrouped B/C [B, N, L]
     ins = _inputs(1, 4, 13, 4, 1, torch.float64, seed=1, grouped=False, full=False)
     _check(ins, False, 4, 4, 4, 1e-10)
 
 
-def test_states_loaded_per_state_a_row_and_wide_block():
-    # A loaded per state and chunk (a_reg=0); 2 channel rows a thread ... block of 8 channels, N = 2
-    ins = _inputs(1, 8, 17, 2, 1, torch.float64, seed=5)
-    _check(ins, True, 16, 8, 8, 1e-10, a_reg=0)
+@pytest.mark.parametrize("a_reg,bc_pack,prefetch", [(0, 0, 0), (1, 0, 1), (0, 1, 0)])
+def test_variants_float64(a_reg, bc_pack, prefetch):
+    # A loaded per state, B/C read in place (unpacked, masked in the last chunk), no prefetch; two chunks of bt 8
+    ins = _inputs(1, 8, 17, 2, 2, torch.float64, seed=5)
+    _check(ins, True, 16, 8, 4, 1e-10, a_reg=a_reg, bc_pack=bc_pack, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("length", [5, 16])
+def test_shorter_than_a_chunk_and_exact_blocks(length):
+    # L < bt (only the masked chunk runs) and L a multiple of block_l (the last full chunk writes the final slot)
+    ins = _inputs(1, 4, length, 2, 1, torch.float64, seed=6)
+    _check(ins, True, 8, 8, 4, 1e-10)
+
+
+def test_float32_polynomial_softplus():
+    # the GPU's softplus (degree-8 log1p fit) in float32 against float64
+    ins = _inputs(1, 4, 12, 3, 1, torch.float32, seed=7)
+    _check(ins, True, 8, 4, 4, 2e-5, softplus_poly=1)
 
 
 def test_bfloat16_inputs():
