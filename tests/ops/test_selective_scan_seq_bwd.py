@@ -52,7 +52,7 @@ def _reference_grads(ins, softplus, dout, dlast):
     return dict(zip(leaves, grads))
 
 
-def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, rows=None):
+def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, rows=None, reduce_mode=1, prefetch=1):
     """Returns (v3 grads, v2 grads, reference grads, dout, dlast) as dicts keyed by NAMES (present inputs only)."""
     bsz, dim, length = ins["u"].shape
     n = ins["A"].shape[1]
@@ -62,7 +62,20 @@ def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, r
     g = torch.Generator().manual_seed(seed)
     dout = torch.randn(bsz, dim, length, generator=g, dtype=torch.float64).to(ins["u"].dtype).to(DEVICE)
     dlast = torch.randn(bsz, dim, n, generator=g, dtype=torch.float64).to(last.dtype).to(DEVICE) if with_dlast else None
-    v3 = seq_bwd(*args, states, dout, dlast, softplus, block_l, bt, bd, num_warps, rows_per_thread=rows)
+    v3 = seq_bwd(
+        *args,
+        states,
+        dout,
+        dlast,
+        softplus,
+        block_l,
+        bt,
+        bd,
+        num_warps,
+        rows_per_thread=rows,
+        reduce_mode=reduce_mode,
+        prefetch=prefetch,
+    )
     v2 = selective_scan_bwd(*args, states, dout, dlast, softplus, cfg)
     ref = _reference_grads(ins, softplus, dout, dlast)
     keys = NAMES
@@ -103,9 +116,20 @@ def test_all_features_float64(length, block_l, bt, rows):
     _check(ins, True, block_l, bt, 4, 1e-10, rows=rows)
 
 
-def test_plain_float64_one_group():
+@pytest.mark.parametrize(
+    "dim,bd,rows,bt,reduce_mode",
+    [(64, 64, 2, 4, 1), (64, 64, 2, 4, 0), (32, 32, 1, 8, 1), (32, 32, 1, 2, 1), (64, 32, 1, 1, 1)],
+)
+def test_channel_sums_by_halving(dim, bd, rows, bt, reduce_mode):
+    # dB / dC summed over 32-lane warps of channels by recursive halving (emulated shuffles), 2 groups
+    ins = _inputs(1, dim, 11, 2, 2 if dim // 2 >= bd else 1, torch.float64, seed=bt)
+    _check(ins, True, 8, bt, bd, 1e-10, rows=rows, reduce_mode=reduce_mode)
+
+
+@pytest.mark.parametrize("prefetch", [1, 0])
+def test_plain_float64_one_group(prefetch):
     ins = _inputs(1, 4, 10, 4, 1, torch.float64, seed=1, z=False, D=False, bias=False, h0=False)
-    _check(ins, False, 8, 4, 4, 1e-10, with_dlast=False)
+    _check(ins, False, 8, 4, 4, 1e-10, with_dlast=False, prefetch=prefetch)
 
 
 def test_single_step_and_block_per_thread():

@@ -22,6 +22,8 @@ go through ``tl.sum`` over axis 0 and float32 atomics into ``[B, G, N, L]`` buff
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -94,6 +96,103 @@ def _rev_adjoint(a, c, q, BD: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _bfly(x, XOR: tl.constexpr, INTERP: tl.constexpr):
+    """Row w of a [W, K] float32 tile (row w in lane w % 32) gets row w ^ XOR: shfl.sync.bfly on the GPU, the same
+    permutation by reshape / split / join under the interpreter."""
+    if INTERP:
+        W: tl.constexpr = x.shape[0]
+        K: tl.constexpr = x.shape[1]
+        y = tl.permute(tl.reshape(x, [W // (2 * XOR), 2, XOR, K]), [0, 2, 3, 1])
+        lo, hi = tl.split(y)
+        return tl.reshape(tl.permute(tl.join(hi, lo), [0, 3, 1, 2]), [W, K])
+    else:
+        return tl.inline_asm_elementwise(
+            "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;",
+            "=r,r,r",
+            [x, tl.full(x.shape, XOR, tl.int32)],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+
+
+@triton.jit
+def _halve(v, lane, XOR: tl.constexpr, INTERP: tl.constexpr):
+    """One recursive-halving round over a [W, M] tile: lanes with bit XOR set keep the odd columns, the others the
+    even ones, and each adds its partner's (lane ^ XOR) copy: [W, M / 2]."""
+    W: tl.constexpr = v.shape[0]
+    M: tl.constexpr = v.shape[1]
+    v0, v1 = tl.split(tl.reshape(v, [W, M // 2, 2]))
+    up = ((lane & XOR) != 0)[:, None]
+    return tl.where(up, v1, v0) + _bfly(tl.where(up, v0, v1), XOR, INTERP)
+
+
+@triton.jit
+def _add_db_dc(
+    gdu, dyh, dB_row, dC_row, t0, L, BD: tl.constexpr, BT: tl.constexpr, R: tl.constexpr, INTERP: tl.constexpr
+):
+    """dB[t] += sum_d gdu[d, t], dC[t] += sum_d dyh[d, t] (float32 atomics; dB_row / dC_row point at step 0 of
+    state n) by recursive halving within each warp: 2 BT columns need log2(2 BT) halving rounds (2 BT - 1 shuffles)
+    and 5 - log2(2 BT) butterfly rounds (one shuffle each), instead of 5 rounds per column for a tl.sum."""
+    W: tl.constexpr = BD // R
+    if R > 1:  # tile row k is held by thread k % W: first the in-thread sum
+        sB = tl.sum(tl.reshape(gdu, [R, W, BT]), 0)
+        sC = tl.sum(tl.reshape(dyh, [R, W, BT]), 0)
+    else:
+        sB = gdu
+        sC = dyh
+    v = tl.reshape(tl.join(sB, sC), [W, 2 * BT])  # column 2 t + (0: dB, 1: dC)
+    lane = tl.arange(0, W) % 32
+    v = _halve(v, lane, 16, INTERP)  # column bit 0 <- lane bit 4
+    col = (lane >> 4) & 1
+    if BT >= 2:
+        v = _halve(v, lane, 8, INTERP)
+        col += ((lane >> 3) & 1) << 1
+    if BT >= 4:
+        v = _halve(v, lane, 4, INTERP)
+        col += ((lane >> 2) & 1) << 2
+    if BT >= 8:
+        v = _halve(v, lane, 2, INTERP)
+        col += ((lane >> 1) & 1) << 3
+    # the remaining lane bits: plain butterfly rounds
+    v += _bfly(v, 1, INTERP)
+    if BT <= 4:
+        v += _bfly(v, 2, INTERP)
+    if BT <= 2:
+        v += _bfly(v, 4, INTERP)
+    if BT <= 1:
+        v += _bfly(v, 8, INTERP)
+    LOW: tl.constexpr = 16 // BT  # lanes differing only in these low bits hold the same sums
+    t = t0 + (col >> 1)
+    ptr = tl.where((col & 1) == 0, dB_row, dC_row) + t
+    tl.atomic_add(ptr, tl.reshape(v, [W]), mask=((lane % LOW) == 0) & (t < L), sem="relaxed")
+
+
+@triton.jit
+def _loads1(A_row, B_base, src, t, tmask, n, DIM, stride_bn):
+    """Pass 1 operands of state n: A[d, n] [BD], B row [BT], entering state [BD]."""
+    return (
+        tl.load(A_row + n),
+        tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0),
+        tl.load(src + n * DIM),
+    )
+
+
+@triton.jit
+def _loads2(A_row, B_base, C_base, src, gq_row, dA_row, t, tmask, n, DIM, stride_bn, stride_cn):
+    """Pass 2 operands of state n: A[d, n], B and C rows [BT] (each thread loads the BT values once: a [BD, BT] tile
+    load would repeat them for every row it holds), entering state, carried adjoint q and dA so far ([BD] each)."""
+    return (
+        tl.load(A_row + n),
+        tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0),
+        tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0),
+        tl.load(src + n * DIM),
+        tl.load(gq_row + n * DIM),
+        tl.load(dA_row + n * DIM),
+    )
+
+
+@triton.jit
 def _keep_last(a, b):
     return b
 
@@ -150,6 +249,9 @@ def seq_bwd_kernel(
     BT: tl.constexpr,
     BLOCK_L: tl.constexpr,
     R: tl.constexpr,
+    HALVE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    INTERP: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -198,12 +300,18 @@ def seq_bwd_kernel(
             dlu = dl * u
             src = tl.where(j == 0, st_row, stash_row + (j - 1) * ND)
             dst = stash_row + j * ND
+            nx = _loads1(A_row, B_base, src, t, tmask, 0, DIM, stride_bn)
             for n in range(0, N):
-                a_row = tl.load(A_row + n).to(CT)
+                if PREFETCH:  # this state's operands came one iteration ahead; start the next state's loads now
+                    a_row, Bn, h_in = nx
+                    nx = _loads1(A_row, B_base, src, t, tmask, tl.minimum(n + 1, N - 1), DIM, stride_bn)
+                else:
+                    a_row, Bn, h_in = _loads1(A_row, B_base, src, t, tmask, n, DIM, stride_bn)
+                a_row = a_row.to(CT)
                 if not FP64:
                     a_row = a_row * LOG2E
-                Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)[None, :]
-                h_in = tl.load(src + n * DIM).to(CT)
+                Bn = Bn.to(CT)[None, :]
+                h_in = h_in.to(CT)
                 a = _decay2(dl, a_row, FP64)
                 bb = dlu * Bn + tl.where(first, a * h_in[:, None], 0.0)
                 _, h = tl.associative_scan((a, bb), 1, _scan_combine)
@@ -211,7 +319,8 @@ def seq_bwd_kernel(
         # pass 2: sub-chunks in reverse
         for jj in range(0, J):
             j = J - 1 - jj
-            t = c * BLOCK_L + j * BT + tt
+            t0 = c * BLOCK_L + j * BT
+            t = t0 + tt
             tmask = t < L
             mask = tmask[None, :]
             offs = row[:, None] + t[None, :]
@@ -226,16 +335,26 @@ def seq_bwd_kernel(
             y = tl.zeros([BD, BT], dtype=CT)
             sgB = tl.zeros([BD, BT], dtype=CT)
             sgAh = tl.zeros([BD, BT], dtype=CT)
+            nx = _loads2(A_row, B_base, C_base, src, gq_row, dA_row, t, tmask, 0, DIM, stride_bn, stride_cn)
             for n in range(0, N):
-                a_nat = tl.load(A_row + n).to(CT)
+                if PREFETCH:
+                    a_nat, Bn, Cn, h_in, q_in, dA_in = nx
+                    nx = _loads2(
+                        A_row, B_base, C_base, src, gq_row, dA_row, t, tmask, tl.minimum(n + 1, N - 1), DIM,
+                        stride_bn, stride_cn,
+                    )  # fmt: skip
+                else:
+                    a_nat, Bn, Cn, h_in, q_in, dA_in = _loads2(
+                        A_row, B_base, C_base, src, gq_row, dA_row, t, tmask, n, DIM, stride_bn, stride_cn
+                    )
+                a_nat = a_nat.to(CT)
                 a_row = a_nat
                 if not FP64:
                     a_row = a_nat * LOG2E
-                # [BT] rows: each thread loads all BT values once (a tile load would repeat them for every row it holds)
-                Bn = tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0).to(CT)[None, :]
-                Cn = tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0).to(CT)[None, :]
-                h_in = tl.load(src + n * DIM).to(CT)
-                q_in = tl.load(gq_row + n * DIM).to(CT)
+                Bn = Bn.to(CT)[None, :]
+                Cn = Cn.to(CT)[None, :]
+                h_in = h_in.to(CT)
+                q_in = q_in.to(CT)
                 a = _decay2(dl, a_row, FP64)
                 bb = dlu * Bn
                 _, h = tl.associative_scan((a, bb + tl.where(first, a * h_in[:, None], 0.0)), 1, _scan_combine)
@@ -245,10 +364,15 @@ def seq_bwd_kernel(
                 p = g * (h - bb)  # g a_t h_{t-1}
                 sgAh += p * a_nat[:, None]
                 sgB += g * Bn
-                dA_n = tl.load(dA_row + n * DIM) + tl.sum(p * dl, 1)
+                dA_n = dA_in + tl.sum(p * dl, 1)
                 tl.store(dA_row + n * DIM, dA_n)
-                tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(g * dlu, 0), mask=tmask, sem="relaxed")
-                tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dy * h, 0), mask=tmask, sem="relaxed")
+                if HALVE:
+                    _add_db_dc(
+                        g * dlu, dy * h, dB_base + n * stride_dbn, dC_base + n * stride_dcn, t0, L, BD, BT, R, INTERP
+                    )
+                else:
+                    tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(g * dlu, 0), mask=tmask, sem="relaxed")
+                    tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dy * h, 0), mask=tmask, sem="relaxed")
             du = dl * sgB
             ddl = u * sgB + sgAh
             if HAS_D:
@@ -297,6 +421,8 @@ def seq_bwd(
     num_warps: int = 1,
     *,
     rows_per_thread: int | None = None,
+    reduce_mode: int = 1,
+    prefetch: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
     (absent optional inputs give empty tensors). u, delta, z, dout ``[B, D, L]``; A ``[D, N]``; B, C ``[B, G, N, L]``;
@@ -304,7 +430,10 @@ def seq_bwd(
 
     block_l: steps per saved state (a multiple of bt); bt: steps held by a thread; bd: channels per program
     (a power of two dividing D / G, a multiple of 32 num_warps on the GPU). rows_per_thread: the channel rows a
-    thread holds, bd / (32 num_warps) by default (only the order of channels within a block depends on it)."""
+    thread holds, bd / (32 num_warps) by default (only the order of channels within a block depends on it).
+    reduce_mode: 1 sums dB / dC over channels by recursive halving across lanes (where bd / rows_per_thread is a
+    multiple of 32 and not float64 on the GPU), 0 by tl.sum. prefetch: 1 loads each state's operands one iteration
+    of the state loop ahead."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
@@ -316,6 +445,9 @@ def seq_bwd(
         raise ValueError(f"seq_bwd: bd {bd} must divide the {dim // groups} channels of a group")
     jsub = block_l // bt
     rows = rows_per_thread or max(1, bd // (32 * num_warps))
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1" or not u.is_cuda
+    # dB / dC by recursive halving: warps of 32 full rows; float32 only on the GPU (32-bit shuffles)
+    halve = int(reduce_mode == 1 and bt <= 8 and (bd // rows) % 32 == 0 and (interp or sd == torch.float32))
     if bd % rows:
         raise ValueError(f"seq_bwd: rows_per_thread {rows} must divide bd {bd}")
     dout = dout.contiguous()
@@ -374,6 +506,9 @@ def seq_bwd(
         BT=bt,
         BLOCK_L=block_l,
         R=rows,
+        HALVE=halve,
+        PREFETCH=prefetch,
+        INTERP=interp,
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None,
