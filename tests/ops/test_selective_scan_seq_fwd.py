@@ -82,6 +82,7 @@ def test_float32_polynomial_softplus():
     _check(ins, True, 8, 4, 4, 2e-5, softplus_poly=1)
 
 
-def test_bfloat16_inputs():
-    ins = _inputs(1, 4, 12, 2, 1, torch.bfloat16, seed=2)
-    _check(ins, True, 8, 8, 4, 3e-2)
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_half_inputs(dtype, atol):
+    ins = _inputs(1, 4, 12, 2, 1, dtype, seed=2)
+    _check(ins, True, 8, 8, 4, atol)

@@ -249,7 +249,8 @@ def selective_scan_seq_fwd_kernel(
         )  # fmt: skip
         # the states entering step (k + 1) * BT when that is a multiple of BLOCK_L (the last one: the final state)
         if ((k + 1) * BT) % BLOCK_L == 0:
-            tl.store(st_ptrs + ((k + 1) * BT // BLOCK_L) * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
+            slot = b * 0 + (k + 1) * BT // BLOCK_L  # int64 (b is)
+            tl.store(st_ptrs + slot * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
     if n_full < n_steps:
         # the partial last chunk, masked
         t = n_full * BT + tt
@@ -266,7 +267,7 @@ def selective_scan_seq_fwd_kernel(
             N, BD, BT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FP64, FAST, A_REG, BC_PACK, SP_POLY, True,
         )  # fmt: skip
     if L % BLOCK_L != 0:
-        tl.store(st_ptrs + N_CHUNKS * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
+        tl.store(st_ptrs + (b * 0 + N_CHUNKS) * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
 
 
 def pack_bc(B: torch.Tensor, C: torch.Tensor, bt: int, dtype: torch.dtype) -> torch.Tensor:
