@@ -8,16 +8,17 @@ channels, batch); it walks the blocks of ``block_l`` steps in reverse order. Per
 - pass 1 recomputes h over the block's first ``J - 1`` sub-chunks of BT steps (``J = block_l / BT``) from the
   forward's saved state ``states[c]`` and stashes the state entering each sub-chunk in a scratch buffer
   ``[B, J - 1, N, D]`` (each row is written and read back by the thread that owns it);
-- pass 2 walks the sub-chunks in reverse: recomputes h from the stashed start, then the adjoint
-  ``g_t = dy_t C_t + a_{t+1} g_{t+1}`` by a reverse in-thread scan whose combine carries the later step's
-  decay (a three-term segment summary, so ``a_{t+1}`` needs no second exp and no shifted load). What is carried
-  between sub-chunks (and blocks) per (d, n) is ``q = a_t g_t`` at the sub-chunk's first step, in a
-  ``[B, N, D]`` buffer that starts as d(last state) and ends as d(initial state).
+- pass 2 walks the sub-chunks in reverse: recomputes h from the stashed start (forward in-thread scan), then the
+  adjoint ``g_t = dy_t C_t + a_{t+1} g_{t+1}`` column by column; ``a_{t+1}`` is the neighbouring column of the
+  same decay tile, so there is one exp per element and pass and no shifted load. What is carried between
+  sub-chunks (and blocks) per (d, n) is ``q = a_t g_t`` at the sub-chunk's first step, in a ``[B, N, D]`` buffer
+  that starts as d(last state) and ends as d(initial state).
 
 Per state n the gradients accumulate as ``sgB = sum_n g B`` and ``sgAh = sum_n g A a_t h_{t-1}``:
 ``du = delta sgB + D dy``, ``ddelta = u sgB + sgAh`` (times softplus'), ``dA[d, n] = sum_t g delta a_t h_{t-1}``
-(read-modify-write of the program's own rows of a ``[B, N, D]`` buffer), and dB / dC, sums over channels,
-go through ``tl.sum`` over axis 0 and float32 atomics into ``[B, G, N, L]`` buffers as in v2.
+(read-modify-write of the program's own rows of a ``[B, N, D]`` buffer). dB and dC are sums over channels:
+per warp by recursive halving across lanes (or ``tl.sum``), then float32 atomics into ``[B, G, N, L]`` as in v2.
+Carried rows (states, q, dA) are written and read back by the thread that owns them, so no barriers are needed.
 """
 
 from __future__ import annotations
@@ -423,6 +424,7 @@ def seq_bwd(
     rows_per_thread: int | None = None,
     reduce_mode: int = 1,
     prefetch: int = 1,
+    maxnreg: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
     (absent optional inputs give empty tensors). u, delta, z, dout ``[B, D, L]``; A ``[D, N]``; B, C ``[B, G, N, L]``;
@@ -433,7 +435,7 @@ def seq_bwd(
     thread holds, bd / (32 num_warps) by default (only the order of channels within a block depends on it).
     reduce_mode: 1 sums dB / dC over channels by recursive halving across lanes (where bd / rows_per_thread is a
     multiple of 32 and not float64 on the GPU), 0 by tl.sum. prefetch: 1 loads each state's operands one iteration
-    of the state loop ahead."""
+    of the state loop ahead. maxnreg: a register cap for the compiler (0: none; GPU only)."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
@@ -515,9 +517,134 @@ def seq_bwd(
         SOFTPLUS=delta_softplus,
         FP64=sd == torch.float64,
         num_warps=num_warps,
+        **({"maxnreg": maxnreg} if maxnreg and not interp else {}),
     )
     dh0 = gq.transpose(1, 2).contiguous()  # a_0 g_0
     dA = dA_t.sum(0).t().to(A.dtype).contiguous()
     dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dh0
+
+
+def _gpu_main() -> None:
+    """GPU check + timing: ``python -m mixlab.ops.selective_scan.triton.seq_bwd --out DIR [--configs ...]``.
+
+    Check: every config at B2 T300 D512 N16 (2 groups) in float32 against v2's backward in float64, plus one float64
+    run of v3 itself; timing: bf16 at B32 T2048 D4096 N16 (z, D, bias + softplus) vs v2's default backward.
+    Writes ``DIR/seq-bwd.json``."""
+    import argparse
+    import json
+    import pathlib
+    import time
+
+    from .op import default_config, selective_scan_bwd, selective_scan_fwd
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--configs",
+        default="32,8,64,1;64,8,64,1;64,4,128,1;64,4,64,1,128;32,4,64,1,128;16,4,64,1,128;64,4,64,1;"
+        "32,8,64,1,0,0;32,8,64,1,0,1,0;64,4,64,1,128,1,0;64,8,32,1;64,4,128,2",
+        help="';'-separated block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch]]]",
+    )
+    ap.add_argument("--shape", default="32,2048,4096,16", help="timing shape B,T,D,N (bf16, one group)")
+    ap.add_argument("--check-shape", default="2,300,512,16", help="check shape B,T,D,N (two groups)")
+    args = ap.parse_args()
+    cfgs = [[int(x) for x in c.split(",")] for c in args.configs.split(";") if c]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run under TRITON_INTERPRET=1
+
+    def bench(fn):
+        if dev == "cuda":
+            return triton.testing.do_bench(fn, warmup=25, rep=100)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def inputs(bsz, length, dim, n, groups, dtype, seed=0):
+        g = torch.Generator(device=dev).manual_seed(seed)
+
+        def r(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
+
+        a = -(torch.rand(dim, n, generator=g, device=dev) * 2 + 0.1)
+        return dict(
+            u=r(bsz, dim, length),
+            delta=r(bsz, dim, length, scale=0.5),
+            A=a.to(torch.float64 if dtype == torch.float64 else torch.float32),
+            B=r(bsz, groups, n, length),
+            C=r(bsz, groups, n, length),
+            D=r(dim),
+            z=r(bsz, dim, length),
+            delta_bias=r(dim, scale=0.5),
+        )
+
+    def states_for(ins, block_l, h0=None):
+        bl_f = max(1, 1024 // block_l)
+        cfg = [block_l, bl_f, 4 if bl_f * block_l >= 1024 else 1, 4, 1]
+        args5 = [ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        return selective_scan_fwd(*args5, h0, True, cfg)
+
+    def v3(ins, states, dout, dlast, c):
+        kw = dict(zip(("maxnreg", "reduce_mode", "prefetch"), c[4:]))
+        args5 = [ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        return seq_bwd(*args5, states, dout, dlast, True, c[0], c[1], c[2], c[3], **kw)
+
+    def rel(x, ref):
+        return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+    res = {
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "triton": triton.__version__,
+        "check": [],
+        "time": [],
+    }
+    # check vs v2 in float64
+    cb, cl, cd, cn = (int(x) for x in args.check_shape.split(","))
+    ck = inputs(cb, cl, cd, cn, 2, torch.float64, seed=1)
+    h0 = torch.randn(cb, cd, cn, device=dev, dtype=torch.float64)
+    names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias", "dh0")
+    for c in cfgs:
+        _, last, st64 = states_for(ck, c[0], h0)
+        dout = torch.randn_like(ck["u"])
+        dlast = torch.randn_like(last)
+        args5 = [ck[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        ref = selective_scan_bwd(*args5, st64, dout, dlast, True, [c[0], 8, 1, 8, 1])
+        got64 = v3(ck, st64, dout, dlast, c)
+        ck32 = {k: v.float() for k, v in ck.items()}
+        got32 = v3(ck32, st64.float(), dout.float(), dlast.float(), c)
+        res["check"].append(
+            {
+                "config": c,
+                "fp64_vs_v2": {k: rel(a, b) for k, a, b in zip(names, got64, ref)},
+                "fp32_vs_v2_fp64": {k: rel(a, b) for k, a, b in zip(names, got32, ref)},
+            }
+        )
+        print("check", c, max(res["check"][-1]["fp32_vs_v2_fp64"].values()), flush=True)
+    # timing, bf16
+    bsz, length, dim, n = (int(x) for x in args.shape.split(","))
+    ins = inputs(bsz, length, dim, n, 1, torch.bfloat16, seed=2)
+    dout = torch.randn_like(ins["u"])
+    dlast = torch.randn(bsz, dim, n, device=dev)
+    v2cfg = default_config(dim, length, 1)
+    _, _, st = states_for(ins, v2cfg[0])
+    args5 = [ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    ms = bench(lambda: selective_scan_bwd(*args5, st, dout, dlast, True, v2cfg))
+    res["time"].append({"kernel": "v2", "config": v2cfg, "ms": ms})
+    print("v2", v2cfg, ms, flush=True)
+    for c in cfgs:
+        _, _, st = states_for(ins, c[0])
+        t0 = time.time()
+        try:
+            ms = bench(lambda st=st, c=c: v3(ins, st, dout, dlast, c))
+        except Exception as e:  # a config that does not compile must not end the sweep
+            ms = None
+            res["time"].append({"kernel": "v3", "config": c, "error": repr(e)[:500]})
+        else:
+            res["time"].append({"kernel": "v3", "config": c, "ms": ms, "wall_s": time.time() - t0})
+        print("v3", c, ms, flush=True)
+    pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(args.out) / "seq-bwd.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    _gpu_main()
