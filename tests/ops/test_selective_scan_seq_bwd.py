@@ -118,10 +118,11 @@ def test_all_features_float64(length, block_l, bt, rows):
 
 @pytest.mark.parametrize(
     "dim,bd,rows,bt,reduce_mode",
-    [(64, 64, 2, 4, 1), (64, 64, 2, 4, 0), (32, 32, 1, 8, 1), (32, 32, 1, 2, 1), (64, 32, 1, 1, 1)],
+    [(64, 64, 2, 4, 1), (64, 64, 2, 4, 0), (64, 64, 1, 4, 1), (32, 32, 1, 8, 1), (32, 32, 1, 2, 1), (64, 32, 1, 1, 1)],
 )
 def test_channel_sums_by_halving(dim, bd, rows, bt, reduce_mode):
-    # dB / dC summed over 32-lane warps of channels by recursive halving (emulated shuffles), 2 groups
+    # dB / dC summed over 32-lane warps of channels by recursive halving (emulated shuffles; bd 64 with one row a
+    # thread = two warps), 2 groups where a group holds two blocks
     ins = _inputs(1, dim, 11, 2, 2 if dim // 2 >= bd else 1, torch.float64, seed=bt)
     _check(ins, True, 8, bt, bd, 1e-10, rows=rows, reduce_mode=reduce_mode)
 
@@ -137,9 +138,10 @@ def test_single_step_and_block_per_thread():
     _check(ins, True, 4, 4, 2, 1e-10)
 
 
-def test_bf16():
-    ins = _inputs(1, 8, 12, 2, 1, torch.bfloat16, seed=3)
-    _check(ins, True, 8, 4, 8, 3e-2)
+@pytest.mark.parametrize("bd,bt", [(8, 4), (32, 8)])
+def test_bf16(bd, bt):
+    ins = _inputs(1, 32, 12, 2, 1, torch.bfloat16, seed=3)
+    _check(ins, True, 8, bt, bd, 3e-2)
 
 
 def test_bad_config_rejected():
