@@ -15,10 +15,20 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton
+import triton.language as tl
+
 from mixlab.ops.selective_scan.triton.op import selective_scan_fwd
-from mixlab.ops.selective_scan.triton.seq_fwd import seq_fwd
+from mixlab.ops.selective_scan.triton.seq_fwd import _exp2_fma, seq_fwd
 
 from .test_selective_scan_triton import _inputs, _reference
+
+
+@triton.jit
+def _exp2_fma_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, _exp2_fma(tl.load(x_ptr + offs)))
+
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -76,10 +86,20 @@ def test_shorter_than_a_chunk_and_exact_blocks(length):
     _check(ins, True, 8, 8, 4, 1e-10)
 
 
-def test_float32_polynomial_softplus():
-    # the GPU's softplus (degree-8 log1p fit) in float32 against float64
+@pytest.mark.parametrize("emu", [0, 2])
+def test_float32_polynomial_softplus_and_fma_exp2(emu):
+    # the GPU's softplus (degree-8 log1p fit) and, for the last emu states, the FMA-pipe exp2, float32 vs float64
     ins = _inputs(1, 4, 12, 3, 1, torch.float32, seed=7)
-    _check(ins, True, 8, 4, 4, 2e-5, softplus_poly=1)
+    _check(ins, True, 8, 4, 4, 2e-5, softplus_poly=1, emu=emu)
+
+
+def test_fma_exp2_accuracy():
+    # _exp2_fma over [-130, 0] (clamped at 2^-125) against exp2 in float64: relative error <= 3e-7
+    x = torch.linspace(-130.0, 0.0, 4096, dtype=torch.float32)
+    y = torch.empty_like(x)
+    _exp2_fma_kernel[(4,)](x, y, BLOCK=1024)
+    ref = torch.exp2(x.double().clamp(min=-125.0))
+    assert ((y.double() - ref).abs() / ref).max().item() <= 3e-7
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])

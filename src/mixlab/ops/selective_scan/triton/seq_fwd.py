@@ -48,6 +48,24 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _exp2_fma(x):
+    """2^x for float32 x <= 0 on the FMA pipe (no MUFU): round x to j (1.5 * 2^23 trick), 2^f on [-0.5, 0.5] by a
+    degree-5 fit, j added to the exponent bits; relative error 2.3e-7, clamped at 2^-125. Moves some of the
+    decays off the MUFU pipe (16 exps / clk / SM), which bounds the loop, onto the FMA pipe, which has slack."""
+    x = tl.maximum(x, -125.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = 0.0013276468962430954 * f + 0.009675540961325169
+    p = p * f + 0.05550713464617729
+    p = p * f + 0.24022120237350464
+    p = p * f + 0.6931469440460205
+    p = p * f + 1.0000001192092896
+    # j = bits(t) - bits(1.5 * 2^23); (bits(1.5 * 2^23) << 23) wraps to 0, so j << 23 == bits(t) << 23
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _softplus_poly(x, FAST: tl.constexpr):
     """float32 softplus as ``max(x, 0) + log1p(e)``, ``e = exp(-|x|)`` in (0, 1], with log1p(e) = e P(e) and P a
     degree-8 fit of log1p(e) / e on [0, 1] (relative error 2.3e-7 in float32 Horner): one MUFU and ~11 FMA-pipe
@@ -88,7 +106,7 @@ def _chunk(
     h, A2, u, dl, zz, Dv, bias, t, tmask, offs, d, tt, nn, bc_ptr, B_row, C_row, stride_bn, stride_cn, A_ptr, out_ptr,
     N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FP64: tl.constexpr, FAST: tl.constexpr, A_REG: tl.constexpr,
-    BC_PACK: tl.constexpr, SP_POLY: tl.constexpr, MASKED: tl.constexpr,
+    BC_PACK: tl.constexpr, SP_POLY: tl.constexpr, EMU: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """One chunk of BT steps: u, dl (raw delta), zz are its [BD, BT] tiles as loaded; returns the carried states
     ``h [BD, NP]`` after it. MASKED: the chunk runs past L (padded steps: decay 1, input 0)."""
@@ -128,6 +146,8 @@ def _chunk(
             Cn = tl.load(C_row + n * stride_cn + t).to(CT)
         if FP64:
             a = tl.exp(dl * a_n[:, None])
+        elif n >= N - EMU:
+            a = _exp2_fma(dl * a_n[:, None])
         else:
             a = _exp2(dl * a_n[:, None], FAST)
         h_in = _col(h, nn, n)
@@ -184,13 +204,17 @@ def selective_scan_seq_fwd_kernel(
     BC_PACK: tl.constexpr,
     PREFETCH: tl.constexpr,
     SP_POLY: tl.constexpr,
+    EMU: tl.constexpr,
+    PF_BC: tl.constexpr,
 ):
     """Grid (DIM // BD, batch). u, delta, z, out ``[B, DIM, L]``; A ``[DIM, N]``; B, C ``[B, G, N, L]`` by strides,
     or (BC_PACK) bc ``[B, G, cdiv(L, BT), N, 2, BT]`` (B and C rows of each chunk, zero-padded); states
     ``[B, N_CHUNKS + 1, N, DIM]`` (slot 0 read, slots 1.. written). A_REG: A's row as a register tile (1) or loaded
     per state and chunk (0). PREFETCH: the next chunk's u, delta, z are loaded before this chunk's states.
-    SP_POLY: softplus by ``_softplus_poly`` (float32 only) instead of v2's logf form."""
+    SP_POLY: softplus by ``_softplus_poly`` (float32 only) instead of v2's logf form. EMU: the last EMU states'
+    decays by ``_exp2_fma`` (float32). PF_BC: prefetch the next chunk's packed B/C block into L1 (GPU only)."""
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    PF_LINES: tl.constexpr = max(1, 2 * N * BT // 32)
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
@@ -242,10 +266,16 @@ def selective_scan_seq_fwd_kernel(
             zz = u
             if HAS_Z:
                 zz = tl.load(z_ptr + offs)
+        if PF_BC:
+            # one 128-byte line per lane of the next chunk's B/C block (2 N BT floats), no registers held
+            nx = bc_base + tl.minimum(k + 1, n_steps - 1) * (2 * N * BT) + (tl.arange(0, BD) % PF_LINES) * 32
+            tl.inline_asm_elementwise(
+                "prefetch.global.L1 [$1];\n mov.u32 $0, 0;", "=r,l", [nx], dtype=tl.int32, is_pure=False, pack=1
+            )
         h = _chunk(
             h, A2, u, dl, zz, Dv, bias, t, t < L, offs, d, tt, nn, bc_base + k * (2 * N * BT), B_row, C_row,
             stride_bn, stride_cn, A_ptr, out_ptr,
-            N, BD, BT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FP64, FAST, A_REG, BC_PACK, SP_POLY, False,
+            N, BD, BT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FP64, FAST, A_REG, BC_PACK, SP_POLY, EMU, False,
         )  # fmt: skip
         # the states entering step (k + 1) * BT when that is a multiple of BLOCK_L (the last one: the final state)
         if ((k + 1) * BT) % BLOCK_L == 0:
@@ -264,7 +294,7 @@ def selective_scan_seq_fwd_kernel(
         h = _chunk(
             h, A2, u, dl, zz, Dv, bias, t, tmask, offs, d, tt, nn, bc_base + n_full * (2 * N * BT), B_row, C_row,
             stride_bn, stride_cn, A_ptr, out_ptr,
-            N, BD, BT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FP64, FAST, A_REG, BC_PACK, SP_POLY, True,
+            N, BD, BT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FP64, FAST, A_REG, BC_PACK, SP_POLY, EMU, True,
         )  # fmt: skip
     if L % BLOCK_L != 0:
         tl.store(st_ptrs + (b * 0 + N_CHUNKS) * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
@@ -306,6 +336,8 @@ def seq_fwd(
     bc_pack: int = 1,
     prefetch: int = 1,
     softplus_poly: int | None = None,
+    emu: int = 0,
+    pf_bc: int | None = None,
     fast: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u, delta, z ``[B, D, L]`` contiguous; A ``[D, N]``; B, C ``[B, G, N, L]`` (L contiguous); D, delta_bias ``[D]``;
@@ -363,6 +395,8 @@ def seq_fwd(
         BC_PACK=int(bc_pack),
         PREFETCH=int(prefetch),
         SP_POLY=int(fast_math(u) if softplus_poly is None else softplus_poly) and states.dtype != torch.float64,
+        EMU=min(int(emu), n) if states.dtype != torch.float64 else 0,
+        PF_BC=int(fast_math(u) if pf_bc is None else pf_bc) and bool(bc_pack),
         num_warps=num_warps,
     )
     return out, states[:, nc].transpose(1, 2).contiguous(), states
