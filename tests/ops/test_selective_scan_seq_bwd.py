@@ -52,7 +52,8 @@ def _reference_grads(ins, softplus, dout, dlast):
     return dict(zip(leaves, grads))
 
 
-def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, rows=None, reduce_mode=1, prefetch=1):
+def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, rows=None, reduce_mode=1, prefetch=1,
+         keep_gz=1):  # fmt: skip
     """Returns (v3 grads, v2 grads, reference grads, dout, dlast) as dicts keyed by NAMES (present inputs only)."""
     bsz, dim, length = ins["u"].shape
     n = ins["A"].shape[1]
@@ -138,10 +139,15 @@ def test_single_step_and_block_per_thread():
     _check(ins, True, 4, 4, 2, 1e-10)
 
 
-@pytest.mark.parametrize("bd,bt", [(8, 4), (32, 8)])
-def test_bf16(bd, bt):
+@pytest.mark.parametrize("bd,bt,keep_gz", [(8, 4, 1), (32, 8, 0)])
+def test_bf16(bd, bt, keep_gz):
     ins = _inputs(1, 32, 12, 2, 1, torch.bfloat16, seed=3)
-    _check(ins, True, 8, bt, bd, 3e-2)
+    _check(ins, True, 8, bt, bd, 3e-2, keep_gz=keep_gz)
+
+
+def test_reload_dout_z_float64():
+    ins = _inputs(1, 4, 10, 2, 1, torch.float64, seed=5)
+    _check(ins, True, 8, 4, 4, 1e-10, keep_gz=0)
 
 
 def test_bad_config_rejected():

@@ -313,6 +313,7 @@ def seq_bwd_kernel(
     HALVE: tl.constexpr,
     PREFETCH: tl.constexpr,
     FAST: tl.constexpr,
+    KEEP_GZ: tl.constexpr,
     INTERP: tl.constexpr,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
@@ -392,7 +393,10 @@ def seq_bwd_kernel(
             dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
             if HAS_Z:
                 zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-                dy = dy * zz * _sigmoid(zz, FAST)
+                sz = _sigmoid(zz, FAST)
+                if KEEP_GZ:  # dz = gz * y: one more live tile instead of reloading dout and z after the state loop
+                    gz = dy * sz * (1.0 + zz * (1.0 - sz))
+                dy = dy * zz * sz
             src = tl.where(j == 0, st_row, stash_row + (j - 1) * ND)
             y = tl.zeros([BD, BT], dtype=CT)
             sgB = tl.zeros([BD, BT], dtype=CT)
@@ -444,10 +448,13 @@ def seq_bwd_kernel(
                 du += Dv[:, None] * dy
                 dD_acc += tl.sum(dy * u, 1)
             if HAS_Z:
-                dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
-                zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-                sz = _sigmoid(zz, FAST)
-                dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+                if KEEP_GZ:
+                    dz = gz * y
+                else:
+                    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
+                    zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+                    sz = _sigmoid(zz, FAST)
+                    dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
                 tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             if SOFTPLUS:
                 ddl = ddl * _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, FP64, FAST, True)
@@ -487,6 +494,7 @@ def seq_bwd(
     prefetch: int = 1,
     maxnreg: int = 0,
     fast: int = 1,
+    keep_gz: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
     (absent optional inputs give empty tensors). u, delta, z, dout ``[B, D, L]``; A ``[D, N]``; B, C ``[B, G, N, L]``;
@@ -499,7 +507,8 @@ def seq_bwd(
     multiple of 32 and not float64 on the GPU), 0 by tl.sum. prefetch: 1 loads each state's operands one iteration
     of the state loop ahead. maxnreg: a register cap for the compiler (0: none; GPU only). fast: 1 uses
     approximate PTX ex2 / rcp (float32 on the GPU; the interpreter runs tl.exp2 / tl.sigmoid). In float32 softplus
-    is a polynomial (one exp, no log or division) either way; float64 keeps the exact forms."""
+    is a polynomial (one exp, no log or division) either way; float64 keeps the exact forms. keep_gz: 1 keeps
+    dout silu'(z) live across the state loop (dz = it * y) instead of reloading dout and z after it."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
@@ -575,6 +584,7 @@ def seq_bwd(
         HALVE=halve,
         PREFETCH=prefetch,
         FAST=int(fast and not interp and sd == torch.float32),
+        KEEP_GZ=keep_gz,
         INTERP=interp,
         HAS_D=D is not None,
         HAS_Z=z is not None,
