@@ -618,9 +618,10 @@ def _gpu_main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument(
         "--configs",
-        default="32,8,64,1;64,8,64,1;64,4,128,1;64,4,64,1,128;32,4,64,1,128;16,4,64,1,128;64,4,64,1;"
-        "32,8,64,1,0,0;32,8,64,1,0,1,0;64,4,64,1,128,1,0;64,8,32,1;64,4,128,2",
-        help="';'-separated block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch]]]",
+        default="32,8,64,1;64,8,64,1;64,4,64,1,128;64,4,128,1;32,4,64,1,128;16,4,64,1,128;64,4,64,1;"
+        "32,8,64,1,0,0;32,8,64,1,0,1,0;32,8,64,1,0,1,1,0;32,8,64,1,0,1,1,1,0;32,8,64,1,128;64,4,128,2,128;"
+        "32,8,32,1,128",
+        help="';'-separated block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz]]]]]",
     )
     ap.add_argument("--shape", default="32,2048,4096,16", help="timing shape B,T,D,N (bf16, one group)")
     ap.add_argument("--check-shape", default="2,300,512,16", help="check shape B,T,D,N (two groups)")
@@ -660,7 +661,7 @@ def _gpu_main() -> None:
         return selective_scan_fwd(*args5, h0, True, cfg)
 
     def v3(ins, states, dout, dlast, c):
-        kw = dict(zip(("maxnreg", "reduce_mode", "prefetch"), c[4:]))
+        kw = dict(zip(("maxnreg", "reduce_mode", "prefetch", "fast", "keep_gz"), c[4:]))
         args5 = [ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
         return seq_bwd(*args5, states, dout, dlast, True, c[0], c[1], c[2], c[3], **kw)
 
