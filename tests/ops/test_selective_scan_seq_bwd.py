@@ -134,6 +134,12 @@ def test_plain_float64_one_group(prefetch):
     _check(ins, False, 8, 4, 4, 1e-10, with_dlast=False, prefetch=prefetch)
 
 
+@pytest.mark.parametrize("n", [1, 5])
+def test_state_counts(n):
+    ins = _inputs(1, 4, 7, n, 1, torch.float64, seed=10 + n)
+    _check(ins, True, 4, 2, 4, 1e-10)
+
+
 def test_single_step_and_block_per_thread():
     ins = _inputs(1, 4, 1, 2, 1, torch.float64, seed=2)
     _check(ins, True, 4, 4, 2, 1e-10)
