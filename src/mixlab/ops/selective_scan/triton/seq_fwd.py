@@ -399,7 +399,8 @@ def seq_fwd(
         PF_BC=int(fast_math(u) if pf_bc is None else pf_bc) and bool(bc_pack),
         num_warps=num_warps,
     )
-    return out, states[:, nc].transpose(1, 2).contiguous(), states
+    # a copy even when N = 1 (where the transposed view is already contiguous): no output may alias another
+    return out, states[:, nc].transpose(1, 2).clone(memory_format=torch.contiguous_format), states
 
 
 #: configs for the GPU sweep, best guess first (sm_90 cross-compile, Triton 3.6, bf16 with z, D, bias + softplus:
