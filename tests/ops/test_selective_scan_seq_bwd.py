@@ -43,6 +43,26 @@ def _inputs(bsz, dim, length, n, groups, dtype, seed, *, z=True, D=True, bias=Tr
     return {k: (v.to(low if k in ("A", "initial_state") else dtype) if v is not None else None) for k, v in ins.items()}
 
 
+def _states(ins, softplus, block_l):
+    """(last state [B, D, N], states [B, nc + 1, N, D]) by the float64 recurrence, in the state dtype."""
+    u, delta, A = ins["u"].double(), ins["delta"].double(), ins["A"].double()
+    bsz, dim, length = u.shape
+    if ins["delta_bias"] is not None:
+        delta = delta + ins["delta_bias"].double()[:, None]
+    if softplus:
+        delta = torch.nn.functional.softplus(delta)
+    B = ins["B"].double().repeat_interleave(dim // ins["B"].shape[1], dim=1)
+    h = ins["initial_state"].double() if ins["initial_state"] is not None else u.new_zeros(bsz, dim, A.shape[1])
+    slots = []
+    for t in range(length):
+        if t % block_l == 0:
+            slots.append(h)
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
+    slots.append(h)
+    sd = torch.float64 if ins["u"].dtype == torch.float64 else torch.float32
+    return h.to(sd), torch.stack(slots, 1).transpose(2, 3).contiguous().to(sd)
+
+
 def _reference_grads(ins, softplus, dout, dlast):
     leaves = {k: v.detach().double().requires_grad_() for k, v in ins.items() if v is not None}
     kw = {k: leaves.get(k) for k in NAMES}
@@ -59,7 +79,10 @@ def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, r
     n = ins["A"].shape[1]
     cfg = [block_l, bd, 1, bd, 1, 1, 0, 0, 1]
     args = [ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    _, last, states = selective_scan_fwd(*args, ins["initial_state"], softplus, cfg)
+    if n > 1:
+        _, last, states = selective_scan_fwd(*args, ins["initial_state"], softplus, cfg)
+    else:  # v2's op rejects N = 1 (its last_state is then a view of the states buffer): build the buffer here
+        last, states = _states(ins, softplus, block_l)
     g = torch.Generator().manual_seed(seed)
     dout = torch.randn(bsz, dim, length, generator=g, dtype=torch.float64).to(ins["u"].dtype).to(DEVICE)
     dlast = torch.randn(bsz, dim, n, generator=g, dtype=torch.float64).to(last.dtype).to(DEVICE) if with_dlast else None
