@@ -328,7 +328,7 @@ def seq_fwd(
     initial_state: torch.Tensor | None,
     delta_softplus: bool,
     block_l: int = 64,
-    bt: int = 8,
+    bt: int | None = None,
     bd: int = 32,
     num_warps: int = 1,
     *,
@@ -342,8 +342,19 @@ def seq_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u, delta, z ``[B, D, L]`` contiguous; A ``[D, N]``; B, C ``[B, G, N, L]`` (L contiguous); D, delta_bias ``[D]``;
     initial_state ``[B, D, N]``. Returns ``out [B, D, L]`` (u's dtype), ``last_state [B, D, N]`` and the states
-    buffer ``[B, cdiv(L, block_l) + 1, N, D]`` (v2's format). bd must divide D / G; block_l a multiple of bt."""
+    buffer ``[B, cdiv(L, block_l) + 1, N, D]`` (v2's format).
+
+    Knobs: ``bt`` time steps a thread (None: 16 bytes of u, 8 for bf16, 4 for float32; more makes Triton split a
+    thread's steps over lanes, which costs shuffles); ``bd`` channels a program (a power of two dividing D / G; one
+    channel a thread at ``bd = 32 num_warps``); ``block_l`` the state-buffer spacing (a multiple of bt). Variants:
+    ``a_reg`` A's row as a register tile; ``bc_pack`` B/C repacked chunk-major in the state dtype (else read in place);
+    ``prefetch`` next chunk's u/delta/z into registers; ``softplus_poly`` (default on a GPU) the one-MUFU softplus;
+    ``emu`` states whose decay exp runs on the FMA pipe; ``pf_bc`` (default on a GPU) L1 prefetch of the next
+    chunk's B/C; ``fast`` approximate ex2/rcp PTX (default on a GPU). The state loop is unrolled: N up to ~32
+    (N = 64 compiles for ~10 min and spills)."""
     bsz, dim, length = u.shape
+    if bt is None:
+        bt = max(1, 16 // u.element_size())
     n = A.shape[1]
     groups = B.shape[1]
     if block_l % bt or bt & (bt - 1) or bd & (bd - 1) or (dim // groups) % bd:
@@ -403,21 +414,26 @@ def seq_fwd(
     return out, states[:, nc].transpose(1, 2).clone(memory_format=torch.contiguous_format), states
 
 
-#: configs for the GPU sweep, best guess first (sm_90 cross-compile, Triton 3.6, bf16 with z, D, bias + softplus:
-#: registers / SASS of the chunk loop per (t, d, n) element): 255 regs (8 warps/SM), 7.8 instructions, 1.19 MUFU;
-#: bt 4: 168 (12 warps/SM), 8.2; bd 64 / 128 with 2 / 4 warps: same loop, fewer, larger programs
+#: configs for the GPU sweep, best guess first. sm_90 cross-compile (Triton 3.6, bf16 with z, D, bias + softplus), chunk
+#: loop per (t, d, n) element: bt 8: 255 registers (8 one-warp programs / SM), 7.9 instructions, 1.19 MUFU;
+#: emu 1: 8.6 and 1.125; bt 4: 168 registers (12 / SM), 8.4 and 1.19; bd 64 / 128 with 2 / 4 warps: the same loop
+_K = dict(block_l=64, bt=8, bd=32, num_warps=1)
 SWEEP = [
-    dict(block_l=64, bt=8, bd=32, num_warps=1),
-    dict(block_l=64, bt=4, bd=32, num_warps=1),
-    dict(block_l=64, bt=8, bd=64, num_warps=2),
-    dict(block_l=64, bt=4, bd=64, num_warps=2),
-    dict(block_l=64, bt=8, bd=128, num_warps=4),
-    dict(block_l=64, bt=2, bd=32, num_warps=1),
-    dict(block_l=64, bt=8, bd=32, num_warps=1, prefetch=0),
-    dict(block_l=64, bt=8, bd=32, num_warps=1, a_reg=0),
-    dict(block_l=64, bt=8, bd=32, num_warps=1, bc_pack=0),
-    dict(block_l=64, bt=8, bd=32, num_warps=1, softplus_poly=0),
-    dict(block_l=128, bt=8, bd=32, num_warps=1),
+    _K,
+    _K | dict(emu=1),
+    _K | dict(bt=4),
+    _K | dict(bt=4, emu=1),
+    _K | dict(bd=64, num_warps=2),
+    _K | dict(bd=128, num_warps=4),
+    _K | dict(bt=4, bd=64, num_warps=2),
+    _K | dict(emu=2),
+    _K | dict(pf_bc=0),
+    _K | dict(prefetch=0),
+    _K | dict(a_reg=0),
+    _K | dict(bc_pack=0),
+    _K | dict(softplus_poly=0),
+    _K | dict(block_l=128),
+    _K | dict(bt=2),
 ]
 
 
