@@ -485,7 +485,7 @@ def seq_bwd(
     dlast: Tensor | None,
     delta_softplus: bool,
     block_l: int = 64,
-    bt: int = 4,
+    bt: int = 8,
     bd: int = 64,
     num_warps: int = 1,
     *,
