@@ -240,3 +240,36 @@ def test_backward_op_fake_matches_real_layouts(dtype):
         (*args[:8], out[2], dout, dlast, True, _cfg(8, 4)),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_launch_config_takes_v3_up_to_16_states():
+    from mixlab.ops.selective_scan.triton.op import launch_config, v3_config
+
+    cfg = v3_config(launch_config(4096, 2048, 1, 16, torch.bfloat16))
+    assert cfg is not None and (cfg["fwd_bt"], cfg["fwd_bd"], cfg["bwd_bt"], cfg["bwd_bd"]) == (8, 32, 8, 32)
+    assert v3_config(launch_config(4096, 2048, 1, 16, torch.float32))["fwd_bt"] == 4  # 16 bytes of u a thread
+    assert v3_config(launch_config(12, 64, 3, 4, torch.float64))["fwd_bd"] == 4  # a block within a group of 4
+    assert v3_config(launch_config(4096, 2048, 1, 32, torch.bfloat16)) is None  # v2 above 16 states
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        [3, 8, 4, 2, 1, 4, 2, 1],  # chunks of 8 steps, 4 a thread, 2 channels a program (within a group)
+        [3, 16, 2, 2, 1, 8, 2, 1, 0, 0, 0, 1, 0, 0, 0],  # forward / backward with other tiles and knobs off
+    ],
+)
+def test_v3_configs_through_the_op_float64(cfg):
+    # grouped B/C (2 groups of 2 channels), D, z, bias + softplus, initial and last state, L = 19: partial chunks
+    ins = _inputs(2, 4, 19, 3, 2, torch.float64, seed=0)
+    _check(ins, softplus=True, atol=1e-10, rtol=1e-10, config=cfg)
+
+
+def test_bad_v3_config_is_rejected():
+    ins = _inputs(1, 6, 4, 2, 2, torch.float64, seed=5, full=False)  # 3 channels per group
+    with pytest.raises(ValueError, match="fwd_bd=2 must divide"):
+        selective_scan_triton(**ins, config=[3, 8, 4, 2, 1, 4, 1, 1])
+    with pytest.raises(ValueError, match="multiple of bwd_bt"):
+        selective_scan_triton(**ins, config=[3, 8, 4, 1, 1, 16, 1, 1])
+    with pytest.raises(ValueError, match="v3 config has 8 to"):
+        selective_scan_triton(**ins, config=[3, 8, 4, 1, 1])

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import itertools
+import json
 import math
 import os
 import sys
@@ -45,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sections", default="ceil,check,scan,conv,norm,loss", help="comma-separated subset to run")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip sweeps / sections once this many seconds pass")
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU under TRITON_INTERPRET=1")
+    p.add_argument(
+        "--scan-configs",
+        default=None,
+        help="JSON list of scan launch configs to sweep instead of the built-in list (see selective_scan's op.py); "
+        "the check section then runs the first of them as well as the default",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ util
@@ -138,6 +146,7 @@ def _scan_recurrence(u, delta, A, B, C, D, z, delta_bias):
 
 def _scan_check(args, dev, rows) -> None:
     from mixlab.ops.selective_scan.triton import selective_scan_triton
+    from mixlab.ops.selective_scan.triton.op import default_config, launch_config
 
     bsz, length = (2, 2048) if not args.smoke else (1, 12)
     dim, n = args.dim, args.state
@@ -150,16 +159,22 @@ def _scan_check(args, dev, rows) -> None:
     names = list(leaves)
     grads_ref = torch.autograd.grad((y_ref * gy).sum() + (h_ref * gh).sum(), [leaves[k] for k in names])
     y_ref, h_ref = y_ref.detach(), h_ref.detach()
-    for dtype in (torch.bfloat16, torch.float32):
+    cfgs = ["default", default_config(dim, length, 1)]  # the default (per dtype), v2
+    if args.scan_configs:
+        cfgs.append(json.loads(args.scan_configs)[0])
+    for cfg, dtype in itertools.product(cfgs, (torch.bfloat16, torch.float32)):
+        if cfg == "default":
+            cfg = launch_config(dim, length, 1, n, dtype)
         ins = {
             k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v.float()).detach().requires_grad_()
             for k, v in base.items()
         }
-        y, h = selective_scan_triton(**ins, delta_softplus=True, return_last_state=True)
+        y, h = selective_scan_triton(**ins, delta_softplus=True, return_last_state=True, config=cfg)
         grads = torch.autograd.grad([y, h], [ins[k] for k in names], [gy.to(y.dtype), gh.float()])
         row = {
             "op": "selective_scan",
             "case": f"check B{bsz} T{length} D{dim} N{n} vs float64 recurrence",
+            "config": cfg,
             "dtype": str(dtype).replace("torch.", ""),
             "rel_err_y": _rel(y, y_ref),
             "rel_err_last_state": _rel(h, h_ref),
@@ -217,7 +232,9 @@ def _scan_time_once(ins, cfg) -> None:
     _sync()
 
 
-def _scan_sweep_configs(smoke: bool) -> list[list[int]]:
+def _scan_sweep_configs(smoke: bool, override: str | None = None) -> list[list[int]]:
+    if override:
+        return [list(map(int, c)) for c in json.loads(override)]
     # [block_l, fwd_block_d, fwd_warps, bwd_block_d, bwd_warps(, bwd_states, bwd_red(, bwd_maxnreg(, fold)))];
     # 8 elements per thread in each tile. bwd_states 2: two states per iteration of the backward; bwd_red 1: dB/dC
     # added as tiles with atomics (no cross-lane sums); bwd_maxnreg: register cap; fold 1: carries folded into
@@ -243,6 +260,26 @@ def _scan_sweep_configs(smoke: bool) -> list[list[int]]:
     ]
 
 
+def _scan_family(cfg: list[int]) -> tuple[int, int]:
+    """(version, block_l) of a scan config: configs of one family share the saved-state layout."""
+    from mixlab.ops.selective_scan.triton.op import V3, block_len
+
+    return (V3 if cfg[0] == V3 else 2, block_len(cfg))
+
+
+def _scan_combine(fwd_cfg: list[int], bwd_cfg: list[int]) -> list[int]:
+    """The forward half of one config with the backward half of another of the same family."""
+    from mixlab.ops.selective_scan.triton.op import V3, V3_FIELDS
+
+    if fwd_cfg[0] != V3:
+        return [fwd_cfg[0], *fwd_cfg[1:3], *bwd_cfg[3:]]
+    names = [name for name, _ in V3_FIELDS]
+    full = {name: default for name, default in V3_FIELDS}
+    f = full | dict(zip(names, fwd_cfg[1:]))
+    b = full | dict(zip(names, bwd_cfg[1:]))
+    return [V3, *(f[k] if k.startswith("fwd") or k == "block_l" else b[k] for k in names)]
+
+
 def _start_warm_pool(args, dev):
     """Compile the sweep's scan configs in worker processes while the main process runs the checks."""
     if not args.sweep or args.smoke or dev != "cuda":
@@ -250,7 +287,7 @@ def _start_warm_pool(args, dev):
     import importlib
 
     warm = importlib.import_module("mixlab.bench.cases_mamba")._warm_scan  # picklable by module path
-    cfgs = _scan_sweep_configs(args.smoke)
+    cfgs = _scan_sweep_configs(args.smoke, args.scan_configs)
     t_sweep = int(args.lengths.split(",")[0])
     ex = cf.ProcessPoolExecutor(max_workers=min(len(cfgs), 12), mp_context=torch.multiprocessing.get_context("spawn"))
     return ex, [ex.submit(warm, cfg, args.dim, args.state, t_sweep) for cfg in cfgs]
@@ -265,7 +302,7 @@ def _scan_grads(ins, cfg):
 
 
 def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
-    from mixlab.ops.selective_scan.triton.op import default_config
+    from mixlab.ops.selective_scan.triton.op import launch_config
 
     dim, n = args.dim, args.state
     lengths = [int(x) for x in args.lengths.split(",")] if not args.smoke else [16]
@@ -273,7 +310,7 @@ def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
     floor = _scan_floor_ms(tokens, dim, n, ceil["copy_tb_s"], ceil["sms"])
     best = None
     if args.sweep:
-        cfgs = _scan_sweep_configs(args.smoke)
+        cfgs = _scan_sweep_configs(args.smoke, args.scan_configs)
         t_sweep = lengths[0]
         if warm:
             t0 = time.time()
@@ -282,7 +319,7 @@ def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
         else:
             status = ["ok"] * len(cfgs)
         ins = _scan_inputs(tokens // t_sweep, dim, t_sweep, n, dev, torch.bfloat16)
-        base_cfg = default_config(dim, t_sweep, 1)
+        base_cfg = launch_config(dim, t_sweep, 1, n, torch.bfloat16)
         base = _scan_grads(ins, base_cfg)
         results = []
         for cfg, st in zip(cfgs, status):
@@ -303,13 +340,13 @@ def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
                 results.append((cfg, fwd, fb))
             rows.append(row | {"fwd_ms": fwd, "fwd_bwd_ms": fb, "bwd_ms": fb - fwd, "max_rel_diff_vs_default": diff})
             print(rows[-1], flush=True)
-        # fwd and bwd halves are independent given block_l: combine the best of each per block_l
+        # fwd and bwd halves are independent given the version and block_l: combine the best of each
         combos = []
-        for bl in sorted({r[0][0] for r in results}):
-            same = [r for r in results if r[0][0] == bl]
+        for key in sorted({_scan_family(r[0]) for r in results}):
+            same = [r for r in results if _scan_family(r[0]) == key]
             f = min(same, key=lambda r: r[1])
             b = min(same, key=lambda r: r[2] - r[1])
-            combos.append((f[1] + (b[2] - b[1]), [bl, *f[0][1:3], *b[0][3:]]))
+            combos.append((f[1] + (b[2] - b[1]), _scan_combine(f[0], b[0])))
         if combos:
             best = min(combos)[1]
             print(f"best scan config {best}", flush=True)
@@ -318,7 +355,7 @@ def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
         if clock.left() < 30:
             break
         bsz = max(1, tokens // length)
-        cfg = best or default_config(dim, length, 1)
+        cfg = best or launch_config(dim, length, 1, n, torch.bfloat16)
         ins = _scan_inputs(bsz, dim, length, n, dev, torch.bfloat16)
         try:
             fwd, fb = _scan_time(ins, cfg, args.smoke)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .op import bwd_variant, default_config, selective_scan_fwd, selective_state_update
+from .op import bwd_variant, launch_config, selective_scan_fwd, selective_state_update, v3_config
 
 __all__ = ["selective_scan_triton", "selective_state_update_triton"]
 
@@ -32,7 +32,7 @@ def selective_scan_triton(
 
     u, delta, z ``[B, D, L]``; A ``[D, N]`` (real); B, C ``[B, N, L]`` or ``[B, G, N, L]`` with D % G == 0;
     D, delta_bias ``[D]``; initial_state ``[B, D, N]``. Returns ``y [B, D, L]`` or ``(y, last_state [B, D, N])``.
-    ``config`` overrides the launch configuration (see :func:`default_config`; for benchmarks and tests).
+    ``config`` overrides the launch configuration (see :func:`launch_config`; for benchmarks and tests).
     """
     if A.is_complex():
         raise NotImplementedError("selective_scan_triton: complex A is not supported; use a real A [D, N]")
@@ -45,15 +45,26 @@ def selective_scan_triton(
     dim, length = u.shape[1], u.shape[2]
     if B.shape[1] != C.shape[1]:
         raise ValueError(f"selective_scan_triton: B has {B.shape[1]} groups but C has {C.shape[1]}; use the same G")
-    cfg = list(config) if config is not None else default_config(dim, length, B.shape[1])
-    if len(cfg) not in (5, 7, 8, 9):
-        raise ValueError("selective_scan_triton: config must have 5, 7, 8 or 9 entries, see default_config")
-    bwd_variant(cfg, A.shape[1])  # validates the backward variant before the forward runs
+    cfg = list(config) if config is not None else launch_config(dim, length, B.shape[1], A.shape[1], u.dtype)
     per_group = dim // B.shape[1]
-    if per_group % cfg[1] or per_group % cfg[3]:
-        raise ValueError(
-            f"selective_scan_triton: block_d={cfg[1]}/{cfg[3]} must divide the channels per group {per_group}"
-        )
+    v3 = v3_config(cfg)
+    if v3:
+        for key in ("fwd_bd", "bwd_bd"):
+            if per_group % v3[key]:
+                raise ValueError(
+                    f"selective_scan_triton: {key}={v3[key]} must divide the channels per group {per_group}"
+                )
+        for key in ("fwd_bt", "bwd_bt"):
+            if v3["block_l"] % v3[key]:
+                raise ValueError(f"selective_scan_triton: block_l={v3['block_l']} must be a multiple of {key}")
+    else:
+        if len(cfg) not in (5, 7, 8, 9):
+            raise ValueError("selective_scan_triton: config must have 5, 7, 8 or 9 entries, see default_config")
+        bwd_variant(cfg, A.shape[1])  # validates the backward variant before the forward runs
+        if per_group % cfg[1] or per_group % cfg[3]:
+            raise ValueError(
+                f"selective_scan_triton: block_d={cfg[1]}/{cfg[3]} must divide the channels per group {per_group}"
+            )
     out, last, _ = selective_scan_fwd(
         u.contiguous(),
         delta.contiguous(),
