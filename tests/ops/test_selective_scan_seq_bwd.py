@@ -20,6 +20,15 @@ from mixlab.ops.selective_scan.triton.seq_bwd import seq_bwd
 
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" or not torch.cuda.is_available() else "cuda"
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+_ORDER = [1]  # loop order of the kernel under test, set per test by the `order` fixture
+
+
+@pytest.fixture(autouse=True, params=[0, 1], ids=["order0", "order1"])
+def order(request):
+    """Every test runs both kernels: order 0 (sub-chunks outer) and order 1 (states outer within a block)."""
+    _ORDER[0] = request.param
+    yield request.param
+    _ORDER[0] = 1
 
 
 def _inputs(bsz, dim, length, n, groups, dtype, seed, *, z=True, D=True, bias=True, h0=True):
@@ -73,7 +82,7 @@ def _reference_grads(ins, softplus, dout, dlast):
 
 
 def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, rows=None, reduce_mode=1, prefetch=1,
-         keep_gz=1):  # fmt: skip
+         keep_gz=None, order=None):  # fmt: skip
     """Returns (v3 grads, v2 grads, reference grads, dout, dlast) as dicts keyed by NAMES (present inputs only)."""
     bsz, dim, length = ins["u"].shape
     n = ins["A"].shape[1]
@@ -99,6 +108,8 @@ def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, r
         rows_per_thread=rows,
         reduce_mode=reduce_mode,
         prefetch=prefetch,
+        keep_gz=keep_gz,
+        order=_ORDER[0] if order is None else order,
     )
     v2 = selective_scan_bwd(*args, states, dout, dlast, softplus, cfg)
     ref = _reference_grads(ins, softplus, dout, dlast)

@@ -21,6 +21,7 @@ per warp by recursive halving across lanes (or ``tl.sum``), then float32 atomics
 Carried rows (states, q, dA) are written and read back by the thread that owns them, so no barriers are needed.
 """
 
+# ruff: noqa: RUF005  (tuples of tiles are built by concatenation: the Triton frontend has no starred unpacking)
 from __future__ import annotations
 
 import os
@@ -467,6 +468,228 @@ def seq_bwd_kernel(
     tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _loads_so(A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, n, DIM, stride_bn, stride_cn,
+              BT: tl.constexpr, J: tl.constexpr):  # fmt: skip
+    """State-outer operands of state n for one block: A[d, n], the block's B and C rows as J [BT] vectors each,
+    entering state, carried adjoint q and dA so far ([BD] each)."""
+    Bs = ()
+    Cs = ()
+    for j in tl.static_range(J):
+        t = t0 + j * BT + tt
+        Bs = Bs + (tl.load(B_base + n * stride_bn + t, mask=t < L, other=0.0),)
+        Cs = Cs + (tl.load(C_base + n * stride_cn + t, mask=t < L, other=0.0),)
+    return (
+        tl.load(A_row + n),
+        Bs,
+        Cs,
+        tl.load(st_row + n * DIM),
+        tl.load(gq_row + n * DIM),
+        tl.load(dA_row + n * DIM),
+    )
+
+
+@triton.jit
+def seq_bwd_so_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    states_ptr,
+    gq_ptr,
+    dout_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    dB_ptr,
+    dC_ptr,
+    dA_ptr,
+    dD_part_ptr,
+    dbias_part_ptr,
+    DIM,
+    L,
+    N,
+    N_CHUNKS,
+    CH_PER_GROUP,
+    stride_bb,
+    stride_bg,
+    stride_bn,
+    stride_cb,
+    stride_cg,
+    stride_cn,
+    stride_dbb,
+    stride_dbg,
+    stride_dbn,
+    stride_dcb,
+    stride_dcg,
+    stride_dcn,
+    BD: tl.constexpr,
+    BT: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    R: tl.constexpr,
+    HALVE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    FAST: tl.constexpr,
+    KEEP_GZ: tl.constexpr,
+    INTERP: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    """State-outer order: per block of BLOCK_L steps (reverse order) the block's tiles (J = BLOCK_L / BT sub-tiles
+    [BD, BT], held in tuples) are loaded once; then per state n: h forward over the block from ``states[c]`` (kept in
+    registers), the adjoint in reverse from the carried q[n], accumulating y, sgB, sgAh for the whole block; q, dA
+    are touched once per (block, state). Buffers as ``seq_bwd_kernel`` (no stash)."""
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    J: tl.constexpr = BLOCK_L // BT
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    kk = tl.arange(0, BD)
+    d = pid_d * BD + (kk % (BD // R)) * R + kk // (BD // R)
+    grp = (pid_d * BD) // CH_PER_GROUP
+    tt = tl.arange(0, BT)
+    row = (b * DIM + d).to(tl.int64) * L
+    first = (tt == 0)[None, :]
+    ND = N * DIM
+    dD_acc = tl.zeros([BD], dtype=CT)
+    dbias_acc = tl.zeros([BD], dtype=CT)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d).to(CT)
+    B_base = B_ptr + b * stride_bb + grp * stride_bg
+    C_base = C_ptr + b * stride_cb + grp * stride_cg
+    dB_base = dB_ptr + b * stride_dbb + grp * stride_dbg
+    dC_base = dC_ptr + b * stride_dcb + grp * stride_dcg
+    A_row = A_ptr + d * N
+    gq_row = gq_ptr + b * ND + d
+    dA_row = dA_ptr + b * ND + d
+    for ci in range(0, N_CHUNKS):
+        c = N_CHUNKS - 1 - ci
+        t0 = c * BLOCK_L
+        st_row = states_ptr + (b * (N_CHUNKS + 1) + c) * ND + d
+        dls = ()
+        dlus = ()
+        dys = ()
+        gzs = ()
+        for j in tl.static_range(J):
+            t = t0 + j * BT + tt
+            mask = (t < L)[None, :]
+            offs = row[:, None] + t[None, :]
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+            dl = _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, FP64, FAST, False)
+            dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
+            if HAS_Z:
+                zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+                sz = _sigmoid(zz, FAST)
+                if KEEP_GZ:
+                    gzs = gzs + (dy * sz * (1.0 + zz * (1.0 - sz)),)
+                dy = dy * zz * sz
+            dls = dls + (dl,)
+            dlus = dlus + (dl * u,)
+            dys = dys + (dy,)
+        ys = ()
+        sgBs = ()
+        sgAhs = ()
+        for _j in tl.static_range(J):
+            ys = ys + (tl.zeros([BD, BT], dtype=CT),)
+            sgBs = sgBs + (tl.zeros([BD, BT], dtype=CT),)
+            sgAhs = sgAhs + (tl.zeros([BD, BT], dtype=CT),)
+        nx = _loads_so(A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, 0, DIM, stride_bn, stride_cn, BT, J)
+        for n in range(0, N):
+            if PREFETCH:  # a whole state of the block's work ahead
+                a_nat, Bs, Cs, h_in, q_in, dA_in = nx
+                nx = _loads_so(
+                    A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, tl.minimum(n + 1, N - 1), DIM,
+                    stride_bn, stride_cn, BT, J,
+                )  # fmt: skip
+            else:
+                a_nat, Bs, Cs, h_in, q_in, dA_in = _loads_so(
+                    A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, n, DIM, stride_bn, stride_cn, BT, J
+                )
+            a_nat = a_nat.to(CT)
+            a_row = a_nat
+            if not FP64:
+                a_row = a_nat * LOG2E
+            hc = h_in.to(CT)
+            hs = ()
+            decs = ()
+            ny = ()
+            for j in tl.static_range(J):  # h forward over the block
+                Bn = Bs[j].to(CT)[None, :]
+                a = _decay2(dls[j], a_row, FP64, FAST)
+                _, h = tl.associative_scan((a, dlus[j] * Bn + tl.where(first, a * hc[:, None], 0.0)), 1, _scan_combine)
+                hc = tl.reduce(h, 1, _keep_last)
+                ny = ny + (ys[j] + h * Cs[j].to(CT)[None, :],)
+                hs = hs + (h,)
+                decs = decs + (a,)
+            ys = ny
+            q = q_in.to(CT)
+            dA_n = dA_in
+            rB = ()
+            rA = ()
+            for jj in tl.static_range(J):  # adjoint in reverse over the block
+                j: tl.constexpr = J - 1 - jj
+                Bn = Bs[j].to(CT)[None, :]
+                Cn = Cs[j].to(CT)[None, :]
+                g, q = _rev_adjoint(decs[j], dys[j] * Cn, q, BD, BT)
+                gdu = g * dlus[j]
+                p = hs[j] * g - gdu * Bn  # g (h - dlu B) = g a_t h_{t-1}
+                rA = rA + (sgAhs[j] + p * a_nat[:, None],)
+                rB = rB + (sgBs[j] + g * Bn,)
+                dA_n += tl.sum(p * dls[j], 1)
+                tb = t0 + j * BT
+                if HALVE:
+                    _add_db_dc(gdu, dys[j] * hs[j], dB_base + n * stride_dbn, dC_base + n * stride_dcn, tb, L, BD, BT,
+                               R, INTERP)  # fmt: skip
+                else:
+                    t = tb + tt
+                    tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(gdu, 0), mask=t < L, sem="relaxed")
+                    tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dys[j] * hs[j], 0), mask=t < L, sem="relaxed")
+            sgBs = ()
+            sgAhs = ()
+            for j in tl.static_range(J):
+                sgBs = sgBs + (rB[J - 1 - j],)
+                sgAhs = sgAhs + (rA[J - 1 - j],)
+            tl.store(gq_row + n * DIM, q.to(gq_ptr.dtype.element_ty))
+            tl.store(dA_row + n * DIM, dA_n)
+        for j in tl.static_range(J):
+            t = t0 + j * BT + tt
+            mask = (t < L)[None, :]
+            offs = row[:, None] + t[None, :]
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
+            dy = dys[j]
+            y = ys[j]
+            du = dls[j] * sgBs[j]
+            ddl = u * sgBs[j] + sgAhs[j]
+            if HAS_D:
+                y += Dv[:, None] * u
+                du += Dv[:, None] * dy
+                dD_acc += tl.sum(dy * u, 1)
+            if HAS_Z:
+                if KEEP_GZ:
+                    dz = gzs[j] * y
+                else:
+                    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
+                    zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
+                    sz = _sigmoid(zz, FAST)
+                    dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+                tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            if SOFTPLUS:
+                ddl = ddl * _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, FP64, FAST, True)
+            ddl = tl.where(mask, ddl, 0.0)
+            dbias_acc += tl.sum(ddl, 1)
+            tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask)
+    part = b * DIM + d
+    tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
+    tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))
+
+
 def _state_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
@@ -494,7 +717,8 @@ def seq_bwd(
     prefetch: int = 1,
     maxnreg: int = 0,
     fast: int = 1,
-    keep_gz: int = 1,
+    keep_gz: int | None = None,
+    order: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
     (absent optional inputs give empty tensors). u, delta, z, dout ``[B, D, L]``; A ``[D, N]``; B, C ``[B, G, N, L]``;
@@ -508,7 +732,9 @@ def seq_bwd(
     of the state loop ahead. maxnreg: a register cap for the compiler (0: none; GPU only). fast: 1 uses
     approximate PTX ex2 / rcp (float32 on the GPU; the interpreter runs tl.exp2 / tl.sigmoid). In float32 softplus
     is a polynomial (one exp, no log or division) either way; float64 keeps the exact forms. keep_gz: 1 keeps
-    dout silu'(z) live across the state loop (dz = it * y) instead of reloading dout and z after it."""
+    dout silu'(z) live across the state loop (dz = it * y) instead of reloading dout and z after it (default: 1 for
+    order 0, 0 for order 1). order: 1 runs the state-outer kernel (per block: states outer, the whole block's h and
+    adjoint per state in registers; no pass 1, no stash), 0 the sub-chunk-outer kernel."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
@@ -534,12 +760,17 @@ def seq_bwd(
     dA_t = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
     dD_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
     dbias_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
-    stash = torch.empty(bsz, max(jsub - 1, 1), n, dim, device=u.device, dtype=sd)
     gq = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
     if dlast is not None:
         gq.copy_(dlast.transpose(1, 2))
+    if keep_gz is None:
+        keep_gz = int(order == 0)
     dummy = u
-    seq_bwd_kernel[(dim // bd, bsz)](
+    if order == 1:
+        kernel, scratch = seq_bwd_so_kernel, ()
+    else:
+        kernel, scratch = seq_bwd_kernel, (torch.empty(bsz, max(jsub - 1, 1), n, dim, device=u.device, dtype=sd),)
+    kernel[(dim // bd, bsz)](
         u,
         delta,
         A,
@@ -549,7 +780,7 @@ def seq_bwd(
         z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy,
         states,
-        stash,
+        *scratch,
         gq,
         dout,
         du,
