@@ -194,3 +194,10 @@ def test_bad_config_rejected():
     ins = _inputs(1, 4, 8, 2, 1, torch.float64, seed=4)
     with pytest.raises(ValueError, match="multiple"):
         _run(ins, True, 8, 3, 4)
+
+
+def test_gpu_default_layout_float64():
+    # the GPU's default shape of the state-outer kernel: 16-step blocks of two bt-8 sub-tiles, 32 channels (one
+    # warp, dB / dC by halving), two groups of 32 channels, partial last block, 3 states
+    ins = _inputs(1, 64, 37, 3, 2, torch.float64, seed=21)
+    _check(ins, True, 16, 8, 32, 1e-10)

@@ -632,24 +632,23 @@ def seq_bwd_so_kernel(
             dA_n = dA_in
             rB = ()
             rA = ()
-            for jj in tl.static_range(J):  # adjoint in reverse over the block
-                j: tl.constexpr = J - 1 - jj
-                Bn = Bs[j].to(CT)[None, :]
-                Cn = Cs[j].to(CT)[None, :]
-                g, q = _rev_adjoint(decs[j], dys[j] * Cn, q, BD, BT)
-                gdu = g * dlus[j]
-                p = hs[j] * g - gdu * Bn  # g (h - dlu B) = g a_t h_{t-1}
-                rA = rA + (sgAhs[j] + p * a_nat[:, None],)
-                rB = rB + (sgBs[j] + g * Bn,)
-                dA_n += tl.sum(p * dls[j], 1)
-                tb = t0 + j * BT
+            for jr in tl.static_range(J - 1, -1, -1):  # adjoint in reverse over the block
+                Bn = Bs[jr].to(CT)[None, :]
+                Cn = Cs[jr].to(CT)[None, :]
+                g, q = _rev_adjoint(decs[jr], dys[jr] * Cn, q, BD, BT)
+                gdu = g * dlus[jr]
+                p = hs[jr] * g - gdu * Bn  # g (h - dlu B) = g a_t h_{t-1}
+                rA = rA + (sgAhs[jr] + p * a_nat[:, None],)
+                rB = rB + (sgBs[jr] + g * Bn,)
+                dA_n += tl.sum(p * dls[jr], 1)
+                tb = t0 + jr * BT
                 if HALVE:
-                    _add_db_dc(gdu, dys[j] * hs[j], dB_base + n * stride_dbn, dC_base + n * stride_dcn, tb, L, BD, BT,
+                    _add_db_dc(gdu, dys[jr] * hs[jr], dB_base + n * stride_dbn, dC_base + n * stride_dcn, tb, L, BD, BT,
                                R, INTERP)  # fmt: skip
                 else:
                     t = tb + tt
                     tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(gdu, 0), mask=t < L, sem="relaxed")
-                    tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dys[j] * hs[j], 0), mask=t < L, sem="relaxed")
+                    tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dys[jr] * hs[jr], 0), mask=t < L, sem="relaxed")
             sgBs = ()
             sgAhs = ()
             for j in tl.static_range(J):
@@ -849,16 +848,21 @@ def _gpu_main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument(
         "--configs",
-        default="32,8,64,1;64,8,64,1;64,4,64,1,128;64,4,128,1;32,4,64,1,128;16,4,64,1,128;64,4,64,1;"
-        "32,8,64,1,0,0;32,8,64,1,0,1,0;32,8,64,1,0,1,1,0;32,8,64,1,0,1,1,1,0;32,8,64,1,128;64,4,128,2,128;"
-        "32,8,32,1,128",
-        help="';'-separated block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz]]]]]",
+        default="16,8,32,1;16,8,32,1,0,1,1,1,1;16,8,32,1,0,1,0;16,4,32,1;16,8,64,2;o0:32,8,32,1",
+        help="';'-separated [oK:]block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz]]]]]; "
+        "oK: the kernel's loop order (o1 states outer within a block, o0 sub-chunks outer; default o1)",
     )
     ap.add_argument("--shape", default="32,2048,4096,16", help="timing shape B,T,D,N (bf16, one group)")
     ap.add_argument("--check-shape", default="2,300,512,16", help="check shape B,T,D,N (two groups)")
     ap.add_argument("--fp64", default="first", choices=("first", "all"), help="configs also checked in float64")
     args = ap.parse_args()
-    cfgs = [[int(x) for x in c.split(",")] for c in args.configs.split(";") if c]
+    specs = [c for c in args.configs.split(";") if c]
+    orders = [int(c[1 : c.index(":")]) if c.startswith("o") else 1 for c in specs]
+    cfgs = [[int(x) for x in c.split(":")[-1].split(",")] for c in specs]
+
+    def order_of(c):
+        return orders[next(i for i, x in enumerate(cfgs) if x is c)]
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run under TRITON_INTERPRET=1
 
     def bench(fn):
@@ -894,6 +898,7 @@ def _gpu_main() -> None:
 
     def v3(ins, states, dout, dlast, c):
         kw = dict(zip(("maxnreg", "reduce_mode", "prefetch", "fast", "keep_gz"), c[4:]))
+        kw["order"] = order_of(c)
         args5 = [ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
         return seq_bwd(*args5, states, dout, dlast, True, c[0], c[1], c[2], c[3], **kw)
 
@@ -919,12 +924,16 @@ def _gpu_main() -> None:
         ref = selective_scan_bwd(*args5, st64, dout, dlast, True, [c[0], 8, 1, 8, 1])
         ck32 = {k: v.float() for k, v in ck.items()}
         got32 = v3(ck32, st64.float(), dout.float(), dlast.float(), c)
-        entry = {"config": c, "fp32_vs_v2_fp64": {k: rel(a, b) for k, a, b in zip(names, got32, ref)}}
+        entry = {
+            "config": c,
+            "order": order_of(c),
+            "fp32_vs_v2_fp64": {k: rel(a, b) for k, a, b in zip(names, got32, ref)},
+        }
         if args.fp64 == "all" or c is cfgs[0]:  # v3 itself in float64 (tl.sum channel sums, exact exp / softplus)
             got64 = v3(ck, st64, dout, dlast, c)
             entry["fp64_vs_v2"] = {k: rel(a, b) for k, a, b in zip(names, got64, ref)}
         res["check"].append(entry)
-        print("check", c, max(res["check"][-1]["fp32_vs_v2_fp64"].values()), flush=True)
+        print("check", order_of(c), c, max(res["check"][-1]["fp32_vs_v2_fp64"].values()), flush=True)
     # timing, bf16
     bsz, length, dim, n = (int(x) for x in args.shape.split(","))
     ins = inputs(bsz, length, dim, n, 1, torch.bfloat16, seed=2)
@@ -943,10 +952,12 @@ def _gpu_main() -> None:
             ms = bench(lambda st=st, c=c: v3(ins, st, dout, dlast, c))
         except Exception as e:  # a config that does not compile must not end the sweep
             ms = None
-            res["time"].append({"kernel": "v3", "config": c, "error": repr(e)[:500]})
+            res["time"].append({"kernel": "v3", "config": c, "order": order_of(c), "error": repr(e)[:500]})
         else:
-            res["time"].append({"kernel": "v3", "config": c, "ms": ms, "wall_s": time.time() - t0})
-        print("v3", c, ms, flush=True)
+            res["time"].append(
+                {"kernel": "v3", "config": c, "order": order_of(c), "ms": ms, "wall_s": time.time() - t0}
+            )
+        print("v3", order_of(c), c, ms, flush=True)
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(args.out) / "seq-bwd.json").write_text(json.dumps(res, indent=1))
 
