@@ -82,7 +82,7 @@ def _reference_grads(ins, softplus, dout, dlast):
 
 
 def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, rows=None, reduce_mode=1, prefetch=1,
-         keep_gz=None, order=None):  # fmt: skip
+         keep_gz=None, order=None, bc_f32=0):  # fmt: skip
     """Returns (v3 grads, v2 grads, reference grads, dout, dlast) as dicts keyed by NAMES (present inputs only)."""
     bsz, dim, length = ins["u"].shape
     n = ins["A"].shape[1]
@@ -110,6 +110,7 @@ def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, r
         prefetch=prefetch,
         keep_gz=keep_gz,
         order=_ORDER[0] if order is None else order,
+        bc_f32=bc_f32,
     )
     v2 = selective_scan_bwd(*args, states, dout, dlast, softplus, cfg)
     ref = _reference_grads(ins, softplus, dout, dlast)
@@ -179,10 +180,11 @@ def test_single_step_and_block_per_thread():
     _check(ins, True, 4, 4, 2, 1e-10)
 
 
-@pytest.mark.parametrize("bd,bt,keep_gz", [(8, 4, 1), (32, 8, 0)])
-def test_bf16(bd, bt, keep_gz):
+@pytest.mark.parametrize("bd,bt,keep_gz,bc_f32", [(8, 4, 1, 0), (32, 8, 0, 0), (32, 8, 0, 1)])
+def test_bf16(bd, bt, keep_gz, bc_f32):
+    # bc_f32: float32 copies of B / C go to the kernel; dB / dC still come back in bf16
     ins = _inputs(1, 32, 12, 2, 1, torch.bfloat16, seed=3)
-    _check(ins, True, 8, bt, bd, 3e-2, keep_gz=keep_gz)
+    _check(ins, True, 8, bt, bd, 3e-2, keep_gz=keep_gz, bc_f32=bc_f32)
 
 
 def test_reload_dout_z_float64():

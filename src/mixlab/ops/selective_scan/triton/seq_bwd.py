@@ -718,6 +718,7 @@ def seq_bwd(
     fast: int = 1,
     keep_gz: int | None = None,
     order: int = 1,
+    bc_f32: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
     (absent optional inputs give empty tensors). u, delta, z, dout ``[B, D, L]``; A ``[D, N]``; B, C ``[B, G, N, L]``;
@@ -733,7 +734,8 @@ def seq_bwd(
     is a polynomial (one exp, no log or division) either way; float64 keeps the exact forms. keep_gz: 1 keeps
     dout silu'(z) live across the state loop (dz = it * y) instead of reloading dout and z after it (default: 1 for
     order 0, 0 for order 1). order: 1 runs the state-outer kernel (per block: states outer, the whole block's h and
-    adjoint per state in registers; no pass 1, no stash), 0 the sub-chunk-outer kernel."""
+    adjoint per state in registers; no pass 1, no stash), 0 the sub-chunk-outer kernel. bc_f32: 1 passes float32
+    copies of B and C to the kernel (no bf16 unpacking in the state loop; loads twice the bytes)."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
@@ -765,6 +767,9 @@ def seq_bwd(
     if keep_gz is None:
         keep_gz = int(order == 0)
     dummy = u
+    b_dtype, c_dtype = B.dtype, C.dtype
+    if bc_f32 and sd == torch.float32:  # [B, G, N, L] is small: float32 copies save the per-state bf16 unpacking
+        B, C = B.float(), C.float()
     if order == 1:
         kernel, scratch = seq_bwd_so_kernel, ()
     else:
@@ -828,7 +833,7 @@ def seq_bwd(
     dA = dA_t.sum(0).t().to(A.dtype).contiguous()
     dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
-    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dh0
+    return du, ddelta, dA, dB.to(b_dtype), dC.to(c_dtype), dD, dz, dbias, dh0
 
 
 def _gpu_main() -> None:
@@ -848,8 +853,8 @@ def _gpu_main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument(
         "--configs",
-        default="16,8,32,1;16,8,32,1,0,1,1,1,1;16,8,32,1,0,1,0;16,4,32,1;16,8,64,2;o0:32,8,32,1",
-        help="';'-separated [oK:]block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz]]]]]; "
+        default="16,8,32,1;16,8,32,1,0,1,0,1,0,1;16,8,32,1,0,1,1,1,1;16,4,32,1;16,8,64,2;o0:32,8,32,1",
+        help="';'-separated [oK:]block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz[,bc_f32]]]]]]; "
         "oK: the kernel's loop order (o1 states outer within a block, o0 sub-chunks outer; default o1)",
     )
     ap.add_argument("--shape", default="32,2048,4096,16", help="timing shape B,T,D,N (bf16, one group)")
@@ -897,7 +902,7 @@ def _gpu_main() -> None:
         return selective_scan_fwd(*args5, h0, True, cfg)
 
     def v3(ins, states, dout, dlast, c):
-        kw = dict(zip(("maxnreg", "reduce_mode", "prefetch", "fast", "keep_gz"), c[4:]))
+        kw = dict(zip(("maxnreg", "reduce_mode", "prefetch", "fast", "keep_gz", "bc_f32"), c[4:]))
         kw["order"] = order_of(c)
         args5 = [ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
         return seq_bwd(*args5, states, dout, dlast, True, c[0], c[1], c[2], c[3], **kw)
