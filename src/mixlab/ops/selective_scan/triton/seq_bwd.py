@@ -19,6 +19,12 @@ Per state n the gradients accumulate as ``sgB = sum_n g B`` and ``sgAh = sum_n g
 (read-modify-write of the program's own rows of a ``[B, N, D]`` buffer). dB and dC are sums over channels:
 per warp by recursive halving across lanes (or ``tl.sum``), then float32 atomics into ``[B, G, N, L]`` as in v2.
 Carried rows (states, q, dA) are written and read back by the thread that owns them, so no barriers are needed.
+
+``order=1`` (``seq_bwd_so_kernel``) swaps the loops within a block: the block's tiles (J sub-tiles [BD, BT] in
+tuples) are loaded once, then per state n h runs forward over the whole block from ``states[c]`` (kept in
+registers: no pass 1, no stash) and the adjoint in reverse from q[n]; q and dA are touched once per (block, state)
+and the next state's operands are prefetched a whole state of work ahead. It needs the block's ~8 tiles in
+registers: block_l 16 with one channel a thread (bf16 / float32) fits 255 registers on sm_90.
 """
 
 # ruff: noqa: RUF005  (tuples of tiles are built by concatenation: the Triton frontend has no starred unpacking)
@@ -717,7 +723,7 @@ def seq_bwd(
     maxnreg: int = 0,
     fast: int = 1,
     keep_gz: int | None = None,
-    order: int = 1,
+    order: int | None = None,
     bc_f32: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
@@ -734,8 +740,9 @@ def seq_bwd(
     is a polynomial (one exp, no log or division) either way; float64 keeps the exact forms. keep_gz: 1 keeps
     dout silu'(z) live across the state loop (dz = it * y) instead of reloading dout and z after it (default: 1 for
     order 0, 0 for order 1). order: 1 runs the state-outer kernel (per block: states outer, the whole block's h and
-    adjoint per state in registers; no pass 1, no stash), 0 the sub-chunk-outer kernel. bc_f32: 1 passes float32
-    copies of B and C to the kernel (no bf16 unpacking in the state loop; loads twice the bytes)."""
+    adjoint per state in registers; no pass 1, no stash), 0 the sub-chunk-outer kernel; None: 1 where the block's
+    tiles fit the registers (block_l * rows_per_thread <= 16: without spills on sm_90), else 0.
+    bc_f32: 1 passes float32 copies of B and C to the kernel (no bf16 unpacking in the state loop; twice the bytes)."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
@@ -764,6 +771,8 @@ def seq_bwd(
     gq = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
     if dlast is not None:
         gq.copy_(dlast.transpose(1, 2))
+    if order is None:
+        order = int(block_l * rows <= 16)
     if keep_gz is None:
         keep_gz = int(order == 0)
     dummy = u
