@@ -496,6 +496,63 @@ def _loads_so(A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, n, DIM, 
 
 
 @triton.jit
+def _so_state(ops, n, ys, sgBs, sgAhs, dls, dlus, dys, first, t0, tt, L, gq_row, dA_row, DIM, dB_base, dC_base,
+              stride_dbn, stride_dcn, BD: tl.constexpr, BT: tl.constexpr, J: tl.constexpr, R: tl.constexpr,
+              HALVE: tl.constexpr, INTERP: tl.constexpr, FP64: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+    """State n of the state-outer kernel over one block: h forward over the J sub-tiles from the entering state,
+    the adjoint in reverse from q[n]; returns the updated accumulators (ys, sgBs, sgAhs) and writes q[n], dA[n] and
+    the dB / dC sums. ops: the state's operands from ``_loads_so``."""
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    a_nat, Bs, Cs, h_in, q_in, dA_in = ops
+    a_nat = a_nat.to(CT)
+    a_row = a_nat
+    if not FP64:
+        a_row = a_nat * LOG2E
+    hc = h_in.to(CT)
+    hs = ()
+    decs = ()
+    ny = ()
+    for j in tl.static_range(J):  # h forward over the block
+        Bn = Bs[j].to(CT)[None, :]
+        a = _decay2(dls[j], a_row, FP64, FAST)
+        _, h = tl.associative_scan((a, dlus[j] * Bn + tl.where(first, a * hc[:, None], 0.0)), 1, _scan_combine)
+        hc = tl.reduce(h, 1, _keep_last)
+        ny = ny + (ys[j] + h * Cs[j].to(CT)[None, :],)
+        hs = hs + (h,)
+        decs = decs + (a,)
+    ys = ny
+    q = q_in.to(CT)
+    dA_n = dA_in
+    rB = ()
+    rA = ()
+    for jr in tl.static_range(J - 1, -1, -1):  # adjoint in reverse over the block
+        Bn = Bs[jr].to(CT)[None, :]
+        Cn = Cs[jr].to(CT)[None, :]
+        g, q = _rev_adjoint(decs[jr], dys[jr] * Cn, q, BD, BT)
+        gdu = g * dlus[jr]
+        p = hs[jr] * g - gdu * Bn  # g (h - dlu B) = g a_t h_{t-1}
+        rA = rA + (sgAhs[jr] + p * a_nat[:, None],)
+        rB = rB + (sgBs[jr] + g * Bn,)
+        dA_n += tl.sum(p * dls[jr], 1)
+        tb = t0 + jr * BT
+        if HALVE:
+            _add_db_dc(gdu, dys[jr] * hs[jr], dB_base + n * stride_dbn, dC_base + n * stride_dcn, tb, L, BD, BT,
+                       R, INTERP)  # fmt: skip
+        else:
+            t = tb + tt
+            tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(gdu, 0), mask=t < L, sem="relaxed")
+            tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dys[jr] * hs[jr], 0), mask=t < L, sem="relaxed")
+    sgBs = ()
+    sgAhs = ()
+    for j in tl.static_range(J):
+        sgBs = sgBs + (rB[J - 1 - j],)
+        sgAhs = sgAhs + (rA[J - 1 - j],)
+    tl.store(gq_row + n * DIM, q)
+    tl.store(dA_row + n * DIM, dA_n)
+    return ys, sgBs, sgAhs
+
+
+@triton.jit
 def seq_bwd_so_kernel(
     u_ptr,
     delta_ptr,
@@ -608,60 +665,19 @@ def seq_bwd_so_kernel(
         nx = _loads_so(A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, 0, DIM, stride_bn, stride_cn, BT, J)
         for n in range(0, N):
             if PREFETCH:  # a whole state of the block's work ahead
-                a_nat, Bs, Cs, h_in, q_in, dA_in = nx
+                ops = nx
                 nx = _loads_so(
                     A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, tl.minimum(n + 1, N - 1), DIM,
                     stride_bn, stride_cn, BT, J,
                 )  # fmt: skip
             else:
-                a_nat, Bs, Cs, h_in, q_in, dA_in = _loads_so(
+                ops = _loads_so(
                     A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, n, DIM, stride_bn, stride_cn, BT, J
                 )
-            a_nat = a_nat.to(CT)
-            a_row = a_nat
-            if not FP64:
-                a_row = a_nat * LOG2E
-            hc = h_in.to(CT)
-            hs = ()
-            decs = ()
-            ny = ()
-            for j in tl.static_range(J):  # h forward over the block
-                Bn = Bs[j].to(CT)[None, :]
-                a = _decay2(dls[j], a_row, FP64, FAST)
-                _, h = tl.associative_scan((a, dlus[j] * Bn + tl.where(first, a * hc[:, None], 0.0)), 1, _scan_combine)
-                hc = tl.reduce(h, 1, _keep_last)
-                ny = ny + (ys[j] + h * Cs[j].to(CT)[None, :],)
-                hs = hs + (h,)
-                decs = decs + (a,)
-            ys = ny
-            q = q_in.to(CT)
-            dA_n = dA_in
-            rB = ()
-            rA = ()
-            for jr in tl.static_range(J - 1, -1, -1):  # adjoint in reverse over the block
-                Bn = Bs[jr].to(CT)[None, :]
-                Cn = Cs[jr].to(CT)[None, :]
-                g, q = _rev_adjoint(decs[jr], dys[jr] * Cn, q, BD, BT)
-                gdu = g * dlus[jr]
-                p = hs[jr] * g - gdu * Bn  # g (h - dlu B) = g a_t h_{t-1}
-                rA = rA + (sgAhs[jr] + p * a_nat[:, None],)
-                rB = rB + (sgBs[jr] + g * Bn,)
-                dA_n += tl.sum(p * dls[jr], 1)
-                tb = t0 + jr * BT
-                if HALVE:
-                    _add_db_dc(gdu, dys[jr] * hs[jr], dB_base + n * stride_dbn, dC_base + n * stride_dcn, tb, L, BD, BT,
-                               R, INTERP)  # fmt: skip
-                else:
-                    t = tb + tt
-                    tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(gdu, 0), mask=t < L, sem="relaxed")
-                    tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dys[jr] * hs[jr], 0), mask=t < L, sem="relaxed")
-            sgBs = ()
-            sgAhs = ()
-            for j in tl.static_range(J):
-                sgBs = sgBs + (rB[J - 1 - j],)
-                sgAhs = sgAhs + (rA[J - 1 - j],)
-            tl.store(gq_row + n * DIM, q.to(gq_ptr.dtype.element_ty))
-            tl.store(dA_row + n * DIM, dA_n)
+            ys, sgBs, sgAhs = _so_state(
+                ops, n, ys, sgBs, sgAhs, dls, dlus, dys, first, t0, tt, L, gq_row, dA_row, DIM, dB_base, dC_base,
+                stride_dbn, stride_dcn, BD, BT, J, R, HALVE, INTERP, FP64, FAST,
+            )  # fmt: skip
         for j in tl.static_range(J):
             t = t0 + j * BT + tt
             mask = (t < L)[None, :]
