@@ -164,7 +164,7 @@ def _scan_check(args, dev, rows) -> None:
         cfgs.append(json.loads(args.scan_configs)[0])
     for cfg, dtype in itertools.product(cfgs, (torch.bfloat16, torch.float32)):
         if cfg == "default":
-            cfg = launch_config(dim, length, 1, n, dtype)
+            cfg = launch_config(dim, length, 1, n, dtype, bsz)
         ins = {
             k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v.float()).detach().requires_grad_()
             for k, v in base.items()
@@ -319,7 +319,7 @@ def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
         else:
             status = ["ok"] * len(cfgs)
         ins = _scan_inputs(tokens // t_sweep, dim, t_sweep, n, dev, torch.bfloat16)
-        base_cfg = launch_config(dim, t_sweep, 1, n, torch.bfloat16)
+        base_cfg = launch_config(dim, t_sweep, 1, n, torch.bfloat16, tokens // t_sweep)
         base = _scan_grads(ins, base_cfg)
         results = []
         for cfg, st in zip(cfgs, status):
@@ -355,7 +355,7 @@ def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
         if clock.left() < 30:
             break
         bsz = max(1, tokens // length)
-        cfg = best or launch_config(dim, length, 1, n, torch.bfloat16)
+        cfg = best or launch_config(dim, length, 1, n, torch.bfloat16, bsz)
         ins = _scan_inputs(bsz, dim, length, n, dev, torch.bfloat16)
         try:
             fwd, fb = _scan_time(ins, cfg, args.smoke)

@@ -45,7 +45,9 @@ def selective_scan_triton(
     dim, length = u.shape[1], u.shape[2]
     if B.shape[1] != C.shape[1]:
         raise ValueError(f"selective_scan_triton: B has {B.shape[1]} groups but C has {C.shape[1]}; use the same G")
-    cfg = list(config) if config is not None else launch_config(dim, length, B.shape[1], A.shape[1], u.dtype)
+    cfg = (
+        list(config) if config is not None else launch_config(dim, length, B.shape[1], A.shape[1], u.dtype, u.shape[0])
+    )
     per_group = dim // B.shape[1]
     v3 = v3_config(cfg)
     if v3:

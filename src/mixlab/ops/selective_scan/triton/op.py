@@ -25,15 +25,20 @@ def state_dtype(u: Tensor) -> torch.dtype:
 V3_MAX_N = 16
 
 
-def launch_config(dim: int, length: int, groups: int, n: int, dtype: torch.dtype) -> list[int]:
+#: v3 runs one warp per (sequence, 32 channels): below this many warps it leaves SMs idle and v2 is faster
+V3_MIN_WARPS = 1024
+
+
+def launch_config(dim: int, length: int, groups: int, n: int, dtype: torch.dtype, batch: int = 1 << 20) -> list[int]:
     """The launch configuration ``selective_scan_triton`` uses: v3 (:func:`v3_config`; channels across lanes,
-    time in-thread) for N <= 16, else v2 (:func:`default_config`).
+    time in-thread) for N <= 16 and at least :data:`V3_MIN_WARPS` (batch, 32 channels) warps, else v2
+    (:func:`default_config`, which also splits the time axis into parallel chunks).
 
     v3: ``bt`` time steps a thread = 16 bytes of the input (8 for bf16 / fp16), one channel a lane (``bd`` = 32
     channels a one-warp program, fewer when a group has fewer channels), a saved state every 32 steps (the
     backward's per-program stash of sub-chunk states then stays in L2). Measured on an H100 (bf16, D4096 N16,
     65,536 tokens): forward 2.32 ms (v2: 4.69), backward 15.0 ms (v2: 17.0; bd 64: 17.3)."""
-    if n > V3_MAX_N:
+    if n > V3_MAX_N or batch * dim < 32 * V3_MIN_WARPS:
         return default_config(dim, length, groups)
     bt = max(1, 16 // (torch.finfo(dtype).bits // 8))
     bd = 32
