@@ -163,7 +163,7 @@ def test_channel_sums_by_halving(dim, bd, rows, bt, reduce_mode):
     _check(ins, True, 8, bt, bd, 1e-10, rows=rows, reduce_mode=reduce_mode)
 
 
-@pytest.mark.parametrize("prefetch", [1, 0])
+@pytest.mark.parametrize("prefetch", [1, 0, 2])  # 2: order 1 prefetches only the [BD] rows (order 0: as 1)
 def test_plain_float64_one_group(prefetch):
     ins = _inputs(1, 4, 10, 4, 1, torch.float64, seed=1, z=False, D=False, bias=False, h0=False)
     _check(ins, False, 8, 4, 4, 1e-10, with_dlast=False, prefetch=prefetch)

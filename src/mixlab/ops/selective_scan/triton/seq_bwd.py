@@ -674,6 +674,12 @@ def seq_bwd_so_kernel(
                 ops = _loads_so(
                     A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, n, DIM, stride_bn, stride_cn, BT, J
                 )
+            if PREFETCH == 2:  # only the [BD] rows came ahead: B / C rows (L1 hits across the batch's programs) now
+                a_nat, _, _, h_in, q_in, dA_in = ops
+                _, Bs, Cs, _, _, _ = _loads_so(
+                    A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, n, DIM, stride_bn, stride_cn, BT, J
+                )
+                ops = (a_nat, Bs, Cs, h_in, q_in, dA_in)
             ys, sgBs, sgAhs = _so_state(
                 ops, n, ys, sgBs, sgAhs, dls, dlus, dys, first, t0, tt, L, gq_row, dA_row, DIM, dB_base, dC_base,
                 stride_dbn, stride_dcn, BD, BT, J, R, HALVE, INTERP, FP64, FAST,
@@ -751,7 +757,8 @@ def seq_bwd(
     thread holds, bd / (32 num_warps) by default (only the order of channels within a block depends on it).
     reduce_mode: 1 sums dB / dC over channels by recursive halving across lanes (where bd / rows_per_thread is a
     multiple of 32 and not float64 on the GPU), 0 by tl.sum. prefetch: 1 loads each state's operands one iteration
-    of the state loop ahead. maxnreg: a register cap for the compiler (0: none; GPU only). fast: 1 uses
+    of the state loop ahead (order 1: 2 prefetches only the [BD] rows, the B / C rows load at the top of the
+    state's iteration). maxnreg: a register cap for the compiler (0: none; GPU only). fast: 1 uses
     approximate PTX ex2 / rcp (float32 on the GPU; the interpreter runs tl.exp2 / tl.sigmoid). In float32 softplus
     is a polynomial (one exp, no log or division) either way; float64 keeps the exact forms. keep_gz: 1 keeps
     dout silu'(z) live across the state loop (dz = it * y) instead of reloading dout and z after it (default: 1 for
@@ -878,7 +885,7 @@ def _gpu_main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument(
         "--configs",
-        default="16,8,32,1;16,8,32,1,0,1,0,1,0,1;16,8,32,1,0,1,1,1,1;16,4,32,1;16,8,64,2;o0:32,8,32,1",
+        default="16,8,32,1;16,8,32,1,0,1,2;16,8,32,1,0,1,0,1,0,1;16,8,32,1,0,1,1,1,1;16,8,64,2;o0:32,8,32,1",
         help="';'-separated [oK:]block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz[,bc_f32]]]]]]; "
         "oK: the kernel's loop order (o1 states outer within a block, o0 sub-chunks outer; default o1)",
     )
