@@ -246,12 +246,13 @@ def test_launch_config_takes_v3_up_to_16_states():
     from mixlab.ops.selective_scan.triton.op import launch_config, v3_config
 
     cfg = v3_config(launch_config(4096, 2048, 1, 16, torch.bfloat16))
-    assert cfg is not None and (cfg["fwd_bt"], cfg["fwd_bd"], cfg["bwd_bt"], cfg["bwd_bd"]) == (8, 32, 8, 32)
+    assert cfg is not None and (cfg["fwd_bt"], cfg["fwd_bd"], cfg["bwd_bt"], cfg["bwd_bd"]) == (8, 32, 8, 64)
+    assert (cfg["block_l"], cfg["bwd_warps"], cfg["bwd_prefetch"]) == (16, 2, 2)
     assert v3_config(launch_config(4096, 2048, 1, 16, torch.float32))["fwd_bt"] == 4  # 16 bytes of u a thread
     assert v3_config(launch_config(12, 64, 3, 4, torch.float64))["fwd_bd"] == 4  # a block within a group of 4
     assert v3_config(launch_config(4096, 2048, 1, 32, torch.bfloat16)) is None  # v2 above 16 states
     assert v3_config(launch_config(4096, 32768, 1, 16, torch.bfloat16, batch=2)) is None  # v2: too few sequences
-    assert v3_config(launch_config(4096, 8192, 1, 16, torch.bfloat16, batch=8)) is not None
+    assert v3_config(launch_config(4096, 16384, 1, 16, torch.bfloat16, batch=4)) is not None
 
 
 @pytest.mark.parametrize(

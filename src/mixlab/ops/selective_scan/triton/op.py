@@ -26,25 +26,31 @@ V3_MAX_N = 16
 
 
 #: v3 runs one warp per (sequence, 32 channels): below this many warps it leaves SMs idle and v2 is faster
-V3_MIN_WARPS = 1024
+#: (H100, D4096 N16 bf16, fwd+bwd: B4 T16384 (512 warps) v3 19.9 ms, v2 23.0; B2 T32768 v3 36.7, v2 23.3)
+V3_MIN_WARPS = 512
 
 
 def launch_config(dim: int, length: int, groups: int, n: int, dtype: torch.dtype, batch: int = 1 << 20) -> list[int]:
     """The launch configuration ``selective_scan_triton`` uses: v3 (:func:`v3_config`; channels across lanes,
-    time in-thread) for N <= 16 and at least :data:`V3_MIN_WARPS` (batch, 32 channels) warps, else v2
+    time in-thread) for N <= 16 and at least :data:`V3_MIN_WARPS` (sequence, 32 channels) warps, else v2
     (:func:`default_config`, which also splits the time axis into parallel chunks).
 
-    v3: ``bt`` time steps a thread = 16 bytes of the input (8 for bf16 / fp16), one channel a lane (``bd`` = 32
-    channels a one-warp program, fewer when a group has fewer channels), a saved state every 32 steps (the
-    backward's per-program stash of sub-chunk states then stays in L2). Measured on an H100 (bf16, D4096 N16,
-    65,536 tokens): forward 2.32 ms (v2: 4.69), backward 15.0 ms (v2: 17.0; bd 64: 17.3)."""
+    v3: ``bt`` time steps a thread = 16 bytes of the input (8 for bf16 / fp16), one channel a lane; the forward
+    with 32-channel one-warp programs, the backward with 64-channel two-warp programs (fewer channels with one
+    warp when a group of B / C has fewer); a saved state every 16 steps, which lets the backward keep a whole
+    block of h and of the adjoint in registers (``seq_bwd``'s state-outer kernel), its state operands loaded a
+    state ahead. Measured on an H100 (bf16, D4096 N16 with z and D, 65,536 tokens, B32 T2048): forward 2.54 ms,
+    forward + backward 12.6 ms (v2: 4.69 and 21.5; benchmarks/NOTES-mamba-kernels.md §9)."""
     if n > V3_MAX_N or batch * dim < 32 * V3_MIN_WARPS:
         return default_config(dim, length, groups)
     bt = max(1, 16 // (torch.finfo(dtype).bits // 8))
+    per_group = dim // groups
     bd = 32
-    while (dim // groups) % bd:
+    while per_group % bd:
         bd //= 2
-    return [V3, 32, bt, bd, 1, min(bt, 8), bd, 1]
+    bwd_bd, bwd_warps = (64, 2) if per_group % 64 == 0 else (bd, 1)
+    # [tag, block_l, fwd (bt, bd, warps), bwd (bt, bd, warps), fwd a_reg, bc_pack, prefetch, emu, bwd reduce, prefetch]
+    return [V3, 16, bt, bd, 1, min(bt, 8), bwd_bd, bwd_warps, 1, 1, 1, 0, 1, 2]
 
 
 def default_config(dim: int, length: int, groups: int) -> list[int]:
@@ -96,13 +102,13 @@ V3 = 3
 V3_FIELDS = (
     ("block_l", None), ("fwd_bt", None), ("fwd_bd", None), ("fwd_warps", None), ("bwd_bt", None), ("bwd_bd", None),
     ("bwd_warps", None), ("fwd_a_reg", 1), ("fwd_bc_pack", 1), ("fwd_prefetch", 1), ("fwd_emu", 0),
-    ("bwd_reduce", 1), ("bwd_prefetch", 1), ("bwd_maxnreg", 0),
+    ("bwd_reduce", 1), ("bwd_prefetch", 1), ("bwd_maxnreg", 0), ("bwd_bc_f32", 0),
 )  # fmt: skip
 
 
 def v3_config(cfg: list[int]) -> dict[str, int] | None:
     """The fields of a v3 launch config ``[3, block_l, fwd_bt, fwd_bd, fwd_warps, bwd_bt, bwd_bd, bwd_warps,
-    (fwd_a_reg, fwd_bc_pack, fwd_prefetch, fwd_emu, bwd_reduce, bwd_prefetch, bwd_maxnreg)]``, or None for a v2
+    (fwd_a_reg, fwd_bc_pack, fwd_prefetch, fwd_emu, bwd_reduce, bwd_prefetch, bwd_maxnreg, bwd_bc_f32)]``, or None for a v2
     config (see ``seq_fwd`` / ``seq_bwd`` for the optional knobs).
 
     v3 (``seq_fwd.py`` / ``seq_bwd.py``) puts channels across lanes and ``bt`` consecutive time steps inside each
@@ -241,6 +247,7 @@ def selective_scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, states, dout, dlast, delta_softplus,
             v3["block_l"], v3["bwd_bt"], v3["bwd_bd"], v3["bwd_warps"],
             reduce_mode=v3["bwd_reduce"], prefetch=v3["bwd_prefetch"], maxnreg=v3["bwd_maxnreg"],
+            bc_f32=v3["bwd_bc_f32"],
         )  # fmt: skip
     bsz, dim, length = u.shape
     n = A.shape[1]
