@@ -84,6 +84,13 @@ def test_variants_float64(a_reg, bc_pack, prefetch):
     _check(ins, True, 16, 8, 4, 1e-10, a_reg=a_reg, bc_pack=bc_pack, prefetch=prefetch)
 
 
+@pytest.mark.parametrize("col_store", [0, 1])
+def test_state_slots_stored_as_a_tile_or_by_column(col_store):
+    # several state slots (block_l 8 over L = 37), N = 3 padded to 4: only the real state columns are written
+    ins = _inputs(2, 4, 37, 3, 2, torch.float64, seed=8)
+    _check(ins, True, 8, 4, 2, 1e-10, col_store=col_store)
+
+
 @pytest.mark.parametrize("length", [5, 16])
 def test_shorter_than_a_chunk_and_exact_blocks(length):
     # L < bt (only the masked chunk runs) and L a multiple of block_l (the last full chunk writes the final slot)

@@ -102,13 +102,15 @@ V3 = 3
 V3_FIELDS = (
     ("block_l", None), ("fwd_bt", None), ("fwd_bd", None), ("fwd_warps", None), ("bwd_bt", None), ("bwd_bd", None),
     ("bwd_warps", None), ("fwd_a_reg", 1), ("fwd_bc_pack", 1), ("fwd_prefetch", 1), ("fwd_emu", 0),
-    ("bwd_reduce", 1), ("bwd_prefetch", 1), ("bwd_maxnreg", 0), ("bwd_bc_f32", 0),
+    ("bwd_reduce", 1), ("bwd_prefetch", 1), ("bwd_maxnreg", 0), ("bwd_bc_f32", 0), ("bwd_pf_next", 0),
+    ("fwd_col_store", 1),
 )  # fmt: skip
 
 
 def v3_config(cfg: list[int]) -> dict[str, int] | None:
     """The fields of a v3 launch config ``[3, block_l, fwd_bt, fwd_bd, fwd_warps, bwd_bt, bwd_bd, bwd_warps,
-    (fwd_a_reg, fwd_bc_pack, fwd_prefetch, fwd_emu, bwd_reduce, bwd_prefetch, bwd_maxnreg, bwd_bc_f32)]``, or None for a v2
+    (fwd_a_reg, fwd_bc_pack, fwd_prefetch, fwd_emu, bwd_reduce, bwd_prefetch, bwd_maxnreg, bwd_bc_f32,
+    bwd_pf_next, fwd_col_store)]``, or None for a v2
     config (see ``seq_fwd`` / ``seq_bwd`` for the optional knobs).
 
     v3 (``seq_fwd.py`` / ``seq_bwd.py``) puts channels across lanes and ``bt`` consecutive time steps inside each
@@ -159,6 +161,7 @@ def selective_scan_fwd(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
             v3["block_l"], v3["fwd_bt"], v3["fwd_bd"], v3["fwd_warps"],
             a_reg=v3["fwd_a_reg"], bc_pack=v3["fwd_bc_pack"], prefetch=v3["fwd_prefetch"], emu=v3["fwd_emu"],
+            col_store=v3["fwd_col_store"],
         )  # fmt: skip
     bsz, dim, length = u.shape
     n = A.shape[1]
@@ -247,7 +250,7 @@ def selective_scan_bwd(
             u, delta, A, B, C, D, z, delta_bias, states, dout, dlast, delta_softplus,
             v3["block_l"], v3["bwd_bt"], v3["bwd_bd"], v3["bwd_warps"],
             reduce_mode=v3["bwd_reduce"], prefetch=v3["bwd_prefetch"], maxnreg=v3["bwd_maxnreg"],
-            bc_f32=v3["bwd_bc_f32"],
+            bc_f32=v3["bwd_bc_f32"], pf_next=v3["bwd_pf_next"],
         )  # fmt: skip
     bsz, dim, length = u.shape
     n = A.shape[1]

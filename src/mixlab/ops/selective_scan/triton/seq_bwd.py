@@ -553,6 +553,14 @@ def _so_state(ops, n, ys, sgBs, sgAhs, dls, dlus, dys, first, t0, tt, L, gq_row,
 
 
 @triton.jit
+def _prefetch_l1(ptr):
+    """``prefetch.global.L1`` of each address (GPU only; the result is a dummy so that the asm is kept)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L1 [$1];\n mov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
 def seq_bwd_so_kernel(
     u_ptr,
     delta_ptr,
@@ -604,6 +612,7 @@ def seq_bwd_so_kernel(
     HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr,
+    PF_NEXT: tl.constexpr = 0,
 ):
     """State-outer order: per block of BLOCK_L steps (reverse order) the block's tiles (J = BLOCK_L / BT sub-tiles
     [BD, BT], held in tuples) are loaded once; then per state n: h forward over the block from ``states[c]`` (kept in
@@ -655,6 +664,15 @@ def seq_bwd_so_kernel(
             dls = dls + (dl,)
             dlus = dlus + (dl * u,)
             dys = dys + (dy,)
+        if PF_NEXT:
+            # the previous block's rows of u, delta, dout and z into L1 now (no registers held): its tile loads then
+            # hit L1 instead of waiting on HBM at the top of the next block
+            pf = row + tl.maximum(c - 1, 0) * BLOCK_L
+            _prefetch_l1(u_ptr + pf)
+            _prefetch_l1(delta_ptr + pf)
+            _prefetch_l1(dout_ptr + pf)
+            if HAS_Z:
+                _prefetch_l1(z_ptr + pf)
         ys = ()
         sgBs = ()
         sgAhs = ()
@@ -747,6 +765,7 @@ def seq_bwd(
     keep_gz: int | None = None,
     order: int | None = None,
     bc_f32: int = 0,
+    pf_next: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
     (absent optional inputs give empty tensors). u, delta, z, dout ``[B, D, L]``; A ``[D, N]``; B, C ``[B, G, N, L]``;
@@ -765,7 +784,9 @@ def seq_bwd(
     order 0, 0 for order 1). order: 1 runs the state-outer kernel (per block: states outer, the whole block's h and
     adjoint per state in registers; no pass 1, no stash), 0 the sub-chunk-outer kernel; None: 1 where the block's
     tiles fit the registers (block_l * rows_per_thread <= 16: without spills on sm_90), else 0.
-    bc_f32: 1 passes float32 copies of B and C to the kernel (no bf16 unpacking in the state loop; twice the bytes)."""
+    bc_f32: 1 passes float32 copies of B and C to the kernel (no bf16 unpacking in the state loop; twice the bytes).
+    pf_next: 1 (state-outer kernel, GPU only) prefetches the next block's rows of u, delta, dout and z into L1
+    (H100: 13.4 ms fwd+bwd against 12.7 without, so off by default)."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
@@ -860,6 +881,7 @@ def seq_bwd(
         FP64=sd == torch.float64,
         num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg and not interp else {}),
+        **({"PF_NEXT": int(pf_next and not interp)} if kernel is seq_bwd_so_kernel else {}),
     )
     dh0 = gq.transpose(1, 2).contiguous()  # a_0 g_0
     dA = dA_t.sum(0).t().to(A.dtype).contiguous()

@@ -206,6 +206,7 @@ def selective_scan_seq_fwd_kernel(
     SP_POLY: tl.constexpr,
     EMU: tl.constexpr,
     PF_BC: tl.constexpr,
+    COL_STORE: tl.constexpr = 1,
 ):
     """Grid (DIM // BD, batch). u, delta, z, out ``[B, DIM, L]``; A ``[DIM, N]``; B, C ``[B, G, N, L]`` by strides,
     or (BC_PACK) bc ``[B, G, cdiv(L, BT), N, 2, BT]`` (B and C rows of each chunk, zero-padded); states
@@ -227,6 +228,7 @@ def selective_scan_seq_fwd_kernel(
     n_steps = tl.cdiv(L, BT)
     bc_base = bc_ptr + (b * G + grp) * n_steps * (2 * N * BT)
     st_ptrs = states_ptr + b * (N_CHUNKS + 1) * N * DIM + nn[None, :] * DIM + d[:, None]  # [BD, NP], slot 0
+    st_col = states_ptr + b * (N_CHUNKS + 1) * N * DIM + d  # [BD], slot 0, state 0
     st_mask = (nn[None, :] < N) & (d[:, None] < DIM)
     h = tl.load(st_ptrs, mask=st_mask, other=0.0).to(CT)
     A2 = h  # placeholder when A_REG = 0
@@ -280,7 +282,13 @@ def selective_scan_seq_fwd_kernel(
         # the states entering step (k + 1) * BT when that is a multiple of BLOCK_L (the last one: the final state)
         if ((k + 1) * BT) % BLOCK_L == 0:
             slot = b * 0 + (k + 1) * BT // BLOCK_L  # int64 (b is)
-            tl.store(st_ptrs + slot * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
+            if COL_STORE:
+                # one [BD] column per state, straight from the owning threads: a [BD, NP] tile store would first
+                # convert h to a d-contiguous layout through shared memory (every BLOCK_L steps)
+                for n in tl.static_range(N):
+                    tl.store(st_col + slot * N * DIM + n * DIM, _col(h, nn, n).to(states_ptr.dtype.element_ty))
+            else:
+                tl.store(st_ptrs + slot * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
     if n_full < n_steps:
         # the partial last chunk, masked
         t = n_full * BT + tt
@@ -339,6 +347,7 @@ def seq_fwd(
     emu: int = 0,
     pf_bc: int | None = None,
     fast: bool | None = None,
+    col_store: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u, delta, z ``[B, D, L]`` contiguous; A ``[D, N]``; B, C ``[B, G, N, L]`` (L contiguous); D, delta_bias ``[D]``;
     initial_state ``[B, D, N]``. Returns ``out [B, D, L]`` (u's dtype), ``last_state [B, D, N]`` and the states
@@ -408,6 +417,7 @@ def seq_fwd(
         SP_POLY=int(fast_math(u) if softplus_poly is None else softplus_poly) and states.dtype != torch.float64,
         EMU=min(int(emu), n) if states.dtype != torch.float64 else 0,
         PF_BC=int(fast_math(u) if pf_bc is None else pf_bc) and bool(bc_pack),
+        COL_STORE=int(col_store),
         num_warps=num_warps,
     )
     # a copy even when N = 1 (where the transposed view is already contiguous): no output may alias another
