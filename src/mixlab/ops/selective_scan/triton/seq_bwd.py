@@ -799,8 +799,14 @@ def seq_bwd(
     jsub = block_l // bt
     rows = rows_per_thread or max(1, bd // (32 * num_warps))
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1" or not u.is_cuda
-    # dB / dC by recursive halving: warps of 32 full rows; float32 only on the GPU (32-bit shuffles)
-    halve = int(reduce_mode == 1 and bt <= 8 and (bd // rows) % 32 == 0 and (interp or sd == torch.float32))
+    # dB / dC by recursive halving: warps of 32 full rows; float32 only on the GPU (32-bit shuffles). The shuffles
+    # assume a tile row in one lane, which Triton's layout gives when a thread's bt steps of u are <= 16 bytes
+    halve = int(
+        reduce_mode == 1
+        and bt <= 8
+        and (bd // rows) % 32 == 0
+        and (interp or (sd == torch.float32 and bt * u.element_size() <= 16))
+    )
     if bd % rows:
         raise ValueError(f"seq_bwd: rows_per_thread {rows} must divide bd {bd}")
     dout = dout.contiguous()
