@@ -39,8 +39,8 @@ def launch_config(dim: int, length: int, groups: int, n: int, dtype: torch.dtype
     with 32-channel one-warp programs, the backward with 64-channel two-warp programs (fewer channels with one
     warp when a group of B / C has fewer); a saved state every 16 steps, which lets the backward keep a whole
     block of h and of the adjoint in registers (``seq_bwd``'s state-outer kernel), its state operands loaded a
-    state ahead. Measured on an H100 (bf16, D4096 N16 with z and D, 65,536 tokens, B32 T2048): forward 2.54 ms,
-    forward + backward 12.6 ms (v2: 4.69 and 21.5; benchmarks/NOTES-mamba-kernels.md §9)."""
+    state ahead. Measured on an H100 (bf16, D4096 N16 with z and D, 65,536 tokens, B32 T2048): forward 2.50 ms,
+    forward + backward 12.61 ms (v2: 4.69 and 21.5; benchmarks/NOTES-mamba-kernels.md §9)."""
     if n > V3_MAX_N or batch * dim < 32 * V3_MIN_WARPS:
         return default_config(dim, length, groups)
     bt = max(1, 16 // (torch.finfo(dtype).bits // 8))
@@ -110,8 +110,7 @@ V3_FIELDS = (
 def v3_config(cfg: list[int]) -> dict[str, int] | None:
     """The fields of a v3 launch config ``[3, block_l, fwd_bt, fwd_bd, fwd_warps, bwd_bt, bwd_bd, bwd_warps,
     (fwd_a_reg, fwd_bc_pack, fwd_prefetch, fwd_emu, bwd_reduce, bwd_prefetch, bwd_maxnreg, bwd_bc_f32,
-    bwd_pf_next, fwd_col_store)]``, or None for a v2
-    config (see ``seq_fwd`` / ``seq_bwd`` for the optional knobs).
+    bwd_pf_next, fwd_col_store)]``, or None for a v2 config (``seq_fwd`` / ``seq_bwd`` describe the optional knobs).
 
     v3 (``seq_fwd.py`` / ``seq_bwd.py``) puts channels across lanes and ``bt`` consecutive time steps inside each
     thread, so the scans over time are sequential in-thread; v2 (``kernels.py``) scans across lanes."""
