@@ -268,7 +268,7 @@ def _scan_family(cfg: list[int]) -> tuple[int, int]:
     return (V3 if cfg[0] == V3 else 2, block_len(cfg))
 
 
-def _scan_combine(fwd_cfg: list[int], bwd_cfg: list[int]) -> list[int]:
+def _scan_merge_halves(fwd_cfg: list[int], bwd_cfg: list[int]) -> list[int]:
     """The forward half of one config with the backward half of another of the same family."""
     from mixlab.ops.selective_scan.triton.op import V3, V3_FIELDS
 
@@ -347,7 +347,7 @@ def _scan_bench(args, dev, rows, ceil, clock, warm=None) -> None:
             same = [r for r in results if _scan_family(r[0]) == key]
             f = min(same, key=lambda r: r[1])
             b = min(same, key=lambda r: r[2] - r[1])
-            combos.append((f[1] + (b[2] - b[1]), _scan_combine(f[0], b[0])))
+            combos.append((f[1] + (b[2] - b[1]), _scan_merge_halves(f[0], b[0])))
         if combos:
             best = min(combos)[1]
             print(f"best scan config {best}", flush=True)

@@ -7,6 +7,8 @@ updates its ``state`` argument in place.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -30,9 +32,12 @@ V3_MAX_N = 16
 V3_MIN_WARPS = 512
 
 
-def launch_config(dim: int, length: int, groups: int, n: int, dtype: torch.dtype, batch: int = 1 << 20) -> list[int]:
+def launch_config(
+    dim: int, length: int, groups: int, n: int, dtype: torch.dtype, batch: int | None = None
+) -> list[int]:
     """The launch configuration ``selective_scan_triton`` uses: v3 (:func:`v3_config`; channels across lanes,
-    time in-thread) for N <= 16 and at least :data:`V3_MIN_WARPS` (sequence, 32 channels) warps, else v2
+    time in-thread) for N <= 16 and at least :data:`V3_MIN_WARPS` (sequence, 32 channels) warps (``batch`` None:
+    assume enough), else v2
     (:func:`default_config`, which also splits the time axis into parallel chunks).
 
     v3: ``bt`` time steps a thread = 16 bytes of the input (8 for bf16 / fp16), one channel a lane; the forward
@@ -41,7 +46,7 @@ def launch_config(dim: int, length: int, groups: int, n: int, dtype: torch.dtype
     block of h and of the adjoint in registers (``seq_bwd``'s state-outer kernel), its state operands loaded a
     state ahead. Measured on an H100 (bf16, D4096 N16 with z and D, 65,536 tokens, B32 T2048): forward 2.50 ms,
     forward + backward 12.61 ms (v2: 4.69 and 21.5; benchmarks/NOTES-mamba-kernels.md §9)."""
-    if n > V3_MAX_N or batch * dim < 32 * V3_MIN_WARPS:
+    if n > V3_MAX_N or (batch is not None and batch * dim < 32 * V3_MIN_WARPS):
         return default_config(dim, length, groups)
     bt = max(1, 16 // (torch.finfo(dtype).bits // 8))
     per_group = dim // groups
@@ -133,6 +138,55 @@ def _n_chunks(length: int, block_l: int) -> int:
     return triton.cdiv(length, block_l)
 
 
+def new_states(u: Tensor, initial_state: Tensor | None, n_chunks: int, n: int) -> Tensor:
+    """The forward's states buffer ``[B, n_chunks + 1, N, D]`` (both versions): slot 0 holds the initial state
+    (zeros without one); the kernels write the others."""
+    bsz, dim, _ = u.shape
+    states = torch.empty(bsz, n_chunks + 1, n, dim, device=u.device, dtype=state_dtype(u))
+    states[:, 0] = initial_state.transpose(1, 2) if initial_state is not None else 0
+    return states
+
+
+class BwdBuffers(NamedTuple):
+    """What both backward kernels write: full-size gradients, float32 sums over channels (dB, dC: atomics) and
+    per-(batch, channel) partials (dA ``[B, N, D]``, dD, d(delta_bias) ``[B, D]``)."""
+
+    du: Tensor
+    ddelta: Tensor
+    dz: Tensor
+    dB: Tensor
+    dC: Tensor
+    dA_part: Tensor
+    dD_part: Tensor
+    dbias_part: Tensor
+
+
+def bwd_buffers(u: Tensor, delta: Tensor, z: Tensor | None, B: Tensor, C: Tensor, n: int) -> BwdBuffers:
+    bsz, dim, _ = u.shape
+    sd = state_dtype(u)
+    return BwdBuffers(
+        torch.empty_like(u),
+        torch.empty_like(delta),
+        torch.empty_like(z) if z is not None else u.new_empty(0),
+        torch.zeros(B.shape, device=u.device, dtype=sd),
+        torch.zeros(C.shape, device=u.device, dtype=sd),
+        torch.zeros(bsz, n, dim, device=u.device, dtype=sd),
+        torch.empty(bsz, dim, device=u.device, dtype=sd),
+        torch.empty(bsz, dim, device=u.device, dtype=sd),
+    )
+
+
+def bwd_outputs(
+    buf: BwdBuffers, u: Tensor, A: Tensor, B_dtype: torch.dtype, C_dtype: torch.dtype, D: Tensor | None,
+    delta_bias: Tensor | None, dh0: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``selective_scan_bwd``'s nine gradients from the kernels' buffers (partials summed, inputs' dtypes)."""
+    dA = buf.dA_part.sum(0).t().to(A.dtype).contiguous()
+    dD = buf.dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
+    dbias = buf.dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
+    return buf.du, buf.ddelta, dA, buf.dB.to(B_dtype), buf.dC.to(C_dtype), dD, buf.dz, dbias, dh0
+
+
 @torch.library.custom_op("mixlab::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
     u: Tensor,
@@ -169,11 +223,7 @@ def selective_scan_fwd(
     fold = bwd_variant(cfg, n)[3]
     nc = _n_chunks(length, block_l)
     out = torch.empty_like(u)
-    states = torch.empty(bsz, nc + 1, n, dim, device=u.device, dtype=state_dtype(u))
-    if initial_state is not None:
-        states[:, 0] = initial_state.transpose(1, 2)
-    else:
-        states[:, 0] = 0
+    states = new_states(u, initial_state, nc, n)
     dummy = u
     selective_scan_fwd_kernel[(dim // block_d, bsz)](
         u,
@@ -261,14 +311,7 @@ def selective_scan_bwd(
     # a register cap trades spills for resident warps (the backward is latency-bound); not a CPU option
     extra = {"maxnreg": maxnreg} if maxnreg and u.is_cuda else {}
     dout = dout.contiguous()
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
-    dB = torch.zeros(B.shape, device=u.device, dtype=sd)
-    dC = torch.zeros(C.shape, device=u.device, dtype=sd)
-    dA_t = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
-    dD_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
-    dbias_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
+    buf = bwd_buffers(u, delta, z, B, C, n)
     # adjoint carried between chunks, two slots used in turn; the last chunk reads d(last_state)
     gbuf = torch.zeros(bsz, 2, n, dim, device=u.device, dtype=sd)
     if dlast is not None:
@@ -286,14 +329,14 @@ def selective_scan_bwd(
         states,
         gbuf,
         dout,
-        du,
-        ddelta,
-        dz if z is not None else dummy,
-        dB,
-        dC,
-        dA_t,
-        dD_part,
-        dbias_part,
+        buf.du,
+        buf.ddelta,
+        buf.dz if z is not None else dummy,
+        buf.dB,
+        buf.dC,
+        buf.dA_part,
+        buf.dD_part,
+        buf.dbias_part,
         dim,
         length,
         n,
@@ -305,12 +348,12 @@ def selective_scan_bwd(
         C.stride(0),
         C.stride(1),
         C.stride(2),
-        dB.stride(0),
-        dB.stride(1),
-        dB.stride(2),
-        dC.stride(0),
-        dC.stride(1),
-        dC.stride(2),
+        buf.dB.stride(0),
+        buf.dB.stride(1),
+        buf.dB.stride(2),
+        buf.dC.stride(0),
+        buf.dC.stride(1),
+        buf.dC.stride(2),
         BD=block_d,
         BL=block_l,
         HAS_D=D is not None,
@@ -332,10 +375,7 @@ def selective_scan_bwd(
         dl0 = torch.nn.functional.softplus(dl0)
     # every gradient contiguous, as the fake implementation states (compiled graphs assert the strides)
     dh0 = (torch.exp(dl0[..., None] * A.to(sd)) * gbuf[:, 1].transpose(1, 2)).contiguous()
-    dA = dA_t.sum(0).t().to(A.dtype).contiguous()
-    dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
-    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
-    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, dh0
+    return bwd_outputs(buf, u, A, B.dtype, C.dtype, D, delta_bias, dh0)
 
 
 @selective_scan_bwd.register_fake

@@ -36,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .fastmath import exp2, sigmoid, softplus_poly
 from .kernels import LOG2E, _scan_combine, _softplus
+from .op import bwd_buffers, bwd_outputs, state_dtype
 
 Tensor = torch.Tensor
 
@@ -201,44 +203,6 @@ def _loads2(A_row, B_base, C_base, src, gq_row, dA_row, t, tmask, n, DIM, stride
 
 
 @triton.jit
-def _ex2(x, FAST: tl.constexpr):
-    if FAST:  # one MUFU.EX2, flush-to-zero (tl.exp2 adds a denormal-range fix-up)
-        return tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def _sigmoid(x, FAST: tl.constexpr):
-    if FAST:  # ex2 and rcp as approximate PTX: 4 instructions instead of ~11 (tl.sigmoid's IEEE division)
-        e = _ex2(x * -1.4426950408889634, FAST)
-        return tl.inline_asm_elementwise(
-            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return tl.sigmoid(x)
-
-
-@triton.jit
-def _softplus32(x, FAST: tl.constexpr):
-    """float32 softplus as ``max(x, 0) + log1p(e)``, ``e = exp(-|x|)``, log1p(e) = e P(e) with P a degree-8 fit
-    (relative error 2.3e-7; the same fit as seq_fwd.py): one MUFU and ~11 FMA-pipe instructions instead of a log and
-    an IEEE division. Above x = 20 it rounds to x, as the thresholded form."""
-    e = _ex2(tl.abs(x) * -1.4426950408889634, FAST)
-    p = 0.005232624243944883 * e - 0.029504956677556038
-    p = p * e + 0.07822549343109131
-    p = p * e - 0.1366320699453354
-    p = p * e + 0.1910598874092102
-    p = p * e - 0.2484297752380371
-    p = p * e + 0.3331909477710724
-    p = p * e - 0.4999949336051941
-    p = p * e + 0.9999999403953552
-    return tl.maximum(x, 0.0) + e * p
-
-
-@triton.jit
 def _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FP64: tl.constexpr,
              FAST: tl.constexpr, DERIV: tl.constexpr):  # fmt: skip
     """delta after bias / softplus ([BD, BT], zero where masked), or with DERIV its softplus derivative."""
@@ -250,13 +214,13 @@ def _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS: tl.constexpr, SOFTPLU
         if FP64:
             return tl.sigmoid(raw)
         else:
-            return _sigmoid(raw, FAST)
+            return sigmoid(raw, FAST)
     dl = raw
     if SOFTPLUS:
         if FP64:
             dl = _softplus(raw)
         else:
-            dl = _softplus32(raw, FAST)
+            dl = softplus_poly(raw, FAST)
     return tl.where(mask, dl, 0.0)
 
 
@@ -271,7 +235,7 @@ def _decay2(dl, a_row, FP64: tl.constexpr, FAST: tl.constexpr):
     if FP64:
         return tl.exp(dl * a_row[:, None])
     else:
-        return _ex2(dl * a_row[:, None], FAST)
+        return exp2(dl * a_row[:, None], FAST)
 
 
 @triton.jit
@@ -400,7 +364,7 @@ def seq_bwd_kernel(
             dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
             if HAS_Z:
                 zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-                sz = _sigmoid(zz, FAST)
+                sz = sigmoid(zz, FAST)
                 if KEEP_GZ:  # dz = gz * y: one more live tile instead of reloading dout and z after the state loop
                     gz = dy * sz * (1.0 + zz * (1.0 - sz))
                 dy = dy * zz * sz
@@ -460,7 +424,7 @@ def seq_bwd_kernel(
                 else:
                     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
                     zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-                    sz = _sigmoid(zz, FAST)
+                    sz = sigmoid(zz, FAST)
                     dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
                 tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             if SOFTPLUS:
@@ -657,7 +621,7 @@ def seq_bwd_so_kernel(
             dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
             if HAS_Z:
                 zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-                sz = _sigmoid(zz, FAST)
+                sz = sigmoid(zz, FAST)
                 if KEEP_GZ:
                     gzs = gzs + (dy * sz * (1.0 + zz * (1.0 - sz)),)
                 dy = dy * zz * sz
@@ -721,7 +685,7 @@ def seq_bwd_so_kernel(
                 else:
                     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
                     zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-                    sz = _sigmoid(zz, FAST)
+                    sz = sigmoid(zz, FAST)
                     dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
                 tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             if SOFTPLUS:
@@ -733,10 +697,6 @@ def seq_bwd_so_kernel(
     part = b * DIM + d
     tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
     tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))
-
-
-def _state_dtype(u: Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
 def seq_bwd(
@@ -790,7 +750,7 @@ def seq_bwd(
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
-    sd = _state_dtype(u)
+    sd = state_dtype(u)
     nc = states.shape[1] - 1
     if block_l % bt or nc != triton.cdiv(length, block_l):
         raise ValueError(f"seq_bwd: block_l {block_l} must be a multiple of bt {bt} and match states ({nc} blocks)")
@@ -810,14 +770,7 @@ def seq_bwd(
     if bd % rows:
         raise ValueError(f"seq_bwd: rows_per_thread {rows} must divide bd {bd}")
     dout = dout.contiguous()
-    du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else u.new_empty(0)
-    dB = torch.zeros(B.shape, device=u.device, dtype=sd)
-    dC = torch.zeros(C.shape, device=u.device, dtype=sd)
-    dA_t = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
-    dD_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
-    dbias_part = torch.empty(bsz, dim, device=u.device, dtype=sd)
+    buf = bwd_buffers(u, delta, z, B, C, n)
     gq = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
     if dlast is not None:
         gq.copy_(dlast.transpose(1, 2))
@@ -846,14 +799,14 @@ def seq_bwd(
         *scratch,
         gq,
         dout,
-        du,
-        ddelta,
-        dz if z is not None else dummy,
-        dB,
-        dC,
-        dA_t,
-        dD_part,
-        dbias_part,
+        buf.du,
+        buf.ddelta,
+        buf.dz if z is not None else dummy,
+        buf.dB,
+        buf.dC,
+        buf.dA_part,
+        buf.dD_part,
+        buf.dbias_part,
         dim,
         length,
         n,
@@ -865,12 +818,12 @@ def seq_bwd(
         C.stride(0),
         C.stride(1),
         C.stride(2),
-        dB.stride(0),
-        dB.stride(1),
-        dB.stride(2),
-        dC.stride(0),
-        dC.stride(1),
-        dC.stride(2),
+        buf.dB.stride(0),
+        buf.dB.stride(1),
+        buf.dB.stride(2),
+        buf.dC.stride(0),
+        buf.dC.stride(1),
+        buf.dC.stride(2),
         BD=bd,
         BT=bt,
         BLOCK_L=block_l,
@@ -890,10 +843,7 @@ def seq_bwd(
         **({"PF_NEXT": int(pf_next and not interp)} if kernel is seq_bwd_so_kernel else {}),
     )
     dh0 = gq.transpose(1, 2).contiguous()  # a_0 g_0
-    dA = dA_t.sum(0).t().to(A.dtype).contiguous()
-    dD = dD_part.sum(0).to(D.dtype) if D is not None else u.new_empty(0)
-    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)
-    return du, ddelta, dA, dB.to(b_dtype), dC.to(c_dtype), dD, dz, dbias, dh0
+    return bwd_outputs(buf, u, A, b_dtype, c_dtype, D, delta_bias, dh0)
 
 
 def _gpu_main() -> None:

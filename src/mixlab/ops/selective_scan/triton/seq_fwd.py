@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _softplus
-from .op import state_dtype
+from .fastmath import exp2, sigmoid, softplus_poly
+from .kernels import _scan_combine, _softplus
+from .op import new_states, state_dtype
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -34,17 +35,6 @@ def _col(x, idx, k):
     """Column k of ``x [R, K]`` as ``[R]`` (idx = arange(K)); the -0.0 fill makes the sum exact (x + -0.0 == x),
     so with K inside the thread it folds to picking one register."""
     return tl.sum(tl.where(idx[None, :] == k, x, -0.0), 1)
-
-
-@triton.jit
-def _exp2(x, FAST: tl.constexpr):
-    if FAST:
-        # one MUFU.EX2 (tl.exp2 adds a denormal range fix-up: 3 more instructions); decays below 2^-126 flush to 0
-        return tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return tl.exp2(x)
 
 
 @triton.jit
@@ -66,42 +56,6 @@ def _exp2_fma(x):
 
 
 @triton.jit
-def _softplus_poly(x, FAST: tl.constexpr):
-    """float32 softplus as ``max(x, 0) + log1p(e)``, ``e = exp(-|x|)`` in (0, 1], with log1p(e) = e P(e) and P a
-    degree-8 fit of log1p(e) / e on [0, 1] (relative error 2.3e-7 in float32 Horner): one MUFU and ~11 FMA-pipe
-    instructions instead of a logf and a division. Above x = 20 it rounds to x, as the thresholded form."""
-    e = _exp2(tl.abs(x) * -1.4426950408889634, FAST)
-    p = 0.005232624243944883 * e - 0.029504956677556038
-    p = p * e + 0.07822549343109131
-    p = p * e - 0.1366320699453354
-    p = p * e + 0.1910598874092102
-    p = p * e - 0.2484297752380371
-    p = p * e + 0.3331909477710724
-    p = p * e - 0.4999949336051941
-    p = p * e + 0.9999999403953552
-    return tl.maximum(x, 0.0) + e * p
-
-
-@triton.jit
-def _silu(x, FAST: tl.constexpr):
-    if FAST:
-        e = tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * -1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1
-        )
-        r = tl.inline_asm_elementwise(
-            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1
-        )
-        return x * r
-    else:
-        return x * tl.sigmoid(x)
-
-
-@triton.jit
-def _scan_combine(a1, b1, a2, b2):
-    return a1 * a2, b1 * a2 + b2
-
-
-@triton.jit
 def _chunk(
     h, A2, u, dl, zz, Dv, bias, t, tmask, offs, d, tt, nn, bc_ptr, B_row, C_row, stride_bn, stride_cn, A_ptr, out_ptr,
     N: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
@@ -117,7 +71,7 @@ def _chunk(
         dl = dl + bias[:, None]
     if SOFTPLUS:
         if SP_POLY:
-            dl = _softplus_poly(dl, FAST)
+            dl = softplus_poly(dl, FAST)
         else:
             dl = _softplus(dl)
     if MASKED:
@@ -149,7 +103,7 @@ def _chunk(
         elif n >= N - EMU:
             a = _exp2_fma(dl * a_n[:, None])
         else:
-            a = _exp2(dl * a_n[:, None], FAST)
+            a = exp2(dl * a_n[:, None], FAST)
         h_in = _col(h, nn, n)
         # fold: the carried state enters as a_0 h_in added to b_0 (-0.0 elsewhere: bb + -0.0 folds away)
         bb = du * Bn[None, :] + tl.where(tt[None, :] == 0, a * h_in[:, None], -0.0)
@@ -157,7 +111,8 @@ def _chunk(
         y += hs * Cn[None, :]
         h = tl.where(nn[None, :] == n, _col(hs, tt, BT - 1)[:, None], h)
     if HAS_Z:
-        y = y * _silu(zz.to(CT), FAST)
+        zc = zz.to(CT)
+        y = y * zc * sigmoid(zc, FAST)
     if MASKED:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=tmask[None, :])
     else:
@@ -370,11 +325,7 @@ def seq_fwd(
         raise ValueError(f"seq_fwd: need powers of two bt={bt} | block_l={block_l} and bd={bd} | D/G={dim // groups}")
     nc = triton.cdiv(length, block_l)
     out = torch.empty_like(u)
-    states = torch.empty(bsz, nc + 1, n, dim, device=u.device, dtype=state_dtype(u))
-    if initial_state is not None:
-        states[:, 0] = initial_state.transpose(1, 2)
-    else:
-        states[:, 0] = 0
+    states = new_states(u, initial_state, nc, n)
     dummy = u
     bc = pack_bc(B, C, bt, states.dtype) if bc_pack else dummy
     selective_scan_seq_fwd_kernel[(dim // bd, bsz)](
