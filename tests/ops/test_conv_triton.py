@@ -165,3 +165,21 @@ def test_backward_into_channel_slices():
         torch.testing.assert_close(db2, db[lo:hi], rtol=1e-12, atol=1e-12)
     assert torch.equal(buf[..., 10:42], dx)
     assert (buf[..., :10] == 7.0).all() and (buf[..., 42:] == 7.0).all()
+
+
+def test_unused_final_state_gets_no_zero_filled_gradient(monkeypatch):
+    from mixlab.ops.conv import triton as conv_triton
+
+    seen = []
+    real = conv_triton.causal_conv1d_bwd
+
+    def spy(*args):
+        seen.append(args[5])  # dfinal
+        return real(*args)
+
+    monkeypatch.setattr(conv_triton, "causal_conv1d_bwd", spy)
+    x = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y, _ = causal_conv1d_triton(x, w, activation="silu")
+    y.sum().backward()
+    assert seen == [None] and x.grad is not None

@@ -276,3 +276,37 @@ def test_bad_v3_config_is_rejected():
         selective_scan_triton(**ins, config=[3, 8, 4, 1, 1, 16, 1, 1])
     with pytest.raises(ValueError, match="v3 config has 8 to"):
         selective_scan_triton(**ins, config=[3, 8, 4, 1, 1])
+
+
+def test_unused_outputs_get_no_zero_filled_gradients(monkeypatch):
+    # the states buffer (an output saved for the backward) and an unused last state must reach the backward as None:
+    # materialized, autograd would zero-fill the [B, n_chunks + 1, N, D] buffer on every step
+    from mixlab.ops.selective_scan.triton import op
+
+    seen = []
+
+    def spy(*args):
+        seen.append(args[10])  # dlast
+        return real(*args)
+
+    real = op.selective_scan_bwd
+    monkeypatch.setattr(op, "selective_scan_bwd", spy)
+    leaves = {k: v.requires_grad_() for k, v in _inputs(1, 4, 6, 2, 1, torch.float64, seed=3).items()}
+    selective_scan_triton(**leaves, delta_softplus=True).sum().backward()
+    assert seen == [None]
+
+
+def test_gradients_through_the_last_state_alone():
+    ins = _inputs(2, 4, 9, 3, 2, torch.float64, seed=4)
+    leaves = {k: v.clone().requires_grad_() for k, v in ins.items()}
+    ref_leaves = {k: v.clone().requires_grad_() for k, v in ins.items()}
+    _, last = selective_scan_triton(**leaves, delta_softplus=True, return_last_state=True)
+    _, last_ref = _reference(**ref_leaves, delta_softplus=True)
+    names = list(leaves)
+    grads = torch.autograd.grad(last.sum(), [leaves[k] for k in names], allow_unused=True)
+    grads_ref = torch.autograd.grad(last_ref.sum(), [ref_leaves[k] for k in names], allow_unused=True)
+    for k, a, b in zip(names, grads, grads_ref):
+        if b is None:  # C and z do not reach the last state
+            assert a is None or not a.abs().any(), k
+        else:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=k)

@@ -338,10 +338,14 @@ def _norm_out_setup(ctx, inputs, output):
     o, z, norm_w, out_w, eps = inputs
     ctx.save_for_backward(o, z, norm_w, out_w, output[1])
     ctx.eps = eps
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # rstd is an output only to be saved: no zero-filled gradient for it
 
 
 def _norm_out_backward(ctx, dout, _drstd):
     o, z, norm_w, out_w, rstd = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None
     do, dz, dnw, dw = _norm_out_bwd(o, z, norm_w, out_w, rstd, dout.contiguous(), ctx.eps)
     return do, dz if z is not None else None, dnw, dw, None
 

@@ -268,10 +268,14 @@ def _setup_context(ctx, inputs, output):
     x, z, weight, _eps, group_size, norm_before_gate = inputs
     ctx.save_for_backward(x, z, weight, output[1])
     ctx.cfg = (group_size, norm_before_gate)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # rstd is an output only to be saved: no zero-filled gradient for it
 
 
 def _backward(ctx, dy, _drstd):
     x, z, weight, rstd = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None, None, None
     dx, dz, dw = gated_rms_norm_bwd(x, z, weight, rstd, dy, *ctx.cfg)
     return dx, dz if z is not None else None, dw if weight is not None else None, None, None, None
 

@@ -555,6 +555,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, initial_state, silu, config = inputs
     ctx.save_for_backward(x, weight, bias, initial_state)
     ctx.cfg = (silu, config)
+    ctx.set_materialize_grads(False)  # an unused final state needs no zero-filled gradient
 
 
 def _backward(ctx, dy, dfinal):

@@ -453,9 +453,9 @@ def _loads_so(A_row, B_base, C_base, st_row, gq_row, dA_row, t0, tt, L, n, DIM, 
         tl.load(A_row + n),
         Bs,
         Cs,
-        tl.load(st_row + n * DIM),
-        tl.load(gq_row + n * DIM),
-        tl.load(dA_row + n * DIM),
+        tl.load(st_row + n * DIM, eviction_policy="evict_first"),  # read once
+        tl.load(gq_row + n * DIM, eviction_policy="evict_last"),  # carried from block to block: kept in L2
+        tl.load(dA_row + n * DIM, eviction_policy="evict_last"),
     )
 
 
@@ -511,8 +511,8 @@ def _so_state(ops, n, ys, sgBs, sgAhs, dls, dlus, dys, first, t0, tt, L, gq_row,
     for j in tl.static_range(J):
         sgBs = sgBs + (rB[J - 1 - j],)
         sgAhs = sgAhs + (rA[J - 1 - j],)
-    tl.store(gq_row + n * DIM, q)
-    tl.store(dA_row + n * DIM, dA_n)
+    tl.store(gq_row + n * DIM, q, eviction_policy="evict_last")
+    tl.store(dA_row + n * DIM, dA_n, eviction_policy="evict_last")
     return ys, sgBs, sgAhs
 
 
@@ -666,6 +666,9 @@ def seq_bwd_so_kernel(
                 ops, n, ys, sgBs, sgAhs, dls, dlus, dys, first, t0, tt, L, gq_row, dA_row, DIM, dB_base, dC_base,
                 stride_dbn, stride_dcn, BD, BT, J, R, HALVE, INTERP, FP64, FAST,
             )  # fmt: skip
+        # du, ddelta, dz are streamed out evict-first (.cs): with the default policy these 1.6 GB pushed the carried
+        # q / dA (kept evict-last) and the block's inputs out of L2 (H100, B32 T2048: 5.2 -> 4.0 GB read from DRAM,
+        # 2.8 -> 1.6 GB written, 9.8 -> 9.2 ms)
         for j in tl.static_range(J):
             t = t0 + j * BT + tt
             mask = (t < L)[None, :]
@@ -687,13 +690,13 @@ def seq_bwd_so_kernel(
                     zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
                     sz = sigmoid(zz, FAST)
                     dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-                tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+                tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask, cache_modifier=".cs")
             if SOFTPLUS:
                 ddl = ddl * _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, FP64, FAST, True)
             ddl = tl.where(mask, ddl, 0.0)
             dbias_acc += tl.sum(ddl, 1)
-            tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
-            tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask)
+            tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask, cache_modifier=".cs")
+            tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask, cache_modifier=".cs")
     part = b * DIM + d
     tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
     tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))
