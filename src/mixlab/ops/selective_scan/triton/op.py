@@ -45,7 +45,7 @@ def launch_config(
     warp when a group of B / C has fewer); a saved state every 16 steps, which lets the backward keep a whole
     block of h and of the adjoint in registers (``seq_bwd``'s state-outer kernel), its state operands loaded a
     state ahead. Measured on an H100 (bf16, D4096 N16 with z and D, 65,536 tokens, B32 T2048): forward 2.50 ms,
-    forward + backward 12.61 ms (v2: 4.69 and 21.5; benchmarks/NOTES-mamba-kernels.md §9)."""
+    forward + backward 11.69 ms (v2: 4.69 and 21.5; benchmarks/NOTES-mamba-kernels.md §9-10)."""
     if n > V3_MAX_N or (batch is not None and batch * dim < 32 * V3_MIN_WARPS):
         return default_config(dim, length, groups)
     bt = max(1, 16 // (torch.finfo(dtype).bits // 8))
