@@ -82,7 +82,7 @@ def _reference_grads(ins, softplus, dout, dlast):
 
 
 def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, rows=None, reduce_mode=1, prefetch=1,
-         keep_gz=None, order=None, bc_f32=0):  # fmt: skip
+         keep_gz=None, order=None, bc_f32=0, segments=1):  # fmt: skip
     """Returns (v3 grads, v2 grads, reference grads, dout, dlast) as dicts keyed by NAMES (present inputs only)."""
     bsz, dim, length = ins["u"].shape
     n = ins["A"].shape[1]
@@ -111,6 +111,7 @@ def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, r
         keep_gz=keep_gz,
         order=_ORDER[0] if order is None else order,
         bc_f32=bc_f32,
+        segments=segments,
     )
     v2 = selective_scan_bwd(*args, states, dout, dlast, softplus, cfg)
     ref = _reference_grads(ins, softplus, dout, dlast)
@@ -203,3 +204,28 @@ def test_gpu_default_layout_float64():
     # warp, dB / dC by halving), two groups of 32 channels, partial last block, 3 states
     ins = _inputs(1, 64, 37, 3, 2, torch.float64, seed=21)
     _check(ins, True, 16, 8, 32, 1e-10)
+
+
+@pytest.mark.parametrize(
+    "length,block_l,bt,segments",
+    [
+        (37, 8, 4, 2),  # 5 blocks: segments of 3 and 2 (the last block partial)
+        (37, 8, 4, 3),  # segments of 2, 2, 1
+        (45, 4, 2, 4),  # 12 blocks, 4 segments of 3
+    ],
+)
+def test_time_segments_float64(order, length, block_l, bt, segments):
+    # the blocks split into segments that run in parallel, each from the adjoint carried in from the segment after
+    # it (the carry pass over segments 1 .. S - 1, then the chain); initial state, d(last state), grouped B/C
+    ins = _inputs(2, 8, length, 3, 2, torch.float64, seed=30 + segments)
+    if order == 0:
+        with pytest.raises(ValueError, match="segments > 1 needs the state-outer kernel"):
+            _run(ins, True, block_l, bt, 4, segments=segments)
+        return
+    _check(ins, True, block_l, bt, 4, 1e-10, segments=segments)
+
+
+def test_time_segments_bf16_without_optional_inputs(order):
+    ins = _inputs(1, 32, 40, 2, 1, torch.bfloat16, seed=8, z=False, bias=False, h0=False)
+    if order == 1:
+        _check(ins, True, 8, 8, 32, 3e-2, segments=4, with_dlast=False)

@@ -27,9 +27,29 @@ def state_dtype(u: Tensor) -> torch.dtype:
 V3_MAX_N = 16
 
 
-#: v3 runs one warp per (sequence, 32 channels): below this many warps it leaves SMs idle and v2 is faster
-#: (H100, D4096 N16 bf16, fwd+bwd: B4 T16384 (512 warps) v3 19.9 ms, v2 23.0; B2 T32768 v3 36.7, v2 23.3)
-V3_MIN_WARPS = 512
+#: v3 runs one warp per (sequence, 32 channels); its backward splits the time axis when that leaves SMs idle
+#: (``v3_segments``), its forward does not: below this many warps v2 is faster (H100, D4096 N16 bf16, fwd+bwd:
+#: B2 T32768 (256 warps) v3 with a segmented backward 17.1 ms, v2 23.5; unsplit v3 36.7)
+V3_MIN_WARPS = 256
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def v3_segments(programs: int, n_blocks: int, device: torch.device) -> int:
+    """How many segments of the time axis the v3 backward runs in parallel: 1 when its ``programs`` (sequence,
+    channel-block) fill about one wave (4 two-warp programs an SM at 255 registers), else the power of two that
+    brings them to about four waves, with at least 4 blocks a segment. H100, D4096 N16 bf16, backward ms (kernel +
+    carry pass): B8 T8192 10.0 unsplit (10.6 in 2 or 4); B4 T16384 15.7 -> 10.9 in 8; B2 T32768 11.1 in 16 (v2: 18.2);
+    B1 T65536 11.2 in 32."""
+    slots = 4 * _sm_count(device)
+    if programs >= 0.9 * slots:
+        return 1
+    seg = 1
+    while programs * seg * 2 <= 4 * slots and n_blocks // (seg * 2) >= 4:
+        seg *= 2
+    return seg
 
 
 def launch_config(
@@ -108,14 +128,14 @@ V3_FIELDS = (
     ("block_l", None), ("fwd_bt", None), ("fwd_bd", None), ("fwd_warps", None), ("bwd_bt", None), ("bwd_bd", None),
     ("bwd_warps", None), ("fwd_a_reg", 1), ("fwd_bc_pack", 1), ("fwd_prefetch", 1), ("fwd_emu", 0),
     ("bwd_reduce", 1), ("bwd_prefetch", 1), ("bwd_maxnreg", 0), ("bwd_bc_f32", 0), ("bwd_pf_next", 0),
-    ("fwd_col_store", 1),
+    ("fwd_col_store", 1), ("bwd_segments", 0),
 )  # fmt: skip
 
 
 def v3_config(cfg: list[int]) -> dict[str, int] | None:
     """The fields of a v3 launch config ``[3, block_l, fwd_bt, fwd_bd, fwd_warps, bwd_bt, bwd_bd, bwd_warps,
     (fwd_a_reg, fwd_bc_pack, fwd_prefetch, fwd_emu, bwd_reduce, bwd_prefetch, bwd_maxnreg, bwd_bc_f32,
-    bwd_pf_next, fwd_col_store)]``, or None for a v2 config (``seq_fwd`` / ``seq_bwd`` describe the optional knobs).
+    bwd_pf_next, fwd_col_store, bwd_segments)]``, or None for a v2 config (``seq_fwd`` / ``seq_bwd`` describe the optional knobs).
 
     v3 (``seq_fwd.py`` / ``seq_bwd.py``) puts channels across lanes and ``bt`` consecutive time steps inside each
     thread, so the scans over time are sequential in-thread; v2 (``kernels.py``) scans across lanes."""
@@ -161,9 +181,13 @@ class BwdBuffers(NamedTuple):
     dbias_part: Tensor
 
 
-def bwd_buffers(u: Tensor, delta: Tensor, z: Tensor | None, B: Tensor, C: Tensor, n: int) -> BwdBuffers:
+def bwd_buffers(
+    u: Tensor, delta: Tensor, z: Tensor | None, B: Tensor, C: Tensor, n: int, segments: int = 1
+) -> BwdBuffers:
+    """``segments``: the per-(batch, channel) partials get one row per (segment, batch): ``[S B, N, D]``, ``[S B, D]``."""
     bsz, dim, _ = u.shape
     sd = state_dtype(u)
+    bsz = bsz * segments
     return BwdBuffers(
         torch.empty_like(u),
         torch.empty_like(delta),
@@ -300,6 +324,8 @@ def selective_scan_bwd(
             v3["block_l"], v3["bwd_bt"], v3["bwd_bd"], v3["bwd_warps"],
             reduce_mode=v3["bwd_reduce"], prefetch=v3["bwd_prefetch"], maxnreg=v3["bwd_maxnreg"],
             bc_f32=v3["bwd_bc_f32"], pf_next=v3["bwd_pf_next"],
+            segments=v3["bwd_segments"]
+            or v3_segments(u.shape[0] * (u.shape[1] // v3["bwd_bd"]), states.shape[1] - 1, u.device),
         )  # fmt: skip
     bsz, dim, length = u.shape
     n = A.shape[1]

@@ -577,11 +577,14 @@ def seq_bwd_so_kernel(
     SOFTPLUS: tl.constexpr,
     FP64: tl.constexpr,
     PF_NEXT: tl.constexpr = 0,
+    SEG_BLOCKS=0,
 ):
     """State-outer order: per block of BLOCK_L steps (reverse order) the block's tiles (J = BLOCK_L / BT sub-tiles
     [BD, BT], held in tuples) are loaded once; then per state n: h forward over the block from ``states[c]`` (kept in
     registers), the adjoint in reverse from the carried q[n], accumulating y, sgB, sgAh for the whole block; q, dA
-    are touched once per (block, state). Buffers as ``seq_bwd_kernel`` (no stash)."""
+    are touched once per (block, state). Buffers as ``seq_bwd_kernel`` (no stash), with a leading segment axis on
+    gq, dA ``[S, B, N, D]`` and dD_part, dbias_part ``[S, B, D]``: grid axis 2 splits the blocks into S segments of
+    SEG_BLOCKS (0: one segment), each started from its own carry gq[s] (``seq_bwd_carry_kernel``)."""
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     J: tl.constexpr = BLOCK_L // BT
     pid_d = tl.program_id(0)
@@ -602,10 +605,14 @@ def seq_bwd_so_kernel(
     dB_base = dB_ptr + b * stride_dbb + grp * stride_dbg
     dC_base = dC_ptr + b * stride_dcb + grp * stride_dcg
     A_row = A_ptr + d * N
-    gq_row = gq_ptr + b * ND + d
-    dA_row = dA_ptr + b * ND + d
-    for ci in range(0, N_CHUNKS):
-        c = N_CHUNKS - 1 - ci
+    seg = tl.program_id(2)
+    sb = seg * tl.num_programs(1) + b  # (segment, batch) row of gq, dA and the partial sums
+    gq_row = gq_ptr + sb * ND + d
+    dA_row = dA_ptr + sb * ND + d
+    c_lo = seg * SEG_BLOCKS
+    c_hi = tl.minimum(c_lo + SEG_BLOCKS, N_CHUNKS) if SEG_BLOCKS > 0 else N_CHUNKS
+    for ci in range(0, c_hi - c_lo):
+        c = c_hi - 1 - ci
         t0 = c * BLOCK_L
         st_row = states_ptr + (b * (N_CHUNKS + 1) + c) * ND + d
         dls = ()
@@ -697,9 +704,139 @@ def seq_bwd_so_kernel(
             dbias_acc += tl.sum(ddl, 1)
             tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask, cache_modifier=".cs")
             tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask, cache_modifier=".cs")
-    part = b * DIM + d
+    part = sb * DIM + d
     tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
     tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))
+
+
+@triton.jit
+def seq_bwd_carry_kernel(
+    delta_ptr,
+    A_ptr,
+    C_ptr,
+    z_ptr,
+    bias_ptr,
+    dout_ptr,
+    carry_ptr,
+    sumdl_ptr,
+    DIM,
+    L,
+    SEG_LEN,
+    CH_PER_GROUP,
+    stride_cb,
+    stride_cg,
+    stride_cn,
+    N: tl.constexpr,
+    BD: tl.constexpr,
+    BT: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    FP64: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Grid (DIM // BD, batch, S - 1): segment s + 1 (steps [(s + 1) SEG_LEN, (s + 2) SEG_LEN) within L) with the
+    adjoint run in reverse from a zero carry (``g_t = a_{t+1} g_{t+1} + C_t dy_t``, dy through the z gate). Writes
+    carry ``[S - 1, B, N, D]``: a g at the segment's first step, its part of what flows into the segment before;
+    and sumdl ``[S - 1, B, D]``: the sum of delta (after bias / softplus) over it, so that the whole decay across
+    the segment is ``exp(A sumdl)``. The carried adjoints are a tuple of N ``[BD]`` vectors (a [BD, N] tile would
+    take A's n-contiguous layout and need cross-lane sums to pick a column)."""
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
+    d = pid_d * BD + tl.arange(0, BD)
+    grp = (pid_d * BD) // CH_PER_GROUP
+    tt = tl.arange(0, BT)
+    row = (b * DIM + d).to(tl.int64) * L
+    C_row = C_ptr + b * stride_cb + grp * stride_cg
+    sdl = tl.zeros([BD], dtype=CT)
+    q = ()
+    for _n in tl.static_range(N):
+        q = q + (sdl,)
+    bias = sdl
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d).to(CT)
+    t_lo = (s + 1) * SEG_LEN
+    t_hi = tl.minimum(t_lo + SEG_LEN, L)
+    n_tiles = tl.cdiv(t_hi - t_lo, BT)
+    # masks compare with L rather than t_hi: its divisibility lets Triton vectorize the loads
+    # the tiles' raw rows a tile ahead (a tile's loads would otherwise wait on HBM with one warp a program)
+    t_nx = t_lo + (n_tiles - 1) * BT + tt
+    m_nx = (t_nx < L)[None, :]
+    offs_nx = row[:, None] + t_nx[None, :]
+    raw_nx = tl.load(delta_ptr + offs_nx, mask=m_nx, other=0.0)
+    dy_nx = tl.load(dout_ptr + offs_nx, mask=m_nx, other=0.0)
+    z_nx = dy_nx
+    if HAS_Z:
+        z_nx = tl.load(z_ptr + offs_nx, mask=m_nx, other=0.0)
+    for i in range(0, n_tiles):
+        t = t_lo + (n_tiles - 1 - i) * BT + tt
+        tmask = t < L  # tiles never cross into the next segment: SEG_LEN is a multiple of BT
+        mask = tmask[None, :]
+        raw, dy, zz = raw_nx.to(CT), dy_nx.to(CT), z_nx.to(CT)
+        t_nx = t_lo + tl.maximum(n_tiles - 2 - i, 0) * BT + tt
+        m_nx = (t_nx < L)[None, :]
+        offs_nx = row[:, None] + t_nx[None, :]
+        raw_nx = tl.load(delta_ptr + offs_nx, mask=m_nx, other=0.0)
+        dy_nx = tl.load(dout_ptr + offs_nx, mask=m_nx, other=0.0)
+        if HAS_Z:
+            z_nx = tl.load(z_ptr + offs_nx, mask=m_nx, other=0.0)
+        dl = raw
+        if HAS_BIAS:
+            dl = dl + bias[:, None]
+        if SOFTPLUS:
+            if FP64:
+                dl = _softplus(dl)
+            else:
+                dl = softplus_poly(dl, FAST)
+        dl = tl.where(mask, dl, 0.0)
+        if HAS_Z:
+            dy = dy * zz * sigmoid(zz, FAST)
+        sdl += tl.sum(dl, 1)
+        nq = ()
+        for n in tl.static_range(N):
+            a_n = tl.load(A_ptr + d * N + n).to(CT)
+            if not FP64:
+                a_n = a_n * LOG2E
+            Cn = tl.load(C_row + n * stride_cn + t, mask=tmask, other=0.0).to(CT)
+            _, qo = _rev_adjoint(_decay2(dl, a_n, FP64, FAST), dy * Cn[None, :], q[n], BD, BT)
+            nq = nq + (qo,)
+        q = nq
+    sb = s * tl.num_programs(1) + b
+    for n in tl.static_range(N):
+        tl.store(carry_ptr + (sb * N + n) * DIM + d, q[n].to(carry_ptr.dtype.element_ty))
+    tl.store(sumdl_ptr + sb * DIM + d, sdl.to(sumdl_ptr.dtype.element_ty))
+
+
+def segment_carries(
+    u: Tensor, delta: Tensor, A: Tensor, C: Tensor, z: Tensor | None, delta_bias: Tensor | None, dout: Tensor,
+    dlast: Tensor | None, delta_softplus: bool, seg_len: int, n_seg: int, bd: int, bt: int, fast: bool,
+) -> Tensor:  # fmt: skip
+    """The adjoint carried into each of ``n_seg`` segments of ``seg_len`` steps from the one after it, ``[S, B, N,
+    D]`` (slot S - 1: d(last state) or zeros): the carry kernel's zero-started carries of segments 1 .. S - 1 chained
+    from the end, ``q[s - 1] = carry[s] + exp(A sumdl[s]) q[s]``."""
+    bsz, dim, length = u.shape
+    n = A.shape[1]
+    sd = state_dtype(u)
+    gq = torch.zeros(n_seg, bsz, n, dim, device=u.device, dtype=sd)
+    if dlast is not None:
+        gq[-1].copy_(dlast.transpose(1, 2))
+    if n_seg == 1:
+        return gq
+    carry = torch.empty(n_seg - 1, bsz, n, dim, device=u.device, dtype=sd)
+    sumdl = torch.empty(n_seg - 1, bsz, dim, device=u.device, dtype=sd)
+    dummy = u
+    seq_bwd_carry_kernel[(dim // bd, bsz, n_seg - 1)](
+        delta, A, C, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy, dout, carry,
+        sumdl, dim, length, seg_len, dim // C.shape[1], C.stride(0), C.stride(1), C.stride(2),
+        N=n, BD=bd, BT=bt, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, FP64=sd == torch.float64, FAST=int(fast), num_warps=max(1, bd // 32),
+    )  # fmt: skip
+    a_t = A.t().to(sd)  # [N, D]
+    for s in range(n_seg - 1, 0, -1):
+        gq[s - 1] = carry[s - 1] + torch.exp(a_t * sumdl[s - 1][:, None, :]) * gq[s]
+    return gq
 
 
 def seq_bwd(
@@ -729,6 +866,7 @@ def seq_bwd(
     order: int | None = None,
     bc_f32: int = 0,
     pf_next: int = 0,
+    segments: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` as v2's ``selective_scan_bwd``
     (absent optional inputs give empty tensors). u, delta, z, dout ``[B, D, L]``; A ``[D, N]``; B, C ``[B, G, N, L]``;
@@ -749,7 +887,10 @@ def seq_bwd(
     tiles fit the registers (block_l * rows_per_thread <= 16: without spills on sm_90), else 0.
     bc_f32: 1 passes float32 copies of B and C to the kernel (no bf16 unpacking in the state loop; twice the bytes).
     pf_next: 1 (state-outer kernel, GPU only) prefetches the next block's rows of u, delta, dout and z into L1
-    (H100: 13.4 ms fwd+bwd against 12.7 without, so off by default)."""
+    (H100: 13.4 ms fwd+bwd against 12.7 without, so off by default). segments: the state-outer kernel splits the
+    blocks into this many segments run in parallel (more programs for few long sequences), each started from the
+    adjoint carried in from the segment after it (``segment_carries``: a light reverse pass over segments 1 .. S - 1
+    first)."""
     bsz, dim, length = u.shape
     n = A.shape[1]
     groups = B.shape[1]
@@ -773,12 +914,20 @@ def seq_bwd(
     if bd % rows:
         raise ValueError(f"seq_bwd: rows_per_thread {rows} must divide bd {bd}")
     dout = dout.contiguous()
-    buf = bwd_buffers(u, delta, z, B, C, n)
-    gq = torch.zeros(bsz, n, dim, device=u.device, dtype=sd)
-    if dlast is not None:
-        gq.copy_(dlast.transpose(1, 2))
     if order is None:
         order = int(block_l * rows <= 16)
+    seg_blocks = triton.cdiv(nc, max(1, segments))
+    n_seg = triton.cdiv(nc, seg_blocks)
+    if n_seg > 1 and order != 1:
+        raise ValueError("seq_bwd: segments > 1 needs the state-outer kernel (order 1)")
+    buf = bwd_buffers(u, delta, z, B, C, n, segments=n_seg)
+    carry_bd = 32
+    while (dim // groups) % carry_bd:
+        carry_bd //= 2
+    fast_math = bool(fast and not interp and sd == torch.float32)
+    gq = segment_carries(
+        u, delta, A, C, z, delta_bias, dout, dlast, delta_softplus, seg_blocks * block_l, n_seg, carry_bd, bt, fast_math
+    )
     if keep_gz is None:
         keep_gz = int(order == 0)
     dummy = u
@@ -789,7 +938,7 @@ def seq_bwd(
         kernel, scratch = seq_bwd_so_kernel, ()
     else:
         kernel, scratch = seq_bwd_kernel, (torch.empty(bsz, max(jsub - 1, 1), n, dim, device=u.device, dtype=sd),)
-    kernel[(dim // bd, bsz)](
+    kernel[(dim // bd, bsz, n_seg)](
         u,
         delta,
         A,
@@ -833,7 +982,7 @@ def seq_bwd(
         R=rows,
         HALVE=halve,
         PREFETCH=prefetch,
-        FAST=int(fast and not interp and sd == torch.float32),
+        FAST=int(fast_math),
         KEEP_GZ=keep_gz,
         INTERP=interp,
         HAS_D=D is not None,
@@ -843,9 +992,9 @@ def seq_bwd(
         FP64=sd == torch.float64,
         num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg and not interp else {}),
-        **({"PF_NEXT": int(pf_next and not interp)} if kernel is seq_bwd_so_kernel else {}),
+        **({"PF_NEXT": int(pf_next and not interp), "SEG_BLOCKS": seg_blocks} if kernel is seq_bwd_so_kernel else {}),
     )
-    dh0 = gq.transpose(1, 2).contiguous()  # a_0 g_0
+    dh0 = gq[0].transpose(1, 2).contiguous()  # a_0 g_0 of the first segment
     return bwd_outputs(buf, u, A, b_dtype, c_dtype, D, delta_bias, dh0)
 
 
@@ -867,7 +1016,8 @@ def _gpu_main() -> None:
     ap.add_argument(
         "--configs",
         default="16,8,32,1;16,8,32,1,0,1,2;16,8,32,1,0,1,0,1,0,1;16,8,32,1,0,1,1,1,1;16,8,64,2;o0:32,8,32,1",
-        help="';'-separated [oK:]block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz[,bc_f32]]]]]]; "
+        help="';'-separated [oK:]block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz[,bc_f32"
+        "[,pf_next[,segments]]]]]]]]; "
         "oK: the kernel's loop order (o1 states outer within a block, o0 sub-chunks outer; default o1)",
     )
     ap.add_argument("--shape", default="32,2048,4096,16", help="timing shape B,T,D,N (bf16, one group)")
@@ -915,7 +1065,9 @@ def _gpu_main() -> None:
         return selective_scan_fwd(*args5, h0, True, cfg)
 
     def v3(ins, states, dout, dlast, c):
-        kw = dict(zip(("maxnreg", "reduce_mode", "prefetch", "fast", "keep_gz", "bc_f32"), c[4:]))
+        kw = dict(
+            zip(("maxnreg", "reduce_mode", "prefetch", "fast", "keep_gz", "bc_f32", "pf_next", "segments"), c[4:])
+        )
         kw["order"] = order_of(c)
         args5 = [ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
         return seq_bwd(*args5, states, dout, dlast, True, c[0], c[1], c[2], c[3], **kw)
