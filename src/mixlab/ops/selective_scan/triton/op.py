@@ -41,8 +41,8 @@ def v3_segments(programs: int, n_blocks: int, device: torch.device) -> int:
     """How many segments of the time axis the v3 backward runs in parallel: 1 when its ``programs`` (sequence,
     channel-block) fill about one wave (4 two-warp programs an SM at 255 registers), else the power of two that
     brings them to about four waves, with at least 4 blocks a segment. H100, D4096 N16 bf16, backward ms (kernel +
-    carry pass): B8 T8192 10.0 unsplit (10.6 in 2 or 4); B4 T16384 15.7 -> 10.9 in 8; B2 T32768 11.1 in 16 (v2: 18.2);
-    B1 T65536 11.2 in 32."""
+    carry pass): B8 T8192 10.0 unsplit (10.6 in 2 or 4); B4 T16384 15.7 -> 10.8 in 8; B2 T32768 11.0 in 16 (v2: 18.2);
+    B1 T65536 11.0 in 32."""
     slots = 4 * _sm_count(device)
     if programs >= 0.9 * slots:
         return 1
