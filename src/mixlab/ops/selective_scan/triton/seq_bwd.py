@@ -215,12 +215,17 @@ def _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS: tl.constexpr, SOFTPLU
             return tl.sigmoid(raw)
         else:
             return sigmoid(raw, FAST)
-    dl = raw
+    return _softplus_dl(raw, mask, SOFTPLUS, FP64, FAST)
+
+
+@triton.jit
+def _softplus_dl(dl, mask, SOFTPLUS: tl.constexpr, FP64: tl.constexpr, FAST: tl.constexpr):
+    """delta (bias added) through softplus (exact in float64, the polynomial in float32), zero where masked."""
     if SOFTPLUS:
         if FP64:
-            dl = _softplus(raw)
+            dl = _softplus(dl)
         else:
-            dl = softplus_poly(raw, FAST)
+            dl = softplus_poly(dl, FAST)
     return tl.where(mask, dl, 0.0)
 
 
@@ -788,15 +793,9 @@ def seq_bwd_carry_kernel(
         dy_nx = tl.load(dout_ptr + offs_nx, mask=m_nx, other=0.0)
         if HAS_Z:
             z_nx = tl.load(z_ptr + offs_nx, mask=m_nx, other=0.0)
-        dl = raw
         if HAS_BIAS:
-            dl = dl + bias[:, None]
-        if SOFTPLUS:
-            if FP64:
-                dl = _softplus(dl)
-            else:
-                dl = softplus_poly(dl, FAST)
-        dl = tl.where(mask, dl, 0.0)
+            raw = raw + bias[:, None]
+        dl = _softplus_dl(raw, mask, SOFTPLUS, FP64, FAST)
         if HAS_Z:
             dy = dy * zz * sigmoid(zz, FAST)
         sdl += tl.sum(dl, 1)
