@@ -118,3 +118,24 @@ def test_fma_exp2_accuracy():
 def test_half_inputs(dtype, atol):
     ins = _inputs(1, 4, 12, 2, 1, dtype, seed=2)
     _check(ins, True, 8, 8, 4, atol)
+
+
+@pytest.mark.parametrize(
+    "length,segments",
+    [
+        (37, 2),  # 5 blocks of 8: segments of 3 and 2, the last with the partial block
+        (37, 3),  # 2, 2, 1
+        (32, 4),  # L a multiple of block_l: the last segment's last chunk writes the final slot
+        (48, 4),  # 6 blocks: segments of 2 (cdiv(6, 4)), so 3 of them
+    ],
+)
+def test_time_segments_float64(length, segments):
+    # the sequence split into segments run in parallel: the carry pass's end states and decays, the chain into the
+    # states buffer, then every segment from its entering state; grouped B/C, z, D, bias + softplus, initial state
+    ins = _inputs(2, 8, length, 3, 2, torch.float64, seed=40 + segments)
+    _check(ins, True, 8, 4, 4, 1e-10, segments=segments)
+
+
+def test_time_segments_bf16():
+    ins = _inputs(1, 32, 64, 2, 1, torch.bfloat16, seed=9)
+    _check(ins, True, 16, 8, 32, 3e-2, segments=4)

@@ -251,8 +251,8 @@ def test_launch_config_takes_v3_up_to_16_states():
     assert v3_config(launch_config(4096, 2048, 1, 16, torch.float32))["fwd_bt"] == 4  # 16 bytes of u a thread
     assert v3_config(launch_config(12, 64, 3, 4, torch.float64))["fwd_bd"] == 4  # a block within a group of 4
     assert v3_config(launch_config(4096, 2048, 1, 32, torch.bfloat16)) is None  # v2 above 16 states
-    assert v3_config(launch_config(4096, 65536, 1, 16, torch.bfloat16, batch=1)) is None  # v2: too few sequences
-    assert v3_config(launch_config(4096, 32768, 1, 16, torch.bfloat16, batch=2)) is not None
+    assert v3_config(launch_config(2048, 65536, 1, 16, torch.bfloat16, batch=1)) is None  # v2: too few channels
+    assert v3_config(launch_config(4096, 65536, 1, 16, torch.bfloat16, batch=1)) is not None
 
 
 @pytest.mark.parametrize(
@@ -260,7 +260,7 @@ def test_launch_config_takes_v3_up_to_16_states():
     [
         [3, 8, 4, 2, 1, 4, 2, 1],  # chunks of 8 steps, 4 a thread, 2 channels a program (within a group)
         [3, 16, 2, 2, 1, 8, 2, 1, 0, 0, 0, 1, 0, 0, 0],  # forward / backward with other tiles and knobs off
-        [3, 8, 4, 2, 1, 4, 2, 1, 1, 1, 1, 0, 1, 1, 0, 0, 0, 1, 2],  # the backward in 2 time segments
+        [3, 8, 4, 2, 1, 4, 2, 1, 1, 1, 1, 0, 1, 1, 0, 0, 0, 1, 2, 2],  # forward and backward in 2 time segments
     ],
 )
 def test_v3_configs_through_the_op_float64(cfg):
@@ -314,7 +314,7 @@ def test_gradients_through_the_last_state_alone():
 
 
 def test_segments_of_the_v3_backward():
-    from mixlab.ops.selective_scan.triton.op import v3_segments
+    from mixlab.ops.selective_scan.triton.op import V3_FWD_SPLIT, v3_segments
 
     cpu = torch.device("cpu")  # taken as 132 SMs: 528 two-warp program slots
     assert v3_segments(2048, 128, cpu) == 1  # B32 D4096 in 64-channel programs: several waves
@@ -322,3 +322,7 @@ def test_segments_of_the_v3_backward():
     assert v3_segments(256, 1024, cpu) == 8  # B4 T16384: to about four waves
     assert v3_segments(128, 2048, cpu) == 16
     assert v3_segments(64, 16, cpu) == 4  # at least 4 blocks a segment
+    # the forward (one-warp programs, 8 an SM: 1056 slots) splits only well under half a wave, to one wave
+    assert v3_segments(512, 1024, cpu, **V3_FWD_SPLIT) == 1  # B4 D4096
+    assert v3_segments(256, 2048, cpu, **V3_FWD_SPLIT) == 4  # B2 T32768
+    assert v3_segments(128, 4096, cpu, **V3_FWD_SPLIT) == 8  # B1 T65536

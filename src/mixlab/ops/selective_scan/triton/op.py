@@ -27,29 +27,39 @@ def state_dtype(u: Tensor) -> torch.dtype:
 V3_MAX_N = 16
 
 
-#: v3 runs one warp per (sequence, 32 channels); its backward splits the time axis when that leaves SMs idle
-#: (``v3_segments``), its forward does not: below this many warps v2 is faster (H100, D4096 N16 bf16, fwd+bwd:
-#: B2 T32768 (256 warps) v3 with a segmented backward 17.1 ms, v2 23.5; unsplit v3 36.7)
-V3_MIN_WARPS = 256
+#: v3 runs one warp per (sequence, 32 channels) and splits the time axis when that leaves SMs idle
+#: (``v3_segments``); v2 below this many warps. H100, D4096 N16 bf16: B1 T65536 (128 warps) forward 4.24 ms in 8
+#: segments and backward 11.0 in 32, against v2's 5.40 and 26.9 forward+backward
+V3_MIN_WARPS = 128
 
 
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def v3_segments(programs: int, n_blocks: int, device: torch.device) -> int:
-    """How many segments of the time axis the v3 backward runs in parallel: 1 when its ``programs`` (sequence,
-    channel-block) fill about one wave (4 two-warp programs an SM at 255 registers), else the power of two that
-    brings them to about four waves, with at least 4 blocks a segment. H100, D4096 N16 bf16, backward ms (kernel +
-    carry pass): B8 T8192 10.0 unsplit (10.6 in 2 or 4); B4 T16384 15.7 -> 10.8 in 8; B2 T32768 11.0 in 16 (v2: 18.2);
-    B1 T65536 11.0 in 32."""
-    slots = 4 * _sm_count(device)
-    if programs >= 0.9 * slots:
+def v3_segments(
+    programs: int, n_blocks: int, device: torch.device, *, per_sm: int = 4, fill: float = 0.9, waves: int = 4
+) -> int:
+    """How many segments of the time axis a v3 kernel runs in parallel: 1 when its ``programs`` (sequence,
+    channel-block) fill ``fill`` of a wave (``per_sm`` programs an SM), else the power of two that brings them to
+    about ``waves`` waves, with at least 4 blocks a segment. Each split costs a light pass over all segments but
+    one. The defaults are the backward's (two-warp programs at 255 registers). H100, D4096 N16 bf16, backward ms
+    (kernel + carry pass): B8 T8192 10.0 unsplit (10.6 in 2 or 4); B4 T16384 15.7 -> 10.8 in 8; B2 T32768 11.0 in
+    16 (v2: 18.2); B1 T65536 11.0 in 32. The forward's rule: ``V3_FWD_SPLIT``."""
+    slots = per_sm * _sm_count(device)
+    if programs >= fill * slots:
         return 1
     seg = 1
-    while programs * seg * 2 <= 4 * slots and n_blocks // (seg * 2) >= 4:
+    while programs * seg * 2 <= waves * slots and n_blocks // (seg * 2) >= 4:
         seg *= 2
     return seg
+
+
+#: ``v3_segments`` arguments for the forward (one-warp programs, 8 an SM): its carry pass costs about half a forward
+#: per element, so it splits only when the programs fill well under half a wave, and to one wave. H100, D4096 N16
+#: bf16, forward ms: B4 T16384 3.04 unsplit (3.76-3.93 in 2-8); B2 T32768 5.36 -> 4.18 in 4 (v2 5.31); B1 T65536
+#: 10.45 -> 4.24 in 8 (v2 5.40)
+V3_FWD_SPLIT = {"per_sm": 8, "fill": 0.4, "waves": 1}
 
 
 def launch_config(
@@ -128,14 +138,14 @@ V3_FIELDS = (
     ("block_l", None), ("fwd_bt", None), ("fwd_bd", None), ("fwd_warps", None), ("bwd_bt", None), ("bwd_bd", None),
     ("bwd_warps", None), ("fwd_a_reg", 1), ("fwd_bc_pack", 1), ("fwd_prefetch", 1), ("fwd_emu", 0),
     ("bwd_reduce", 1), ("bwd_prefetch", 1), ("bwd_maxnreg", 0), ("bwd_bc_f32", 0), ("bwd_pf_next", 0),
-    ("fwd_col_store", 1), ("bwd_segments", 0),
+    ("fwd_col_store", 1), ("bwd_segments", 0), ("fwd_segments", 0),
 )  # fmt: skip
 
 
 def v3_config(cfg: list[int]) -> dict[str, int] | None:
     """The fields of a v3 launch config ``[3, block_l, fwd_bt, fwd_bd, fwd_warps, bwd_bt, bwd_bd, bwd_warps,
     (fwd_a_reg, fwd_bc_pack, fwd_prefetch, fwd_emu, bwd_reduce, bwd_prefetch, bwd_maxnreg, bwd_bc_f32,
-    bwd_pf_next, fwd_col_store, bwd_segments)]``, or None for a v2 config (``seq_fwd`` / ``seq_bwd`` describe the optional knobs).
+    bwd_pf_next, fwd_col_store, bwd_segments, fwd_segments)]``, or None for a v2 config (``seq_fwd`` / ``seq_bwd`` describe the optional knobs).
 
     v3 (``seq_fwd.py`` / ``seq_bwd.py``) puts channels across lanes and ``bt`` consecutive time steps inside each
     thread, so the scans over time are sequential in-thread; v2 (``kernels.py``) scans across lanes."""
@@ -239,6 +249,10 @@ def selective_scan_fwd(
             v3["block_l"], v3["fwd_bt"], v3["fwd_bd"], v3["fwd_warps"],
             a_reg=v3["fwd_a_reg"], bc_pack=v3["fwd_bc_pack"], prefetch=v3["fwd_prefetch"], emu=v3["fwd_emu"],
             col_store=v3["fwd_col_store"],
+            segments=v3["fwd_segments"] or v3_segments(
+                u.shape[0] * (u.shape[1] // v3["fwd_bd"]), _n_chunks(u.shape[2], v3["block_l"]), u.device,
+                **V3_FWD_SPLIT,
+            ),
         )  # fmt: skip
     bsz, dim, length = u.shape
     n = A.shape[1]

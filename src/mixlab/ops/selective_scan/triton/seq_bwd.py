@@ -39,6 +39,7 @@ import triton.language as tl
 from .fastmath import exp2, sigmoid, softplus_poly
 from .kernels import LOG2E, _scan_combine, _softplus
 from .op import bwd_buffers, bwd_outputs, state_dtype
+from .seq_fwd import _keep_last
 
 Tensor = torch.Tensor
 
@@ -227,11 +228,6 @@ def _softplus_dl(dl, mask, SOFTPLUS: tl.constexpr, FP64: tl.constexpr, FAST: tl.
         else:
             dl = softplus_poly(dl, FAST)
     return tl.where(mask, dl, 0.0)
-
-
-@triton.jit
-def _keep_last(a, b):
-    return b
 
 
 @triton.jit

@@ -17,6 +17,7 @@ The states entering every ``block_l`` steps go to v2's buffer ``states [B, n_chu
 so both backwards (v2's and v3's) can read it.
 """
 
+# ruff: noqa: RUF005  (tuples of states are built by concatenation: the Triton frontend has no starred unpacking)
 from __future__ import annotations
 
 import torch
@@ -162,13 +163,18 @@ def selective_scan_seq_fwd_kernel(
     EMU: tl.constexpr,
     PF_BC: tl.constexpr,
     COL_STORE: tl.constexpr = 1,
+    SEG_BLOCKS=0,
+    SEGMENTED: tl.constexpr = 0,
 ):
     """Grid (DIM // BD, batch). u, delta, z, out ``[B, DIM, L]``; A ``[DIM, N]``; B, C ``[B, G, N, L]`` by strides,
     or (BC_PACK) bc ``[B, G, cdiv(L, BT), N, 2, BT]`` (B and C rows of each chunk, zero-padded); states
     ``[B, N_CHUNKS + 1, N, DIM]`` (slot 0 read, slots 1.. written). A_REG: A's row as a register tile (1) or loaded
     per state and chunk (0). PREFETCH: the next chunk's u, delta, z are loaded before this chunk's states.
     SP_POLY: softplus by ``_softplus_poly`` (float32 only) instead of v2's logf form. EMU: the last EMU states'
-    decays by ``_exp2_fma`` (float32). PF_BC: prefetch the next chunk's packed B/C block into L1 (GPU only)."""
+    decays by ``_exp2_fma`` (float32). PF_BC: prefetch the next chunk's packed B/C block into L1 (GPU only).
+    SEGMENTED: grid axis 2 splits the sequence into segments of SEG_BLOCKS blocks run in parallel, segment s starting
+    from the state in slot s SEG_BLOCKS (written beforehand by ``seq_fwd``'s chain); it leaves the slot at its end,
+    already written, alone."""
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     PF_LINES: tl.constexpr = max(1, 2 * N * BT // 32)
     pid_d = tl.program_id(0)
@@ -185,7 +191,21 @@ def selective_scan_seq_fwd_kernel(
     st_ptrs = states_ptr + b * (N_CHUNKS + 1) * N * DIM + nn[None, :] * DIM + d[:, None]  # [BD, NP], slot 0
     st_col = states_ptr + b * (N_CHUNKS + 1) * N * DIM + d  # [BD], slot 0, state 0
     st_mask = (nn[None, :] < N) & (d[:, None] < DIM)
-    h = tl.load(st_ptrs, mask=st_mask, other=0.0).to(CT)
+    n_full = L // BT
+    if SEGMENTED:
+        seg = tl.program_id(2)
+        last = seg == tl.num_programs(2) - 1
+        k_lo = seg * (SEG_BLOCKS * BLOCK_L // BT)
+        k_hi = tl.minimum(k_lo + SEG_BLOCKS * BLOCK_L // BT, n_full)
+        # the next segment's entering state, already in the buffer: not stored again (the last segment stores its end)
+        slot_end = tl.where(last, N_CHUNKS + 1, (seg + 1) * SEG_BLOCKS)
+        h = tl.load(st_ptrs + (b * 0 + seg * SEG_BLOCKS) * N * DIM, mask=st_mask, other=0.0).to(CT)
+    else:
+        last = True
+        k_lo = 0
+        k_hi = n_full
+        slot_end = N_CHUNKS + 1
+        h = tl.load(st_ptrs, mask=st_mask, other=0.0).to(CT)
     A2 = h  # placeholder when A_REG = 0
     if A_REG:
         A2 = tl.load(A_ptr + d[:, None] * N + nn[None, :], mask=st_mask, other=0.0).to(CT)
@@ -197,17 +217,16 @@ def selective_scan_seq_fwd_kernel(
         Dv = tl.load(D_ptr + d).to(CT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d).to(CT)
-    n_full = L // BT
     # full chunks: no masks
-    offs = row[:, None] + tt[None, :]
+    offs = row[:, None] + (k_lo * BT + tt)[None, :]
     if PREFETCH:
-        m0 = (tt < n_full * BT)[None, :]  # the first chunk if it is a full one
+        m0 = (k_lo * BT + tt < n_full * BT)[None, :]  # the first chunk if it is a full one
         u_nx = tl.load(u_ptr + offs, mask=m0, other=0.0)
         dl_nx = tl.load(delta_ptr + offs, mask=m0, other=0.0)
         z_nx = u_nx
         if HAS_Z:
             z_nx = tl.load(z_ptr + offs, mask=m0, other=0.0)
-    for k in range(0, n_full):
+    for k in range(k_lo, k_hi):
         t = k * BT + tt
         offs = row[:, None] + t[None, :]
         if PREFETCH:
@@ -235,7 +254,7 @@ def selective_scan_seq_fwd_kernel(
             N, BD, BT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FP64, FAST, A_REG, BC_PACK, SP_POLY, EMU, False,
         )  # fmt: skip
         # the states entering step (k + 1) * BT when that is a multiple of BLOCK_L (the last one: the final state)
-        if ((k + 1) * BT) % BLOCK_L == 0:
+        if ((k + 1) * BT) % BLOCK_L == 0 and (k + 1) * BT // BLOCK_L != slot_end:
             slot = b * 0 + (k + 1) * BT // BLOCK_L  # int64 (b is)
             if COL_STORE:
                 # one [BD] column per state, straight from the owning threads: a [BD, NP] tile store would first
@@ -244,7 +263,7 @@ def selective_scan_seq_fwd_kernel(
                     tl.store(st_col + slot * N * DIM + n * DIM, _col(h, nn, n).to(states_ptr.dtype.element_ty))
             else:
                 tl.store(st_ptrs + slot * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
-    if n_full < n_steps:
+    if last and n_full < n_steps:
         # the partial last chunk, masked
         t = n_full * BT + tt
         tmask = t < L
@@ -259,8 +278,97 @@ def selective_scan_seq_fwd_kernel(
             stride_bn, stride_cn, A_ptr, out_ptr,
             N, BD, BT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FP64, FAST, A_REG, BC_PACK, SP_POLY, EMU, True,
         )  # fmt: skip
-    if L % BLOCK_L != 0:
+    if last and L % BLOCK_L != 0:
         tl.store(st_ptrs + (b * 0 + N_CHUNKS) * N * DIM, h.to(states_ptr.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _keep_last(a, b):
+    return b
+
+
+@triton.jit
+def seq_fwd_carry_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    bias_ptr,
+    end_ptr,
+    sumdl_ptr,
+    DIM,
+    L,
+    SEG_LEN,
+    CH_PER_GROUP,
+    stride_bb,
+    stride_bg,
+    stride_bn,
+    N: tl.constexpr,
+    BD: tl.constexpr,
+    BT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    FP64: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Grid (DIM // BD, batch, S - 1): segment s (steps [s SEG_LEN, (s + 1) SEG_LEN), whole: only the last segment
+    reaches L) scanned from a zero state. Writes end ``[S - 1, B, N, D]``, its state at the end, and sumdl ``[S - 1,
+    B, D]``, the sum of delta (after bias / softplus) over it: the state entering segment s + 1 is then
+    ``exp(A sumdl) h_s + end``. No y, no C, no saved states; the states are a tuple of N [BD] vectors."""
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
+    d = pid_d * BD + tl.arange(0, BD)
+    grp = (pid_d * BD) // CH_PER_GROUP
+    tt = tl.arange(0, BT)
+    row = (b * DIM + d).to(tl.int64) * L
+    B_row = B_ptr + b * stride_bb + grp * stride_bg
+    first = (tt == 0)[None, :]
+    sdl = tl.zeros([BD], dtype=CT)
+    bias = sdl
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d).to(CT)
+    h = ()
+    for _n in tl.static_range(N):
+        h = h + (sdl,)
+    t_lo = s * SEG_LEN
+    n_tiles = SEG_LEN // BT
+    offs_nx = row[:, None] + (t_lo + tt)[None, :]
+    u_nx = tl.load(u_ptr + offs_nx)
+    dl_nx = tl.load(delta_ptr + offs_nx)
+    for i in range(0, n_tiles):
+        t = t_lo + i * BT + tt
+        u, dl = u_nx.to(CT), dl_nx.to(CT)
+        offs_nx = row[:, None] + (t_lo + tl.minimum(i + 1, n_tiles - 1) * BT + tt)[None, :]
+        u_nx = tl.load(u_ptr + offs_nx)
+        dl_nx = tl.load(delta_ptr + offs_nx)
+        if HAS_BIAS:
+            dl = dl + bias[:, None]
+        if SOFTPLUS:
+            if FP64:
+                dl = _softplus(dl)
+            else:
+                dl = softplus_poly(dl, FAST)
+        sdl += tl.sum(dl, 1)
+        du = dl * u
+        nh = ()
+        for n in tl.static_range(N):
+            a_n = tl.load(A_ptr + d * N + n).to(CT)
+            Bn = tl.load(B_row + n * stride_bn + t).to(CT)
+            if FP64:
+                a = tl.exp(dl * a_n[:, None])
+            else:
+                a = exp2(dl * (a_n * LOG2E)[:, None], FAST)
+            # fold: the carried state enters as a_0 h added to b_0, so the scan's product output is dead code
+            bb = du * Bn[None, :] + tl.where(first, a * h[n][:, None], -0.0)
+            _, hs = tl.associative_scan((a, bb), 1, _scan_combine)
+            nh = nh + (tl.reduce(hs, 1, _keep_last),)
+        h = nh
+    sb = s * tl.num_programs(1) + b
+    for n in tl.static_range(N):
+        tl.store(end_ptr + (sb * N + n) * DIM + d, h[n].to(end_ptr.dtype.element_ty))
+    tl.store(sumdl_ptr + sb * DIM + d, sdl.to(sumdl_ptr.dtype.element_ty))
 
 
 def pack_bc(B: torch.Tensor, C: torch.Tensor, bt: int, dtype: torch.dtype) -> torch.Tensor:
@@ -303,6 +411,7 @@ def seq_fwd(
     pf_bc: int | None = None,
     fast: bool | None = None,
     col_store: int = 1,
+    segments: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u, delta, z ``[B, D, L]`` contiguous; A ``[D, N]``; B, C ``[B, G, N, L]`` (L contiguous); D, delta_bias ``[D]``;
     initial_state ``[B, D, N]``. Returns ``out [B, D, L]`` (u's dtype), ``last_state [B, D, N]`` and the states
@@ -315,7 +424,10 @@ def seq_fwd(
     ``prefetch`` next chunk's u/delta/z into registers; ``softplus_poly`` (default on a GPU) the one-MUFU softplus;
     ``emu`` states whose decay exp runs on the FMA pipe; ``pf_bc`` (default on a GPU) L1 prefetch of the next
     chunk's B/C; ``fast`` approximate ex2/rcp PTX (default on a GPU). The state loop is unrolled: N up to ~32
-    (N = 64 compiles for ~10 min and spills)."""
+    (N = 64 compiles for ~10 min and spills). ``segments``: the sequence split into this many segments run in
+    parallel (more programs for few long sequences): a light pass (``seq_fwd_carry_kernel``) gives each segment but
+    the last its end state from zero and its decay, a chain over the segments writes the states entering them into
+    the states buffer, then the main kernel runs every segment from its entering state."""
     bsz, dim, length = u.shape
     if bt is None:
         bt = max(1, 16 // u.element_size())
@@ -328,7 +440,24 @@ def seq_fwd(
     states = new_states(u, initial_state, nc, n)
     dummy = u
     bc = pack_bc(B, C, bt, states.dtype) if bc_pack else dummy
-    selective_scan_seq_fwd_kernel[(dim // bd, bsz)](
+    fast_ = fast_math(u) if fast is None else bool(fast)
+    sd = states.dtype
+    seg_blocks = triton.cdiv(nc, max(1, segments))
+    n_seg = triton.cdiv(nc, seg_blocks)
+    if n_seg > 1:
+        end = torch.empty(n_seg - 1, bsz, n, dim, device=u.device, dtype=sd)
+        sumdl = torch.empty(n_seg - 1, bsz, dim, device=u.device, dtype=sd)
+        seq_fwd_carry_kernel[(dim // bd, bsz, n_seg - 1)](
+            u, delta, A, B, delta_bias if delta_bias is not None else dummy, end, sumdl, dim, length,
+            seg_blocks * block_l, dim // groups, B.stride(0), B.stride(1), B.stride(2),
+            N=n, BD=bd, BT=bt, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            FP64=sd == torch.float64, FAST=fast_, num_warps=num_warps,
+        )  # fmt: skip
+        a_t = A.t().to(sd)  # [N, D]
+        for seg in range(1, n_seg):  # the states entering each segment, in its slot of the buffer
+            prev = states[:, (seg - 1) * seg_blocks]
+            states[:, seg * seg_blocks] = torch.exp(a_t * sumdl[seg - 1][:, None, :]) * prev + end[seg - 1]
+    selective_scan_seq_fwd_kernel[(dim // bd, bsz, n_seg)](
         u,
         delta,
         A,
@@ -361,7 +490,7 @@ def seq_fwd(
         HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus),
         FP64=states.dtype == torch.float64,
-        FAST=fast_math(u) if fast is None else bool(fast),
+        FAST=fast_,
         A_REG=int(a_reg),
         BC_PACK=int(bc_pack),
         PREFETCH=int(prefetch),
@@ -369,6 +498,8 @@ def seq_fwd(
         EMU=min(int(emu), n) if states.dtype != torch.float64 else 0,
         PF_BC=int(fast_math(u) if pf_bc is None else pf_bc) and bool(bc_pack),
         COL_STORE=int(col_store),
+        SEG_BLOCKS=seg_blocks,
+        SEGMENTED=int(n_seg > 1),
         num_warps=num_warps,
     )
     # a copy even when N = 1 (where the transposed view is already contiguous): no output may alias another
