@@ -36,10 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .fastmath import exp2, sigmoid, softplus_poly
-from .kernels import LOG2E, _scan_combine, _softplus
+from .fastmath import exp2, sigmoid
+from .kernels import LOG2E, _scan_combine
 from .op import bwd_buffers, bwd_outputs, state_dtype
-from .seq_fwd import _keep_last
+from .seq_fwd import _keep_last, _softplus_dl
 
 Tensor = torch.Tensor
 
@@ -217,17 +217,6 @@ def _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS: tl.constexpr, SOFTPLU
         else:
             return sigmoid(raw, FAST)
     return _softplus_dl(raw, mask, SOFTPLUS, FP64, FAST)
-
-
-@triton.jit
-def _softplus_dl(dl, mask, SOFTPLUS: tl.constexpr, FP64: tl.constexpr, FAST: tl.constexpr):
-    """delta (bias added) through softplus (exact in float64, the polynomial in float32), zero where masked."""
-    if SOFTPLUS:
-        if FP64:
-            dl = _softplus(dl)
-        else:
-            dl = softplus_poly(dl, FAST)
-    return tl.where(mask, dl, 0.0)
 
 
 @triton.jit

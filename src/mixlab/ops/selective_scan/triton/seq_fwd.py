@@ -283,6 +283,17 @@ def selective_scan_seq_fwd_kernel(
 
 
 @triton.jit
+def _softplus_dl(dl, mask, SOFTPLUS: tl.constexpr, FP64: tl.constexpr, FAST: tl.constexpr):
+    """delta (bias added) through softplus (exact in float64, the polynomial in float32), zero where masked."""
+    if SOFTPLUS:
+        if FP64:
+            dl = _softplus(dl)
+        else:
+            dl = softplus_poly(dl, FAST)
+    return tl.where(mask, dl, 0.0)
+
+
+@triton.jit
 def _keep_last(a, b):
     return b
 
@@ -345,11 +356,7 @@ def seq_fwd_carry_kernel(
         dl_nx = tl.load(delta_ptr + offs_nx)
         if HAS_BIAS:
             dl = dl + bias[:, None]
-        if SOFTPLUS:
-            if FP64:
-                dl = _softplus(dl)
-            else:
-                dl = softplus_poly(dl, FAST)
+        dl = _softplus_dl(dl, True, SOFTPLUS, FP64, FAST)  # whole segments: no mask
         sdl += tl.sum(dl, 1)
         du = dl * u
         nh = ()
