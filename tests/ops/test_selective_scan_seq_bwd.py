@@ -20,15 +20,6 @@ from mixlab.ops.selective_scan.triton.seq_bwd import seq_bwd
 
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" or not torch.cuda.is_available() else "cuda"
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-_ORDER = [1]  # loop order of the kernel under test, set per test by the `order` fixture
-
-
-@pytest.fixture(autouse=True, params=[0, 1], ids=["order0", "order1"])
-def order(request):
-    """Every test runs both kernels: order 0 (sub-chunks outer) and order 1 (states outer within a block)."""
-    _ORDER[0] = request.param
-    yield request.param
-    _ORDER[0] = 1
 
 
 def _inputs(bsz, dim, length, n, groups, dtype, seed, *, z=True, D=True, bias=True, h0=True):
@@ -82,7 +73,7 @@ def _reference_grads(ins, softplus, dout, dlast):
 
 
 def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, rows=None, reduce_mode=1, prefetch=1,
-         keep_gz=None, order=None, bc_f32=0, segments=1):  # fmt: skip
+         keep_gz=0, bc_f32=0, segments=1):  # fmt: skip
     """Returns (v3 grads, v2 grads, reference grads, dout, dlast) as dicts keyed by NAMES (present inputs only)."""
     bsz, dim, length = ins["u"].shape
     n = ins["A"].shape[1]
@@ -109,7 +100,6 @@ def _run(ins, softplus, block_l, bt, bd, num_warps=1, seed=7, with_dlast=True, r
         reduce_mode=reduce_mode,
         prefetch=prefetch,
         keep_gz=keep_gz,
-        order=_ORDER[0] if order is None else order,
         bc_f32=bc_f32,
         segments=segments,
     )
@@ -140,9 +130,9 @@ def _check(ins, softplus, block_l, bt, bd, tol, **kw):
 @pytest.mark.parametrize(
     "length,block_l,bt,rows",
     [
-        (19, 8, 4, 2),  # partial last block, two sub-chunks per block, 2 channel rows a thread (permuted channels)
-        (21, 16, 4, 1),  # four sub-chunks, last block mostly masked
-        (13, 8, 8, 4),  # one sub-chunk per block (no stash)
+        (19, 8, 4, 2),  # partial last block, two sub-tiles per block, 2 channel rows a thread (permuted channels)
+        (21, 16, 4, 1),  # four sub-tiles, last block mostly masked
+        (13, 8, 8, 4),  # one sub-tile per block
         (11, 8, 2, 1),  # L not a multiple of bt
         (9, 4, 1, 2),  # one step a thread
     ],
@@ -164,7 +154,7 @@ def test_channel_sums_by_halving(dim, bd, rows, bt, reduce_mode):
     _check(ins, True, 8, bt, bd, 1e-10, rows=rows, reduce_mode=reduce_mode)
 
 
-@pytest.mark.parametrize("prefetch", [1, 0, 2])  # 2: order 1 prefetches only the [BD] rows (order 0: as 1)
+@pytest.mark.parametrize("prefetch", [1, 0, 2])  # 2: only the [BD] rows come a state ahead
 def test_plain_float64_one_group(prefetch):
     ins = _inputs(1, 4, 10, 4, 1, torch.float64, seed=1, z=False, D=False, bias=False, h0=False)
     _check(ins, False, 8, 4, 4, 1e-10, with_dlast=False, prefetch=prefetch)
@@ -188,9 +178,10 @@ def test_bf16(bd, bt, keep_gz, bc_f32):
     _check(ins, True, 8, bt, bd, 3e-2, keep_gz=keep_gz, bc_f32=bc_f32)
 
 
-def test_reload_dout_z_float64():
+def test_keep_gz_float64():
+    # dout silu'(z) kept live across the state loop instead of dout and z reloaded after it (the default)
     ins = _inputs(1, 4, 10, 2, 1, torch.float64, seed=5)
-    _check(ins, True, 8, 4, 4, 1e-10, keep_gz=0)
+    _check(ins, True, 8, 4, 4, 1e-10, keep_gz=1)
 
 
 def test_bad_config_rejected():
@@ -214,18 +205,13 @@ def test_gpu_default_layout_float64():
         (45, 4, 2, 4),  # 12 blocks, 4 segments of 3
     ],
 )
-def test_time_segments_float64(order, length, block_l, bt, segments):
+def test_time_segments_float64(length, block_l, bt, segments):
     # the blocks split into segments that run in parallel, each from the adjoint carried in from the segment after
     # it (the carry pass over segments 1 .. S - 1, then the chain); initial state, d(last state), grouped B/C
     ins = _inputs(2, 8, length, 3, 2, torch.float64, seed=30 + segments)
-    if order == 0:
-        with pytest.raises(ValueError, match="segments > 1 needs the state-outer kernel"):
-            _run(ins, True, block_l, bt, 4, segments=segments)
-        return
     _check(ins, True, block_l, bt, 4, 1e-10, segments=segments)
 
 
-def test_time_segments_bf16_without_optional_inputs(order):
+def test_time_segments_bf16_without_optional_inputs():
     ins = _inputs(1, 32, 40, 2, 1, torch.bfloat16, seed=8, z=False, bias=False, h0=False)
-    if order == 1:
-        _check(ins, True, 8, 8, 32, 3e-2, segments=4, with_dlast=False)
+    _check(ins, True, 8, 8, 32, 3e-2, segments=4, with_dlast=False)

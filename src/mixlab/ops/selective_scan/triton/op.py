@@ -210,6 +210,26 @@ def bwd_buffers(
     )
 
 
+def bwd_launch_args(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, states: Tensor, carried: Tensor, dout: Tensor, buf: BwdBuffers,
+) -> tuple:  # fmt: skip
+    """The positional arguments both backward kernels (v2's and v3's) take, in their order: inputs (u in place of
+    absent ones), states, the carried adjoint, dout, the buffers, sizes and the strides of B, C, dB, dC."""
+    _bsz, dim, length = u.shape
+    n = A.shape[1]
+    dummy = u
+    return (
+        u, delta, A, B, C,
+        D if D is not None else dummy, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
+        states, carried, dout,
+        buf.du, buf.ddelta, buf.dz if z is not None else dummy, buf.dB, buf.dC, buf.dA_part, buf.dD_part, buf.dbias_part,
+        dim, length, n, states.shape[1] - 1, dim // B.shape[1],
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+        buf.dB.stride(0), buf.dB.stride(1), buf.dB.stride(2), buf.dC.stride(0), buf.dC.stride(1), buf.dC.stride(2),
+    )  # fmt: skip
+
+
 def bwd_outputs(
     buf: BwdBuffers, u: Tensor, A: Tensor, B_dtype: torch.dtype, C_dtype: torch.dtype, D: Tensor | None,
     delta_bias: Tensor | None, dh0: Tensor,
@@ -341,9 +361,8 @@ def selective_scan_bwd(
             segments=v3["bwd_segments"]
             or v3_segments(u.shape[0] * (u.shape[1] // v3["bwd_bd"]), states.shape[1] - 1, u.device),
         )  # fmt: skip
-    bsz, dim, length = u.shape
+    bsz, dim, _ = u.shape
     n = A.shape[1]
-    groups = B.shape[1]
     sd = state_dtype(u)
     nc = states.shape[1] - 1
     block_l, block_d, num_warps = cfg[0], *cfg[3:5]
@@ -356,44 +375,8 @@ def selective_scan_bwd(
     gbuf = torch.zeros(bsz, 2, n, dim, device=u.device, dtype=sd)
     if dlast is not None:
         gbuf[:, (nc - 1) % 2] = dlast.transpose(1, 2)
-    dummy = u
     selective_scan_bwd_kernel[(dim // block_d, bsz)](
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D if D is not None else dummy,
-        z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy,
-        states,
-        gbuf,
-        dout,
-        buf.du,
-        buf.ddelta,
-        buf.dz if z is not None else dummy,
-        buf.dB,
-        buf.dC,
-        buf.dA_part,
-        buf.dD_part,
-        buf.dbias_part,
-        dim,
-        length,
-        n,
-        nc,
-        dim // groups,
-        B.stride(0),
-        B.stride(1),
-        B.stride(2),
-        C.stride(0),
-        C.stride(1),
-        C.stride(2),
-        buf.dB.stride(0),
-        buf.dB.stride(1),
-        buf.dB.stride(2),
-        buf.dC.stride(0),
-        buf.dC.stride(1),
-        buf.dC.stride(2),
+        *bwd_launch_args(u, delta, A, B, C, D, z, delta_bias, states, gbuf, dout, buf),
         BD=block_d,
         BL=block_l,
         HAS_D=D is not None,

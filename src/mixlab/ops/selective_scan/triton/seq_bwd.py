@@ -3,28 +3,23 @@
 Tiles are ``[BD, BT]``: each thread holds ``BT`` consecutive time steps of ``BD / (32 num_warps)`` channel
 rows, so both scans over time (state h forward, adjoint g in reverse) are in-thread sequential chains
 (``tl.associative_scan`` along axis 1 lowers to BT - 1 combines, no shuffles). Program = (block of BD
-channels, batch); it walks the blocks of ``block_l`` steps in reverse order. Per block:
-
-- pass 1 recomputes h over the block's first ``J - 1`` sub-chunks of BT steps (``J = block_l / BT``) from the
-  forward's saved state ``states[c]`` and stashes the state entering each sub-chunk in a scratch buffer
-  ``[B, J - 1, N, D]`` (each row is written and read back by the thread that owns it);
-- pass 2 walks the sub-chunks in reverse: recomputes h from the stashed start (forward in-thread scan), then the
-  adjoint ``g_t = dy_t C_t + a_{t+1} g_{t+1}`` column by column; ``a_{t+1}`` is the neighbouring column of the
-  same decay tile, so there is one exp per element and pass and no shifted load. What is carried between
-  sub-chunks (and blocks) per (d, n) is ``q = a_t g_t`` at the sub-chunk's first step, in a ``[B, N, D]`` buffer
-  that starts as d(last state) and ends as d(initial state).
+channels, batch[, time segment]); it walks the blocks of ``block_l`` steps in reverse order (``seq_bwd_so_kernel``,
+"state-outer"). Per block the block's tiles (J = block_l / BT sub-tiles, held in tuples) are loaded once; then per
+state n, h runs forward over the whole block from the forward's saved ``states[c]`` (kept in registers) and the
+adjoint ``g_t = dy_t C_t + a_{t+1} g_{t+1}`` in reverse from the carried ``q = a g`` (a ``[B, N, D]`` buffer that
+starts as d(last state) and ends as d(initial state)); q and dA are touched once per (block, state) and the next
+state's operands are prefetched a state of work ahead. The block's ~8 tiles fit 255 registers on sm_90 at block_l
+16 with one channel a thread; longer blocks spill.
 
 Per state n the gradients accumulate as ``sgB = sum_n g B`` and ``sgAh = sum_n g A a_t h_{t-1}``:
 ``du = delta sgB + D dy``, ``ddelta = u sgB + sgAh`` (times softplus'), ``dA[d, n] = sum_t g delta a_t h_{t-1}``
 (read-modify-write of the program's own rows of a ``[B, N, D]`` buffer). dB and dC are sums over channels:
 per warp by recursive halving across lanes (or ``tl.sum``), then float32 atomics into ``[B, G, N, L]`` as in v2.
-Carried rows (states, q, dA) are written and read back by the thread that owns them, so no barriers are needed.
+Carried rows (q, dA) are written and read back by the thread that owns them, so no barriers are needed.
 
-``order=1`` (``seq_bwd_so_kernel``) swaps the loops within a block: the block's tiles (J sub-tiles [BD, BT] in
-tuples) are loaded once, then per state n h runs forward over the whole block from ``states[c]`` (kept in
-registers: no pass 1, no stash) and the adjoint in reverse from q[n]; q and dA are touched once per (block, state)
-and the next state's operands are prefetched a whole state of work ahead. It needs the block's ~8 tiles in
-registers: block_l 16 with one channel a thread (bf16 / float32) fits 255 registers on sm_90.
+An earlier sub-chunk-outer kernel (states inner, a stash of sub-chunk states, q and dA carried through global
+memory per sub-chunk) ran 15.0 ms against this one's 10.1 at B32 T2048 on an H100 and was removed
+(benchmarks/NOTES-mamba-kernels.md §9).
 """
 
 # ruff: noqa: RUF005  (tuples of tiles are built by concatenation: the Triton frontend has no starred unpacking)
@@ -38,7 +33,7 @@ import triton.language as tl
 
 from .fastmath import exp2, sigmoid
 from .kernels import LOG2E, _scan_combine
-from .op import bwd_buffers, bwd_outputs, state_dtype
+from .op import bwd_buffers, bwd_launch_args, bwd_outputs, state_dtype
 from .seq_fwd import _keep_last, _softplus_dl
 
 Tensor = torch.Tensor
@@ -180,30 +175,6 @@ def _add_db_dc(
 
 
 @triton.jit
-def _loads1(A_row, B_base, src, t, tmask, n, DIM, stride_bn):
-    """Pass 1 operands of state n: A[d, n] [BD], B row [BT], entering state [BD]."""
-    return (
-        tl.load(A_row + n),
-        tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0),
-        tl.load(src + n * DIM),
-    )
-
-
-@triton.jit
-def _loads2(A_row, B_base, C_base, src, gq_row, dA_row, t, tmask, n, DIM, stride_bn, stride_cn):
-    """Pass 2 operands of state n: A[d, n], B and C rows [BT] (each thread loads the BT values once: a [BD, BT] tile
-    load would repeat them for every row it holds), entering state, carried adjoint q and dA so far ([BD] each)."""
-    return (
-        tl.load(A_row + n),
-        tl.load(B_base + n * stride_bn + t, mask=tmask, other=0.0),
-        tl.load(C_base + n * stride_cn + t, mask=tmask, other=0.0),
-        tl.load(src + n * DIM),
-        tl.load(gq_row + n * DIM),
-        tl.load(dA_row + n * DIM),
-    )
-
-
-@triton.jit
 def _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FP64: tl.constexpr,
              FAST: tl.constexpr, DERIV: tl.constexpr):  # fmt: skip
     """delta after bias / softplus ([BD, BT], zero where masked), or with DERIV its softplus derivative."""
@@ -226,206 +197,6 @@ def _decay2(dl, a_row, FP64: tl.constexpr, FAST: tl.constexpr):
         return tl.exp(dl * a_row[:, None])
     else:
         return exp2(dl * a_row[:, None], FAST)
-
-
-@triton.jit
-def seq_bwd_kernel(
-    u_ptr,
-    delta_ptr,
-    A_ptr,
-    B_ptr,
-    C_ptr,
-    D_ptr,
-    z_ptr,
-    bias_ptr,
-    states_ptr,
-    stash_ptr,
-    gq_ptr,
-    dout_ptr,
-    du_ptr,
-    ddelta_ptr,
-    dz_ptr,
-    dB_ptr,
-    dC_ptr,
-    dA_ptr,
-    dD_part_ptr,
-    dbias_part_ptr,
-    DIM,
-    L,
-    N,
-    N_CHUNKS,
-    CH_PER_GROUP,
-    stride_bb,
-    stride_bg,
-    stride_bn,
-    stride_cb,
-    stride_cg,
-    stride_cn,
-    stride_dbb,
-    stride_dbg,
-    stride_dbn,
-    stride_dcb,
-    stride_dcg,
-    stride_dcn,
-    BD: tl.constexpr,
-    BT: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    R: tl.constexpr,
-    HALVE: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    FAST: tl.constexpr,
-    KEEP_GZ: tl.constexpr,
-    INTERP: tl.constexpr,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    FP64: tl.constexpr,
-):
-    """u, delta, z, dout, du, ddelta, dz ``[B, D, L]``; states ``[B, N_CHUNKS + 1, N, D]``; stash ``[B, J - 1, N, D]``;
-    gq ``[B, N, D]`` (in: d(last state), out: d(initial state)); dA ``[B, N, D]`` (zeroed); dB, dC ``[B, G, N, L]``
-    float (zeroed); dD_part, dbias_part ``[B, D]``."""
-    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
-    J: tl.constexpr = BLOCK_L // BT
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    # channel of tile row k: thread k % (BD / R) holds rows k, k + BD / R, ..., given consecutive channels here, so
-    # that [BD] vectors loaded on their own (A, carried states) get the tiles' row layout without a conversion
-    kk = tl.arange(0, BD)
-    d = pid_d * BD + (kk % (BD // R)) * R + kk // (BD // R)
-    grp = (pid_d * BD) // CH_PER_GROUP
-    tt = tl.arange(0, BT)
-    row = (b * DIM + d).to(tl.int64) * L  # [BD] offsets of each channel's sequence
-    first = (tt == 0)[None, :]
-    ND = N * DIM
-    dD_acc = tl.zeros([BD], dtype=CT)
-    dbias_acc = tl.zeros([BD], dtype=CT)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d).to(CT)
-    B_base = B_ptr + b * stride_bb + grp * stride_bg
-    C_base = C_ptr + b * stride_cb + grp * stride_cg
-    dB_base = dB_ptr + b * stride_dbb + grp * stride_dbg
-    dC_base = dC_ptr + b * stride_dcb + grp * stride_dcg
-    A_row = A_ptr + d * N
-    gq_row = gq_ptr + b * ND + d
-    dA_row = dA_ptr + b * ND + d
-    stash_row = stash_ptr + b * (J - 1) * ND + d  # sub-chunk j >= 1 at + (j - 1) * ND
-    for ci in range(0, N_CHUNKS):
-        c = N_CHUNKS - 1 - ci
-        st_row = states_ptr + (b * (N_CHUNKS + 1) + c) * ND + d
-        # pass 1: states entering sub-chunks 1 .. J-1 of this block
-        for j in range(0, J - 1):
-            t = c * BLOCK_L + j * BT + tt
-            tmask = t < L
-            mask = tmask[None, :]
-            offs = row[:, None] + t[None, :]
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
-            dl = _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, FP64, FAST, False)
-            dlu = dl * u
-            src = tl.where(j == 0, st_row, stash_row + (j - 1) * ND)
-            dst = stash_row + j * ND
-            nx = _loads1(A_row, B_base, src, t, tmask, 0, DIM, stride_bn)
-            for n in range(0, N):
-                if PREFETCH:  # this state's operands came one iteration ahead; start the next state's loads now
-                    a_row, Bn, h_in = nx
-                    nx = _loads1(A_row, B_base, src, t, tmask, tl.minimum(n + 1, N - 1), DIM, stride_bn)
-                else:
-                    a_row, Bn, h_in = _loads1(A_row, B_base, src, t, tmask, n, DIM, stride_bn)
-                a_row = a_row.to(CT)
-                if not FP64:
-                    a_row = a_row * LOG2E
-                Bn = Bn.to(CT)[None, :]
-                h_in = h_in.to(CT)
-                a = _decay2(dl, a_row, FP64, FAST)
-                bb = dlu * Bn + tl.where(first, a * h_in[:, None], 0.0)
-                _, h = tl.associative_scan((a, bb), 1, _scan_combine)
-                tl.store(dst + n * DIM, tl.reduce(h, 1, _keep_last).to(stash_ptr.dtype.element_ty))
-        # pass 2: sub-chunks in reverse
-        for jj in range(0, J):
-            j = J - 1 - jj
-            t0 = c * BLOCK_L + j * BT
-            t = t0 + tt
-            tmask = t < L
-            mask = tmask[None, :]
-            offs = row[:, None] + t[None, :]
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
-            dl = _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, FP64, FAST, False)
-            dlu = dl * u
-            dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
-            if HAS_Z:
-                zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-                sz = sigmoid(zz, FAST)
-                if KEEP_GZ:  # dz = gz * y: one more live tile instead of reloading dout and z after the state loop
-                    gz = dy * sz * (1.0 + zz * (1.0 - sz))
-                dy = dy * zz * sz
-            src = tl.where(j == 0, st_row, stash_row + (j - 1) * ND)
-            y = tl.zeros([BD, BT], dtype=CT)
-            sgB = tl.zeros([BD, BT], dtype=CT)
-            sgAh = tl.zeros([BD, BT], dtype=CT)
-            nx = _loads2(A_row, B_base, C_base, src, gq_row, dA_row, t, tmask, 0, DIM, stride_bn, stride_cn)
-            for n in range(0, N):
-                if PREFETCH:
-                    a_nat, Bn, Cn, h_in, q_in, dA_in = nx
-                    nx = _loads2(
-                        A_row, B_base, C_base, src, gq_row, dA_row, t, tmask, tl.minimum(n + 1, N - 1), DIM,
-                        stride_bn, stride_cn,
-                    )  # fmt: skip
-                else:
-                    a_nat, Bn, Cn, h_in, q_in, dA_in = _loads2(
-                        A_row, B_base, C_base, src, gq_row, dA_row, t, tmask, n, DIM, stride_bn, stride_cn
-                    )
-                a_nat = a_nat.to(CT)
-                a_row = a_nat
-                if not FP64:
-                    a_row = a_nat * LOG2E
-                Bn = Bn.to(CT)[None, :]
-                Cn = Cn.to(CT)[None, :]
-                h_in = h_in.to(CT)
-                q_in = q_in.to(CT)
-                a = _decay2(dl, a_row, FP64, FAST)
-                bb = dlu * Bn
-                _, h = tl.associative_scan((a, bb + tl.where(first, a * h_in[:, None], 0.0)), 1, _scan_combine)
-                y += h * Cn
-                g, q_out = _rev_adjoint(a, dy * Cn, q_in, BD, BT)
-                tl.store(gq_row + n * DIM, q_out.to(gq_ptr.dtype.element_ty))
-                p = g * (h - bb)  # g a_t h_{t-1}
-                sgAh += p * a_nat[:, None]
-                sgB += g * Bn
-                dA_n = dA_in + tl.sum(p * dl, 1)
-                tl.store(dA_row + n * DIM, dA_n)
-                if HALVE:
-                    _add_db_dc(
-                        g * dlu, dy * h, dB_base + n * stride_dbn, dC_base + n * stride_dcn, t0, L, BD, BT, R, INTERP
-                    )
-                else:
-                    tl.atomic_add(dB_base + n * stride_dbn + t, tl.sum(g * dlu, 0), mask=tmask, sem="relaxed")
-                    tl.atomic_add(dC_base + n * stride_dcn + t, tl.sum(dy * h, 0), mask=tmask, sem="relaxed")
-            # u, dout, z and the pre-softplus delta are reloaded (from cache) rather than kept live across the state loop
-            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(CT)
-            du = dl * sgB
-            ddl = u * sgB + sgAh
-            if HAS_D:
-                y += Dv[:, None] * u
-                du += Dv[:, None] * dy
-                dD_acc += tl.sum(dy * u, 1)
-            if HAS_Z:
-                if KEEP_GZ:
-                    dz = gz * y
-                else:
-                    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(CT)
-                    zz = tl.load(z_ptr + offs, mask=mask, other=0.0).to(CT)
-                    sz = sigmoid(zz, FAST)
-                    dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
-                tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-            if SOFTPLUS:
-                ddl = ddl * _load_dl(delta_ptr, bias_ptr, offs, d, mask, HAS_BIAS, SOFTPLUS, FP64, FAST, True)
-            ddl = tl.where(mask, ddl, 0.0)
-            dbias_acc += tl.sum(ddl, 1)
-            tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
-            tl.store(ddelta_ptr + offs, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask)
-    part = b * DIM + d
-    tl.store(dD_part_ptr + part, dD_acc.to(dD_part_ptr.dtype.element_ty))
-    tl.store(dbias_part_ptr + part, dbias_acc.to(dbias_part_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -573,9 +344,12 @@ def seq_bwd_so_kernel(
     """State-outer order: per block of BLOCK_L steps (reverse order) the block's tiles (J = BLOCK_L / BT sub-tiles
     [BD, BT], held in tuples) are loaded once; then per state n: h forward over the block from ``states[c]`` (kept in
     registers), the adjoint in reverse from the carried q[n], accumulating y, sgB, sgAh for the whole block; q, dA
-    are touched once per (block, state). Buffers as ``seq_bwd_kernel`` (no stash), with a leading segment axis on
-    gq, dA ``[S, B, N, D]`` and dD_part, dbias_part ``[S, B, D]``: with SEGMENTED, grid axis 2 splits the blocks into
-    S segments of SEG_BLOCKS, each started from its own carry gq[s] (``seq_bwd_carry_kernel``)."""
+    are touched once per (block, state).
+
+    u, delta, z, dout, du, ddelta, dz ``[B, D, L]``; states ``[B, N_CHUNKS + 1, N, D]``; gq ``[S, B, N, D]`` (in:
+    the adjoint carried into each segment's end, out: d(state entering it)); dA ``[S, B, N, D]`` (zeroed); dB, dC
+    ``[B, G, N, L]`` float (zeroed); dD_part, dbias_part ``[S, B, D]``. With SEGMENTED, grid axis 2 splits the blocks
+    into S segments of SEG_BLOCKS, each started from its own carry gq[s] (``seq_bwd_carry_kernel``); else S = 1."""
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     J: tl.constexpr = BLOCK_L // BT
     pid_d = tl.program_id(0)
@@ -852,8 +626,7 @@ def seq_bwd(
     prefetch: int = 1,
     maxnreg: int = 0,
     fast: int = 1,
-    keep_gz: int | None = None,
-    order: int | None = None,
+    keep_gz: int = 0,
     bc_f32: int = 0,
     pf_next: int = 0,
     segments: int = 1,
@@ -867,17 +640,15 @@ def seq_bwd(
     thread holds, bd / (32 num_warps) by default (only the order of channels within a block depends on it).
     reduce_mode: 1 sums dB / dC over channels by recursive halving across lanes (where bd / rows_per_thread is a
     multiple of 32 and not float64 on the GPU), 0 by tl.sum. prefetch: 1 loads each state's operands one iteration
-    of the state loop ahead (order 1: 2 prefetches only the [BD] rows, the B / C rows load at the top of the
+    of the state loop ahead (2: only the [BD] rows, the B / C rows load at the top of the
     state's iteration). maxnreg: a register cap for the compiler (0: none; GPU only). fast: 1 uses
     approximate PTX ex2 / rcp (float32 on the GPU; the interpreter runs tl.exp2 / tl.sigmoid). In float32 softplus
     is a polynomial (one exp, no log or division) either way; float64 keeps the exact forms. keep_gz: 1 keeps
-    dout silu'(z) live across the state loop (dz = it * y) instead of reloading dout and z after it (default: 1 for
-    order 0, 0 for order 1). order: 1 runs the state-outer kernel (per block: states outer, the whole block's h and
-    adjoint per state in registers; no pass 1, no stash), 0 the sub-chunk-outer kernel; None: 1 where the block's
-    tiles fit the registers (block_l * rows_per_thread <= 16: without spills on sm_90), else 0.
+    dout silu'(z) live across the state loop (dz = it * y) instead of reloading dout and z after it. The block's
+    tiles fit the registers without spills on sm_90 where block_l * rows_per_thread <= 16.
     bc_f32: 1 passes float32 copies of B and C to the kernel (no bf16 unpacking in the state loop; twice the bytes).
-    pf_next: 1 (state-outer kernel, GPU only) prefetches the next block's rows of u, delta, dout and z into L1
-    (H100: 13.4 ms fwd+bwd against 12.7 without, so off by default). segments: the state-outer kernel splits the
+    pf_next: 1 (GPU only) prefetches the next block's rows of u, delta, dout and z into L1
+    (H100: 13.4 ms fwd+bwd against 12.7 without, so off by default). segments: the kernel splits the
     blocks into this many segments run in parallel (more programs for few long sequences), each started from the
     adjoint carried in from the segment after it (``segment_carries``: a light reverse pass over segments 1 .. S - 1
     first)."""
@@ -890,7 +661,6 @@ def seq_bwd(
         raise ValueError(f"seq_bwd: block_l {block_l} must be a multiple of bt {bt} and match states ({nc} blocks)")
     if (dim // groups) % bd:
         raise ValueError(f"seq_bwd: bd {bd} must divide the {dim // groups} channels of a group")
-    jsub = block_l // bt
     rows = rows_per_thread or max(1, bd // (32 * num_warps))
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1" or not u.is_cuda
     # dB / dC by recursive halving: warps of 32 full rows; float32 only on the GPU (32-bit shuffles). The shuffles
@@ -904,12 +674,8 @@ def seq_bwd(
     if bd % rows:
         raise ValueError(f"seq_bwd: rows_per_thread {rows} must divide bd {bd}")
     dout = dout.contiguous()
-    if order is None:
-        order = int(block_l * rows <= 16)
     seg_blocks = triton.cdiv(nc, max(1, segments))
     n_seg = triton.cdiv(nc, seg_blocks)
-    if n_seg > 1 and order != 1:
-        raise ValueError("seq_bwd: segments > 1 needs the state-outer kernel (order 1)")
     buf = bwd_buffers(u, delta, z, B, C, n, segments=n_seg)
     carry_bd = 32
     while (dim // groups) % carry_bd:
@@ -918,54 +684,11 @@ def seq_bwd(
     gq = segment_carries(
         u, delta, A, C, z, delta_bias, dout, dlast, delta_softplus, seg_blocks * block_l, n_seg, carry_bd, bt, fast_math
     )
-    if keep_gz is None:
-        keep_gz = int(order == 0)
-    dummy = u
     b_dtype, c_dtype = B.dtype, C.dtype
     if bc_f32 and sd == torch.float32:  # [B, G, N, L] is small: float32 copies save the per-state bf16 unpacking
         B, C = B.float(), C.float()
-    if order == 1:
-        kernel, scratch = seq_bwd_so_kernel, ()
-    else:
-        kernel, scratch = seq_bwd_kernel, (torch.empty(bsz, max(jsub - 1, 1), n, dim, device=u.device, dtype=sd),)
-    kernel[(dim // bd, bsz, n_seg)](
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D if D is not None else dummy,
-        z if z is not None else dummy,
-        delta_bias if delta_bias is not None else dummy,
-        states,
-        *scratch,
-        gq,
-        dout,
-        buf.du,
-        buf.ddelta,
-        buf.dz if z is not None else dummy,
-        buf.dB,
-        buf.dC,
-        buf.dA_part,
-        buf.dD_part,
-        buf.dbias_part,
-        dim,
-        length,
-        n,
-        nc,
-        dim // groups,
-        B.stride(0),
-        B.stride(1),
-        B.stride(2),
-        C.stride(0),
-        C.stride(1),
-        C.stride(2),
-        buf.dB.stride(0),
-        buf.dB.stride(1),
-        buf.dB.stride(2),
-        buf.dC.stride(0),
-        buf.dC.stride(1),
-        buf.dC.stride(2),
+    seq_bwd_so_kernel[(dim // bd, bsz, n_seg)](
+        *bwd_launch_args(u, delta, A, B, C, D, z, delta_bias, states, gq, dout, buf),
         BD=bd,
         BT=bt,
         BLOCK_L=block_l,
@@ -982,11 +705,9 @@ def seq_bwd(
         FP64=sd == torch.float64,
         num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg and not interp else {}),
-        **(
-            {"PF_NEXT": int(pf_next and not interp), "SEG_BLOCKS": seg_blocks, "SEGMENTED": int(n_seg > 1)}
-            if kernel is seq_bwd_so_kernel
-            else {}
-        ),
+        PF_NEXT=int(pf_next and not interp),
+        SEG_BLOCKS=seg_blocks,
+        SEGMENTED=int(n_seg > 1),
     )
     dh0 = gq[0].transpose(1, 2).contiguous()  # a_0 g_0 of the first segment
     return bwd_outputs(buf, u, A, b_dtype, c_dtype, D, delta_bias, dh0)
@@ -1009,21 +730,15 @@ def _gpu_main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument(
         "--configs",
-        default="16,8,32,1;16,8,32,1,0,1,2;16,8,32,1,0,1,0,1,0,1;16,8,32,1,0,1,1,1,1;16,8,64,2;o0:32,8,32,1",
-        help="';'-separated [oK:]block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz[,bc_f32"
-        "[,pf_next[,segments]]]]]]]]; "
-        "oK: the kernel's loop order (o1 states outer within a block, o0 sub-chunks outer; default o1)",
+        default="16,8,64,2,0,1,2;16,8,32,1,0,1,2;16,8,64,2,0,0,2;16,8,64,2,0,1,1",
+        help="';'-separated block_l,bt,bd,num_warps[,maxnreg[,reduce_mode[,prefetch[,fast[,keep_gz[,bc_f32"
+        "[,pf_next[,segments]]]]]]]]",
     )
     ap.add_argument("--shape", default="32,2048,4096,16", help="timing shape B,T,D,N (bf16, one group)")
     ap.add_argument("--check-shape", default="2,300,512,16", help="check shape B,T,D,N (two groups)")
     ap.add_argument("--fp64", default="first", choices=("first", "all"), help="configs also checked in float64")
     args = ap.parse_args()
-    specs = [c for c in args.configs.split(";") if c]
-    orders = [int(c[1 : c.index(":")]) if c.startswith("o") else 1 for c in specs]
-    cfgs = [[int(x) for x in c.split(":")[-1].split(",")] for c in specs]
-
-    def order_of(c):
-        return orders[next(i for i, x in enumerate(cfgs) if x is c)]
+    cfgs = [[int(x) for x in c.split(",")] for c in args.configs.split(";") if c]
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run under TRITON_INTERPRET=1
 
@@ -1062,7 +777,6 @@ def _gpu_main() -> None:
         kw = dict(
             zip(("maxnreg", "reduce_mode", "prefetch", "fast", "keep_gz", "bc_f32", "pf_next", "segments"), c[4:])
         )
-        kw["order"] = order_of(c)
         args5 = [ins[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
         return seq_bwd(*args5, states, dout, dlast, True, c[0], c[1], c[2], c[3], **kw)
 
@@ -1090,14 +804,13 @@ def _gpu_main() -> None:
         got32 = v3(ck32, st64.float(), dout.float(), dlast.float(), c)
         entry = {
             "config": c,
-            "order": order_of(c),
             "fp32_vs_v2_fp64": {k: rel(a, b) for k, a, b in zip(names, got32, ref)},
         }
         if args.fp64 == "all" or c is cfgs[0]:  # v3 itself in float64 (tl.sum channel sums, exact exp / softplus)
             got64 = v3(ck, st64, dout, dlast, c)
             entry["fp64_vs_v2"] = {k: rel(a, b) for k, a, b in zip(names, got64, ref)}
         res["check"].append(entry)
-        print("check", order_of(c), c, max(res["check"][-1]["fp32_vs_v2_fp64"].values()), flush=True)
+        print("check", c, max(res["check"][-1]["fp32_vs_v2_fp64"].values()), flush=True)
     # timing, bf16
     bsz, length, dim, n = (int(x) for x in args.shape.split(","))
     ins = inputs(bsz, length, dim, n, 1, torch.bfloat16, seed=2)
@@ -1116,12 +829,10 @@ def _gpu_main() -> None:
             ms = bench(lambda st=st, c=c: v3(ins, st, dout, dlast, c))
         except Exception as e:  # a config that does not compile must not end the sweep
             ms = None
-            res["time"].append({"kernel": "v3", "config": c, "order": order_of(c), "error": repr(e)[:500]})
+            res["time"].append({"kernel": "v3", "config": c, "error": repr(e)[:500]})
         else:
-            res["time"].append(
-                {"kernel": "v3", "config": c, "order": order_of(c), "ms": ms, "wall_s": time.time() - t0}
-            )
-        print("v3", order_of(c), c, ms, flush=True)
+            res["time"].append({"kernel": "v3", "config": c, "ms": ms, "wall_s": time.time() - t0})
+        print("v3", c, ms, flush=True)
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(args.out) / "seq-bwd.json").write_text(json.dumps(res, indent=1))
 
