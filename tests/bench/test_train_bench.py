@@ -211,8 +211,10 @@ def test_device_gaps_measure_idle_time_between_kernels() -> None:
     def ev(name, start, end, dev=cuda):
         return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(start=start, end=end))
 
-    # kernels (us): a [0, 100], b [50, 150] overlaps a, c [400, 500], d [510, 600]; a host op in the gap is ignored
+    # kernels (us): a [0, 100], b [50, 150] overlaps a, c [400, 500], d [510, 600]; a host op in the gap is ignored,
+    # and so is a device-side annotation that spans kernels and the gaps between them
     events = [ev("c", 400, 500), ev("a", 0, 100), ev("host", 150, 400, cpu), ev("b", 50, 150), ev("d", 510, 600)]
+    events.append(ev("## Call CompiledFxGraph f0 ##", 0, 600))
     gaps = _device_gaps(SimpleNamespace(events=lambda: events), min_us=20.0)
     assert gaps["span_ms"] == pytest.approx(0.6)
     assert gaps["busy_ms"] == pytest.approx(0.34)  # [0, 150] + [400, 500] + [510, 600]

@@ -80,3 +80,44 @@ def test_registry_builds_every_letter_from_its_sub_config():
     assert mixer_kwargs("M", cfg) == dataclasses.asdict(cfg.mamba2)
     with pytest.raises(ValueError, match="allowed"):
         build_mixer("X", cfg)
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_fused_add_and_norm_equals_add_then_norm_under_autocast(weight_grad):
+    """``RMSNorm.add_forward`` (the MLP norm taking the mixer's residual add) against the add and the norm apart,
+    under bf16 autocast where the lean path runs: the same values and gradients for x, h and the weight."""
+    from mixlab.layers import RMSNorm
+
+    torch.manual_seed(5)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm.weight.requires_grad_(weight_grad)
+    x0, h0 = torch.randn(2, 7, 16), torch.randn(2, 7, 16).bfloat16()
+    gu, gx = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    results = []
+    for fused in (True, False):
+        x, h = x0.clone().requires_grad_(), h0.clone().requires_grad_()
+        norm.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                u, xn = norm.add_forward(x, h, out_dtype=torch.bfloat16)
+            else:
+                xn = x + h.to(x.dtype)
+                u = norm(xn, out_dtype=torch.bfloat16)
+        ((u.float() * gu).sum() + (xn * gx).sum()).backward()
+        results.append((u, xn, x.grad, h.grad, norm.weight.grad))
+    for a, b in zip(*results):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert results[0][1].dtype == torch.float32 and results[0][3].dtype == torch.bfloat16
+
+
+def test_add_forward_rejects_a_branch_of_another_shape():
+    from mixlab.layers import RMSNorm
+
+    with pytest.raises(ValueError, match="h must have x's shape"):
+        RMSNorm(16).add_forward(torch.randn(2, 3, 16), torch.randn(2, 3, 8))

@@ -105,14 +105,106 @@ def test_backward_into_slices_of_a_wider_buffer():
     from mixlab.ops.norm_triton import gated_rms_norm_bwd, gated_rms_norm_bwd_into, gated_rms_norm_fwd
 
     torch.manual_seed(3)
-    x, z, dy = (torch.randn(37, 24, dtype=torch.float64) for _ in range(3))
-    w = torch.rand(24, dtype=torch.float64) + 0.5
+    x, z, dy = (torch.randn(37, 24, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    w = torch.rand(24, dtype=torch.float64, device=DEVICE) + 0.5
     _, rstd = gated_rms_norm_fwd(x, z, w, 1e-5, 8, False)
     dx, dz, dw = gated_rms_norm_bwd(x, z, w, rstd, dy, 8, False)
-    buf = torch.full((37, 60), 7.0, dtype=torch.float64)
+    buf = torch.full((37, 60), 7.0, dtype=torch.float64, device=DEVICE)
     dw2 = gated_rms_norm_bwd_into(x, z, w, rstd, dy, 8, False, buf[:, 30:54], buf[:, 2:26])
     assert torch.equal(buf[:, 30:54], dx) and torch.equal(buf[:, 2:26], dz) and torch.equal(dw2, dw)
     rest = torch.cat([buf[:, :2], buf[:, 26:30], buf[:, 54:]], 1)
     assert (rest == 7.0).all()
     with pytest.raises(ValueError, match="unit column stride"):
         gated_rms_norm_bwd_into(x, z, w, rstd, dy, 8, False, buf[:, 30:54], buf[:, 2:50:2])
+
+
+def _lean_reference(x, h, w, eps):
+    """``(y, x_new)`` of the residual add and RMSNorm in float64."""
+    x_new = x.double() + h.double() if h is not None else x.double()
+    y = x_new / torch.sqrt(x_new.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    return y, x_new
+
+
+@pytest.mark.parametrize("with_h", [True, False])
+def test_lean_norm_matches_float64_reference(with_h):
+    """rms_norm_lean_fwd / _bwd in float64: y, x_new, the saved copy, and dx (norm + residual), dh, dweight."""
+    from mixlab.ops.norm_triton import rms_norm_lean_bwd, rms_norm_lean_fwd
+
+    g = torch.Generator().manual_seed(11)
+    x, w = _rand(g, 19, 24), _rand(g, 24)  # 19 rows: a partial row block
+    h = _rand(g, 19, 24) if with_h else None
+    y, x_new, xs, rstd = rms_norm_lean_fwd(x, h, w, 1e-6, torch.float64, torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, h, w) if t is not None]
+    y_ref, xn_ref = _lean_reference(leaves[0], leaves[1] if with_h else None, leaves[-1], 1e-6)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(xs, xn_ref, atol=0, rtol=0)
+    if with_h:
+        assert torch.equal(x_new, x + h)
+    else:
+        assert x_new.numel() == 0
+    dy, dres = _rand(g, 19, 24), _rand(g, 19, 24)
+    loss = (y_ref * dy).sum() + ((xn_ref * dres).sum() if with_h else 0)
+    grads_ref = torch.autograd.grad(loss, leaves)
+    dx, dh, dw = rms_norm_lean_bwd(
+        xs, w, rstd, dy, dres if with_h else None, torch.float64, torch.float64 if with_h else None
+    )
+    torch.testing.assert_close(dx, grads_ref[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(dw, grads_ref[-1], atol=1e-12, rtol=1e-12)
+    if with_h:
+        torch.testing.assert_close(dh, grads_ref[1], atol=1e-12, rtol=1e-12)
+    else:
+        assert dh.numel() == 0
+
+
+def test_lean_norm_equals_the_unfused_kernels_in_bf16():
+    """One pass each way gives the values of the add, the norm kernel and the casts apart (float32 residual,
+    bf16 branch, output and saved copy): the sum exactly, the rest to the last bit of its dtype (a reduction
+    or a fused multiply-add may round apart)."""
+    from mixlab.ops.norm_triton import gated_rms_norm_bwd, gated_rms_norm_fwd, rms_norm_lean_bwd, rms_norm_lean_fwd
+
+    g = torch.Generator().manual_seed(12)
+    bf = torch.bfloat16
+    x, w = _rand(g, 21, 64, dtype=torch.float32), _rand(g, 64, dtype=torch.float32)
+    h, dy = _rand(g, 21, 64, dtype=bf), _rand(g, 21, 64, dtype=bf)
+    dres = _rand(g, 21, 64, dtype=torch.float32)
+    fp32_ulp = dict(atol=1e-6, rtol=2**-22)
+    bf16_ulp = dict(atol=1e-6, rtol=2**-7)  # also the interpreter, which truncates float32 -> bf16 in kernels
+    y, x_new, xs, rstd = rms_norm_lean_fwd(x, h, w, 1e-5, bf, bf)
+    xn = x + h.float()
+    y_ref, rstd_ref = gated_rms_norm_fwd(xn, None, w, 1e-5, 64, False)
+    assert torch.equal(x_new, xn)
+    torch.testing.assert_close(rstd.view(-1), rstd_ref.view(-1), **fp32_ulp)
+    torch.testing.assert_close(y, y_ref.to(bf), **bf16_ulp)
+    torch.testing.assert_close(xs, xn.to(bf), **bf16_ulp)
+    dx, dh, dw = rms_norm_lean_bwd(xs, w, rstd, dy, dres, torch.float32, bf)
+    dx_ref, _, dw_ref = gated_rms_norm_bwd(xs, None, w, rstd, dy, 64, False, torch.float32)
+    torch.testing.assert_close(dx, dx_ref + dres, **fp32_ulp)
+    torch.testing.assert_close(dw, dw_ref, **fp32_ulp)
+    torch.testing.assert_close(dh, (dx_ref + dres).to(bf), **bf16_ulp)
+
+
+@pytest.mark.parametrize("with_h", [True, False])
+def test_lean_norm_module_path_triton_matches_torch(with_h):
+    """The autograd function behind ``RMSNorm`` under autocast: the Triton path against the PyTorch one."""
+    from mixlab.layers.norm import _LeanRMSNorm
+
+    g = torch.Generator().manual_seed(13)
+    bf = torch.bfloat16
+    x, w = _rand(g, 2, 9, 32, dtype=torch.float32), _rand(g, 32, dtype=torch.float32)
+    h = _rand(g, 2, 9, 32, dtype=bf) if with_h else None
+    gy, gx = _rand(g, 2, 9, 32), _rand(g, 2, 9, 32)
+    outs, grads = [], []
+    for triton in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, h, w) if t is not None]
+        out = _LeanRMSNorm.apply(leaves[0], leaves[1] if with_h else None, leaves[-1], 1e-5, bf, bf, triton)
+        out = out if with_h else (out,)
+        loss = (out[0].double() * gy).sum() + ((out[1].double() * gx).sum() if with_h else 0)
+        outs.append(out)
+        grads.append(torch.autograd.grad(loss, leaves))
+    # bf16 outputs and saved copy: one ulp apart where sums or casts round apart (the interpreter truncates)
+    for a, b in zip(outs[0], outs[1]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+    for a, b in zip(grads[0], grads[1]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-2, rtol=2e-2)

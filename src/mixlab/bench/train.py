@@ -389,13 +389,15 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
 
 def _device_gaps(prof: Any, top: int = 12, min_us: float = 20.0) -> dict[str, Any]:
     """Where the device sat idle during the profiled step: ``span_ms`` (first kernel start to last kernel end),
-    ``busy_ms`` (the union of kernel intervals), ``idle_ms`` and ``gaps`` (the longest idle intervals of at least
-    ``min_us``: [ms, kernel before, kernel after]). Idle time inside a step is host-bound time (a sync, Python
-    work before the next launch) that no kernel change can remove."""
+    ``busy_ms`` (the union of kernel intervals), ``idle_ms`` (all idle time), ``idle_gaps_ms`` and ``gaps`` (the
+    idle intervals of at least ``min_us``: their sum, the longest as [ms, kernel before, kernel after]). Long gaps
+    are host-bound time (a sync, Python work before the next launch) that no kernel change can remove; the rest
+    of ``idle_ms`` is the few microseconds between consecutive kernels, which grows with their number."""
     spans = sorted(
         (e.time_range.start, e.time_range.end, e.name)
         for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+        # not the user annotations ("## Call CompiledFxGraph … ##"): they span kernels and the gaps between them
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start and "#" not in e.name
     )
     if not spans:
         return {}

@@ -24,7 +24,8 @@ class Block(nn.Module):
     parameter dtype, or under autocast to the autocast dtype (once: every projection would cast it
     anyway, and each would save its own copy), and its output is added back in the residual dtype.
     The norms then save their float32 input for backward as a bf16 copy (see ``RMSNorm``), so the
-    float32 stream costs no activation memory.
+    float32 stream costs no activation memory; the MLP's norm takes the mixer's residual add into its pass
+    (``RMSNorm.add_forward``).
     """
 
     def __init__(
@@ -52,7 +53,7 @@ class Block(nn.Module):
         compute_dtype = _autocast_dtype(x) or self.norm.weight.dtype
         h = self.norm(x, out_dtype=compute_dtype)
         h = self.mixer(h) if cache is None else self.mixer(h, cache=cache)
-        x = x + h.to(x.dtype)
-        if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x, out_dtype=compute_dtype)).to(x.dtype)
-        return x
+        if self.mlp is None:
+            return x + h.to(x.dtype)
+        u, x = self.mlp_norm.add_forward(x, h, out_dtype=compute_dtype)  # x + h and its norm, in one pass
+        return x + self.mlp(u).to(x.dtype)

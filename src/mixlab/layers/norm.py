@@ -15,52 +15,64 @@ class _LeanRMSNorm(torch.autograd.Function):
     A float32 residual stream otherwise stays alive as every norm's saved input: 4 extra bytes per
     channel and norm. The forward is the op's (float32 statistics, output ``out_dtype``); only the
     backward reads the rounded ``x``, so gradients differ from the exact ones at bf16 rounding.
+
+    With ``h`` (a branch output) the residual add comes first: ``x_new = x + h`` (x's dtype) is normalised
+    and returned as well, ``(y, x_new)``; its backward adds x_new's gradient to the norm's, so the add costs
+    no pass of its own. The Triton path does each direction in one kernel (:func:`rms_norm_lean_fwd`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps, out_dtype, save_dtype, triton):  # type: ignore[override]
+    def forward(ctx, x, h, weight, eps, out_dtype, save_dtype, triton):  # type: ignore[override]
         shape, D = x.shape, x.shape[-1]
         x2 = x.reshape(-1, D)
+        h2 = h.reshape(-1, D) if h is not None else None
         with torch.autocast(x.device.type, enabled=False):
-            y, rstd = _LeanRMSNorm._fwd(x2, weight, eps, triton)
-        ctx.save_for_backward(x2.to(save_dtype), weight, rstd)
-        ctx.cfg = (shape, x.dtype, triton)
-        return y.to(out_dtype).reshape(shape)
+            if triton:
+                from ..ops.norm_triton import rms_norm_lean_fwd
+
+                y, x_new, xs, rstd = rms_norm_lean_fwd(
+                    x2.contiguous(), h2.contiguous() if h2 is not None else None, weight.contiguous(), float(eps),
+                    out_dtype, save_dtype,
+                )  # fmt: skip
+            else:
+                x_new = x2 + h2.to(x2.dtype) if h2 is not None else x2
+                acc = torch.promote_types(x2.dtype, torch.float32)
+                xf = x_new.to(acc)
+                rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+                y = (xf * rstd * weight.to(acc)).to(out_dtype)
+                xs = x_new.to(save_dtype)
+        ctx.save_for_backward(xs, weight, rstd)
+        ctx.cfg = (shape, x.dtype, h.dtype if h is not None else None, triton)
+        if h is None:
+            return y.reshape(shape)
+        return y.reshape(shape), x_new.reshape(shape)
 
     @staticmethod
-    def _fwd(x2, weight, eps, triton):
-        """``(y, rstd)`` of ``x2 [M, D]`` in float32 (float64 for float64)."""
-        if triton:
-            from ..ops.norm_triton import gated_rms_norm_fwd
-
-            y, rstd = gated_rms_norm_fwd(x2.contiguous(), None, weight.contiguous(), float(eps), x2.shape[-1], False)
-        else:
-            acc = torch.promote_types(x2.dtype, torch.float32)
-            xf = x2.to(acc)
-            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            y = xf * rstd * weight.to(acc)
-        return y, rstd
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, dy, dres=None):  # type: ignore[override]
         xs, weight, rstd = ctx.saved_tensors
-        shape, x_dtype, triton = ctx.cfg
+        shape, x_dtype, h_dtype, triton = ctx.cfg
         D = shape[-1]
-        acc = rstd.dtype
+        dres = dres.reshape(-1, D) if dres is not None else None  # the gradient of x_new (with h)
         dy = dy.reshape(-1, D)
         if triton:
-            from ..ops.norm_triton import gated_rms_norm_bwd
+            from ..ops.norm_triton import rms_norm_lean_bwd
 
             # xs and dy as they are (the kernel widens them): a widened copy of xs in a compiled graph
             # lets the partitioner save that float32 copy (or the block's input) instead of xs
-            dx, _, dw = gated_rms_norm_bwd(xs, None, weight.contiguous(), rstd, dy, D, False, x_dtype)
+            dx, dh, dw = rms_norm_lean_bwd(xs, weight.contiguous(), rstd, dy, dres, x_dtype, h_dtype)
         else:
+            acc = rstd.dtype
             xhat = xs.to(acc) * rstd.reshape(-1, 1)
             dyf = dy.to(acc)
             dw = (dyf * xhat).sum(0).to(weight.dtype)
             g = dyf * weight.to(acc)
-            dx = (rstd.reshape(-1, 1) * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x_dtype)
-        return dx.reshape(shape), dw, None, None, None, None
+            dx = rstd.reshape(-1, 1) * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+            if dres is not None:
+                dx = dx + dres.to(acc)
+            dx = dx.to(x_dtype)
+            dh = dx.to(h_dtype) if h_dtype is not None else None
+        dh = dh.reshape(shape) if h_dtype is not None else None
+        return dx.reshape(shape), dh, dw, None, None, None, None
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -88,19 +100,39 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        amp = _autocast_dtype(x)
-        lean = (
-            amp is not None
-            and torch.is_grad_enabled()
-            and (x.requires_grad or self.weight.requires_grad)
-            and x.dtype == torch.float32
-            and amp.itemsize < x.dtype.itemsize
-        )
-        if not lean:
+        amp = self._lean_dtype(x)
+        if amp is None:
             y = rms_norm(x, self.weight, self.eps)
             return y if out_dtype is None else y.to(out_dtype)
-        triton = resolve_backend("auto", x) == "triton" and _fused_width_ok(x.shape[-1])
-        return _LeanRMSNorm.apply(x, self.weight, self.eps, out_dtype or x.dtype, amp, triton)
+        return _LeanRMSNorm.apply(x, None, self.weight, self.eps, out_dtype or x.dtype, amp, self._triton(x))
+
+    def add_forward(
+        self, x: torch.Tensor, h: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add, then the norm: ``(norm(x_new), x_new)`` with ``x_new = x + h.to(x.dtype)``.
+
+        x ``[..., D]`` (the residual stream), h a branch output of its shape. Under autocast both directions
+        run as one pass each (see :class:`_LeanRMSNorm`); the values are those of the add and the norm apart.
+        """
+        if h.shape != x.shape:
+            raise ValueError(f"RMSNorm.add_forward: h must have x's shape {list(x.shape)}, got {list(h.shape)}")
+        amp = self._lean_dtype(x, h)
+        if amp is None:
+            x = x + h.to(x.dtype)
+            return self(x, out_dtype), x
+        return _LeanRMSNorm.apply(x, h, self.weight, self.eps, out_dtype or x.dtype, amp, self._triton(x))
+
+    def _lean_dtype(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.dtype | None:
+        """The dtype to save x in for backward when the lean path applies (autocast, grad, float32 x), else None."""
+        amp = _autocast_dtype(x)
+        grad = x.requires_grad or self.weight.requires_grad or (h is not None and h.requires_grad)
+        if amp is None or not torch.is_grad_enabled() or not grad:
+            return None
+        return amp if x.dtype == torch.float32 and amp.itemsize < x.dtype.itemsize else None
+
+    @staticmethod
+    def _triton(x: torch.Tensor) -> bool:
+        return resolve_backend("auto", x) == "triton" and _fused_width_ok(x.shape[-1])
 
 
 def _fused_width_ok(d: int) -> bool:

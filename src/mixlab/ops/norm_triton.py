@@ -18,7 +18,7 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
-__all__ = ["gated_rms_norm_triton", "rms_norm_triton"]
+__all__ = ["gated_rms_norm_triton", "rms_norm_lean_bwd", "rms_norm_lean_fwd", "rms_norm_triton"]
 
 
 @triton.jit
@@ -28,6 +28,9 @@ def _norm_fwd_kernel(
     w_ptr,
     y_ptr,
     rstd_ptr,
+    h_ptr,
+    xo_ptr,
+    xs_ptr,
     M,
     D,
     NG,
@@ -39,6 +42,8 @@ def _norm_fwd_kernel(
     HAS_W: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr,
     FP64: tl.constexpr,
+    HAS_H: tl.constexpr = False,
+    STORE_XS: tl.constexpr = False,
 ):
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -48,6 +53,12 @@ def _norm_fwd_kernel(
     m = (rows < M)[:, None] & (j < GS)[None, :]
     offs = rows[:, None].to(tl.int64) * D + cols[None, :]
     a = tl.load(x_ptr + offs, mask=m, other=0.0).to(CT)
+    if HAS_H:  # residual add (x + h, in x's dtype), stored as the new residual
+        a = (a + tl.load(h_ptr + offs, mask=m, other=0.0).to(CT)).to(xo_ptr.dtype.element_ty)
+        tl.store(xo_ptr + offs, a, mask=m)
+        a = a.to(CT)
+    if STORE_XS:  # the normalised input in the backward's (narrower) dtype
+        tl.store(xs_ptr + offs, a.to(xs_ptr.dtype.element_ty), mask=m)
     if HAS_Z:
         z = tl.load(z_ptr + offs, mask=m, other=0.0).to(CT)
         gate = z * tl.sigmoid(z)
@@ -73,6 +84,8 @@ def _norm_bwd_kernel(
     dx_ptr,
     dz_ptr,
     dw_part_ptr,
+    dres_ptr,
+    dh_ptr,
     M,
     D,
     NG,
@@ -86,6 +99,8 @@ def _norm_bwd_kernel(
     HAS_W: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr,
     FP64: tl.constexpr,
+    HAS_DRES: tl.constexpr = False,
+    STORE_DH: tl.constexpr = False,
 ):
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
@@ -131,6 +146,10 @@ def _norm_bwd_kernel(
                 dx = da * gate
                 dz = da * x * dgate
             tl.store(dz_ptr + rows[:, None].to(tl.int64) * sdz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+        if HAS_DRES:  # the residual's own gradient, accumulated here instead of in a separate add
+            dx += tl.load(dres_ptr + offs, mask=m, other=0.0).to(CT)
+        if STORE_DH:  # the same gradient for the added branch, in its dtype
+            tl.store(dh_ptr + offs, dx.to(dh_ptr.dtype.element_ty), mask=m)
         tl.store(dx_ptr + rows[:, None].to(tl.int64) * sdx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
     if HAS_W:
         tl.store(dw_part_ptr + pid.to(tl.int64) * D + cols, dw_acc, mask=cmask)
@@ -158,6 +177,9 @@ def gated_rms_norm_fwd(
         weight if weight is not None else x,
         y,
         rstd,
+        x,
+        x,
+        x,
         M,
         D,
         ng,
@@ -211,9 +233,14 @@ def gated_rms_norm_bwd_into(
     norm_before_gate: bool,
     dx: Tensor,
     dz: Tensor,
+    dres: Tensor | None = None,
+    dh: Tensor | None = None,
 ) -> Tensor:
     """:func:`gated_rms_norm_bwd` writing dx and dz (``[M, D]``, any row stride, unit column stride: e.g. slices
-    of a wider gradient buffer) into given tensors; returns dweight (empty without weight)."""
+    of a wider gradient buffer) into given tensors; returns dweight (empty without weight).
+
+    Without z: ``dres`` ``[M, D]`` (contiguous) is added to dx, and ``dh`` ``[M, D]`` (contiguous) gets dx's
+    values in its own dtype (see :func:`rms_norm_lean_bwd`)."""
     M, D = x.shape
     ng = D // group_size
     gsp = triton.next_power_of_2(group_size)
@@ -222,6 +249,9 @@ def gated_rms_norm_bwd_into(
     for name, t in (("dx", dx), ("dz", dz)) if z is not None else (("dx", dx),):
         if t.shape != x.shape or t.stride(1) != 1:
             raise ValueError(f"gated_rms_norm_bwd_into: {name} must be {list(x.shape)} with unit column stride")
+    for name, t in (("dres", dres), ("dh", dh)):
+        if t is not None and (z is not None or t.shape != x.shape or not t.is_contiguous()):
+            raise ValueError(f"gated_rms_norm_bwd_into: {name} must be a contiguous {list(x.shape)}, and z None")
     n_blocks = triton.cdiv(M, bm)
     max_prog = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     n_prog = max(1, min(n_blocks, max(1, max_prog // ng)))
@@ -237,6 +267,8 @@ def gated_rms_norm_bwd_into(
         dx,
         dz if z is not None else x,
         dw_part,
+        dres if dres is not None else x,
+        dh if dh is not None else x,
         M,
         D,
         ng,
@@ -250,6 +282,8 @@ def gated_rms_norm_bwd_into(
         HAS_W=weight is not None,
         NORM_BEFORE_GATE=norm_before_gate,
         FP64=rstd.dtype == torch.float64,
+        HAS_DRES=dres is not None,
+        STORE_DH=dh is not None,
         num_warps=4 if gsp <= 1024 else 8,
     )
     return dw_part.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
@@ -262,6 +296,91 @@ def _(x, z, weight, rstd, dy, group_size, norm_before_gate, dx_dtype=None):
         torch.empty_like(z) if z is not None else x.new_empty(0),
         torch.empty_like(weight) if weight is not None else x.new_empty(0),
     )
+
+
+@torch.library.custom_op("mixlab::rms_norm_lean_fwd", mutates_args=())
+def rms_norm_lean_fwd(
+    x: Tensor, h: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype, save_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A block's RMSNorm of its residual stream in one pass: optional residual add, output and saved copy.
+
+    x ``[M, D]`` contiguous (the residual stream, float32), h ``[M, D]`` or None (a branch output, added
+    first: ``x_new = x + h`` in x's dtype), weight ``[D]``. Returns ``(y, x_new, x_save, rstd)``: y
+    ``[M, D]`` in ``out_dtype``; x_new ``[M, D]`` (empty without h); x_save ``[M, D]``, the normalised input
+    in ``save_dtype`` for the backward; rstd ``[M, 1]`` float32 (float64 for float64 x). The same values as
+    ``x + h.to(x.dtype)`` followed by :func:`gated_rms_norm_fwd` and two casts, without their round trips."""
+    M, D = x.shape
+    gsp = triton.next_power_of_2(D)
+    bm = _block_rows(gsp)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.empty_like(x, dtype=out_dtype)
+    x_new = torch.empty_like(x) if h is not None else x.new_empty(0)
+    x_save = torch.empty_like(x, dtype=save_dtype)
+    rstd = torch.empty(M, 1, device=x.device, dtype=acc)
+    _norm_fwd_kernel[(triton.cdiv(M, bm), 1)](
+        x,
+        x,
+        weight,
+        y,
+        rstd,
+        h if h is not None else x,
+        x_new if h is not None else x,
+        x_save,
+        M,
+        D,
+        1,
+        eps,
+        GS=D,
+        GSP=gsp,
+        BM=bm,
+        HAS_Z=False,
+        HAS_W=True,
+        NORM_BEFORE_GATE=False,
+        FP64=acc == torch.float64,
+        HAS_H=h is not None,
+        STORE_XS=True,
+        num_warps=4 if gsp <= 1024 else 8,
+    )
+    return y, x_new, x_save, rstd
+
+
+@rms_norm_lean_fwd.register_fake
+def _(x, h, weight, eps, out_dtype, save_dtype):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_new = torch.empty_like(x) if h is not None else x.new_empty(0)
+    return (
+        torch.empty_like(x, dtype=out_dtype),
+        x_new,
+        torch.empty_like(x, dtype=save_dtype),
+        x.new_empty(x.shape[0], 1, dtype=acc),
+    )
+
+
+@torch.library.custom_op("mixlab::rms_norm_lean_bwd", mutates_args=())
+def rms_norm_lean_bwd(
+    x_save: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    dy: Tensor,
+    dres: Tensor | None,
+    dx_dtype: torch.dtype,
+    dh_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of :func:`rms_norm_lean_fwd`: ``(dx, dh, dweight)``. dx ``[M, D]`` in ``dx_dtype`` is the norm's
+    input gradient plus ``dres`` (the gradient of x_new, or None); dh holds the same values in ``dh_dtype``
+    (empty when None: no h); the residual add's gradients cost no extra pass."""
+    M, D = x_save.shape
+    dx = torch.empty_like(x_save, dtype=dx_dtype)
+    dh = torch.empty_like(x_save, dtype=dh_dtype) if dh_dtype is not None else None
+    dres = dres.contiguous() if dres is not None else None
+    dw = gated_rms_norm_bwd_into(x_save, None, weight, rstd, dy, D, False, dx, x_save.new_empty(0), dres, dh)
+    return dx, dh if dh is not None else x_save.new_empty(0), dw
+
+
+@rms_norm_lean_bwd.register_fake
+def _(x_save, weight, rstd, dy, dres, dx_dtype, dh_dtype):
+    dh = torch.empty_like(x_save, dtype=dh_dtype) if dh_dtype is not None else x_save.new_empty(0)
+    return torch.empty_like(x_save, dtype=dx_dtype), dh, torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
