@@ -397,7 +397,9 @@ def _device_gaps(prof: Any, top: int = 12, min_us: float = 20.0) -> dict[str, An
         (e.time_range.start, e.time_range.end, e.name)
         for e in prof.events()
         # not the user annotations ("## Call CompiledFxGraph … ##"): they span kernels and the gaps between them
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start and "#" not in e.name
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and e.time_range.end > e.time_range.start
+        and "#" not in e.name
     )
     if not spans:
         return {}

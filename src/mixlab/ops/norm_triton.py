@@ -369,7 +369,7 @@ def rms_norm_lean_bwd(
     """Backward of :func:`rms_norm_lean_fwd`: ``(dx, dh, dweight)``. dx ``[M, D]`` in ``dx_dtype`` is the norm's
     input gradient plus ``dres`` (the gradient of x_new, or None); dh holds the same values in ``dh_dtype``
     (empty when None: no h); the residual add's gradients cost no extra pass."""
-    M, D = x_save.shape
+    D = x_save.shape[1]
     dx = torch.empty_like(x_save, dtype=dx_dtype)
     dh = torch.empty_like(x_save, dtype=dh_dtype) if dh_dtype is not None else None
     dres = dres.contiguous() if dres is not None else None
