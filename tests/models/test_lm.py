@@ -181,3 +181,46 @@ def test_mixer_inits_survive_the_model_init():
     assert torch.all(m2.A_log.exp() >= lo * 0.999) and torch.all(m2.A_log.exp() <= hi * 1.001)
     dt = nn.functional.softplus(m2.dt_bias.double())
     assert dt.min() >= cfg2.mamba2.dt_min * 0.999 and dt.max() <= cfg2.mamba2.dt_max * 1.001
+
+
+def _forward_adding_at_once(model, ids):
+    """forward_hidden as a plain loop: every block adds its own branches (no add left to the next norm)."""
+    x = model.embed(ids).float()
+    for block in model.layers:
+        x = block(x)
+    return model.norm_f(x).to(model.norm_f.weight.dtype)
+
+
+@pytest.mark.parametrize("checkpointed", ["none", "selective"])
+@pytest.mark.parametrize("arch", ["gated_deltanet", "mamba2"])
+def test_adds_left_to_the_next_norm_change_nothing(arch, checkpointed):
+    """Under bf16 autocast (the training path, where each norm takes the pending residual add into its pass) the
+    hidden states and every gradient equal those of adding at once; a checkpointed block gets no pending branch."""
+    from mixlab.train.parallel import apply_activation_checkpointing
+
+    cfg = get_preset(f"{arch}-tiny")
+    cfg.n_layers = 4
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    apply_activation_checkpointing(model, checkpointed)
+    got_branch = []
+    for block in model.layers:
+        block.register_forward_pre_hook(
+            lambda m, a, kw: got_branch.append(kw.get("branch") is not None), with_kwargs=True
+        )
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    gy = torch.randn(2, 12, cfg.d_model)
+    results = []
+    for forward in (model.forward_hidden, lambda ids: _forward_adding_at_once(model, ids)):
+        model.zero_grad(set_to_none=True)
+        got_branch.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = forward(ids)
+        (y.float() * gy).sum().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, list(got_branch)))
+    (y, grads, branches), (y_ref, grads_ref, _) = results
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], atol=1e-6, rtol=1e-5, msg=name)
+    expected = [i > 0 and not (checkpointed == "selective" and i % 2 == 0) for i in range(cfg.n_layers)]
+    assert branches == expected

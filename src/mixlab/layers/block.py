@@ -28,6 +28,10 @@ class Block(nn.Module):
     (``RMSNorm.add_forward``).
     """
 
+    #: set by :func:`~mixlab.train.parallel.apply_activation_checkpointing`: the block saves only its inputs,
+    #: and a pending branch output would be one more of them, so the block before it adds its own
+    activation_checkpointing: bool = False
+
     def __init__(
         self, d_model: int, mixer: Mixer, mlp_hidden: int = 0, norm_eps: float = 1e-5, device=None, dtype=None
     ) -> None:
@@ -48,12 +52,23 @@ class Block(nn.Module):
         """The dtype of the residual stream for parameters/activations of ``dtype`` (float32 at least)."""
         return torch.promote_types(dtype, torch.float32)
 
-    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        """``x [B, T, d_model]`` (residual stream) -> same shape and dtype; ``cache``: the mixer's decode cache."""
+    def forward(
+        self, x: torch.Tensor, cache: Any = None, branch: torch.Tensor | None = None, defer_add: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, T, d_model]`` (residual stream) -> same shape and dtype; ``cache``: the mixer's decode cache.
+
+        A stack of blocks can leave each residual add to the next norm, which does it in its own pass
+        (``RMSNorm.add_forward``): ``branch`` is the previous block's last branch output, not yet added to x;
+        ``defer_add=True`` returns ``(x, branch)`` with this block's last branch output likewise (see
+        :meth:`~mixlab.models.LanguageModel.forward_hidden`). The values are those of adding at once.
+        """
         compute_dtype = _autocast_dtype(x) or self.norm.weight.dtype
-        h = self.norm(x, out_dtype=compute_dtype)
+        if branch is None:
+            h = self.norm(x, out_dtype=compute_dtype)
+        else:
+            h, x = self.norm.add_forward(x, branch, out_dtype=compute_dtype)
         h = self.mixer(h) if cache is None else self.mixer(h, cache=cache)
-        if self.mlp is None:
-            return x + h.to(x.dtype)
-        u, x = self.mlp_norm.add_forward(x, h, out_dtype=compute_dtype)  # x + h and its norm, in one pass
-        return x + self.mlp(u).to(x.dtype)
+        if self.mlp is not None:
+            u, x = self.mlp_norm.add_forward(x, h, out_dtype=compute_dtype)  # x + h and its norm, in one pass
+            h = self.mlp(u)
+        return (x, h) if defer_add else x + h.to(x.dtype)

@@ -132,11 +132,19 @@ class LanguageModel(nn.Module):
             )
         x = self.embed(input_ids)
         x = x.to(Block.residual_dtype(x.dtype))
-        for i, block in enumerate(self.layers):
-            x = block(x, None if cache is None else cache.layers[i])
+        # Each block leaves its last residual add to the next norm (one pass for both, see Block.forward),
+        # except before a checkpointed block, which would have to save the pending branch as well.
+        branch = None
+        blocks = list(self.layers)
+        for i, block in enumerate(blocks):
+            defer = i + 1 == len(blocks) or not getattr(blocks[i + 1], "activation_checkpointing", False)
+            out = block(x, None if cache is None else cache.layers[i], branch=branch, defer_add=defer)
+            x, branch = out if defer else (out, None)
         if cache is not None:
             cache.position += input_ids.shape[1]
-        return self.norm_f(x).to(self.norm_f.weight.dtype)
+        if branch is None:
+            return self.norm_f(x).to(self.norm_f.weight.dtype)
+        return self.norm_f.add_forward(x, branch, out_dtype=self.norm_f.weight.dtype)[0]
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab_size]`` for ``input_ids [B, T]`` (continuing ``cache`` when given)."""

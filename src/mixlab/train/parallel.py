@@ -147,6 +147,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> int:
             return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
+        block.activation_checkpointing = True  # read by LanguageModel.forward_hidden
     return len(chosen)
 
 
