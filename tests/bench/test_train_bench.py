@@ -201,6 +201,14 @@ def test_kernel_classes() -> None:
     assert kernel_class("void at::native::vectorized_elementwise_kernel<4, ...>") != "mixlab triton"
 
 
+def test_annotations_are_told_from_kernels_with_a_hash_in_their_name() -> None:
+    from mixlab.bench.train import _is_annotation
+
+    assert _is_annotation("## Call CompiledFxGraph fabc ##") and _is_annotation("Optimizer.step#AdamW.step")
+    assert not _is_annotation("void at::native::elementwise_kernel<128, 4, {lambda(int)#1}>(int, {lambda(int)#1})")
+    assert not _is_annotation("_bwd_dqkwg_kernel")
+
+
 def test_device_gaps_measure_idle_time_between_kernels() -> None:
     from types import SimpleNamespace
 
@@ -215,9 +223,11 @@ def test_device_gaps_measure_idle_time_between_kernels() -> None:
     # and so is a device-side annotation that spans kernels and the gaps between them
     events = [ev("c", 400, 500), ev("a", 0, 100), ev("host", 150, 400, cpu), ev("b", 50, 150), ev("d", 510, 600)]
     events.append(ev("## Call CompiledFxGraph f0 ##", 0, 600))
+    lam = "void at::native::elementwise_kernel<128, 4, gpu_kernel_impl_nocast<{lambda(int)#1}>>(int, {lambda(int)#1})"
+    events.append(ev(lam, 200, 300))  # a kernel whose name has a '#': it fills part of the gap before c
     gaps = _device_gaps(SimpleNamespace(events=lambda: events), min_us=20.0)
     assert gaps["span_ms"] == pytest.approx(0.6)
-    assert gaps["busy_ms"] == pytest.approx(0.34)  # [0, 150] + [400, 500] + [510, 600]
-    assert gaps["idle_ms"] == pytest.approx(0.26)
-    assert gaps["idle_gaps_ms"] == pytest.approx(0.25)  # the 10 us gap before d is below min_us
-    assert gaps["gaps"] == [[pytest.approx(0.25), "b", "c"]]
+    assert gaps["busy_ms"] == pytest.approx(0.44)  # [0, 150] + [200, 300] + [400, 500] + [510, 600]
+    assert gaps["idle_ms"] == pytest.approx(0.16)
+    assert gaps["idle_gaps_ms"] == pytest.approx(0.15)  # the 10 us gap before d is below min_us
+    assert gaps["gaps"] == [[pytest.approx(0.1), lam[:80], "c"], [pytest.approx(0.05), "b", lam[:80]]]

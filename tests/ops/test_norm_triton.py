@@ -208,3 +208,25 @@ def test_lean_norm_module_path_triton_matches_torch(with_h):
     for a, b in zip(grads[0], grads[1]):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.double(), b.double(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_gate_read_in_place_from_a_wider_projection(norm_before_gate):
+    """z as a column slice of a wider buffer (Mamba2's zxbcdt): the same y and gradients as a contiguous copy."""
+    from mixlab.ops.norm_triton import gated_rms_norm_bwd, gated_rms_norm_fwd
+
+    g = torch.Generator().manual_seed(14)
+    x, w, dy = _rand(g, 19, 24), _rand(g, 24), _rand(g, 19, 24)
+    wide = _rand(g, 19, 40)
+    z = wide[:, 8:32]
+    assert z.stride() == (40, 1)
+    y, rstd = gated_rms_norm_fwd(x, z, w, 1e-5, 8, norm_before_gate)
+    y_ref, rstd_ref = gated_rms_norm_fwd(x, z.contiguous(), w, 1e-5, 8, norm_before_gate)
+    assert torch.equal(y, y_ref) and torch.equal(rstd, rstd_ref)
+    for a, b in zip(
+        gated_rms_norm_bwd(x, z, w, rstd, dy, 8, norm_before_gate),
+        gated_rms_norm_bwd(x, z.contiguous(), w, rstd, dy, 8, norm_before_gate),
+    ):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="unit column stride"):
+        gated_rms_norm_fwd(x, z.t().contiguous().t(), w, 1e-5, 8, False)  # [19, 24] with column stride 19

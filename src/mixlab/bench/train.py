@@ -358,7 +358,7 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
     for e in prof.key_averages():
         if cuda and e.device_type != torch.autograd.DeviceType.CUDA and e.self_cpu_time_total > 0:
             host[e.key] = [e.self_cpu_time_total / 1e3, e.count]
-        if "#" in e.key:  # user annotations (``Optimizer.step#AdamW.step``) span kernels counted on their own
+        if _is_annotation(e.key, e):  # they span kernels counted on their own
             continue
         if cuda:
             if e.device_type != torch.autograd.DeviceType.CUDA:
@@ -387,6 +387,15 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
     }
 
 
+def _is_annotation(name: str, event: Any = None) -> bool:
+    """Whether a profiler event is a user annotation (a ``record_function`` range such as ``## Call CompiledFxGraph
+    … ##`` or ``Optimizer.step#AdamW.step``), not a kernel or an operator. A ``#`` alone does not tell: kernels
+    launched from lambdas carry one inside their signature (``…{lambda(int)#1}>(int, …)``)."""
+    if getattr(event, "is_user_annotation", False):
+        return True
+    return "#" in name and "(" not in name
+
+
 def _device_gaps(prof: Any, top: int = 12, min_us: float = 20.0) -> dict[str, Any]:
     """Where the device sat idle during the profiled step: ``span_ms`` (first kernel start to last kernel end),
     ``busy_ms`` (the union of kernel intervals), ``idle_ms`` (all idle time), ``idle_gaps_ms`` and ``gaps`` (the
@@ -396,10 +405,10 @@ def _device_gaps(prof: Any, top: int = 12, min_us: float = 20.0) -> dict[str, An
     spans = sorted(
         (e.time_range.start, e.time_range.end, e.name)
         for e in prof.events()
-        # not the user annotations ("## Call CompiledFxGraph … ##"): they span kernels and the gaps between them
+        # not the user annotations: they span kernels and the gaps between them
         if e.device_type == torch.autograd.DeviceType.CUDA
         and e.time_range.end > e.time_range.start
-        and "#" not in e.name
+        and not _is_annotation(e.name, e)
     )
     if not spans:
         return {}

@@ -152,8 +152,9 @@ def mamba2_mix_fwd(
     with torch.autocast(zxbcdt.device.type, enabled=False):
         xs, q, k = _mix_conv_ssd_inputs(xBC, conv_w, conv_b, conv_cfg, dims)
         y, *_ = ssd_fused_fwd(xs, dt, A, q, k, dt_bias, D, None, None, True, False, None)
+        # z is read in place from zxbcdt (a row stride of its width)
         o, _ = gated_rms_norm_fwd(
-            y.view(b * T, d_inner), z.reshape(b * T, d_inner).contiguous(), norm_w, eps, d_inner // G, norm_before_gate
+            y.view(b * T, d_inner), z.reshape(b * T, d_inner), norm_w, eps, d_inner // G, norm_before_gate
         )
         out = F.linear(o.view(b, T, d_inner).to(out_w.dtype), out_w, out_b)
     return out, y
@@ -202,7 +203,7 @@ def mamba2_mix_bwd(
     dzxbcdt = torch.empty(zxbcdt.shape, device=zxbcdt.device, dtype=zxbcdt.dtype)
     dz, dxBC, ddt_out = _mix_split(dzxbcdt, d_inner, conv_dim)
     with torch.autocast(zxbcdt.device.type, enabled=False):
-        zc = z.reshape(M, d_inner).contiguous()
+        zc = z.reshape(M, d_inner)  # a view of zxbcdt: the norm kernels take its row stride
         y2 = y.view(M, d_inner)
         o, rstd = gated_rms_norm_fwd(y2, zc, norm_w, eps, d_inner // G, norm_before_gate)
         dout2 = dout.reshape(M, -1)

@@ -35,6 +35,7 @@ def _norm_fwd_kernel(
     D,
     NG,
     eps,
+    sz,
     GS: tl.constexpr,
     GSP: tl.constexpr,
     BM: tl.constexpr,
@@ -60,7 +61,7 @@ def _norm_fwd_kernel(
     if STORE_XS:  # the normalised input in the backward's (narrower) dtype
         tl.store(xs_ptr + offs, a.to(xs_ptr.dtype.element_ty), mask=m)
     if HAS_Z:
-        z = tl.load(z_ptr + offs, mask=m, other=0.0).to(CT)
+        z = tl.load(z_ptr + rows[:, None].to(tl.int64) * sz + cols[None, :], mask=m, other=0.0).to(CT)
         gate = z * tl.sigmoid(z)
         if not NORM_BEFORE_GATE:
             a = a * gate
@@ -92,6 +93,7 @@ def _norm_bwd_kernel(
     ITERS,
     sdx,
     sdz,
+    sz,
     GS: tl.constexpr,
     GSP: tl.constexpr,
     BM: tl.constexpr,
@@ -120,10 +122,10 @@ def _norm_bwd_kernel(
         dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(CT)
         r = tl.load(rstd_ptr + rows.to(tl.int64) * NG + g, mask=rmask, other=0.0).to(CT)
         if HAS_Z:
-            z = tl.load(z_ptr + offs, mask=m, other=0.0).to(CT)
-            sz = tl.sigmoid(z)
-            gate = z * sz
-            dgate = sz * (1.0 + z * (1.0 - sz))
+            z = tl.load(z_ptr + rows[:, None].to(tl.int64) * sz + cols[None, :], mask=m, other=0.0).to(CT)
+            sig = tl.sigmoid(z)
+            gate = z * sig
+            dgate = sig * (1.0 + z * (1.0 - sig))
         a = x
         if HAS_Z and not NORM_BEFORE_GATE:
             a = x * gate
@@ -155,6 +157,11 @@ def _norm_bwd_kernel(
         tl.store(dw_part_ptr + pid.to(tl.int64) * D + cols, dw_acc, mask=cmask)
 
 
+def _check_z(x: Tensor, z: Tensor | None, who: str) -> None:
+    if z is not None and (z.shape != x.shape or z.stride(1) != 1):
+        raise ValueError(f"{who}: z must be {list(x.shape)} with unit column stride, got {list(z.shape)}, {z.stride()}")
+
+
 def _block_rows(gsp: int) -> int:
     return max(1, min(16, 4096 // gsp))
 
@@ -163,8 +170,10 @@ def _block_rows(gsp: int) -> int:
 def gated_rms_norm_fwd(
     x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float, group_size: int, norm_before_gate: bool
 ) -> tuple[Tensor, Tensor]:
-    """x, z ``[M, D]`` contiguous; weight ``[D]``. Returns ``(y [M, D], rstd [M, D // group_size] float32)``."""
+    """x ``[M, D]`` contiguous; z ``[M, D]`` with unit column stride (any row stride: a slice of a wider
+    projection is read in place); weight ``[D]``. Returns ``(y [M, D], rstd [M, D // group_size] float32)``."""
     M, D = x.shape
+    _check_z(x, z, "gated_rms_norm_fwd")
     ng = D // group_size
     gsp = triton.next_power_of_2(group_size)
     bm = _block_rows(gsp)
@@ -184,6 +193,7 @@ def gated_rms_norm_fwd(
         D,
         ng,
         eps,
+        z.stride(0) if z is not None else 0,
         GS=group_size,
         GSP=gsp,
         BM=bm,
@@ -246,6 +256,7 @@ def gated_rms_norm_bwd_into(
     gsp = triton.next_power_of_2(group_size)
     bm = _block_rows(gsp)
     dy = dy.contiguous()
+    _check_z(x, z, "gated_rms_norm_bwd_into")
     for name, t in (("dx", dx), ("dz", dz)) if z is not None else (("dx", dx),):
         if t.shape != x.shape or t.stride(1) != 1:
             raise ValueError(f"gated_rms_norm_bwd_into: {name} must be {list(x.shape)} with unit column stride")
@@ -275,6 +286,7 @@ def gated_rms_norm_bwd_into(
         iters,
         dx.stride(0),
         dz.stride(0) if z is not None else 0,
+        z.stride(0) if z is not None else 0,
         GS=group_size,
         GSP=gsp,
         BM=bm,
@@ -330,6 +342,7 @@ def rms_norm_lean_fwd(
         D,
         1,
         eps,
+        0,
         GS=D,
         GSP=gsp,
         BM=bm,
