@@ -23,6 +23,17 @@ from ._backend import resolve_backend
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
 
+def _add_weight_grad_(grad_w: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """``grad_w += d_logits.T @ h`` for one chunk: grad_w ``[V, d]`` float32 (float64), d_logits ``[rows, V]``, h
+    ``[rows, d]``. With bf16/fp16 factors on CUDA one GEMM accumulates into grad_w in float32 (``addmm`` with
+    ``out_dtype``): no product rounded to 16 bits, and no cast and add passes over ``[V, d]`` per chunk."""
+    low = h.dtype in (torch.bfloat16, torch.float16) and grad_w.dtype == torch.float32
+    if low and grad_w.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        torch.ops.aten.addmm.dtype_out(grad_w, d_logits.t(), h, torch.float32, out=grad_w)
+    else:
+        grad_w += (d_logits.t() @ h).to(grad_w.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_rows, with_grads, fused, compact):  # type: ignore[override]
@@ -62,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if need_dh:
                         grad_h[start : start + chunk_rows] = d_logits @ w
                     if need_dw:
-                        grad_w += (d_logits.t() @ h).to(acc)
+                        _add_weight_grad_(grad_w, d_logits, h)
                     del d_logits
                     continue
                 logits = (h @ w.t()).to(acc)  # [rows, V]
@@ -78,7 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if need_dh:
                         grad_h[start : start + chunk_rows] = d_logits @ w
                     if need_dw:
-                        grad_w += (d_logits.t() @ h).to(acc)
+                        _add_weight_grad_(grad_w, d_logits, h)
                 del logits
         if need_dh and rows is not None:
             grad_h = torch.zeros(full_shape, dtype=grad_h.dtype, device=grad_h.device).index_copy_(0, rows, grad_h)
