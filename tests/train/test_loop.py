@@ -142,7 +142,24 @@ def _nan_at(steps: set[int], monkeypatch) -> None:
     monkeypatch.setattr(loop, "_compute_loss", fake)
 
 
-def test_a_nan_step_is_skipped_and_counted(tiny, monkeypatch) -> None:
+def _fused_optimizer(monkeypatch) -> None:
+    """The loop's optimizer fused, as on CUDA (PyTorch has a fused AdamW for CPU too): the step is queued before the
+    loss and norm are read back, and a non-finite step is skipped by the optimizer's kernels."""
+
+    def fused(model, tc):
+        groups = [
+            {k: v for k, v in g.items() if k not in ("foreach", "fused")}
+            for g in build_optimizer(model, tc).param_groups
+        ]
+        return torch.optim.AdamW(groups, fused=True)
+
+    monkeypatch.setattr(loop, "build_optimizer", fused)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_nan_step_is_skipped_and_counted(tiny, monkeypatch, fused) -> None:
+    if fused:
+        _fused_optimizer(monkeypatch)
     _nan_at({3}, monkeypatch)
     res = train(tiny("run", "train.max_steps=6"), log=_quiet)
     assert res.status == "completed" and res.bad_steps == 1
@@ -151,7 +168,10 @@ def test_a_nan_step_is_skipped_and_counted(tiny, monkeypatch) -> None:
     assert [r["step"] for r in skips] == [3] and skips[0]["loss"] is None
 
 
-def test_a_skipped_step_leaves_the_weights_alone(tiny, monkeypatch) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skipped_step_leaves_the_weights_alone(tiny, monkeypatch, fused) -> None:
+    if fused:
+        _fused_optimizer(monkeypatch)
     cfg = tiny("run", "train.max_steps=1", "train.save_every=1", "train.export=false")
     train(cfg, log=_quiet)
     _nan_at({1}, monkeypatch)

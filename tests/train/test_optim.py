@@ -88,3 +88,40 @@ def test_clip_folded_into_a_fused_optimizer_matches_clipping_the_gradients(max_n
         opt.step()
         for p, q in zip(ref, mine):
             torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, float("inf")])
+def test_fused_step_prepared_without_a_read_back(max_norm) -> None:
+    """``clip_for_fused_step``: the same updates as clipping on the host; a step whose gradient norm or loss is not
+    finite leaves the parameters and the optimizer state (moments, step count) as they were."""
+    from mixlab.train.parallel import clip_for_fused_step, clip_grad_norm
+
+    torch.manual_seed(1)
+    ref = [torch.randn(40, 30, requires_grad=True), torch.randn(30, requires_grad=True)]
+    mine = [p.detach().clone().requires_grad_() for p in ref]
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(mine, lr=1e-2, weight_decay=0.1, fused=True)
+    assert clip_for_fused_step(mine, 1.0, torch.optim.AdamW(mine, foreach=True), torch.ones(())) is None
+    for step in range(6):
+        bad = {2: "norm", 4: "loss"}.get(step)
+        for p, q in zip(ref, mine):
+            g = torch.randn_like(p) * (3.0 if step % 2 else 0.01)
+            p.grad, q.grad = g.clone(), g.clone()
+        if bad == "norm":
+            mine[1].grad[3] = float("inf")
+        loss = torch.tensor(float("nan") if bad == "loss" else 1.0)
+        before = [q.detach().clone() for q in mine]
+        state = [{k: v.clone() for k, v in opt.state[q].items()} for q in mine if q in opt.state]
+        norm = clip_for_fused_step(mine, max_norm, opt, loss)
+        opt.step()
+        if bad:
+            assert not (torch.isfinite(norm) and torch.isfinite(loss))
+            assert all(torch.equal(q, b) for q, b in zip(mine, before))
+            after = [{k: v for k, v in opt.state[q].items()} for q in mine if q in opt.state]
+            assert len(after) == len(state) and all(torch.equal(a[k], s_[k]) for a, s_ in zip(after, state) for k in s_)
+            continue
+        assert norm.item() == pytest.approx(clip_grad_norm(ref, max_norm, opt_ref), rel=1e-6)
+        opt_ref.step()
+        for p, q in zip(ref, mine):
+            torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+    assert opt.state[mine[0]]["step"].item() == opt_ref.state[ref[0]]["step"].item() == 4

@@ -264,7 +264,7 @@ def _measure(
     from ..models import build_model
     from ..train.metrics import flops_per_token
     from ..train.optim import build_optimizer
-    from ..train.parallel import clip_grad_norm, parallelize
+    from ..train.parallel import clip_for_fused_step, clip_grad_norm, parallelize
 
     amp = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)
@@ -278,10 +278,11 @@ def _measure(
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-    def step() -> float:
+    def step() -> float:  # as the training loop's step: with a fused optimizer, no read-back before its step
         loss = par.runner(inputs, targets, all_scored=True)
         loss.backward()
-        clip_grad_norm(params, 1.0, opt)
+        if clip_for_fused_step(params, 1.0, opt, loss.detach()) is None:
+            clip_grad_norm(params, 1.0, opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())

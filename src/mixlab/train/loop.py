@@ -53,6 +53,7 @@ from mixlab.train.optim import LRSchedule, build_optimizer
 from mixlab.train.parallel import (
     apply_activation_checkpointing,
     broadcast_parameters,
+    clip_for_fused_step,
     clip_grad_norm,
     full_model_state,
     lm_loss,
@@ -396,19 +397,29 @@ def _train(config: Config, ctx: distributed.DistContext, log) -> RunResult:
                 if ctx.preempt is not None and ctx.preempt.requested:
                     stats[1] = 1.0
                 ctx.all_reduce_sum(stats)
-                loss_val = float(stats[0]) / world
-                stop_votes = round(float(stats[1]))
                 max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-                grad_norm = clip_grad_norm(params, max_norm, optimizer)
+                # A fused optimizer's step is queued before anything is read back (its kernels skip a step whose
+                # loss or gradient norm is not finite): one host synchronisation per step, on `host` below.
+                fused_norm = clip_for_fused_step(params, max_norm, optimizer, stats[0])
+                if fused_norm is not None:
+                    in_update = True  # until `step` counts this update (a checkpoint in between would be off by one)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    stats = torch.cat([stats, fused_norm.reshape(1).to(stats.dtype)])
+                host = stats.tolist()
+                loss_val = host[0] / world
+                stop_votes = round(host[1])
+                grad_norm = host[2] if fused_norm is not None else clip_grad_norm(params, max_norm, optimizer)
             if stop_votes and preempted is None:
                 preempted = (ctx.preempt.requested if ctx.preempt and ctx.preempt.requested else None) or (
                     f"a signal on {stop_votes} other rank(s)"
                 )
             step += 1
+            in_update = False
             loader.step = step
             tokens_seen += tokens_per_step
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # (the fused path skipped the update on the device)
                 consecutive_bad += 1
                 bad_total += 1
                 what = "loss" if not math.isfinite(loss_val) else "gradient norm"
@@ -429,10 +440,11 @@ def _train(config: Config, ctx: distributed.DistContext, log) -> RunResult:
                 if preempted:
                     break  # no checkpoint of a skipped step: the last good one stays the newest
                 continue
-            in_update = True
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            in_update = False
+            if fused_norm is None:
+                in_update = True
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                in_update = False
             consecutive_bad = 0
             result.losses[step] = loss_val
             if device.type == "cuda":

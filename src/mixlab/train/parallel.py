@@ -37,6 +37,7 @@ __all__ = [
     "apply_activation_checkpointing",
     "broadcast_parameters",
     "checkpointed_blocks",
+    "clip_for_fused_step",
     "clip_grad_norm",
     "full_model_state",
     "lm_loss",
@@ -198,9 +199,33 @@ def clip_grad_norm(
     if callable(full):
         norm = full()
     if fold:
-        # clip_grad_norm_'s factor max_norm / (norm + 1e-6), capped at 1, as a divisor
-        optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # type: ignore[attr-defined]
+        _set_clip_scale(optimizer, norm, max_norm)
+        optimizer.found_inf = None  # type: ignore[attr-defined]  # the caller skips a non-finite step itself
     return float(norm)
+
+
+def _set_clip_scale(optimizer: torch.optim.Optimizer, norm: torch.Tensor, max_norm: float) -> None:
+    # clip_grad_norm_'s factor max_norm / (norm + 1e-6), capped at 1, as a divisor
+    optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # type: ignore[attr-defined]
+
+
+def clip_for_fused_step(
+    params: list[torch.Tensor], max_norm: float, optimizer: torch.optim.Optimizer, loss: torch.Tensor
+) -> torch.Tensor | None:
+    """Prepare a fused optimizer's next step with nothing read back to the host, so that the step can be queued
+    behind the backward: returns the global gradient norm as a device tensor.
+
+    Sets the optimizer's ``grad_scale`` (the clip, as :func:`clip_grad_norm` does) and ``found_inf``: 1 when the
+    norm or ``loss`` (a device scalar, the same on every rank) is not finite, and the fused kernels then leave the
+    parameters and their state alone, the step count included. Returns None, setting nothing, for an optimizer
+    that is not fused or DTensor parameters: call :func:`clip_grad_norm` and skip a bad step on the host then."""
+    if not optimizer.defaults.get("fused") or any(_is_dtensor(p) for p in params):
+        return None
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    _set_clip_scale(optimizer, norm, max_norm)
+    bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
+    optimizer.found_inf = bad.to(torch.float32).reshape(())  # type: ignore[attr-defined]
+    return norm
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
