@@ -191,7 +191,7 @@ def mamba2_mix_bwd(
     """Recomputes the conv, the SSD prep (v, g) and the norm output, then runs the ops' backwards.
     Returns the gradients of ``(zxbcdt, conv_w, conv_b | empty, A, D, dt_bias, norm_w, out_w, out_b | empty)``."""
     from ..ops.conv.triton import causal_conv1d_bwd_into
-    from ..ops.norm_triton import gated_rms_norm_bwd_into
+    from ..ops.norm_triton import gated_rms_norm_bwd_into, gated_rms_norm_fwd
     from ..ops.ssd.triton.fused import ssd_fused_bwd, ssd_prep
 
     d_inner, conv_dim, H, P, G = dims[:5]
@@ -205,19 +205,15 @@ def mamba2_mix_bwd(
     with torch.autocast(zxbcdt.device.type, enabled=False):
         zc = z.reshape(M, d_inner)  # a view of zxbcdt: the norm kernels take its row stride
         y2 = y.view(M, d_inner)
+        o, rstd = gated_rms_norm_fwd(y2, zc, norm_w, eps, d_inner // G, norm_before_gate)
         dout2 = dout.reshape(M, -1)
-        d_out_b = dout2.sum(0).to(out_b.dtype) if out_b is not None else zxbcdt.new_empty(0)
-        do = dout2.mm(out_w).to(y2.dtype)
-        # the norm's backward recomputes its statistics and writes the norm output o for out_proj's weight
-        # gradient on the way (no separate forward pass over y and z)
-        o = torch.empty_like(y2)
-        dy = torch.empty_like(y2)
-        dnw = gated_rms_norm_bwd_into(
-            y2, zc, norm_w, None, do, d_inner // G, norm_before_gate, dy, dz.view(M, d_inner), y=o, eps=eps
-        )
-        del do, zc
         d_out_w = dout2.t().mm(o.to(out_w.dtype))
+        d_out_b = dout2.sum(0).to(out_b.dtype) if out_b is not None else zxbcdt.new_empty(0)
+        do = dout2.mm(out_w).to(o.dtype)
         del o
+        dy = torch.empty_like(y2)
+        dnw = gated_rms_norm_bwd_into(y2, zc, norm_w, rstd, do, d_inner // G, norm_before_gate, dy, dz.view(M, d_inner))
+        del do, zc, rstd
         xs, q, k = _mix_conv_ssd_inputs(xBC, conv_w, conv_b, conv_cfg, dims)
         v, g = ssd_prep(xs, dt, A, dt_bias, True)
         dx, ddt, dA, dq, dk, dbias, dD, _, _ = ssd_fused_bwd(

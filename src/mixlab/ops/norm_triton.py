@@ -87,7 +87,6 @@ def _norm_bwd_kernel(
     dw_part_ptr,
     dres_ptr,
     dh_ptr,
-    y_ptr,
     M,
     D,
     NG,
@@ -95,7 +94,6 @@ def _norm_bwd_kernel(
     sdx,
     sdz,
     sz,
-    eps,
     GS: tl.constexpr,
     GSP: tl.constexpr,
     BM: tl.constexpr,
@@ -105,7 +103,6 @@ def _norm_bwd_kernel(
     FP64: tl.constexpr,
     HAS_DRES: tl.constexpr = False,
     STORE_DH: tl.constexpr = False,
-    RECOMPUTE: tl.constexpr = False,
 ):
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
@@ -123,6 +120,7 @@ def _norm_bwd_kernel(
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(CT)
         dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(CT)
+        r = tl.load(rstd_ptr + rows.to(tl.int64) * NG + g, mask=rmask, other=0.0).to(CT)
         if HAS_Z:
             z = tl.load(z_ptr + rows[:, None].to(tl.int64) * sz + cols[None, :], mask=m, other=0.0).to(CT)
             sig = tl.sigmoid(z)
@@ -131,18 +129,7 @@ def _norm_bwd_kernel(
         a = x
         if HAS_Z and not NORM_BEFORE_GATE:
             a = x * gate
-        if RECOMPUTE:  # the statistics and the forward's output from x (and z) instead of a saved rstd
-            r = 1.0 / tl.sqrt(tl.sum(a * a, 1) / GS + eps)
-        else:
-            r = tl.load(rstd_ptr + rows.to(tl.int64) * NG + g, mask=rmask, other=0.0).to(CT)
         xhat = a * r[:, None]
-        if RECOMPUTE:
-            yv = xhat
-            if HAS_W:
-                yv = yv * w[None, :]
-            if HAS_Z and NORM_BEFORE_GATE:
-                yv = yv * gate
-            tl.store(y_ptr + offs, yv.to(y_ptr.dtype.element_ty), mask=m)
         dn = dy
         if HAS_Z and NORM_BEFORE_GATE:
             n = xhat
@@ -250,7 +237,7 @@ def gated_rms_norm_bwd_into(
     x: Tensor,
     z: Tensor | None,
     weight: Tensor | None,
-    rstd: Tensor | None,
+    rstd: Tensor,
     dy: Tensor,
     group_size: int,
     norm_before_gate: bool,
@@ -258,16 +245,12 @@ def gated_rms_norm_bwd_into(
     dz: Tensor,
     dres: Tensor | None = None,
     dh: Tensor | None = None,
-    y: Tensor | None = None,
-    eps: float = 0.0,
 ) -> Tensor:
     """:func:`gated_rms_norm_bwd` writing dx and dz (``[M, D]``, any row stride, unit column stride: e.g. slices
     of a wider gradient buffer) into given tensors; returns dweight (empty without weight).
 
     Without z: ``dres`` ``[M, D]`` (contiguous) is added to dx, and ``dh`` ``[M, D]`` (contiguous) gets dx's
-    values in its own dtype (see :func:`rms_norm_lean_bwd`). ``rstd`` None: the statistics are recomputed from x
-    and z with ``eps``, and the forward's output is written to ``y`` (``[M, D]``, contiguous) on the way: a caller
-    that needs it again (Mamba2's out_proj weight gradient) saves a forward pass."""
+    values in its own dtype (see :func:`rms_norm_lean_bwd`)."""
     M, D = x.shape
     ng = D // group_size
     gsp = triton.next_power_of_2(group_size)
@@ -285,23 +268,18 @@ def gated_rms_norm_bwd_into(
     n_prog = max(1, min(n_blocks, max(1, max_prog // ng)))
     iters = triton.cdiv(n_blocks, n_prog)
     n_prog = triton.cdiv(n_blocks, iters)
-    recompute = rstd is None
-    if recompute and (y is None or y.shape != x.shape or not y.is_contiguous()):
-        raise ValueError(f"gated_rms_norm_bwd_into: without rstd, y must be a contiguous {list(x.shape)}")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dw_part = torch.empty(n_prog, D, device=x.device, dtype=acc) if weight is not None else dx
+    dw_part = torch.empty(n_prog, D, device=x.device, dtype=rstd.dtype) if weight is not None else rstd
     _norm_bwd_kernel[(n_prog, ng)](
         x,
         z if z is not None else x,
         weight if weight is not None else x,
-        rstd if rstd is not None else x,
+        rstd,
         dy,
         dx,
         dz if z is not None else x,
         dw_part,
         dres if dres is not None else x,
         dh if dh is not None else x,
-        y if y is not None else x,
         M,
         D,
         ng,
@@ -309,17 +287,15 @@ def gated_rms_norm_bwd_into(
         dx.stride(0),
         dz.stride(0) if z is not None else 0,
         z.stride(0) if z is not None else 0,
-        eps,
         GS=group_size,
         GSP=gsp,
         BM=bm,
         HAS_Z=z is not None,
         HAS_W=weight is not None,
         NORM_BEFORE_GATE=norm_before_gate,
-        FP64=acc == torch.float64,
+        FP64=rstd.dtype == torch.float64,
         HAS_DRES=dres is not None,
         STORE_DH=dh is not None,
-        RECOMPUTE=recompute,
         num_warps=4 if gsp <= 1024 else 8,
     )
     return dw_part.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
