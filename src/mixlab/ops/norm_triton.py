@@ -166,29 +166,38 @@ def _block_rows(gsp: int) -> int:
     return max(1, min(16, 4096 // gsp))
 
 
-@torch.library.custom_op("mixlab::gated_rms_norm_fwd", mutates_args=())
-def gated_rms_norm_fwd(
-    x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float, group_size: int, norm_before_gate: bool
-) -> tuple[Tensor, Tensor]:
-    """x ``[M, D]`` contiguous; z ``[M, D]`` with unit column stride (any row stride: a slice of a wider
-    projection is read in place); weight ``[D]``. Returns ``(y [M, D], rstd [M, D // group_size] float32)``."""
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fwd_launch(
+    x: Tensor,
+    z: Tensor | None,
+    weight: Tensor | None,
+    y: Tensor,
+    rstd: Tensor,
+    eps: float,
+    group_size: int,
+    norm_before_gate: bool,
+    h: Tensor | None = None,
+    x_new: Tensor | None = None,
+    x_save: Tensor | None = None,
+) -> None:
+    """One launch of :func:`_norm_fwd_kernel` over x ``[M, D]`` into y and rstd ``[M, D // group_size]``; with h,
+    the residual add first (into x_new); with x_save, the normalised input stored in its dtype."""
     M, D = x.shape
-    _check_z(x, z, "gated_rms_norm_fwd")
     ng = D // group_size
     gsp = triton.next_power_of_2(group_size)
     bm = _block_rows(gsp)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = torch.empty_like(x)
-    rstd = torch.empty(M, ng, device=x.device, dtype=acc)
     _norm_fwd_kernel[(triton.cdiv(M, bm), ng)](
         x,
         z if z is not None else x,
         weight if weight is not None else x,
         y,
         rstd,
-        x,
-        x,
-        x,
+        h if h is not None else x,
+        x_new if x_new is not None else x,
+        x_save if x_save is not None else x,
         M,
         D,
         ng,
@@ -200,16 +209,30 @@ def gated_rms_norm_fwd(
         HAS_Z=z is not None,
         HAS_W=weight is not None,
         NORM_BEFORE_GATE=norm_before_gate,
-        FP64=acc == torch.float64,
+        FP64=rstd.dtype == torch.float64,
+        HAS_H=h is not None,
+        STORE_XS=x_save is not None,
         num_warps=4 if gsp <= 1024 else 8,
     )
+
+
+@torch.library.custom_op("mixlab::gated_rms_norm_fwd", mutates_args=())
+def gated_rms_norm_fwd(
+    x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float, group_size: int, norm_before_gate: bool
+) -> tuple[Tensor, Tensor]:
+    """x ``[M, D]`` contiguous; z ``[M, D]`` with unit column stride (any row stride: a slice of a wider
+    projection is read in place); weight ``[D]``. Returns ``(y [M, D], rstd [M, D // group_size] float32)``."""
+    M, D = x.shape
+    _check_z(x, z, "gated_rms_norm_fwd")
+    y = torch.empty_like(x)
+    rstd = torch.empty(M, D // group_size, device=x.device, dtype=_acc_dtype(x))
+    _fwd_launch(x, z, weight, y, rstd, eps, group_size, norm_before_gate)
     return y, rstd
 
 
 @gated_rms_norm_fwd.register_fake
 def _(x, z, weight, eps, group_size, norm_before_gate):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[1] // group_size, dtype=acc)
+    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[1] // group_size, dtype=_acc_dtype(x))
 
 
 @torch.library.custom_op("mixlab::gated_rms_norm_bwd", mutates_args=())
@@ -322,50 +345,22 @@ def rms_norm_lean_fwd(
     in ``save_dtype`` for the backward; rstd ``[M, 1]`` float32 (float64 for float64 x). The same values as
     ``x + h.to(x.dtype)`` followed by :func:`gated_rms_norm_fwd` and two casts, without their round trips."""
     M, D = x.shape
-    gsp = triton.next_power_of_2(D)
-    bm = _block_rows(gsp)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = torch.empty_like(x, dtype=out_dtype)
     x_new = torch.empty_like(x) if h is not None else x.new_empty(0)
     x_save = torch.empty_like(x, dtype=save_dtype)
-    rstd = torch.empty(M, 1, device=x.device, dtype=acc)
-    _norm_fwd_kernel[(triton.cdiv(M, bm), 1)](
-        x,
-        x,
-        weight,
-        y,
-        rstd,
-        h if h is not None else x,
-        x_new if h is not None else x,
-        x_save,
-        M,
-        D,
-        1,
-        eps,
-        0,
-        GS=D,
-        GSP=gsp,
-        BM=bm,
-        HAS_Z=False,
-        HAS_W=True,
-        NORM_BEFORE_GATE=False,
-        FP64=acc == torch.float64,
-        HAS_H=h is not None,
-        STORE_XS=True,
-        num_warps=4 if gsp <= 1024 else 8,
-    )
+    rstd = torch.empty(M, 1, device=x.device, dtype=_acc_dtype(x))
+    _fwd_launch(x, None, weight, y, rstd, eps, D, False, h=h, x_new=x_new if h is not None else None, x_save=x_save)
     return y, x_new, x_save, rstd
 
 
 @rms_norm_lean_fwd.register_fake
 def _(x, h, weight, eps, out_dtype, save_dtype):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x_new = torch.empty_like(x) if h is not None else x.new_empty(0)
     return (
         torch.empty_like(x, dtype=out_dtype),
         x_new,
         torch.empty_like(x, dtype=save_dtype),
-        x.new_empty(x.shape[0], 1, dtype=acc),
+        x.new_empty(x.shape[0], 1, dtype=_acc_dtype(x)),
     )
 
 
