@@ -150,7 +150,9 @@ def test_compiled_lean_layer_saves_what_eager_saves_and_agrees():
     compiled = torch.compile(layer, backend="aot_eager")
     assert _saved_per_token(compiled, layer) <= eager_lean
     layer.lean = False
-    assert _saved_per_token(layer, layer) >= eager_lean + 4 * (2 * 32 + 2 * 64)  # conv outputs of q, k, v, o_proj input
+    # the unfused path saves the conv outputs of q, k, v and o_proj's input; the lean one its projection's b, a and
+    # padding columns (64 here: as many as q, k and v together at these toy widths, 0.8% of them at 1.3b)
+    assert _saved_per_token(layer, layer) >= eager_lean + 4 * (2 * 32 + 2 * 64) - 4 * 64
     layer.lean = True
     x, dy = torch.randn(1, 20, 24), torch.randn(1, 20, 24)
     y0, g0, _ = _run(layer, True, x, dy, None)
@@ -180,3 +182,39 @@ def test_lean_layer_under_outer_activation_checkpointing():
         torch.testing.assert_close(xx.grad, g0["x"], rtol=1e-6, atol=1e-6)
         for name, p in layer.named_parameters():
             torch.testing.assert_close(p.grad, g0[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_in_projection_is_the_separate_projections_padded(gated):
+    """One GEMM for q, k, v, b (and a): their outputs side by side, then zeros up to a 16-byte-aligned width."""
+    from mixlab.layers.deltanet import PROJ_ALIGN, _in_projection
+
+    layer = _layer(gated)
+    x = torch.randn(2, 5, 24)
+    proj = _in_projection(layer, x)
+    parts = [layer.q_proj, layer.k_proj, layer.v_proj, layer.b_proj] + ([layer.a_proj] if gated else [])
+    ref = torch.cat([p(x) for p in parts], -1)
+    assert proj.shape[-1] % PROJ_ALIGN == 0 and 0 <= proj.shape[-1] - ref.shape[-1] < PROJ_ALIGN
+    torch.testing.assert_close(proj[..., : ref.shape[-1]], ref, rtol=1e-6, atol=1e-6)
+    assert (proj[..., ref.shape[-1] :] == 0).all()
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_lean_backward_writes_every_column_of_the_projection_gradient(gated, monkeypatch):
+    """The lean backward allocates the projection's gradient uninitialised: with every fresh float tensor full of
+    NaN, the gate and padding columns must still be written (a NaN left there reaches dx through the GEMM)."""
+    layer = _layer(gated)
+    x, dy = torch.randn(1, 20, 24), torch.randn(1, 20, 24)
+    y0, g0, _ = _run(layer, True, x, dy, None)
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    y1, g1, _ = _run(layer, True, x, dy, None)
+    monkeypatch.undo()
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=name)

@@ -12,10 +12,11 @@ Forward, per token (K = ``head_dim``, V = ``head_dim * expand_v``):
 with scale ``K ** -0.5``; per-head RMSNorm of the output, times ``silu(x W_g)`` when gated;
 ``o_proj``.
 
-Training on the Triton backend (no cache) runs two lean custom ops (:func:`_lean_qkv_delta`,
-:func:`_lean_norm_out`) that save the projections' outputs instead of the convs' and L2 norms' results,
-and the output norm's inputs instead of its result: their backward recomputes conv -> SiLU -> L2 norm
-and the norm (the same kernels; the L2 norm as the fused RMSNorm kernel), so the gradients are the
+Training on the Triton backend (no cache) runs q, k, v, b (and a) as one GEMM (:func:`_in_projection`) and
+two lean custom ops (:func:`_lean_qkv_delta`, :func:`_lean_norm_out`) that save the projection's output
+instead of the convs' and L2 norms' results and the gates, and the output norm's inputs instead of its
+result: their backward recomputes the gates, conv -> SiLU -> L2 norm and the norm (the same kernels; the L2
+norm as the fused RMSNorm kernel) and writes the whole projection's gradient, so the gradients are the
 unfused path's up to float rounding. For q and k (K a power of two in 64..256) conv -> SiLU -> L2 norm is
 one kernel each way (:mod:`mixlab.ops.conv.triton_l2`, switch :data:`FUSED_CONV_L2`).
 
@@ -117,7 +118,7 @@ def _fused_conv_l2(p: torch.Tensor, w: torch.Tensor, n_heads: int) -> bool:
 
 
 def _split_qkv(qkv: torch.Tensor, wq: torch.Tensor, wv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Views of q, k ``[B, T, H*K]`` and v ``[B, T, H*V]`` in the fused projection ``qkv`` (channels q | k | v)."""
+    """Views of q, k ``[B, T, H*K]`` and v ``[B, T, H*V]`` in the fused projection ``qkv`` (its first channels: q | k | v)."""
     dk, dv = wq.shape[0], wv.shape[0]
     return qkv[..., :dk], qkv[..., dk : 2 * dk], qkv[..., 2 * dk : 2 * dk + dv]
 
@@ -144,45 +145,51 @@ def _lean_inputs(qkv, wq, wk, wv, n_heads):
 
 @torch.library.custom_op("mixlab::deltanet_lean_fwd", mutates_args=())
 def _lean_fwd(
-    qkv: torch.Tensor,
+    proj: torch.Tensor,
     wq: torch.Tensor,
     wk: torch.Tensor,
     wv: torch.Tensor,
-    beta: torch.Tensor,
-    g: torch.Tensor | None,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
     n_heads: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv ``[B, T, 2*H*K + H*V]`` (the q | k | v projections of one GEMM, contiguous), conv weights ``[C, W]``,
-    beta/g ``[B, T, H]`` -> ``(o [B, T, H, V], Tm, w, u, h, vn)``: the delta op's outputs (see
-    ``mixlab::chunk_gated_delta_fwd``)."""
+    """proj ``[B, T, C]`` (the fused input projection, contiguous: q | k | v | b [| a] | zero padding, see
+    :func:`_in_projection`), conv weights ``[C, W]``, A_log / dt_bias ``[H]`` (gated) or None -> ``(o [B, T, H,
+    V], Tm, w, u, h, vn)``: the delta op's outputs (see ``mixlab::chunk_gated_delta_fwd``)."""
     from ..ops._triton.ops import chunk_gated_delta_fwd
+    from ..ops.delta_rule.gates_triton import gates_fwd
 
-    with torch.autocast(qkv.device.type, enabled=False):
-        q, k, v, _, _ = _lean_inputs(qkv, wq, wk, wv, n_heads)
+    H, n_qkv = n_heads, 2 * wq.shape[0] + wv.shape[0]
+    with torch.autocast(proj.device.type, enabled=False):
+        beta, g = gates_fwd(proj, n_qkv, n_qkv + H, H, A_log, dt_bias)
+        q, k, v, _, _ = _lean_inputs(proj, wq, wk, wv, n_heads)
         o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(q, k, v, beta, g, scale, None, False, None, True)
     return o, Tm, w, u, h, vn
 
 
 @_lean_fwd.register_fake
-def _(qkv, wq, wk, wv, beta, g, n_heads, scale):
+def _(proj, wq, wk, wv, A_log, dt_bias, n_heads, scale):
     from ..ops._triton.ops import chunk_gated_delta_fwd
 
-    B, T, _ = qkv.shape
-    q = qkv.new_empty(B, T, n_heads, wq.shape[0] // n_heads)
-    v = qkv.new_empty(B, T, n_heads, wv.shape[0] // n_heads)
-    o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(q, q, v, beta, g, scale, None, False, None, True)
+    B, T, _ = proj.shape
+    q = proj.new_empty(B, T, n_heads, wq.shape[0] // n_heads)
+    v = proj.new_empty(B, T, n_heads, wv.shape[0] // n_heads)
+    gate = proj.new_empty(B, T, n_heads, dtype=torch.float32)
+    o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(
+        q, q, v, gate, gate if A_log is not None else None, scale, None, False, None, True
+    )
     return o, Tm, w, u, h, vn
 
 
 @torch.library.custom_op("mixlab::deltanet_lean_bwd", mutates_args=())
 def _lean_bwd(
-    qkv: torch.Tensor,
+    proj: torch.Tensor,
     wq: torch.Tensor,
     wk: torch.Tensor,
     wv: torch.Tensor,
-    beta: torch.Tensor,
-    g: torch.Tensor | None,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
     Tm: torch.Tensor,
     w: torch.Tensor,
     u: torch.Tensor,
@@ -192,19 +199,23 @@ def _lean_bwd(
     n_heads: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recompute conv -> SiLU -> L2 norm, then the delta op's, the L2 norms' and the convs' backward.
-    Returns ``(dqkv, dwq, dwk, dwv, dbeta, dg | empty)``; the convs' backwards write their dx straight into
-    the slices of dqkv (one gradient for the fused projection, no concatenation)."""
+    """Recompute the gates and conv -> SiLU -> L2 norm, then the delta op's, the L2 norms' and the convs' backward.
+    Returns ``(dproj, dwq, dwk, dwv, dA_log | empty, ddt_bias | empty)``. dproj is the whole projection's gradient:
+    the convs' backwards write their dx straight into its q | k | v slices, the gates' gradients go to theirs and
+    the padding's are zero (one input-gradient GEMM for every projection, no concatenation or sum)."""
     from ..ops._triton.ops import chunk_gated_delta_bwd
     from ..ops.conv.triton import causal_conv1d_bwd_into
     from ..ops.conv.triton_l2 import conv_silu_l2_bwd_into
+    from ..ops.delta_rule.gates_triton import gates_bwd, gates_fwd
 
     keep = h.numel() > 0
-    qp, kp, vp = _split_qkv(qkv, wq, wv)
-    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    dqp, dkp, dvp = _split_qkv(dqkv, wq, wv)
-    with torch.autocast(qkv.device.type, enabled=False):
-        q, k, v, qn, kn = _lean_inputs(qkv, wq, wk, wv, n_heads)
+    H, n_qkv = n_heads, 2 * wq.shape[0] + wv.shape[0]
+    qp, kp, vp = _split_qkv(proj, wq, wv)
+    dproj = torch.empty(proj.shape, device=proj.device, dtype=proj.dtype)
+    dqp, dkp, dvp = _split_qkv(dproj, wq, wv)
+    with torch.autocast(proj.device.type, enabled=False):
+        beta, g = gates_fwd(proj, n_qkv, n_qkv + H, H, A_log, dt_bias)
+        q, k, v, qn, kn = _lean_inputs(proj, wq, wk, wv, n_heads)
         dq, dk, dv, dbeta, dg, _ = chunk_gated_delta_bwd(
             q, k, v, beta, g, scale, None, None, Tm, w, u, do, None, True, h if keep else None, vn if keep else None
         )
@@ -218,60 +229,81 @@ def _lean_bwd(
             dwq, _, _ = causal_conv1d_bwd_into(qp, wq, None, None, dq, None, True, _conv_cfg(qp), dqp)
             dwk, _, _ = causal_conv1d_bwd_into(kp, wk, None, None, dk, None, True, _conv_cfg(kp), dkp)
         dwv, _, _ = causal_conv1d_bwd_into(vp, wv, None, None, dv.flatten(2), None, True, _conv_cfg(vp), dvp)
-    return dqkv, dwq, dwk, dwv, dbeta, dg
+        # the gates' columns, and zeros in the padding's (their weight rows are zero, but dproj @ W must not meet NaN)
+        n_gates = H * (2 if A_log is not None else 1)
+        dA_log, ddt_bias = gates_bwd(proj, n_qkv, n_qkv + H, H, A_log, dt_bias, dbeta, dg, dproj, n_qkv + n_gates)
+    if dA_log is None or ddt_bias is None:  # ungated: two distinct empty outputs (outputs may not alias)
+        dA_log, ddt_bias = proj.new_empty(0), proj.new_empty(0)
+    return dproj, dwq, dwk, dwv, dA_log, ddt_bias
 
 
 @_lean_bwd.register_fake
-def _(qkv, wq, wk, wv, beta, g, Tm, w, u, h, vn, do, n_heads, scale):
+def _(proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, do, n_heads, scale):
     like = torch.empty_like
     return (
-        like(qkv, memory_format=torch.contiguous_format),
+        like(proj, memory_format=torch.contiguous_format),
         like(wq),
         like(wk),
         like(wv),
-        like(beta),
-        like(g) if g is not None else beta.new_empty(0),
+        like(A_log) if A_log is not None else proj.new_empty(0),
+        like(dt_bias) if dt_bias is not None else proj.new_empty(0),
     )
 
 
 def _lean_fwd_setup(ctx, inputs, output):
-    qkv, wq, wk, wv, beta, g, n_heads, scale = inputs
+    proj, wq, wk, wv, A_log, dt_bias, n_heads, scale = inputs
     _, Tm, w, u, h, vn = output
     ctx.set_materialize_grads(False)  # Tm, w, u, h, vn feed only the backward
-    ctx.save_for_backward(qkv, wq, wk, wv, beta, g, Tm, w, u, h, vn)
+    ctx.save_for_backward(proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn)
     ctx.cfg = (n_heads, scale)
 
 
 def _lean_fwd_backward(ctx, do, *_):
-    qkv, wq, wk, wv, beta, g, Tm, w, u, h, vn = ctx.saved_tensors
+    proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn = ctx.saved_tensors
     if do is None:
         return (None,) * 8
-    dqkv, dwq, dwk, dwv, dbeta, dg = _lean_bwd(qkv, wq, wk, wv, beta, g, Tm, w, u, h, vn, do.contiguous(), *ctx.cfg)
-    return dqkv, dwq, dwk, dwv, dbeta, dg if g is not None else None, None, None
+    dproj, dwq, dwk, dwv, dA_log, ddt_bias = _lean_bwd(
+        proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, do.contiguous(), *ctx.cfg
+    )
+    gated = A_log is not None
+    return dproj, dwq, dwk, dwv, dA_log if gated else None, ddt_bias if gated else None, None, None
 
 
 _lean_fwd.register_autograd(_lean_fwd_backward, setup_context=_lean_fwd_setup)
 
 
-def _qkv_projection(layer: DeltaNet, x: torch.Tensor) -> torch.Tensor:
-    """``x [B, T, d_model]`` through q_proj, k_proj and v_proj as one GEMM against their concatenated weights
-    (the parameters stay separate): x is read once, and backward has one input-gradient GEMM instead of three
-    plus their sum. -> ``[B, T, 2*H*K + H*V]`` (channels q | k | v)."""
-    w = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight])
-    return F.linear(x, w)
+#: the fused input projection's width is padded to a multiple of this many channels (128 bytes in bf16). Rows of
+#: another width make torch.compile pad the GEMM output's row stride to 128 bytes (``comprehensive_padding``), and
+#: the custom op's contiguous input then costs a copy each way (H100, 1.3b Gated DeltaNet at 6,160 channels: 5.5 ms
+#: forward and 5.6 ms backward per step)
+PROJ_ALIGN = 64
 
 
-def _lean_qkv_delta(
-    layer: DeltaNet, qkv: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None, scale: float
-) -> torch.Tensor:
+def _in_projection(layer: DeltaNet, x: torch.Tensor) -> torch.Tensor:
+    """``x [B, T, d_model]`` through q_proj, k_proj, v_proj, b_proj (and a_proj, gated) as one GEMM against their
+    concatenated weights (the parameters stay separate) -> ``[B, T, C]``, channels q | k | v | b [| a] | zeros up to
+    a multiple of :data:`PROJ_ALIGN`. x is read once, and backward has one input-gradient GEMM (and one weight
+    GEMM) instead of one per projection plus their sum; the narrow b / a projections alone cost as much as
+    a wide one (H100, 1.3b Gated DeltaNet: 9.8 ms of a 631 ms step)."""
+    ws = [layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight, layer.b_proj.weight]
+    if layer._gated_decay:
+        ws.append(layer.a_proj.weight)
+    pad = -sum(w.shape[0] for w in ws) % PROJ_ALIGN
+    if pad:
+        ws.append(ws[0].new_zeros(pad, ws[0].shape[1]))
+    return F.linear(x, torch.cat(ws))
+
+
+def _lean_qkv_delta(layer: DeltaNet, proj: torch.Tensor, scale: float) -> torch.Tensor:
     """``delta_rule(l2(silu(conv(q))), l2(silu(conv(k))), silu(conv(v)), beta, g)`` of the fused projection
-    ``qkv [B, T, 2*H*K + H*V]`` (see :func:`_qkv_projection`), saving qkv (and the delta op's Tm, w, u) for
-    backward -> o ``[B, T, H, V]``."""
+    ``proj [B, T, C]`` (see :func:`_in_projection`), the gates computed from its b / a columns, saving proj (and
+    the delta op's Tm, w, u) for backward -> o ``[B, T, H, V]``."""
+    gated = layer._gated_decay
     o, *_ = _lean_fwd(
-        qkv.contiguous(),
+        proj.contiguous(),
         *(c.weight.squeeze(1).contiguous() for c in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d)),
-        beta.contiguous(),
-        g.contiguous() if g is not None else None,
+        layer.A_log if gated else None,
+        layer.dt_bias if gated else None,
         layer.n_heads,
         float(scale),
     )
@@ -630,9 +662,7 @@ class DeltaNet(Mixer):
             )
         path = decode_path(self, x, cache)
         if self._lean_ok(x, cache):
-            beta = torch.sigmoid(_acc(self.b_proj(x)))
-            qkv = _qkv_projection(self, x)
-            o = _lean_qkv_delta(self, qkv, beta, self._decay(x), self.head_dim**-0.5)
+            o = _lean_qkv_delta(self, _in_projection(self, x), self.head_dim**-0.5)
             return _lean_norm_out(self, o, self.g_proj(x) if self.use_output_gate else None, x)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
