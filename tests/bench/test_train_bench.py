@@ -231,3 +231,49 @@ def test_device_gaps_measure_idle_time_between_kernels() -> None:
     assert gaps["idle_ms"] == pytest.approx(0.16)
     assert gaps["idle_gaps_ms"] == pytest.approx(0.15)  # the 10 us gap before d is below min_us
     assert gaps["gaps"] == [[pytest.approx(0.1), lam[:80], "c"], [pytest.approx(0.05), "b", lam[:80]]]
+
+
+def test_ops_by_device_time_attributes_kernels_to_their_launching_op() -> None:
+    """A synthetic Chrome trace: kernels go to the innermost host op around their launch (by correlation id), with
+    the op's input dims; two launches of one op and shape add up; a kernel without a known launch is kept apart."""
+    from mixlab.bench.train import ops_by_device_time
+
+    def op(name, ts, dur, dims=None, tid=1):
+        return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid,
+                "args": {"Input Dims": dims} if dims else {}}  # fmt: skip
+
+    def launch(corr, ts, tid=1, cat="cuda_runtime"):
+        return {"ph": "X", "cat": cat, "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "tid": tid,
+                "args": {"correlation": corr}}  # fmt: skip
+
+    def kernel(name, corr, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": 1000 + corr, "dur": dur, "tid": 7,
+                "args": {"correlation": corr}}  # fmt: skip
+
+    events = [
+        op("Optimizer.step", 0, 500),  # an outer op: the inner ones take their kernels
+        op("aten::mm", 10, 20, [[32768, 2048], [2048, 6]]),
+        op("aten::mm", 40, 20, [[32768, 2048], [2048, 6]]),
+        op("aten::mm", 70, 20, [[32768, 2048], [2048, 6144]]),
+        op("mixlab::lean_bwd", 100, 50, [[8, 4096, 6208]]),
+        launch(1, 15),
+        launch(2, 45),
+        launch(3, 75),
+        launch(4, 110, cat="cuda_driver"),
+        launch(5, 300),
+        kernel("gemm_small", 1, 150.0),
+        kernel("gemm_small", 2, 150.0),
+        kernel("gemm_big", 3, 1000.0),
+        kernel("_triton_kernel", 4, 400.0),
+        kernel("_fused_adamw", 5, 50.0),
+        kernel("orphan", 99, 25.0),
+    ]
+    rows = ops_by_device_time({"traceEvents": events})
+    assert rows == [
+        ["aten::mm[[32768,2048],[2048,6144]]", pytest.approx(1.0), 1],
+        ["mixlab::lean_bwd[[8,4096,6208]]", pytest.approx(0.4), 1],
+        ["aten::mm[[32768,2048],[2048,6]]", pytest.approx(0.3), 2],
+        ["Optimizer.step", pytest.approx(0.05), 1],
+        ["(no launching op)", pytest.approx(0.025), 1],
+    ]
+    assert ops_by_device_time({"traceEvents": events}, top=2) == rows[:2]

@@ -30,9 +30,11 @@ length per architecture, and peak memory) go to ``benchmarks/results/`` (``--out
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -341,19 +343,26 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
     """Run ``step`` once under ``torch.profiler``: ``{"total_ms", "by_class": {class: ms}, "top": [[name, ms,
     calls]]}`` of self device time per kernel (CPU: self CPU time per operator, whose classes mean less); on CUDA
     also ``host_ms`` / ``host_top``, the host-side operators' self CPU time (a step whose time exceeds its kernels'
-    is waiting for the host)."""
+    is waiting for the host), and ``by_op``, the device time by launching operator and input shapes
+    (:func:`ops_by_device_time`, from the step's Chrome trace)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=activities) as prof:
+    with torch_profile(activities=activities, record_shapes=cuda) as prof:
         step()
         cuda_sync(device)
     trace_dir = os.environ.get("MIXLAB_PROFILE_TRACE")  # a directory: also write the Chrome trace there
-    if trace_dir:
-        Path(trace_dir).mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(Path(trace_dir) / f"trace-{time.strftime('%H%M%S')}.json"))
+    by_op: list[list[Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if cuda or trace_dir:
+            out = Path(trace_dir) if trace_dir else Path(tmp)
+            out.mkdir(parents=True, exist_ok=True)
+            trace = out / f"trace-{time.strftime('%H%M%S')}.json"
+            prof.export_chrome_trace(str(trace))
+            if cuda:
+                by_op = ops_by_device_time(json.loads(trace.read_text()), top=top)
     kernels: dict[str, list[float]] = {}
     host: dict[str, list[float]] = {}  # CUDA runs: host-side operators by self CPU time (what keeps the GPU waiting)
     for e in prof.key_averages():
@@ -381,11 +390,49 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
         "total_ms": sum(ms for ms, _ in kernels.values()),
         "by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
         "top": [[name[:160], ms, int(n)] for name, (ms, n) in ranked],
+        "by_op": by_op,
         "host_ms": sum(ms for ms, _ in host.values()),
         "host_top": [[k[:160], ms, int(n)] for k, (ms, n) in sorted(host.items(), key=lambda kv: -kv[1][0])[:top]],
         "unit": "device ms (self time, one step)" if cuda else "CPU ms (self time per operator, one step)",
         **gaps,
     }
+
+
+def ops_by_device_time(trace: dict[str, Any], top: int = 25) -> list[list[Any]]:
+    """Device time by the operator that launched it, from a Chrome trace of ``torch.profiler`` (``record_shapes``
+    for the shapes): ``[[op [input dims], ms, kernels], ...]``, the most first. Each kernel goes to the innermost
+    host-side operator enclosing its launch (matched by correlation id), e.g. ``aten::mm[[32768, 2048], [2048, 6]]``
+    or a custom op; kernels of one operator and shapes add up. A kernel-class total says what kind of work takes the
+    time; this says which call, so that a small product that costs as much as a large one stands out."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+    ops: dict[Any, list[dict[str, Any]]] = {}
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            ops.setdefault(e.get("tid"), []).append(e)
+    for lst in ops.values():
+        lst.sort(key=lambda e: e["ts"])
+    totals: dict[str, list[float]] = {}
+    for k in events:
+        if k.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        name = "(no launching op)"
+        if launch is not None:
+            inside = [o for o in ops.get(launch.get("tid"), []) if o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
+            if inside:
+                op = min(inside, key=lambda o: o["dur"])
+                dims = op.get("args", {}).get("Input Dims")
+                name = op["name"] + (str(dims).replace(" ", "") if dims else "")
+        t = totals.setdefault(name[:200], [0.0, 0])
+        t[0] += k.get("dur", 0.0) / 1e3
+        t[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [[name, ms, int(n)] for name, (ms, n) in ranked]
 
 
 def _is_annotation(name: str, event: Any = None) -> bool:
@@ -621,7 +668,6 @@ def _point_in_subprocess(
     profile: bool = False,
 ) -> dict[str, Any]:
     """One point in a fresh ``mixlab bench train`` process (a crashed kernel cannot take the suite down)."""
-    import json
     import subprocess
     import sys
     import tempfile
@@ -740,6 +786,8 @@ def print_profile(row: dict[str, Any], top: int = 12) -> None:
     print("  " + ", ".join(f"{c} {ms:.1f} ({ms / total:.0%})" for c, ms in prof["by_class"].items()))
     for name, ms, n in prof["top"][:top]:
         print(f"  {ms:8.2f} ms  {n:5d}x  {name[:100]}")
+    if prof.get("by_op"):
+        print("  by launching op: " + "; ".join(f"{name[:70]} {ms:.1f} ({n}x)" for name, ms, n in prof["by_op"][:6]))
     if prof.get("host_top"):
         print(f"  host: {prof['host_ms']:.1f} ms self CPU time; top: " + ", ".join(
             f"{name[:60]} {ms:.1f} ({n}x)" for name, ms, n in prof["host_top"][:6]))  # fmt: skip
