@@ -355,9 +355,9 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 25)
         cuda_sync(device)
     trace_dir = os.environ.get("MIXLAB_PROFILE_TRACE")  # a directory: also write the Chrome trace there
     by_op: list[list[Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        if cuda or trace_dir:
-            out = Path(trace_dir) if trace_dir else Path(tmp)
+    if cuda or trace_dir:  # on CUDA the trace also gives the device time by launching op
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(trace_dir or tmp)
             out.mkdir(parents=True, exist_ok=True)
             trace = out / f"trace-{time.strftime('%H%M%S')}.json"
             prof.export_chrome_trace(str(trace))
