@@ -106,8 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after timing, profile one more step (torch.profiler): the device time by kernel class and the top "
-        "kernels go into the row (`profile`) and are printed",
+        help="after timing, profile one more step (torch.profiler): the device time by kernel class, the top "
+        "kernels and (CUDA) the device time by launching op and input shapes go into the row (`profile`) and are "
+        "printed",
     )
     parser.add_argument(
         "--quick",
