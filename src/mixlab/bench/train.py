@@ -30,6 +30,7 @@ length per architecture, and peak memory) go to ``benchmarks/results/`` (``--out
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -411,22 +412,28 @@ def ops_by_device_time(trace: dict[str, Any], top: int = 25) -> list[list[Any]]:
         for e in events
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
-    ops: dict[Any, list[dict[str, Any]]] = {}
+    ops: dict[Any, list[dict[str, Any]]] = {}  # per thread, by start time
     for e in events:
         if e.get("cat") == "cpu_op":
             ops.setdefault(e.get("tid"), []).append(e)
-    for lst in ops.values():
+    starts = {}
+    for tid, lst in ops.items():
         lst.sort(key=lambda e: e["ts"])
+        starts[tid] = [e["ts"] for e in lst]
     totals: dict[str, list[float]] = {}
     for k in events:
         if k.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
             continue
         launch = launches.get(k.get("args", {}).get("correlation"))
         name = "(no launching op)"
-        if launch is not None:
-            inside = [o for o in ops.get(launch.get("tid"), []) if o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
-            if inside:
-                op = min(inside, key=lambda o: o["dur"])
+        if launch is not None and launch.get("tid") in ops:
+            # a thread's ops nest, so the innermost one around the launch is the latest-starting one that contains it
+            lst, ts = ops[launch["tid"]], launch["ts"]
+            i = bisect.bisect_right(starts[launch["tid"]], ts) - 1
+            while i >= 0 and lst[i]["ts"] + lst[i]["dur"] < ts:
+                i -= 1
+            if i >= 0:
+                op = lst[i]
                 dims = op.get("args", {}).get("Input Dims")
                 name = op["name"] + (str(dims).replace(" ", "") if dims else "")
         t = totals.setdefault(name[:200], [0.0, 0])

@@ -143,6 +143,14 @@ def _lean_inputs(qkv, wq, wk, wv, n_heads):
     return q, k, vc, (qc, rq), (kc, rk)
 
 
+def _gate_columns(wq: torch.Tensor, wv: torch.Tensor, n_heads: int, gated: bool) -> tuple[int, int | None, int]:
+    """Where :func:`_in_projection` puts the gates: ``(col_b, col_a | None, col_pad)``, b's first channel, a's (gated),
+    and the first padding channel; q | k | v come first (:func:`_split_qkv`)."""
+    col_b = 2 * wq.shape[0] + wv.shape[0]
+    col_a = col_b + n_heads if gated else None
+    return col_b, col_a, col_b + n_heads * (2 if gated else 1)
+
+
 @torch.library.custom_op("mixlab::deltanet_lean_fwd", mutates_args=())
 def _lean_fwd(
     proj: torch.Tensor,
@@ -160,9 +168,9 @@ def _lean_fwd(
     from ..ops._triton.ops import chunk_gated_delta_fwd
     from ..ops.delta_rule.gates_triton import gates_fwd
 
-    H, n_qkv = n_heads, 2 * wq.shape[0] + wv.shape[0]
+    col_b, col_a, _ = _gate_columns(wq, wv, n_heads, A_log is not None)
     with torch.autocast(proj.device.type, enabled=False):
-        beta, g = gates_fwd(proj, n_qkv, n_qkv + H, H, A_log, dt_bias)
+        beta, g = gates_fwd(proj, col_b, col_a, n_heads, A_log, dt_bias)
         q, k, v, _, _ = _lean_inputs(proj, wq, wk, wv, n_heads)
         o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(q, k, v, beta, g, scale, None, False, None, True)
     return o, Tm, w, u, h, vn
@@ -209,12 +217,12 @@ def _lean_bwd(
     from ..ops.delta_rule.gates_triton import gates_bwd, gates_fwd
 
     keep = h.numel() > 0
-    H, n_qkv = n_heads, 2 * wq.shape[0] + wv.shape[0]
+    col_b, col_a, col_pad = _gate_columns(wq, wv, n_heads, A_log is not None)
     qp, kp, vp = _split_qkv(proj, wq, wv)
     dproj = torch.empty(proj.shape, device=proj.device, dtype=proj.dtype)
     dqp, dkp, dvp = _split_qkv(dproj, wq, wv)
     with torch.autocast(proj.device.type, enabled=False):
-        beta, g = gates_fwd(proj, n_qkv, n_qkv + H, H, A_log, dt_bias)
+        beta, g = gates_fwd(proj, col_b, col_a, n_heads, A_log, dt_bias)
         q, k, v, qn, kn = _lean_inputs(proj, wq, wk, wv, n_heads)
         dq, dk, dv, dbeta, dg, _ = chunk_gated_delta_bwd(
             q, k, v, beta, g, scale, None, None, Tm, w, u, do, None, True, h if keep else None, vn if keep else None
@@ -230,8 +238,7 @@ def _lean_bwd(
             dwk, _, _ = causal_conv1d_bwd_into(kp, wk, None, None, dk, None, True, _conv_cfg(kp), dkp)
         dwv, _, _ = causal_conv1d_bwd_into(vp, wv, None, None, dv.flatten(2), None, True, _conv_cfg(vp), dvp)
         # the gates' columns, and zeros in the padding's (their weight rows are zero, but dproj @ W must not meet NaN)
-        n_gates = H * (2 if A_log is not None else 1)
-        dA_log, ddt_bias = gates_bwd(proj, n_qkv, n_qkv + H, H, A_log, dt_bias, dbeta, dg, dproj, n_qkv + n_gates)
+        dA_log, ddt_bias = gates_bwd(proj, col_b, col_a, n_heads, A_log, dt_bias, dbeta, dg, dproj, col_pad)
     if dA_log is None or ddt_bias is None:  # ungated: two distinct empty outputs (outputs may not alias)
         dA_log, ddt_bias = proj.new_empty(0), proj.new_empty(0)
     return dproj, dwq, dwk, dwv, dA_log, ddt_bias
