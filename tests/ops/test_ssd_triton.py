@@ -65,6 +65,11 @@ def _run(fn, xs, cu_seqlens=None):
     return y, ht, {k: v.grad for k, v in leaves.items()}
 
 
+#: dA sums dg·dt over every token and head with heavy cancellation: float32 kernels land 1e-6 – 1.5e-5 from
+#: the float64 reference depending on summation order (the other gradients within 1e-6)
+SUM_TOL = {"A": 3e-5}
+
+
 def _compare(xs, tol, cu_seqlens=None):
     y, ht, grads = _run(ssd_triton, xs, cu_seqlens)
     ry, rht, rgrads = _run(ssd_reference, {k: v.double() for k, v in xs.items()}, cu_seqlens)
@@ -73,7 +78,7 @@ def _compare(xs, tol, cu_seqlens=None):
     assert _rel(ht, rht) < tol, ("final_state", _rel(ht, rht))
     for k in NAMES:
         assert torch.isfinite(grads[k]).all(), k
-        assert _rel(grads[k], rgrads[k]) < tol, (f"d{k}", _rel(grads[k], rgrads[k]))
+        assert _rel(grads[k], rgrads[k]) < max(tol, SUM_TOL.get(k, 0.0)), (f"d{k}", _rel(grads[k], rgrads[k]))
     return y
 
 

@@ -15,7 +15,7 @@ A_log, D and dt_bias are kept in float32 (float64 for a float64 layer) whatever 
 
 Training on the Triton backend runs everything after ``in_proj`` as one custom op,
 ``mixlab::mamba2_mix_fwd``, that keeps only the in_proj output and the SSD output (with the D skip) for
-backward and recomputes the conv, the SSD's ``dt·x`` and the norm output there (as mamba_ssm's fused
+backward and recomputes the conv, the SSD's ``softplus(dt)`` and the norm output there (as mamba_ssm's fused
 Mamba2): 32.6 instead of 57.9 KiB per token and block at the 1.3b widths (``LEAN_MIX``).
 
 Decoding (see :func:`mixlab.layers.common.decode_path`): with a cache, no gradient and few new tokens,
@@ -82,27 +82,8 @@ def ssd_steps(
     return y
 
 
-class _SkipD(torch.autograd.Function):
-    """``(y + D x)`` in float32, rounded once to y's dtype (as the SSD kernels' epilogue), saving ``x``
-    as it is (the scan keeps it alive anyway) rather than the float32 copy autograd would hold.
-    y, x ``[B, T, H, P]``; D ``[H]``."""
-
-    @staticmethod
-    def forward(ctx, y, x, D):  # type: ignore[override]
-        acc = D.dtype
-        ctx.save_for_backward(x, D)
-        return (y.to(acc) + x.to(acc) * D[:, None]).to(y.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        x, D = ctx.saved_tensors
-        df = dout.to(D.dtype)
-        dD = (df * x.to(D.dtype)).sum((0, 1, 3))
-        return dout, (df * D[:, None]).to(x.dtype), dD
-
-
 #: Train through ``mixlab::mamba2_mix_fwd`` (conv → SSD + D → gated norm → out_proj in one op whose
-#: backward recomputes the conv, the SSD prep and the norm output) on the Triton path; False: the
+#: backward recomputes the conv, the SSD's dt stage and the norm output) on the Triton path; False: the
 #: separate differentiable ops (which save ~25 KiB more per token and block at the 1.3b widths).
 LEAN_MIX = True
 
@@ -188,11 +169,11 @@ def mamba2_mix_bwd(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
     torch.Tensor,
 ]:  # fmt: skip
-    """Recomputes the conv, the SSD prep (v, g) and the norm output, then runs the ops' backwards.
+    """Recomputes the conv, the SSD's dt stage (d, g) and the norm output, then runs the ops' backwards.
     Returns the gradients of ``(zxbcdt, conv_w, conv_b | empty, A, D, dt_bias, norm_w, out_w, out_b | empty)``."""
     from ..ops.conv.triton import causal_conv1d_bwd_into
     from ..ops.norm_triton import gated_rms_norm_bwd_into, gated_rms_norm_fwd
-    from ..ops.ssd.triton.fused import ssd_fused_bwd, ssd_prep
+    from ..ops.ssd.triton.fused import ssd_dt, ssd_fused_bwd
 
     d_inner, conv_dim, H, P, G = dims[:5]
     b, T, _ = zxbcdt.shape
@@ -215,11 +196,11 @@ def mamba2_mix_bwd(
         dnw = gated_rms_norm_bwd_into(y2, zc, norm_w, rstd, do, d_inner // G, norm_before_gate, dy, dz.view(M, d_inner))
         del do, zc, rstd
         xs, q, k = _mix_conv_ssd_inputs(xBC, conv_w, conv_b, conv_cfg, dims)
-        v, g = ssd_prep(xs, dt, A, dt_bias, True)
+        d, g = ssd_dt(dt, A, dt_bias, True)
         dx, ddt, dA, dq, dk, dbias, dD, _, _ = ssd_fused_bwd(
-            xs, dt, A, q, k, dt_bias, D, None, None, None, v, g, y.new_empty(0), dy.view(b, T, H, P), None, True
+            xs, dt, A, q, k, dt_bias, D, None, None, None, d, g, y.new_empty(0), dy.view(b, T, H, P), None, True
         )
-        del xs, q, k, v, g, dy
+        del xs, q, k, d, g, dy
         ddt_out.copy_(ddt.view(b, T, -1))
         # the conv is depthwise: x, B and C channels run as three calls, each reading its own SSD gradient
         GN = dims[4] * dims[5]
@@ -408,7 +389,7 @@ class Mamba2(Mixer):
             return self.out_proj(self.norm(y.reshape(B, T, self.d_inner), z).to(x.dtype))
         keep = cache is not None
         # Triton training path: separate contiguous z, xBC, dt (the conv and the norm save them; views
-        # would keep the whole in_proj output alive next to the norm's copy of z), and the D skip here.
+        # would keep the whole in_proj output alive next to the norm's copy of z).
         lean = not keep and x.dtype != torch.float64 and resolve_backend(self.backend, x) == "triton"
         if lean:
             z, xBC, dt = z.contiguous(), xBC.contiguous(), dt.contiguous()
@@ -428,7 +409,7 @@ class Mamba2(Mixer):
             -torch.exp(self.A_log.to(acc)),
             Bm.reshape(B, T, G, N),
             Cm.reshape(B, T, G, N),
-            D=None if lean else self.D,
+            D=self.D,
             dt_bias=self.dt_bias,
             dt_softplus=True,
             chunk_size=self.chunk_size,
@@ -441,9 +422,6 @@ class Mamba2(Mixer):
                 cache.ssm_state.copy_(final)
                 cache.conv_state.copy_(conv_state)
             cache.pos += T
-        if lean:
-            with torch.autocast(x.device.type, enabled=False):
-                y = _SkipD.apply(y, xs.reshape(B, T, H, P), self.D)
         y = self.norm(y.reshape(B, T, self.d_inner), z)
         return self.out_proj(y.to(x.dtype))
 

@@ -9,6 +9,11 @@ with ``G = cumsum(g)`` inside the chunk, ``γ = exp(G)`` and ``Γ_ij = exp(G_i �
   ``U = T diag(β) V``; across chunks ``V_new = U − W S``.
 * gated linear attention (SSD): ``V_new = V`` (no T, no W).
 
+Scaled values (``XD``, SSD only): ``V = x·d`` is formed on load from ``x`` (any token stride, e.g. a view
+of Mamba2's conv output) and a per-(token, head) float32 factor ``d`` (dt after its softplus), rounded
+to the input dtype as a materialised ``V`` would be; an optional skip adds ``D·x`` to the forward's output.
+The forward never writes ``V``; the backward's state recompute writes it once for ``dqkwg`` and returns dV.
+
 Then ``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` and ``S ← γ_C S + (diag(γ_C/γ) K)ᵀ V_new``.
 
 Tensors are handled as packed token streams: ``[B, T, H, D]`` is viewed as ``[B·T, H, D]`` and a
@@ -227,14 +232,16 @@ def _wu_fwd_kernel(
 
 @triton.jit
 def _fwd_h_kernel(
-    k, v, w, g, h, vn, h0, ht, cu_seqlens, chunk_offsets, T, NT,
+    k, v, w, g, h, vn, h0, ht, cu_seqlens, chunk_offsets, xd, SVT, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, SAVE_VNEW: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, XD: tl.constexpr,
 ):  # fmt: skip
     """Sequential over the chunks of one (sequence, head, V tile): states ``h`` [NC, H, K, V] entering
-    each chunk, and ``V_new`` (``U − W S`` with the delta rule, ``v`` holding ``U``; else ``v``)."""
+    each chunk, and ``V_new`` (``U − W S`` with the delta rule, ``v`` holding ``U``; else ``v``).
+    ``XD``: ``v`` holds x (token stride ``SVT``) and V = x·d with ``d = xd [NTOK, H]``, written to ``vn`` with
+    ``SAVE_VNEW`` (the backward's ``dqkwg`` reads it there)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -267,7 +274,14 @@ def _fwd_h_kernel(
         m_v = m_t[:, None] & (o_v < V)[None, :]
         p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
         b_k = tl.load(k + rows[:, None] * (HK * K) + i_hk * K + o_k[None, :], mask=m_k, other=0.0)
-        b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
+        if XD:
+            b_x = tl.load(v + rows[:, None] * SVT + i_h * V + o_v[None, :], mask=m_v, other=0.0).to(tl.float32)
+            b_vd = (b_x * tl.load(xd + rows * H + i_h, mask=m_t, other=0.0)[:, None]).to(dt)
+            if SAVE_VNEW:
+                tl.store(vn + p_v, b_vd, mask=m_v)
+            b_v = b_vd.to(tl.float32)
+        else:
+            b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
         if USE_DELTA:
             b_w = tl.load(w + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_k, other=0.0)
             b_v -= tl.dot(b_w, b_h.to(dt), input_precision="ieee")
@@ -285,15 +299,17 @@ def _fwd_h_kernel(
 
 @triton.jit
 def _fwd_ho_kernel(
-    q, k, v, w, g, o, h0, ht, cu_seqlens, scale, T, NT,
+    q, k, v, w, g, o, h0, ht, cu_seqlens, xd, Dp, SVT, scale, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    XD: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr,
 ):  # fmt: skip
     """The forward's state pass and output in one sequential kernel per (sequence, head, V tile): each chunk's
     ``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` is formed from the state ``S`` in registers, so the
     chunk states ``h`` and ``V_new`` are never written (the backward recomputes them with ``_fwd_h_kernel``).
-    Same roundings as ``_fwd_h_kernel`` + ``_fwd_o_kernel``: S and V_new enter the products in the input dtype."""
+    Same roundings as ``_fwd_h_kernel`` + ``_fwd_o_kernel``: S and V_new enter the products in the input dtype.
+    ``XD``: V = x·d as in ``_fwd_h_kernel``; ``HAS_D``: ``O += D·x`` (D ``[H]``, or ``[H, V]`` with ``D_PER_V``)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -313,6 +329,11 @@ def _fwd_ho_kernel(
     dt = k.dtype.element_ty
     p_s = o_k[:, None] * V + o_v[None, :]
 
+    if HAS_D:
+        if D_PER_V:
+            b_D = tl.load(Dp + i_h * V + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
+        else:
+            b_D = tl.load(Dp + i_h).to(tl.float32)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
@@ -326,7 +347,11 @@ def _fwd_ho_kernel(
         p_qk = rows[:, None] * (HK * K) + i_hk * K + o_k[None, :]
         b_q = tl.load(q + p_qk, mask=m_k, other=0.0)
         b_k = tl.load(k + p_qk, mask=m_k, other=0.0)
-        b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
+        if XD:
+            b_x = tl.load(v + rows[:, None] * SVT + i_h * V + o_v[None, :], mask=m_v, other=0.0).to(tl.float32)
+            b_v = (b_x * tl.load(xd + rows * H + i_h, mask=m_t, other=0.0)[:, None]).to(dt).to(tl.float32)
+        else:
+            b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
         b_hd = b_h.to(dt)
         b_o = tl.dot(b_q, b_hd, input_precision="ieee")
         b_A = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
@@ -341,6 +366,8 @@ def _fwd_ho_kernel(
             b_A = b_A * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
         b_A = tl.where(m_i, b_A, 0.0)
         b_o = (b_o + tl.dot(b_A.to(dt), b_vd, input_precision="ieee")) * scale
+        if HAS_D:
+            b_o += b_x * b_D
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
         if USE_G:
             b_vd = (b_v * tl.exp(b_glast - b_g)[:, None]).to(dt)
@@ -352,11 +379,13 @@ def _fwd_ho_kernel(
 
 @triton.jit
 def _fwd_o_kernel(
-    q, k, vn, g, h, o, cu_seqlens, chunk_indices, scale, T, NT,
+    q, k, vn, g, h, o, cu_seqlens, chunk_indices, xd, Dp, SVT, scale, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    XD: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr,
 ):  # fmt: skip
-    """``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` per (V tile, chunk, head)."""
+    """``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` per (V tile, chunk, head); ``XD`` / ``HAS_D`` as in
+    ``_fwd_ho_kernel``."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (H // HK)
     if IS_VARLEN:
@@ -396,8 +425,17 @@ def _fwd_o_kernel(
     b_A = tl.where(m_i, b_A, 0.0)
     m_v = m_t[:, None] & (o_v < V)[None, :]
     p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
-    b_v = tl.load(vn + p_v, mask=m_v, other=0.0)
+    if XD:
+        b_x = tl.load(vn + rows[:, None] * SVT + i_h * V + o_v[None, :], mask=m_v, other=0.0).to(tl.float32)
+        b_v = b_x * tl.load(xd + rows * H + i_h, mask=m_t, other=0.0)[:, None]
+    else:
+        b_v = tl.load(vn + p_v, mask=m_v, other=0.0)
     b_o = (b_o + tl.dot(b_A.to(dt), b_v.to(dt), input_precision="ieee")) * scale
+    if HAS_D:
+        if D_PER_V:
+            b_o += b_x * tl.load(Dp + i_h * V + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
+        else:
+            b_o += b_x * tl.load(Dp + i_h).to(tl.float32)
     tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
@@ -962,17 +1000,26 @@ def chunk_fwd(
     cu_seqlens: torch.Tensor | None,
     use_delta: bool,
     keep_states: bool = False,
+    xd: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Forward. q, k ``[B, T, HK, K]``; v ``[B, T, H, V]``; beta/g ``[B, T, H]`` (contiguous, one dtype
     for q/k/v). Returns ``(o [B, T, H, V], final state [N, H, K, V] float32 or None, Tm, w, u, h, vn)``
     where ``Tm`` [B, T, H, 64] float32, ``w`` [B, T, H, K], ``u`` like v (None without the delta rule),
     and with ``keep_states`` (delta rule only) the chunk states ``h`` (:func:`states_shape`) and ``V_new``
-    like v for :func:`chunk_bwd`, else None."""
+    like v for :func:`chunk_bwd`, else None.
+
+    Scaled values (gated linear attention only): with ``xd [B, T, H]`` float32, ``v`` is x (any token
+    stride, see :func:`token_stride`) and the values are ``x·xd``; ``D`` (``[H]`` or ``[H, V]``) adds ``D·x``
+    to the output."""
     B, T, HK, K = q.shape
     H, V = v.shape[2], v.shape[3]
     lay = _Layout(B, T, cu_seqlens, q.device)
     dev = q.device
-    o = torch.empty_like(v)
+    XD = _scaled_values(xd, D, use_delta, keep_states)
+    svt = token_stride(v) if XD else H * V
+    xd_, D_ = (xd, D if D is not None else xd) if XD else (v, v)
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     ht = torch.empty(lay.N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     if lay.NC == 0:
         if ht is not None:
@@ -1007,26 +1054,52 @@ def chunk_fwd(
         _fwd_ho_kernel[(triton.cdiv(V, BV), lay.N * H)](
             q, k, u if use_delta else v, w if use_delta else dummy, gp, o,
             initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
-            lay.cu_seqlens, scale, lay.T, lay.NT,
+            lay.cu_seqlens, xd_, D_, svt, scale, lay.T, lay.NT,
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
             USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
-            IS_VARLEN=lay.is_varlen, **kw,
+            IS_VARLEN=lay.is_varlen, XD=XD, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2, **kw,
         )  # fmt: skip
         return o, ht, Tm, w, u, None, None
     nc = states_shape(B, T, H, K, V, lay.N if lay.is_varlen else None)[0] if keep else lay.NC
     h = torch.empty(nc, H, K, V, dtype=q.dtype, device=dev)
     vn = torch.empty_like(v) if use_delta else v
-    _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, ht, lay, use_delta)
+    _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, ht, lay, use_delta, xd if XD else None)
     BK, BV, kw = _launch("fwd_o", K, V)
     _fwd_o_kernel[(triton.cdiv(V, BV), lay.NC, H)](
-        q, k, vn, gp, h, o, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
-        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
+        q, k, vn, gp, h, o, lay.cu_seqlens, lay.chunk_indices, xd_, D_, svt, scale, lay.T, lay.NT,
+        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen,
+        XD=XD, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2, **kw,
     )  # fmt: skip
     return o, ht, Tm, w, u, (h if keep else None), (vn if keep else None)
 
 
-def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta):
-    """Run the sequential state kernel: fills ``h`` (and ``vn`` with the delta rule), optionally ``ht``."""
+def token_stride(x: torch.Tensor) -> int:
+    """Token stride of ``x [B, T, H, V]`` read as a packed token stream with heads ``V`` apart and unit stride
+    along V (e.g. a channel slice of a wider per-token buffer); raises if ``x`` is not laid out so."""
+    B, T, H, V = x.shape
+    st = x.stride(1)
+    ok = x.stride(3) == 1 and (H == 1 or x.stride(2) == V) and (B == 1 or T == 0 or x.stride(0) == T * st)
+    if not ok:
+        raise ValueError(f"chunk kernels: scaled values need heads V apart and evenly spaced tokens, got strides "
+                         f"{tuple(x.stride())} for shape {tuple(x.shape)}; pass x.contiguous()")  # fmt: skip
+    return st
+
+
+def _scaled_values(xd: torch.Tensor | None, D: torch.Tensor | None, use_delta: bool, keep: bool) -> bool:
+    if xd is None:
+        if D is not None:
+            raise ValueError("chunk kernels: the D skip needs scaled values (xd)")
+        return False
+    if use_delta or keep:
+        raise ValueError("chunk kernels: scaled values (xd) serve gated linear attention only")
+    if xd.dtype != torch.float32 or not xd.is_contiguous():
+        raise ValueError(f"chunk kernels: xd must be contiguous float32 [B, T, H], got {xd.dtype}")
+    return True
+
+
+def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None):
+    """Run the sequential state kernel: fills ``h`` (and ``vn`` with the delta rule), optionally ``ht``;
+    with ``xd`` the values are ``vsrc·xd`` (vsrc any token stride), written to ``vn`` unless it is vsrc."""
     HK, K = k.shape[2], k.shape[3]
     H, V = vsrc.shape[2], vsrc.shape[3]
     BK, BV, kw = _launch("fwd_h", K, V, seq=True, seq_heads=lay.N * H)
@@ -1034,10 +1107,11 @@ def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta):
     _fwd_h_kernel[(triton.cdiv(V, BV), lay.N * H)](
         k, vsrc, w if w is not None else dummy, g if g is not None else dummy, h, vn,
         initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
-        lay.cu_seqlens, lay.chunk_offsets, lay.T, lay.NT,
+        lay.cu_seqlens, lay.chunk_offsets, xd if xd is not None else dummy,
+        token_stride(vsrc) if xd is not None else H * V, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, USE_DELTA=use_delta,
-        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None, SAVE_VNEW=use_delta,
-        IS_VARLEN=lay.is_varlen, **kw,
+        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
+        SAVE_VNEW=use_delta or (xd is not None and vn is not vsrc), IS_VARLEN=lay.is_varlen, XD=xd is not None, **kw,
     )  # fmt: skip
 
 
@@ -1058,20 +1132,25 @@ def chunk_bwd(
     use_delta: bool,
     h: torch.Tensor | None = None,
     vn: torch.Tensor | None = None,
+    xd: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward. Returns ``(dq, dk, dv, dbeta, dg, dh0)``: dq/dk/dv in the inputs' dtype and shapes
     (grouped q/k gradients summed over their value heads in-kernel), dbeta/dg float32 ``[B, T, H]``
     (None when unused), dh0 float32 (None without an initial state). The delta rule needs H == HK.
-    ``h``, ``vn``: the forward's chunk states and V_new (``keep_states``); recomputed when None."""
+    ``h``, ``vn``: the forward's chunk states and V_new (``keep_states``); recomputed when None.
+
+    With scaled values (``xd`` as in :func:`chunk_fwd`; the forward's D skip has no part here) the third
+    gradient is dV, the gradient of the values ``x·xd`` (contiguous)."""
     B, T, HK, K = q.shape
     H, V = v.shape[2], v.shape[3]
     dev = q.device
     lay = _Layout(B, T, cu_seqlens, dev)
     f32 = torch.float32
     use_g = g is not None
+    XD = _scaled_values(xd, None, use_delta, False)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dv = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     dbeta = torch.empty(B, T, H, dtype=f32, device=dev) if use_delta else None
     dg = torch.empty(B, T, H, dtype=f32, device=dev) if use_g else None
     dh0 = torch.empty_like(initial_state, dtype=f32) if initial_state is not None else None
@@ -1084,12 +1163,12 @@ def chunk_bwd(
     do = do.contiguous()
     dummy = do
     gp = g if use_g else dummy
-    if h is None or vn is None:  # recompute the chunk states and V_new
+    if h is None or vn is None:  # recompute the chunk states and V_new (scaled values: V itself, for dqkwg)
         h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
-        vn = torch.empty_like(v) if use_delta else v
-        _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta)
+        vn = torch.empty(B, T, H, V, dtype=v.dtype, device=dev) if use_delta or XD else v
+        _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta, xd if XD else None)
     # intra-chunk part of dV_new, then the reverse state pass
-    dvl = torch.empty_like(v)
+    dvl = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     BK, BV, kw = _launch("dv_local", K, V)
     _bwd_dv_local_kernel[(lay.NC, H)](
         q, k, gp, do, dvl, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,

@@ -1,21 +1,25 @@
-"""Fused elementwise stages of Triton SSD around the chunk kernels, with hand-written backward.
+"""SSD on the chunk kernels with its elementwise stages fused around them, with a hand-written backward.
 
 ``mixlab::ssd_fused_fwd`` runs, per token and head (``s = dt + dt_bias``, ``d = softplus(s)`` if asked):
 
-* prep: ``v = x·d`` (x's dtype) and ``g = d·A`` (float32) in one pass over x;
-* the scan: ``mixlab::chunk_gated_delta_fwd`` (``use_delta=False``) gives ``y`` in x's dtype;
-* finish (only with D or z): ``out = (y + D·x)·silu(z)`` in float32, cast once.
+* dt: ``d`` and ``g = d·A`` (float32 ``[B, T, H]``) in one small kernel;
+* the scan: the chunk kernels with scaled values (``V = x·d`` formed on load, x read in place, e.g. as a
+  view of Mamba2's conv output) and the ``D·x`` skip added to their output, so neither ``V`` nor a
+  separate skip pass exists; this gives ``y = SSD(x) + D·x`` in x's dtype;
+* only with z: ``out = y·silu(z)`` in float32, cast once.
 
-``mixlab::ssd_fused_bwd`` runs the reverse: finish backward (``dy = dout·silu(z)``, ``dz``, dD partials;
-reads dout, y, x, z), the chunk backward (``dq, dk, dv, dg, dh0``), then prep backward, which also
-adds the D skip's ``D·dy`` into ``dx`` so that dx is written once and never accumulated by autograd
-(reads dv, x, dy; writes dx, ddt). Reductions over tokens (d dt_bias, dA, dD) are per-program float32
-partials summed afterwards (deterministic).
+``mixlab::ssd_fused_bwd`` runs the reverse: with z, ``dy = dout·silu(z)`` and ``dz``; the chunk backward
+(dq, dk, dV, dg); then one pass over the values: ``dx = dV·d + D·dy``, ``dd = Σ_p dV·x + dg·A``,
+``ddt = dd·softplus'(s)``. Reductions over tokens (d dt_bias, dA, dD) are per-program float32 partials
+summed afterwards (deterministic).
+
+H100, 65,536 tokens, H64 P64 N128 (``results/…-s9-….json``): ``V`` formed on load in the state kernels
+instead of a prep pass writing it, forward 1.52 → 1.17 ms. Fusing ``dx`` into the reverse state pass
+(``_bwd_dh_kernel``) measured slower (1.54 → 2.54 ms, against 0.58 for this separate pass), as did
+converting ``x·d`` per tile in ``dqkwg`` (2.65 → 3.20 ms); there ``d`` scales the products' sums instead.
 
 Tensors ``[B, T, H, P]`` are handled as ``[B·T, H, P]`` token streams with a token and a head stride
-(unit stride along P), so strided views such as Mamba2's split of the conv output are read in place.
-A program owns ``BT`` tokens × one head × all of P; the head is the fastest grid axis so that
-neighbouring programs share token rows (dt and x lines).
+(unit stride along P), so strided views are read in place.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton.ops import chunk_gated_delta_bwd, chunk_gated_delta_fwd
+from ..._triton.chunk import chunk_bwd, chunk_fwd, token_stride
 
 Tensor = torch.Tensor
 
-#: elements of a [BT, BP] tile (BT = TILE // BP tokens), and warps, per kernel
-TILE = {"prep_fwd": 4096, "prep_bwd": 4096, "finish_fwd": 4096, "finish_bwd": 4096}
-WARPS = {"prep_fwd": 4, "prep_bwd": 8, "finish_fwd": 4, "finish_bwd": 8}
+#: tokens per program of the dt kernel ([BT, H] tiles), elements of the other kernels' [BT, BP] tiles
+#: (BT = TILE // BP tokens), and warps per kernel
+DT_TOKENS = 64
+TILE = {"values_bwd": 4096, "finish_fwd": 4096, "finish_bwd": 4096}
+WARPS = {"dt_fwd": 4, "values_bwd": 8, "finish_fwd": 4, "finish_bwd": 8}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -39,39 +45,38 @@ WARPS = {"prep_fwd": 4, "prep_bwd": 8, "finish_fwd": 4, "finish_bwd": 8}
 
 
 @triton.jit
-def _prep_fwd_kernel(
-    x, sx_t, sx_h, dt, sdt_t, sdt_h, dt_bias, A, v, g, NTOK,
-    H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+def _dt_fwd_kernel(
+    dt, sdt_t, sdt_h, dt_bias, A, d, g, NTOK,
+    H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    """``d = softplus(dt + bias)``; ``g = d·A`` [NTOK, H] float32; ``v = x·d`` [NTOK, H, P] contiguous."""
-    i_h, i_b = tl.program_id(0), tl.program_id(1)
+    """``d = softplus(dt + bias)`` and ``g = d·A``, both ``[NTOK, H]`` float32 contiguous."""
+    i_b = tl.program_id(0)
     rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
-    m_t = rows < NTOK
-    cols = tl.arange(0, BP)
-    m = m_t[:, None] & (cols < P)[None, :]
-    s = tl.load(dt + rows * sdt_t + i_h * sdt_h, mask=m_t, other=0.0).to(tl.float32)
+    heads = tl.arange(0, BH)
+    m = (rows < NTOK)[:, None] & (heads < H)[None, :]
+    s = tl.load(dt + rows[:, None] * sdt_t + heads[None, :] * sdt_h, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        s += tl.load(dt_bias + i_h).to(tl.float32)
+        s += tl.load(dt_bias + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
     if SOFTPLUS:  # torch's softplus (threshold 20) with an accurate log1p(e) = log(u)·e/(u−1), u = 1+e
         e = tl.exp(tl.minimum(s, 20.0))
         u = 1.0 + e
         lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
         s = tl.where(s > 20.0, s, lp)
-    a = tl.load(A + i_h).to(tl.float32)
-    tl.store(g + rows * H + i_h, s * a, mask=m_t)
-    b_x = tl.load(x + rows[:, None] * sx_t + i_h * sx_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    tl.store(v + rows[:, None] * (H * P) + i_h * P + cols[None, :], (b_x * s[:, None]).to(v.dtype.element_ty), mask=m)
+    a = tl.load(A + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
+    p = rows[:, None] * H + heads[None, :]
+    tl.store(d + p, s, mask=m)
+    tl.store(g + p, s * a, mask=m)
 
 
 @triton.jit
-def _prep_bwd_kernel(
-    x, sx_t, sx_h, dt, sdt_t, sdt_h, dt_bias, A, dv, dg, dy, D, dx, ddt, part_bias, part_A, NTOK,
+def _values_bwd_kernel(
+    x, sx_t, sx_h, dt, sdt_t, sdt_h, dt_bias, A, dv, dg, dy, D, dx, ddt, part_bias, part_A, part_D, NTOK,
     H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
 ):  # fmt: skip
-    """``dx = dv·d (+ D·dy)``; ``dd = Σ_p dv·x + dg·A``; ``ddt = dd·softplus'(s)``; per-program partial sums
-    of ddt (d dt_bias) and ``dg·d`` (dA) into ``part_* [n_blocks, H]``. dv, dy, dx contiguous."""
+    """Backward of the values ``V = x·d`` and the skip ``D·x``: ``dx = dv·d (+ D·dy)``; ``dd = Σ_p dv·x + dg·A``;
+    ``ddt = dd·softplus'(s)``; per-program partial sums of ddt (d dt_bias), ``dg·d`` (dA) and ``dy·x`` (dD)
+    into ``part_* [n_blocks, H(, P)]``. dv, dy, dx contiguous."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
     m_t = rows < NTOK
@@ -96,8 +101,10 @@ def _prep_bwd_kernel(
         b_dy = tl.load(dy + p_c, mask=m, other=0.0).to(tl.float32)
         if D_PER_P:
             b_dx += b_dy * tl.load(D + i_h * P + cols, mask=cols < P, other=0.0).to(tl.float32)[None, :]
+            tl.store(part_D + (i_b * H + i_h) * P + cols, tl.sum(b_dy * b_x, axis=0), mask=cols < P)
         else:
             b_dx += b_dy * tl.load(D + i_h).to(tl.float32)
+            tl.store(part_D + i_b * H + i_h, tl.sum(tl.sum(b_dy * b_x, axis=1), axis=0))
     tl.store(dx + p_c, b_dx.to(dx.dtype.element_ty), mask=m)
     dd = tl.sum(b_dv * b_x, axis=1) + b_dg * a
     if SOFTPLUS:
@@ -109,67 +116,36 @@ def _prep_bwd_kernel(
 
 @triton.jit
 def _finish_fwd_kernel(
-    y, x, sx_t, sx_h, z, sz_t, sz_h, D, out, NTOK,
-    H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
+    y, z, sz_t, sz_h, out, NTOK, H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
 ):  # fmt: skip
-    """``out = (y + D·x)·silu(z)`` in float32, cast to out's dtype. y, out contiguous."""
+    """``out = y·silu(z)`` in float32, cast to out's dtype. y, out contiguous."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
-    m_t = rows < NTOK
     cols = tl.arange(0, BP)
-    m = m_t[:, None] & (cols < P)[None, :]
+    m = (rows < NTOK)[:, None] & (cols < P)[None, :]
     p_c = rows[:, None] * (H * P) + i_h * P + cols[None, :]
     b_o = tl.load(y + p_c, mask=m, other=0.0).to(tl.float32)
-    if HAS_D:
-        b_x = tl.load(x + rows[:, None] * sx_t + i_h * sx_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        if D_PER_P:
-            b_o += b_x * tl.load(D + i_h * P + cols, mask=cols < P, other=0.0).to(tl.float32)[None, :]
-        else:
-            b_o += b_x * tl.load(D + i_h).to(tl.float32)
-    if HAS_Z:
-        b_z = tl.load(z + rows[:, None] * sz_t + i_h * sz_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        b_o = b_o * (b_z / (1.0 + tl.exp(-b_z)))
-    tl.store(out + p_c, b_o.to(out.dtype.element_ty), mask=m)
+    b_z = tl.load(z + rows[:, None] * sz_t + i_h * sz_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(out + p_c, (b_o * (b_z / (1.0 + tl.exp(-b_z)))).to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _finish_bwd_kernel(
-    do, so_t, so_h, y, x, sx_t, sx_h, z, sz_t, sz_h, D, dy, dz, part_D, NTOK,
+    do, so_t, so_h, y, z, sz_t, sz_h, dy, dz, NTOK,
     H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr,
 ):  # fmt: skip
-    """``dy = dout·silu(z)`` (y's dtype), ``dz = dout·(y + D x)·silu'(z)``, per-program partials of
-    ``Σ dy·x`` (dD) into ``part_D [n_blocks, H(, P)]``. y, dy, dz contiguous. The D skip's dx is left to
-    the prep backward (``D·dy``)."""
+    """``dy = dout·silu(z)`` (y's dtype), ``dz = dout·y·silu'(z)``. y, dy, dz contiguous."""
     i_h, i_b = tl.program_id(0), tl.program_id(1)
     rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
-    m_t = rows < NTOK
     cols = tl.arange(0, BP)
-    m = m_t[:, None] & (cols < P)[None, :]
+    m = (rows < NTOK)[:, None] & (cols < P)[None, :]
     p_c = rows[:, None] * (H * P) + i_h * P + cols[None, :]
     b_do = tl.load(do + rows[:, None] * so_t + i_h * so_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    if HAS_D:
-        b_x = tl.load(x + rows[:, None] * sx_t + i_h * sx_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    if HAS_Z:
-        b_z = tl.load(z + rows[:, None] * sz_t + i_h * sz_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        sg = 1.0 / (1.0 + tl.exp(-b_z))
-        b_pre = tl.load(y + p_c, mask=m, other=0.0).to(tl.float32)
-        if HAS_D:
-            if D_PER_P:
-                b_pre += b_x * tl.load(D + i_h * P + cols, mask=cols < P, other=0.0).to(tl.float32)[None, :]
-            else:
-                b_pre += b_x * tl.load(D + i_h).to(tl.float32)
-        tl.store(dz + p_c, (b_do * b_pre * sg * (1.0 + b_z * (1.0 - sg))).to(dz.dtype.element_ty), mask=m)
-        b_dy = b_do * (b_z * sg)
-    else:
-        b_dy = b_do
-    tl.store(dy + p_c, b_dy.to(dy.dtype.element_ty), mask=m)
-    if HAS_D:
-        if D_PER_P:
-            tl.store(part_D + (i_b * H + i_h) * P + cols, tl.sum(b_dy * b_x, axis=0), mask=cols < P)
-        else:
-            tl.store(part_D + i_b * H + i_h, tl.sum(tl.sum(b_dy * b_x, axis=1), axis=0))
+    b_z = tl.load(z + rows[:, None] * sz_t + i_h * sz_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    sg = 1.0 / (1.0 + tl.exp(-b_z))
+    b_y = tl.load(y + p_c, mask=m, other=0.0).to(tl.float32)
+    tl.store(dz + p_c, (b_do * b_y * sg * (1.0 + b_z * (1.0 - sg))).to(dz.dtype.element_ty), mask=m)
+    tl.store(dy + p_c, (b_do * (b_z * sg)).to(dy.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +162,15 @@ def _tokens(t: Tensor) -> tuple[Tensor, int, int]:
     return t, t.stride(1), t.stride(2)
 
 
+def _values(x: Tensor) -> Tensor:
+    """x as the chunk kernels' scaled values read it (heads P apart, evenly spaced tokens), copied otherwise."""
+    try:
+        token_stride(x)
+        return x
+    except ValueError:
+        return x.contiguous()
+
+
 def _grid(name: str, ntok: int, H: int, P: int) -> tuple[tuple[int, int], dict]:
     BP = triton.next_power_of_2(P)
     BT = max(1, TILE[name] // BP)
@@ -196,22 +181,21 @@ def _empty(ref: Tensor) -> Tensor:
     return ref.new_empty(0)
 
 
-def ssd_prep(x: Tensor, dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool) -> tuple[Tensor, Tensor]:
-    """The prep stage alone (plain function, for callers that recompute it in a backward): x ``[B, T, H, P]``,
-    dt ``[B, T, H]`` -> ``(v = x·d [B, T, H, P] contiguous in x's dtype, g = d·A [B, T, H] float32)``."""
-    b, T, H, P = x.shape
+def ssd_dt(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool) -> tuple[Tensor, Tensor]:
+    """The dt stage alone (plain function, also for callers that recompute it in a backward): dt ``[B, T, H]``
+    (any token stride) -> ``(d = softplus(dt + dt_bias), g = d·A)``, both ``[B, T, H]`` float32 contiguous."""
+    b, T, H = dt.shape
     ntok = b * T
-    xs, sx_t, sx_h = _tokens(x)
     dts, sdt_t, sdt_h = _tokens(dt)
-    v = torch.empty(b, T, H, P, device=x.device, dtype=x.dtype)
-    g = torch.empty(b, T, H, device=x.device, dtype=torch.float32)
+    d = torch.empty(b, T, H, device=dt.device, dtype=torch.float32)
+    g = torch.empty(b, T, H, device=dt.device, dtype=torch.float32)
     if ntok:
-        grid, kw = _grid("prep_fwd", ntok, H, P)
-        _prep_fwd_kernel[grid](
-            xs, sx_t, sx_h, dts, sdt_t, sdt_h, dt_bias if dt_bias is not None else A, A, v, g, ntok, H=H, P=P,
-            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, **kw,
+        _dt_fwd_kernel[(triton.cdiv(ntok, DT_TOKENS),)](
+            dts, sdt_t, sdt_h, dt_bias if dt_bias is not None else A, A, d, g, ntok, H=H, BT=DT_TOKENS,
+            BH=triton.next_power_of_2(H), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+            num_warps=WARPS["dt_fwd"],
         )  # fmt: skip
-    return v, g
+    return d, g
 
 
 @torch.library.custom_op("mixlab::ssd_fused_fwd", mutates_args=())
@@ -231,24 +215,24 @@ def ssd_fused_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x ``[B, T, H, P]``, dt ``[B, T, H]``, q = C / k = B ``[B, T, G, N]`` in x's dtype (contiguous),
     initial_state ``[N_seq, H, N, P]`` (the kernels' transposed layout). Returns
-    ``(out [B, T, H, P], final_state [N_seq, H, N, P] | empty, v, g, y | empty)``: v/g/y are saved for the
-    backward (y only with D or z; without them out is y)."""
+    ``(out [B, T, H, P], final_state [N_seq, H, N, P] | empty, d, g, y | empty)``: d/g (float32
+    ``[B, T, H]``) and y (``SSD(x) + D·x``, only with z; without it out is y) are saved for the backward."""
     b, T, H, P = x.shape
     ntok = b * T
-    xs, sx_t, sx_h = _tokens(x)
-    v, g = ssd_prep(x, dt, A, dt_bias, dt_softplus)
-    y, ht, *_ = chunk_gated_delta_fwd(q, k, v, None, g, 1.0, initial_state, output_final_state, cu_seqlens, False)
-    if D is None and z is None:
-        return y, ht, v, g, _empty(y)
+    d, g = ssd_dt(dt, A, dt_bias, dt_softplus)
+    y, ht, *_ = chunk_fwd(
+        q, k, _values(x), None, g, 1.0, initial_state, output_final_state, cu_seqlens, False, xd=d, D=D
+    )
+    if ht is None:
+        ht = _empty(y).float()
+    if z is None:
+        return y, ht, d, g, _empty(y)
     out = torch.empty_like(y)
     if ntok:
-        zs, sz_t, sz_h = _tokens(z) if z is not None else (y, 0, 0)
+        zs, sz_t, sz_h = _tokens(z)
         grid, kw = _grid("finish_fwd", ntok, H, P)
-        _finish_fwd_kernel[grid](
-            y, xs, sx_t, sx_h, zs, sz_t, sz_h, D if D is not None else y, out, ntok, H=H, P=P,
-            HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None, **kw,
-        )  # fmt: skip
-    return out, ht, v, g, y
+        _finish_fwd_kernel[grid](y, zs, sz_t, sz_h, out, ntok, H=H, P=P, **kw)
+    return out, ht, d, g, y
 
 
 @ssd_fused_fwd.register_fake
@@ -257,8 +241,9 @@ def _(x, dt, A, q, k, dt_bias, D, z, initial_state, dt_softplus, output_final_st
     N = q.shape[-1]
     nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else b
     ht = x.new_empty(nseq, H, N, P, dtype=torch.float32) if output_final_state else x.new_empty(0, dtype=torch.float32)
-    y = x.new_empty(b, T, H, P) if (D is not None or z is not None) else x.new_empty(0)
-    return x.new_empty(b, T, H, P), ht, x.new_empty(b, T, H, P), x.new_empty(b, T, H, dtype=torch.float32), y
+    y = x.new_empty(b, T, H, P) if z is not None else x.new_empty(0)
+    f32 = torch.float32
+    return x.new_empty(b, T, H, P), ht, x.new_empty(b, T, H, dtype=f32), x.new_empty(b, T, H, dtype=f32), y
 
 
 @torch.library.custom_op("mixlab::ssd_fused_bwd", mutates_args=())
@@ -273,7 +258,7 @@ def ssd_fused_bwd(
     z: Tensor | None,
     initial_state: Tensor | None,
     cu_seqlens: Tensor | None,
-    v: Tensor,
+    d: Tensor,
     g: Tensor,
     y: Tensor,
     dout: Tensor,
@@ -281,56 +266,57 @@ def ssd_fused_bwd(
     dt_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, ddt, dA, dq, dk, d dt_bias | empty, dD | empty, dz | empty, d initial_state | empty)``,
-    each in its input's dtype."""
+    each in its input's dtype. d, g: :func:`ssd_dt` of the forward; y: the forward's y (with z only)."""
     b, T, H, P = x.shape
     ntok = b * T
     dev = x.device
-    xs, sx_t, sx_h = _tokens(x)
-    dts, sdt_t, sdt_h = _tokens(dt)
-    has_d = D is not None
-    dD, dz = _empty(x), _empty(x)
-    if has_d or z is not None:
+    dz = _empty(x)
+    if z is not None:
         dos, so_t, so_h = _tokens(dout)
-        dy = torch.empty(b, T, H, P, device=dev, dtype=v.dtype)
-        if z is not None:
-            zs, sz_t, sz_h = _tokens(z)
-            dz = torch.empty(b, T, H, P, device=dev, dtype=z.dtype)
-        else:
-            zs, sz_t, sz_h = dy, 0, 0
-        grid, kw = _grid("finish_bwd", ntok, H, P)
-        part_D = torch.empty(grid[1], *(D.shape if has_d else (1,)), device=dev, dtype=torch.float32)
+        dy = torch.empty(b, T, H, P, device=dev, dtype=x.dtype)
+        zs, sz_t, sz_h = _tokens(z)
+        dz = torch.empty(b, T, H, P, device=dev, dtype=z.dtype)
         if ntok:
-            _finish_bwd_kernel[grid](
-                dos, so_t, so_h, y, xs, sx_t, sx_h, zs, sz_t, sz_h, D if has_d else dy, dy,
-                dz if z is not None else dy, part_D, ntok, H=H, P=P,
-                HAS_D=has_d, D_PER_P=has_d and D.dim() == 2, HAS_Z=z is not None, **kw,
-            )  # fmt: skip
-        if has_d:
-            dD = part_D.sum(0).to(D.dtype)
+            grid, kw = _grid("finish_bwd", ntok, H, P)
+            _finish_bwd_kernel[grid](dos, so_t, so_h, y, zs, sz_t, sz_h, dy, dz, ntok, H=H, P=P, **kw)
     else:
-        dy = dout.to(v.dtype).contiguous()
-    e = _empty(v)
-    dq, dk, dv, _, dg, dh0 = chunk_gated_delta_bwd(
-        q, k, v, None, g, 1.0, initial_state, cu_seqlens, e.float(), e, e, dy, dht, False
+        dy = dout.to(x.dtype).contiguous()
+    xv = _values(x)
+    dq, dk, dv, _, dg, dh0 = chunk_bwd(
+        q, k, xv, None, g, 1.0, initial_state, cu_seqlens, None, None, None, dy, dht, False, xd=d
     )
+    has_d = D is not None
     dx = torch.empty(b, T, H, P, device=dev, dtype=x.dtype)
     ddt = torch.empty(b, T, H, device=dev, dtype=dt.dtype)
-    grid, kw = _grid("prep_bwd", ntok, H, P)
-    part_bias = torch.empty(grid[1], H, device=dev, dtype=torch.float32)
-    part_A = torch.empty(grid[1], H, device=dev, dtype=torch.float32)
+    grid, kw = _grid("values_bwd", ntok, H, P)
+    part_bias = torch.zeros(grid[1], H, device=dev, dtype=torch.float32)
+    part_A = torch.zeros(grid[1], H, device=dev, dtype=torch.float32)
+    part_D = torch.zeros(grid[1], *(D.shape if has_d else (1,)), device=dev, dtype=torch.float32)
     if ntok:
-        _prep_bwd_kernel[grid](
+        xs, sx_t, sx_h = _tokens(xv)
+        dts, sdt_t, sdt_h = _tokens(dt)
+        _values_bwd_kernel[grid](
             xs, sx_t, sx_h, dts, sdt_t, sdt_h, dt_bias if dt_bias is not None else A, A, dv, dg, dy,
-            D if has_d else A, dx, ddt, part_bias, part_A, ntok, H=H, P=P,
+            D if has_d else A, dx, ddt, part_bias, part_A, part_D, ntok, H=H, P=P,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=has_d, D_PER_P=has_d and D.dim() == 2, **kw,
         )  # fmt: skip
     dA = part_A.sum(0).to(A.dtype)
     dbias = part_bias.sum(0).to(dt_bias.dtype) if dt_bias is not None else _empty(x)
-    return dx, ddt, dA, dq, dk, dbias, dD, dz, dh0
+    return (
+        dx,
+        ddt,
+        dA,
+        dq,
+        dk,
+        dbias,
+        part_D.sum(0).to(D.dtype) if has_d else _empty(x),
+        dz,
+        dh0.to(initial_state.dtype) if initial_state is not None else _empty(x),
+    )
 
 
 @ssd_fused_bwd.register_fake
-def _(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, v, g, y, dout, dht, dt_softplus):
+def _(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y, dout, dht, dt_softplus):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(dt, memory_format=torch.contiguous_format),
@@ -346,19 +332,19 @@ def _(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, v, g, y, dout, d
 
 def _setup_context(ctx, inputs, output):
     x, dt, A, q, k, dt_bias, D, z, initial_state, dt_softplus, output_final_state, cu_seqlens = inputs
-    _, _, v, g, y = output
-    ctx.save_for_backward(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, v, g, y)
+    _, _, d, g, y = output
+    ctx.save_for_backward(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y)
     ctx.dt_softplus, ctx.output_final_state = dt_softplus, output_final_state
-    ctx.set_materialize_grads(False)  # v, g, y are outputs only to be saved: no zero gradients for them
+    ctx.set_materialize_grads(False)  # d, g, y are outputs only to be saved: no zero gradients for them
 
 
-def _backward(ctx, dout, dht, dv_, dg_, dy_):
-    x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, v, g, y = ctx.saved_tensors
+def _backward(ctx, dout, dht, dd_, dg_, dy_):
+    x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(x)
     dht = dht.contiguous() if ctx.output_final_state and dht is not None and dht.numel() else None
     dx, ddt, dA, dq, dk, dbias, dD, dz, dh0 = ssd_fused_bwd(
-        x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, v, g, y, dout, dht, ctx.dt_softplus
+        x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y, dout, dht, ctx.dt_softplus
     )
     return (
         dx,
@@ -402,4 +388,4 @@ def ssd_fused(
     return out, (ht.transpose(-1, -2) if output_final_state else None)
 
 
-__all__ = ["ssd_fused", "ssd_prep"]
+__all__ = ["ssd_dt", "ssd_fused"]
