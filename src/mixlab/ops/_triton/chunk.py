@@ -1011,9 +1011,18 @@ def chunk_fwd(
 
     Scaled values (gated linear attention only): with ``xd [B, T, H]`` float32, ``v`` is x (any token
     stride, see :func:`token_stride`) and the values are ``x·xd``; ``D`` (``[H]`` or ``[H, V]``) adds ``D·x``
-    to the output."""
+    to the output.
+
+    Head dims below ``MIN_HEAD_DIM_16BIT`` with 16-bit inputs on a GPU run zero-padded (see there)."""
     B, T, HK, K = q.shape
     H, V = v.shape[2], v.shape[3]
+    Kp, Vp = _padded_dims(q, K, V)
+    if (Kp, Vp) != (K, V):
+        o, ht, Tm, w, u, h, vn = chunk_fwd(
+            _pad(q, Kp), _pad(k, Kp), _pad(v, Vp), beta, g, scale, _pad(initial_state, Kp, Vp), output_final_state,
+            cu_seqlens, use_delta, keep_states, xd, _pad(D, Vp) if D is not None and D.dim() == 2 else D,
+        )  # fmt: skip
+        return o[..., :V].contiguous(), _crop(ht, K, V), Tm, _crop(w, K), _crop(u, V), _crop(h, K, V), _crop(vn, V)
     lay = _Layout(B, T, cu_seqlens, q.device)
     dev = q.device
     XD = _scaled_values(xd, D, use_delta, keep_states)
@@ -1071,6 +1080,38 @@ def chunk_fwd(
         XD=XD, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2, **kw,
     )  # fmt: skip
     return o, ht, Tm, w, u, (h if keep else None), (vn if keep else None)
+
+
+#: Head dims the kernels run at with 16-bit inputs on a GPU: K at least ``MIN_HEAD_DIM_16BIT``, V at least
+#: ``min(max(K, MIN_HEAD_DIM_16BIT), 64)``; smaller ones are zero-padded (exact: padded q/k columns add nothing
+#: to q·k, padded value columns give outputs that are cut off). Triton 3.6 on an H100 (fp16 and bf16), head
+#: dims (K, V): illegal memory accesses or wrong results at (32, 16), (64, 32) and (128, 32); correct at
+#: (16, 16), (32, 32), (64, 64), (128, 64), (16 → 32, 64) and the models' (128, 128), (256, 512) (session 9).
+MIN_HEAD_DIM_16BIT = 32
+
+
+def _padded_dims(q: torch.Tensor, K: int, V: int) -> tuple[int, int]:
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return K, V
+    K = max(K, MIN_HEAD_DIM_16BIT)
+    return K, max(V, min(K, 64))
+
+
+def _pad(t: torch.Tensor | None, last: int, second_last: int | None = None) -> torch.Tensor | None:
+    """Zero-pad ``t``'s last dim to ``last`` (and, for states ``[..., K, V]``, its second-last to ``last`` and
+    last to ``second_last``)."""
+    if t is None or t.numel() == 0:  # absent, or an empty placeholder of the custom ops
+        return t
+    if second_last is None:
+        return torch.nn.functional.pad(t, (0, last - t.shape[-1]))
+    return torch.nn.functional.pad(t, (0, second_last - t.shape[-1], 0, last - t.shape[-2]))
+
+
+def _crop(t: torch.Tensor | None, *dims: int) -> torch.Tensor | None:
+    """``t[..., :dims[0]]``, or ``t[..., :K, :V]`` for states, contiguous (None stays None)."""
+    if t is None or t.numel() == 0:
+        return t
+    return (t[..., : dims[0]] if len(dims) == 1 else t[..., : dims[0], : dims[1]]).contiguous()
 
 
 def token_stride(x: torch.Tensor) -> int:
@@ -1140,9 +1181,17 @@ def chunk_bwd(
     ``h``, ``vn``: the forward's chunk states and V_new (``keep_states``); recomputed when None.
 
     With scaled values (``xd`` as in :func:`chunk_fwd`; the forward's D skip has no part here) the third
-    gradient is dV, the gradient of the values ``x·xd`` (contiguous)."""
+    gradient is dV, the gradient of the values ``x·xd`` (contiguous). Small head dims are padded as in
+    :func:`chunk_fwd`."""
     B, T, HK, K = q.shape
     H, V = v.shape[2], v.shape[3]
+    Kp, Vp = _padded_dims(q, K, V)
+    if (Kp, Vp) != (K, V):
+        dq, dk, dv, dbeta, dg, dh0 = chunk_bwd(
+            _pad(q, Kp), _pad(k, Kp), _pad(v, Vp), beta, g, scale, _pad(initial_state, Kp, Vp), cu_seqlens, Tm,
+            _pad(w, Kp), _pad(u, Vp), _pad(do, Vp), _pad(dht, Kp, Vp), use_delta, _pad(h, Kp, Vp), _pad(vn, Vp), xd,
+        )  # fmt: skip
+        return dq[..., :K].contiguous(), dk[..., :K].contiguous(), dv[..., :V].contiguous(), dbeta, dg, _crop(dh0, K, V)
     dev = q.device
     lay = _Layout(B, T, cu_seqlens, dev)
     f32 = torch.float32
