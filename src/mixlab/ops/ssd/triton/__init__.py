@@ -2,11 +2,11 @@
 
 SSD per head is gated linear attention with the state transposed: with ``k = B``, ``q = C`` (shared by
 the H/G heads of a group), ``v = dt·x``, ``g = dt·A`` and ``scale = 1``, the kernels' state ``S [N, P]``
-is ``hᵀ`` and ``o_t = Sᵀ q_t = h_t C_t``. The dt transform (bias, softplus), the ``D`` skip and the
-``silu(z)`` gate are elementwise: by default fused Triton kernels with a hand-written backward around
-the scan (``mixlab::ssd_fused_fwd``, see :mod:`.fused`); with ``FUSED = False`` (and on the no-grad
-decode path) PyTorch code under autograd. The scan runs in ``mixlab::chunk_gated_delta_fwd`` with
-``use_delta=False``.
+is ``hᵀ`` and ``o_t = Sᵀ q_t = h_t C_t``. By default (``mixlab::ssd_fused_fwd``, see :mod:`.fused`) the
+chunk kernels form ``v = dt·x`` on load and add the ``D`` skip to their output; the dt transform (bias,
+softplus) and the ``silu(z)`` gate are small fused kernels, with a hand-written backward. With
+``FUSED = False`` (and on the no-grad decode path) the elementwise parts are PyTorch code under
+autograd around ``mixlab::chunk_gated_delta_fwd`` with ``use_delta=False``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@
 ``ddt = dd·softplus'(s)``. Reductions over tokens (d dt_bias, dA, dD) are per-program float32 partials
 summed afterwards (deterministic).
 
-H100, 65,536 tokens, H64 P64 N128 (``results/…-s9-….json``): ``V`` formed on load in the state kernels
-instead of a prep pass writing it, forward 1.52 → 1.17 ms. Fusing ``dx`` into the reverse state pass
+H100, 65,536 tokens, H64 P64 N128 (``results/kernels-ssd-scaled-values-*-s9.json``): ``V`` formed on load in
+the state kernels instead of a prep pass writing it, forward 1.52 → 1.16 ms. Fusing ``dx`` into the reverse state pass
 (``_bwd_dh_kernel``) measured slower (1.54 → 2.54 ms, against 0.58 for this separate pass), as did
 converting ``x·d`` per tile in ``dqkwg`` (2.65 → 3.20 ms); there ``d`` scales the products' sums instead.
 
