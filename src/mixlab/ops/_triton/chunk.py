@@ -1086,7 +1086,8 @@ def chunk_fwd(
 #: ``min(max(K, MIN_HEAD_DIM_16BIT), 64)``; smaller ones are zero-padded (exact: padded q/k columns add nothing
 #: to q·k, padded value columns give outputs that are cut off). Triton 3.6 on an H100 (fp16 and bf16), head
 #: dims (K, V): illegal memory accesses or wrong results at (32, 16), (64, 32) and (128, 32); correct at
-#: (16, 16), (32, 32), (64, 64), (128, 64), (16 → 32, 64) and the models' (128, 128), (256, 512) (session 9).
+#: (16, 16), (32, 32), (64, 64), (128, 64) and the models' (128, 128), (256, 512); with this padding also
+#: (32, 16), (64, 16), (128, 16), (128, 48), (256, 32) and K = 16 with V = 64 (session 9).
 MIN_HEAD_DIM_16BIT = 32
 
 
@@ -1097,14 +1098,13 @@ def _padded_dims(q: torch.Tensor, K: int, V: int) -> tuple[int, int]:
     return K, max(V, min(K, 64))
 
 
-def _pad(t: torch.Tensor | None, last: int, second_last: int | None = None) -> torch.Tensor | None:
-    """Zero-pad ``t``'s last dim to ``last`` (and, for states ``[..., K, V]``, its second-last to ``last`` and
-    last to ``second_last``)."""
+def _pad(t: torch.Tensor | None, n: int, v: int | None = None) -> torch.Tensor | None:
+    """Zero-pad ``t``'s last dim to ``n``; for states ``[..., K, V]`` (``v`` given) K to ``n`` and V to ``v``."""
     if t is None or t.numel() == 0:  # absent, or an empty placeholder of the custom ops
         return t
-    if second_last is None:
-        return torch.nn.functional.pad(t, (0, last - t.shape[-1]))
-    return torch.nn.functional.pad(t, (0, second_last - t.shape[-1], 0, last - t.shape[-2]))
+    if v is None:
+        return torch.nn.functional.pad(t, (0, n - t.shape[-1]))
+    return torch.nn.functional.pad(t, (0, v - t.shape[-1], 0, n - t.shape[-2]))
 
 
 def _crop(t: torch.Tensor | None, *dims: int) -> torch.Tensor | None:
