@@ -4,22 +4,24 @@
 
 * dt: ``d`` and ``g = d·A`` (float32 ``[B, T, H]``) in one small kernel;
 * the scan: the chunk kernels with scaled values (``V = x·d`` formed on load, x read in place, e.g. as a
-  view of Mamba2's conv output) and the ``D·x`` skip added to their output, so neither ``V`` nor a
-  separate skip pass exists; this gives ``y = SSD(x) + D·x`` in x's dtype;
+  view of Mamba2's conv output) and the ``D·x`` skip added to their output, so the forward writes no ``V``
+  and runs no separate skip pass; this gives ``y = SSD(x) + D·x`` in x's dtype;
 * only with z: ``out = y·silu(z)`` in float32, cast once.
 
 ``mixlab::ssd_fused_bwd`` runs the reverse: with z, ``dy = dout·silu(z)`` and ``dz``; the chunk backward
-(dq, dk, dV, dg); then one pass over the values: ``dx = dV·d + D·dy``, ``dd = Σ_p dV·x + dg·A``,
-``ddt = dd·softplus'(s)``. Reductions over tokens (d dt_bias, dA, dD) are per-program float32 partials
-summed afterwards (deterministic).
+(dq, dk, dV, dg; its state recompute writes ``V`` once, for ``dqkwg``); then one pass over the values:
+``dx = dV·d + D·dy``, ``dd = Σ_p dV·x + dg·A``, ``ddt = dd·softplus'(s)``. Reductions over tokens
+(d dt_bias, dA, dD) are per-program float32 partials summed afterwards (deterministic).
 
 H100, 65,536 tokens, H64 P64 N128 (``results/kernels-ssd-scaled-values-*-s9.json``): ``V`` formed on load in
-the state kernels instead of a prep pass writing it, forward 1.52 → 1.16 ms. Fusing ``dx`` into the reverse state pass
-(``_bwd_dh_kernel``) measured slower (1.54 → 2.54 ms, against 0.58 for this separate pass), as did
-converting ``x·d`` per tile in ``dqkwg`` (2.65 → 3.20 ms); there ``d`` scales the products' sums instead.
+the state kernels instead of a prep pass writing it, forward 1.52 → 1.16 ms. Slower and not kept: ``dx``
+inside the reverse state pass ``_bwd_dh_kernel`` (1.54 → 2.54 ms, against 0.58 for the separate pass), and
+``dqkwg`` reading x instead of the recompute's ``V`` (2.65 → 3.20 ms forming ``x·d`` per tile, 3.16 with
+``d`` scaling the products' sums).
 
 Tensors ``[B, T, H, P]`` are handled as ``[B·T, H, P]`` token streams with a token and a head stride
-(unit stride along P), so strided views are read in place.
+(unit stride along P), so strided views are read in place. The ``[BT, P]`` kernels run a program per
+``BT`` tokens × one head, the head the fastest grid axis so that neighbouring programs share token rows.
 """
 
 from __future__ import annotations
