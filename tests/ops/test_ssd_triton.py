@@ -156,3 +156,24 @@ def test_summed_dp_over_group_heads(dtype, monkeypatch, request):
             pytest.skip("the bf16 interpreter fixture is for TRITON_INTERPRET=1")
         request.getfixturevalue("bf16_interpreter")
         _compare(_inputs(19, 1, 100, H=4, P=32, G=1, N=128, dtype=torch.bfloat16), 1e-2)
+
+
+@pytest.mark.parametrize(("dv_heads", "dg_heads"), [(2, 4), (1, 1)])
+def test_head_blocks(dv_heads, dg_heads, monkeypatch):
+    """``CONFIG["dv_local"]["heads"]`` (value heads sharing one Q Kᵀ tile per program: 2 splits each group of 4
+    heads in two blocks) and ``CONFIG["dg_finalize"]["heads"]`` (heads per dg program), on packed sequences with
+    two groups; (1, 1) is one head per program in both."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "dv_local", {**chunk.CONFIG["dv_local"], "heads": dv_heads})
+    monkeypatch.setitem(chunk.CONFIG, "dg_finalize", {**chunk.CONFIG["dg_finalize"], "heads": dg_heads})
+    xs = _inputs(23, 1, 100, H=8, G=2, nseq=3)
+    _compare(xs, 1e-5, cu_seqlens=torch.tensor([0, 30, 95, 100], device=DEVICE))
+
+
+def test_dg_blocks_with_a_partial_block(monkeypatch):
+    """dg over blocks of 4 heads when H = 6 (the second block half masked)."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "dg_finalize", {**chunk.CONFIG["dg_finalize"], "heads": 4})
+    _compare(_inputs(29, 2, 70, H=6, G=3), 1e-5)

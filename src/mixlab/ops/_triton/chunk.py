@@ -444,10 +444,13 @@ def _bwd_dv_local_kernel(
     q, k, g, do, dv, cu_seqlens, chunk_indices, scale, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HB: tl.constexpr = 1,
 ):  # fmt: skip
-    """Intra-chunk part of ``dV_new``: ``scale·(Q Kᵀ ⊙ Γ_incl)ᵀ dO`` per (chunk, head)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_hk = i_h // (H // HK)
+    """Intra-chunk part of ``dV_new``: ``scale·(Q Kᵀ ⊙ Γ_incl)ᵀ dO`` per (chunk, block of ``HB`` value heads).
+    The heads of a block share one query/key head (``HB`` divides ``H // HK``), so ``Q Kᵀ`` is formed once per
+    block and only the gate mask and ``dO`` are per head (SSD: 64 heads on one B/C group)."""
+    i_c, i_b = tl.program_id(0), tl.program_id(1)
+    i_hk = (i_b * HB) // (H // HK)
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
         i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
@@ -473,17 +476,21 @@ def _bwd_dv_local_kernel(
         b_k = tl.load(k + p_qk + o_k[None, :], mask=m_k, other=0.0)
         b_A += tl.dot(b_k, tl.trans(b_q), input_precision="ieee")
     m_u = o_t[:, None] <= o_t[None, :]
-    if USE_G:
-        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-        b_A = b_A * tl.exp(tl.where(m_u, b_g[None, :] - b_g[:, None], 0.0))
-    b_A = (tl.where(m_u, b_A, 0.0) * scale).to(dt)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = m_t[:, None] & (o_v < V)[None, :]
-        p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
-        b_do = tl.load(do + p_v, mask=m_v, other=0.0)
-        b_dv = tl.dot(b_A, b_do.to(dt), input_precision="ieee")
-        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
+    b_A = tl.where(m_u, b_A, 0.0) * scale
+    for i_j in range(HB):
+        i_h = i_b * HB + i_j
+        if USE_G:
+            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_Ah = (b_A * tl.exp(tl.where(m_u, b_g[None, :] - b_g[:, None], 0.0))).to(dt)
+        else:
+            b_Ah = b_A.to(dt)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = m_t[:, None] & (o_v < V)[None, :]
+            p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+            b_do = tl.load(do + p_v, mask=m_v, other=0.0)
+            b_dv = tl.dot(b_Ah, b_do.to(dt), input_precision="ieee")
+            tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
@@ -780,10 +787,11 @@ def _wy_bwd_kernel(
 @triton.jit
 def _dg_finalize_kernel(
     dG, dg, cu_seqlens, chunk_indices, T, NT, NTOK,
-    NS: tl.constexpr, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NS: tl.constexpr, H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """``dg = reverse_cumsum(Σ_slots dG)`` inside each chunk, per (chunk, head)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """``dg = reverse_cumsum(Σ_slots dG)`` inside each chunk, per (chunk, block of ``BH`` heads): a
+    ``[BT, BH]`` tile whose rows are contiguous along the heads."""
+    i_c, i_b = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
         i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
@@ -796,13 +804,14 @@ def _dg_finalize_kernel(
         eos = bos + T
     t0 = bos + i_t * BT
     o_t = tl.arange(0, BT)
-    m_t = (t0 + o_t) < eos
-    rows = (t0 + o_t).to(tl.int64)
-    b = tl.zeros([BT], dtype=tl.float32)
+    o_h = i_b * BH + tl.arange(0, BH)
+    m = ((t0 + o_t) < eos)[:, None] & (o_h < H)[None, :]
+    p = (t0 + o_t).to(tl.int64)[:, None] * H + o_h[None, :]
+    b = tl.zeros([BT, BH], dtype=tl.float32)
     for s in range(NS):
-        b += tl.load(dG + s * NTOK * H + rows * H + i_h, mask=m_t, other=0.0)
+        b += tl.load(dG + s * NTOK * H + p, mask=m, other=0.0)
     b = tl.cumsum(b, axis=0, reverse=True)
-    tl.store(dg + rows * H + i_h, b.to(dg.dtype.element_ty), mask=m_t)
+    tl.store(dg + p, b.to(dg.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -871,8 +880,14 @@ CONFIG: dict[str, dict[str, int]] = {
         "BV_wide": 64,
         "wide_min_programs": 256,
     },
-    "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3},
-    "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2, "BV_k256": 64},
+    # heads: value heads per program that share one Q Kᵀ tile (SSD's groups; the delta rule has one per program)
+    # H100, SSD H64 P64 N128 (64 heads on one group), 65,536 tokens, T = 2K, fwd+bwd (results/kernels-…-s10-variants.json):
+    # heads 1 8.31 ms, 4 7.65, 16 7.51 (the kernel 1.28 -> 0.48 ms), 64 7.50; 8 warps or 2 stages slower
+    "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3, "heads": 16},
+    # BV_gla: the V tile without the delta rule (SSD) at K <= 128. H100, SSD H64 P64 N128, 65,536 tokens, with
+    # dqkwg_ssd BV 64 (results/kernels-…-s10-variants.json): 1.53 -> 1.22 ms per call at T = 2K (8 warps 1.71);
+    # GDN / DN stay at 32 (BV 64: GDN 7.45 -> 7.59 ms fwd+bwd at 16K)
+    "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2, "BV_k256": 64, "BV_gla": 64},
     # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
     # (pointer args 16-aligned, as launched), GDN K = V = 128, BK 64, 8 warps; registers / spill bytes / SASS
     # instructions with Triton 3.6 (registers with 3.9): BV 64 3 stages 161 / 0 / 1336 (153), BV 32 154 / 0 / 1480
@@ -895,9 +910,15 @@ CONFIG: dict[str, dict[str, int]] = {
     # gated linear attention (SSD, no delta rule): sum_dp 1 sums the masked dP over the value heads of a group
     # and applies it once (see _bwd_dqkwg_kernel). H100, SSD H64 P64 N128, 65,536 tokens, T = 2K
     # (results/kernels-...-2026-11-24-s4-dqkwg-ssd*.json): 4 warps 4.02 -> 2.65 ms per call (fwd+bwd 9.76 -> 8.38);
-    # BK 128 at 8 warps 2.65 too, at 4 warps 6.97; 2 warps 8.00; sum_dp 1 4.08; BV 64 4.41; 2 stages 4.52
-    "dqkwg_ssd": {"BK": 64, "BV": 32, "num_warps": 4, "num_stages": 3, "sum_dp": 0},
+    # BK 128 at 8 warps 2.65 too, at 4 warps 6.97; 2 warps 8.00; sum_dp 1 4.08; BV 64 4.41; 2 stages 4.52.
+    # Session 10 (results/kernels-…-s10-variants.json, the kernels of then): BV 64 2.67 -> 2.33 ms per call (V = 64
+    # is one tile, so the per-head loop is the innermost, pipelined one); at BV 64: 8 warps 4.51, 2 stages 2.53,
+    # lean 2.81, lean at 8 warps 5.01, BK 128 at 8 warps 7.40
+    "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "sum_dp": 0},
     "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128, "BK_k256": 32, "BV_k256": 64},
+    # heads: heads per program (a [64, heads] tile). H100, SSD H64, 65,536 tokens: one head per program at one warp
+    # 0.145 ms per call, 64 heads at 4 warps 0.021 (results/kernels-…-s10-new.json)
+    "dg_finalize": {"heads": 64},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
     # between forward and backward: ((T/64)·K + 1)·V values per token-head beyond v)
@@ -908,6 +929,14 @@ CONFIG: dict[str, dict[str, int]] = {
 if os.environ.get("MIXLAB_TRITON_CHUNK_CONFIG"):
     for _name, _cfg in json.loads(os.environ["MIXLAB_TRITON_CHUNK_CONFIG"]).items():
         CONFIG[_name] = {**CONFIG[_name], **_cfg}
+
+
+def _heads_per_block(group: int, cap: int) -> int:
+    """The largest power of two that divides ``group`` (value heads per query/key head) and is ≤ ``cap``."""
+    hb = 1
+    while hb * 2 <= cap and group % (hb * 2) == 0:
+        hb *= 2
+    return hb
 
 
 def _np2(x: int) -> int:
@@ -1219,13 +1248,16 @@ def chunk_bwd(
     # intra-chunk part of dV_new, then the reverse state pass
     dvl = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
     BK, BV, kw = _launch("dv_local", K, V)
-    _bwd_dv_local_kernel[(lay.NC, H)](
+    hb = _heads_per_block(H // HK, CONFIG["dv_local"]["heads"])
+    _bwd_dv_local_kernel[(lay.NC, H // hb)](
         q, k, gp, do, dvl, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
-        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
+        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, HB=hb, **kw,
     )  # fmt: skip
     dh = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
     dvn = torch.empty_like(v) if use_delta else dv
     BK, BV, kw = _launch("bwd_dh", K, V, seq=True)
+    if not use_delta and K <= 128:
+        BV = min(CONFIG["bwd_dh"]["BV_gla"], _np2(V))
     _bwd_dh_kernel[(triton.cdiv(V, BV), lay.N * H)](
         q, k, w if use_delta else dummy, gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
@@ -1264,8 +1296,9 @@ def chunk_bwd(
             USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
     if use_g:
-        _dg_finalize_kernel[(lay.NC, H)](
-            dG, dg, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT, B * T, NS=ns, H=H, BT=BT,
-            IS_VARLEN=lay.is_varlen, num_warps=1,
+        bh = min(_np2(H), CONFIG["dg_finalize"]["heads"])
+        _dg_finalize_kernel[(lay.NC, triton.cdiv(H, bh))](
+            dG, dg, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT, B * T, NS=ns, H=H, BT=BT, BH=bh,
+            IS_VARLEN=lay.is_varlen, num_warps=4,
         )  # fmt: skip
     return dq, dk, dv, dbeta, dg, dh0
