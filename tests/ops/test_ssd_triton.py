@@ -171,6 +171,15 @@ def test_head_blocks(dv_heads, dg_heads, monkeypatch):
     _compare(xs, 1e-5, cu_seqlens=torch.tensor([0, 30, 95, 100], device=DEVICE))
 
 
+def test_reverse_state_pass_gla_v_tile(monkeypatch):
+    """``CONFIG["bwd_dh"]``'s ``BV_gla`` (SSD's V tile in the reverse state pass) where it applies
+    (``gla_min_programs`` 0): V = 32 in two tiles of 16."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**chunk.CONFIG["bwd_dh"], "BV_gla": 16, "gla_min_programs": 0})
+    _compare(_inputs(7, 1, 70, H=4, P=32, G=2), 1e-5)
+
+
 def test_dg_blocks_with_a_partial_block(monkeypatch):
     """dg over blocks of 4 heads when H = 6 (the second block half masked)."""
     from mixlab.ops._triton import chunk

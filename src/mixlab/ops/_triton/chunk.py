@@ -881,13 +881,15 @@ CONFIG: dict[str, dict[str, int]] = {
         "wide_min_programs": 256,
     },
     # heads: value heads per program that share one Q Kᵀ tile (SSD's groups; the delta rule has one per program)
-    # H100, SSD H64 P64 N128 (64 heads on one group), 65,536 tokens, T = 2K, fwd+bwd (results/kernels-…-s10-variants.json):
+    # H100, SSD H64 P64 N128 (64 heads on one group), 65,536 tokens, T = 2K, fwd+bwd (results/kernels-ssd-variants-a-…-s10.json):
     # heads 1 8.31 ms, 4 7.65, 16 7.51 (the kernel 1.28 -> 0.48 ms), 64 7.50; 8 warps or 2 stages slower
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3, "heads": 16},
-    # BV_gla: the V tile without the delta rule (SSD) at K <= 128. H100, SSD H64 P64 N128, 65,536 tokens, with
-    # dqkwg_ssd BV 64 (results/kernels-…-s10-variants.json): 1.53 -> 1.22 ms per call at T = 2K (8 warps 1.71);
-    # GDN / DN stay at 32 (BV 64: GDN 7.45 -> 7.59 ms fwd+bwd at 16K)
-    "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2, "BV_k256": 64, "BV_gla": 64},
+    # BV_gla: the V tile without the delta rule (SSD) at K <= 128 while sequences × heads >= gla_min_programs.
+    # H100, SSD H64 P64 N128, with dqkwg_ssd BV 64 (results/kernels-ssd-variants-b-…-s10.json, kernels-ssd-bwd-dh-bv-…-s10.json):
+    # 1.53 -> 1.22 ms per call at 65,536 tokens, T = 2K (8 warps 1.71); fwd+bwd with BV 64 / 32: 65,536 tokens
+    # 6.77 / 7.09 ms (2K), 8.16 / 8.28 (32K, 128 sequence-heads); 32,768 tokens 3.48 / 3.84 (8K), 5.90 / 5.81 (32K,
+    # 64 sequence-heads). GDN / DN stay at 32 (BV 64: GDN 7.45 -> 7.59 ms fwd+bwd at 16K)
+    "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2, "BV_k256": 64, "BV_gla": 64, "gla_min_programs": 128},
     # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
     # (pointer args 16-aligned, as launched), GDN K = V = 128, BK 64, 8 warps; registers / spill bytes / SASS
     # instructions with Triton 3.6 (registers with 3.9): BV 64 3 stages 161 / 0 / 1336 (153), BV 32 154 / 0 / 1480
@@ -911,13 +913,13 @@ CONFIG: dict[str, dict[str, int]] = {
     # and applies it once (see _bwd_dqkwg_kernel). H100, SSD H64 P64 N128, 65,536 tokens, T = 2K
     # (results/kernels-...-2026-11-24-s4-dqkwg-ssd*.json): 4 warps 4.02 -> 2.65 ms per call (fwd+bwd 9.76 -> 8.38);
     # BK 128 at 8 warps 2.65 too, at 4 warps 6.97; 2 warps 8.00; sum_dp 1 4.08; BV 64 4.41; 2 stages 4.52.
-    # Session 10 (results/kernels-…-s10-variants.json, the kernels of then): BV 64 2.67 -> 2.33 ms per call (V = 64
+    # Session 10 (results/kernels-ssd-variants-{a,b}-…-s10.json, the kernels of then): BV 64 2.67 -> 2.33 ms per call (V = 64
     # is one tile, so the per-head loop is the innermost, pipelined one); at BV 64: 8 warps 4.51, 2 stages 2.53,
     # lean 2.81, lean at 8 warps 5.01, BK 128 at 8 warps 7.40
     "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "sum_dp": 0},
     "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128, "BK_k256": 32, "BV_k256": 64},
     # heads: heads per program (a [64, heads] tile). H100, SSD H64, 65,536 tokens: one head per program at one warp
-    # 0.145 ms per call, 64 heads at 4 warps 0.021 (results/kernels-…-s10-new.json)
+    # 0.145 ms per call, 64 heads at 4 warps 0.021 (results/kernels-new-…-s10.json)
     "dg_finalize": {"heads": 64},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated
@@ -1256,8 +1258,9 @@ def chunk_bwd(
     dh = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
     dvn = torch.empty_like(v) if use_delta else dv
     BK, BV, kw = _launch("bwd_dh", K, V, seq=True)
-    if not use_delta and K <= 128:
-        BV = min(CONFIG["bwd_dh"]["BV_gla"], _np2(V))
+    dh_cfg = CONFIG["bwd_dh"]
+    if not use_delta and K <= 128 and dh_cfg["gla_min_programs"] <= lay.N * H:  # SSD: a wider V tile (see CONFIG)
+        BV = min(dh_cfg["BV_gla"], _np2(V))
     _bwd_dh_kernel[(triton.cdiv(V, BV), lay.N * H)](
         q, k, w if use_delta else dummy, gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
