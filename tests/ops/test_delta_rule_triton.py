@@ -147,6 +147,20 @@ def test_dqkwg_v_tiles(gated, monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("fold", [0, 1])
+def test_intra_chunk_dv_in_the_reverse_pass_or_apart(gated, fold, monkeypatch):
+    """``CONFIG["bwd_dh"]["fold_dv"]``: the intra-chunk dV formed inside the reverse state pass (here also for the
+    gated rule, whose default needs many sequences × heads) or by its own kernel; packed sequences, two V tiles."""
+    from mixlab.ops._triton import chunk
+
+    cfg = {**chunk.CONFIG["bwd_dh"], "fold_dv": fold, "fold_gated_delta_min_seq_heads": 0}
+    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", cfg)
+    cu = torch.tensor([0, 1, 70, 70, 100], device=DEVICE)
+    xs = _inputs(43 + gated, 1, 100, 2, 32, 64, gated=gated, N=4)
+    _compare(xs, 0.2, 1e-5, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("gated", [True, False])
 def test_wy_bwd_small_tiles_above(gated, monkeypatch):
     """``CONFIG["wy_bwd"]["small_above"]`` (32-wide K and V tiles above that K; 128 by default, so K = 256 on
     a GPU): lowered to 32 here so that K = V = 64 runs in two K and two V tiles."""

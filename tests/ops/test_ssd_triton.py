@@ -160,12 +160,13 @@ def test_summed_dp_over_group_heads(dtype, monkeypatch, request):
 
 @pytest.mark.parametrize(("dv_heads", "dg_heads"), [(2, 4), (1, 1)])
 def test_head_blocks(dv_heads, dg_heads, monkeypatch):
-    """``CONFIG["dv_local"]["heads"]`` (value heads sharing one Q Kᵀ tile per program: 2 splits each group of 4
-    heads in two blocks) and ``CONFIG["dg_finalize"]["heads"]`` (heads per dg program), on packed sequences with
+    """``CONFIG["dv_local"]["heads"]`` (value heads sharing one Q Kᵀ tile per program, with the intra-chunk dV
+    kernel on: 2 splits each group of 4 heads in two blocks) and ``CONFIG["dg_finalize"]["heads"]`` (heads per dg program), on packed sequences with
     two groups; (1, 1) is one head per program in both."""
     from mixlab.ops._triton import chunk
 
     monkeypatch.setitem(chunk.CONFIG, "dv_local", {**chunk.CONFIG["dv_local"], "heads": dv_heads})
+    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**chunk.CONFIG["bwd_dh"], "fold_dv": 0})  # run _bwd_dv_local_kernel
     monkeypatch.setitem(chunk.CONFIG, "dg_finalize", {**chunk.CONFIG["dg_finalize"], "heads": dg_heads})
     xs = _inputs(23, 1, 100, H=8, G=2, nseq=3)
     _compare(xs, 1e-5, cu_seqlens=torch.tensor([0, 30, 95, 100], device=DEVICE))

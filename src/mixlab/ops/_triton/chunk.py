@@ -499,9 +499,12 @@ def _bwd_dh_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LOCAL_DV: tl.constexpr = False,
 ):  # fmt: skip
     """Reverse sequential pass: ``dh`` [NC, H, K, V] (gradient of the state leaving each chunk) and
-    ``dV_new = dvl + diag(γ_C/γ) K dh``; ``dS ← γ_C dS + scale·(diag(γ) Q)ᵀ dO − Wᵀ dV_new``."""
+    ``dV_new = dvl + diag(γ_C/γ) K dh``; ``dS ← γ_C dS + scale·(diag(γ) Q)ᵀ dO − Wᵀ dV_new``. ``LOCAL_DV``: the
+    intra-chunk ``dvl = scale·(Q Kᵀ ⊙ Γ_incl)ᵀ dO`` (``_bwd_dv_local_kernel``'s) is formed here from the q, k
+    and dO tiles the pass loads anyway, in float32, instead of read from ``dvl``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -547,7 +550,15 @@ def _bwd_dh_kernel(
             b_dh *= tl.exp(b_glast)
         else:
             b_qs = (b_q * scale).to(dt)
-        b_dv += tl.load(dvl + p_v, mask=m_v, other=0.0).to(tl.float32)
+        if LOCAL_DV:
+            b_A = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [j, i] = k_j · q_i
+            m_u = o_t[:, None] <= o_t[None, :]
+            if USE_G:
+                b_A = b_A * tl.exp(tl.where(m_u, b_g[None, :] - b_g[:, None], 0.0))
+            b_A = (tl.where(m_u, b_A, 0.0) * scale).to(dt)
+            b_dv += tl.dot(b_A, b_do.to(dt), input_precision="ieee")
+        else:
+            b_dv += tl.load(dvl + p_v, mask=m_v, other=0.0).to(tl.float32)
         tl.store(dvn + p_v, b_dv.to(dvn.dtype.element_ty), mask=m_v)
         b_dh += tl.dot(tl.trans(b_qs), b_do.to(dt), input_precision="ieee")
         if USE_DELTA:
@@ -888,8 +899,24 @@ CONFIG: dict[str, dict[str, int]] = {
     # H100, SSD H64 P64 N128, with dqkwg_ssd BV 64 (results/kernels-ssd-variants-b-…-s10.json, kernels-ssd-bwd-dh-bv-…-s10.json):
     # 1.53 -> 1.22 ms per call at 65,536 tokens, T = 2K (8 warps 1.71); fwd+bwd with BV 64 / 32: 65,536 tokens
     # 6.77 / 7.09 ms (2K), 8.16 / 8.28 (32K, 128 sequence-heads); 32,768 tokens 3.48 / 3.84 (8K), 5.90 / 5.81 (32K,
-    # 64 sequence-heads). GDN / DN stay at 32 (BV 64: GDN 7.45 -> 7.59 ms fwd+bwd at 16K)
-    "bwd_dh": {"BV": 32, "num_warps": 4, "num_stages": 2, "BV_k256": 64, "BV_gla": 64, "gla_min_programs": 128},
+    # 64 sequence-heads). GDN / DN stay at 32 (BV 64: GDN 7.45 -> 7.59 ms fwd+bwd at 16K).
+    # fold_dv 1: the intra-chunk dV is formed inside this pass (LOCAL_DV) instead of by _bwd_dv_local_kernel, at
+    # K <= fold_max_k and, for the gated delta rule, from fold_gated_delta_min_seq_heads sequences × heads on.
+    # H100, 65,536 tokens, fwd+bwd without / with (results/kernels-fold-dv-…-s10.json): SSD H64 P64 N128 6.75 / 6.37
+    # ms (2K), 6.76 / 6.47 (8K), 8.10 / 8.10 (32K); DeltaNet H16 K128 V128 6.55 / 5.99 (2K), 7.86 / 7.27 (32K); GDN
+    # 7.31 / 7.21 (4K), 7.42 / 7.30 (16K, 64 sequence-heads), 8.89 / 9.12 (32K, 32); at K 256 V 512 (the 1.3b GDN
+    # shape, H6, 32,768 tokens, T 4K) GDN 5.91 / 7.37, DeltaNet 5.66 / 6.09
+    "bwd_dh": {
+        "BV": 32,
+        "num_warps": 4,
+        "num_stages": 2,
+        "BV_k256": 64,
+        "BV_gla": 64,
+        "gla_min_programs": 128,
+        "fold_dv": 1,
+        "fold_max_k": 128,
+        "fold_gated_delta_min_seq_heads": 64,
+    },
     # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
     # (pointer args 16-aligned, as launched), GDN K = V = 128, BK 64, 8 warps; registers / spill bytes / SASS
     # instructions with Triton 3.6 (registers with 3.9): BV 64 3 stages 161 / 0 / 1336 (153), BV 32 154 / 0 / 1480
@@ -1248,17 +1275,22 @@ def chunk_bwd(
         vn = torch.empty(B, T, H, V, dtype=v.dtype, device=dev) if use_delta or XD else v
         _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta, xd if XD else None)
     # intra-chunk part of dV_new, then the reverse state pass
-    dvl = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
-    BK, BV, kw = _launch("dv_local", K, V)
-    hb = _heads_per_block(H // HK, CONFIG["dv_local"]["heads"])
-    _bwd_dv_local_kernel[(lay.NC, H // hb)](
-        q, k, gp, do, dvl, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
-        H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, HB=hb, **kw,
-    )  # fmt: skip
+    dh_cfg = CONFIG["bwd_dh"]
+    local_dv = bool(dh_cfg["fold_dv"]) and dh_cfg["fold_max_k"] >= K
+    if use_delta and use_g:  # the gated delta rule gains only while the sequential pass has programs to spare
+        local_dv = local_dv and dh_cfg["fold_gated_delta_min_seq_heads"] <= lay.N * H
+    dvl = do
+    if not local_dv:
+        dvl = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
+        BK, BV, kw = _launch("dv_local", K, V)
+        hb = _heads_per_block(H // HK, CONFIG["dv_local"]["heads"])
+        _bwd_dv_local_kernel[(lay.NC, H // hb)](
+            q, k, gp, do, dvl, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
+            H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, HB=hb, **kw,
+        )  # fmt: skip
     dh = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
     dvn = torch.empty_like(v) if use_delta else dv
     BK, BV, kw = _launch("bwd_dh", K, V, seq=True)
-    dh_cfg = CONFIG["bwd_dh"]
     if not use_delta and K <= 128 and dh_cfg["gla_min_programs"] <= lay.N * H:  # SSD: a wider V tile (see CONFIG)
         BV = min(dh_cfg["BV_gla"], _np2(V))
     _bwd_dh_kernel[(triton.cdiv(V, BV), lay.N * H)](
@@ -1267,7 +1299,7 @@ def chunk_bwd(
         lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=dh0 is not None,
-        IS_VARLEN=lay.is_varlen, **kw,
+        IS_VARLEN=lay.is_varlen, LOCAL_DV=local_dv, **kw,
     )  # fmt: skip
     # dq, dk, dw and the K tiles' shares of dG
     dq_cfg = "dqkwg" if use_delta else "dqkwg_ssd"
