@@ -24,9 +24,11 @@ registers and stored per chunk (``h``) in the input dtype.
 
 Backward is recompute-based: the forward saves ``T`` (float32, 64 values per token and head), ``W``
 and ``U`` (input dtype; together as large as k and v); the backward recomputes the
-per-chunk states, runs a reverse sequential pass for the state gradients, and two parallel passes
-for ``dq, dk, dw, dg`` and the WY (``T``) backward. Gate gradients are accumulated per position of
-the cumulative sum ``G`` and turned into ``dg`` with a reverse cumulative sum inside each chunk.
+per-chunk states, runs a reverse sequential pass for the state gradients and ``dV_new`` (whose
+intra-chunk part it forms itself where that pays, see ``CONFIG["bwd_dh"]``, else a parallel kernel
+does), and two parallel passes for ``dq, dk, dw, dg`` and the WY (``T``) backward. Gate gradients
+are accumulated per position of the cumulative sum ``G`` and turned into ``dg`` with a reverse
+cumulative sum inside each chunk.
 """
 
 from __future__ import annotations
