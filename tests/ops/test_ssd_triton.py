@@ -161,8 +161,8 @@ def test_summed_dp_over_group_heads(dtype, monkeypatch, request):
 @pytest.mark.parametrize(("dv_heads", "dg_heads"), [(2, 4), (1, 1)])
 def test_head_blocks(dv_heads, dg_heads, monkeypatch):
     """``CONFIG["dv_local"]["heads"]`` (value heads sharing one Q Kᵀ tile per program, with the intra-chunk dV
-    kernel on: 2 splits each group of 4 heads in two blocks) and ``CONFIG["dg_finalize"]["heads"]`` (heads per dg program), on packed sequences with
-    two groups; (1, 1) is one head per program in both."""
+    kernel on: 2 splits each group of 4 heads in two blocks) and ``CONFIG["dg_finalize"]["heads"]`` (heads per
+    dg program), on packed sequences with two groups; (1, 1) is one head per program in both."""
     from mixlab.ops._triton import chunk
 
     monkeypatch.setitem(chunk.CONFIG, "dv_local", {**chunk.CONFIG["dv_local"], "heads": dv_heads})

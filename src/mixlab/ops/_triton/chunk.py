@@ -504,9 +504,9 @@ def _bwd_dh_kernel(
     LOCAL_DV: tl.constexpr = False,
 ):  # fmt: skip
     """Reverse sequential pass: ``dh`` [NC, H, K, V] (gradient of the state leaving each chunk) and
-    ``dV_new = dvl + diag(γ_C/γ) K dh``; ``dS ← γ_C dS + scale·(diag(γ) Q)ᵀ dO − Wᵀ dV_new``. ``LOCAL_DV``: the
-    intra-chunk ``dvl = scale·(Q Kᵀ ⊙ Γ_incl)ᵀ dO`` (``_bwd_dv_local_kernel``'s) is formed here from the q, k
-    and dO tiles the pass loads anyway, in float32, instead of read from ``dvl``."""
+    ``dV_new = dvl + diag(γ_C/γ) K dh``; ``dS ← γ_C dS + scale·(diag(γ) Q)ᵀ dO − Wᵀ dV_new``.
+    ``LOCAL_DV``: the intra-chunk ``dvl = scale·(Q Kᵀ ⊙ Γ_incl)ᵀ dO`` (``_bwd_dv_local_kernel``'s) is formed
+    here from the q, k and dO tiles the pass loads anyway, in float32, instead of read from ``dvl``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -894,14 +894,16 @@ CONFIG: dict[str, dict[str, int]] = {
         "wide_min_programs": 256,
     },
     # heads: value heads per program that share one Q Kᵀ tile (SSD's groups; the delta rule has one per program)
-    # H100, SSD H64 P64 N128 (64 heads on one group), 65,536 tokens, T = 2K, fwd+bwd (results/kernels-ssd-variants-a-…-s10.json):
-    # heads 1 8.31 ms, 4 7.65, 16 7.51 (the kernel 1.28 -> 0.48 ms), 64 7.50; 8 warps or 2 stages slower
+    # H100, SSD H64 P64 N128 (64 heads on one group), 65,536 tokens, T = 2K, fwd+bwd
+    # (results/kernels-ssd-variants-a-…-s10.json): heads 1 8.31 ms, 4 7.65, 16 7.51 (the kernel 1.28 -> 0.48 ms),
+    # 64 7.50; 8 warps or 2 stages slower
     "dv_local": {"BK": 128, "BV": 64, "num_warps": 4, "num_stages": 3, "heads": 16},
     # BV_gla: the V tile without the delta rule (SSD) at K <= 128 while sequences × heads >= gla_min_programs.
-    # H100, SSD H64 P64 N128, with dqkwg_ssd BV 64 (results/kernels-ssd-variants-b-…-s10.json, kernels-ssd-bwd-dh-bv-…-s10.json):
-    # 1.53 -> 1.22 ms per call at 65,536 tokens, T = 2K (8 warps 1.71); fwd+bwd with BV 64 / 32: 65,536 tokens
-    # 6.77 / 7.09 ms (2K), 8.16 / 8.28 (32K, 128 sequence-heads); 32,768 tokens 3.48 / 3.84 (8K), 5.90 / 5.81 (32K,
-    # 64 sequence-heads). GDN / DN stay at 32 (BV 64: GDN 7.45 -> 7.59 ms fwd+bwd at 16K).
+    # H100, SSD H64 P64 N128, with dqkwg_ssd BV 64 (results/kernels-ssd-variants-b-…-s10.json and
+    # kernels-ssd-bwd-dh-bv-…-s10.json): 1.53 -> 1.22 ms per call at 65,536 tokens, T = 2K (8 warps 1.71); fwd+bwd
+    # with BV 64 / 32: 65,536 tokens 6.77 / 7.09 ms (2K), 8.16 / 8.28 (32K, 128 sequence-heads); 32,768 tokens
+    # 3.48 / 3.84 (8K), 5.90 / 5.81 (32K, 64 sequence-heads). GDN / DN stay at 32 (BV 64: GDN 7.45 -> 7.59 ms
+    # fwd+bwd at 16K).
     # fold_dv 1: the intra-chunk dV is formed inside this pass (LOCAL_DV) instead of by _bwd_dv_local_kernel, at
     # K <= fold_max_k and, for the gated delta rule, from fold_gated_delta_min_seq_heads sequences × heads on.
     # H100, 65,536 tokens, fwd+bwd without / with (results/kernels-fold-dv-…-s10.json): SSD H64 P64 N128 6.75 / 6.37
@@ -942,9 +944,9 @@ CONFIG: dict[str, dict[str, int]] = {
     # and applies it once (see _bwd_dqkwg_kernel). H100, SSD H64 P64 N128, 65,536 tokens, T = 2K
     # (results/kernels-...-2026-11-24-s4-dqkwg-ssd*.json): 4 warps 4.02 -> 2.65 ms per call (fwd+bwd 9.76 -> 8.38);
     # BK 128 at 8 warps 2.65 too, at 4 warps 6.97; 2 warps 8.00; sum_dp 1 4.08; BV 64 4.41; 2 stages 4.52.
-    # Session 10 (results/kernels-ssd-variants-{a,b}-…-s10.json, the kernels of then): BV 64 2.67 -> 2.33 ms per call (V = 64
-    # is one tile, so the per-head loop is the innermost, pipelined one); at BV 64: 8 warps 4.51, 2 stages 2.53,
-    # lean 2.81, lean at 8 warps 5.01, BK 128 at 8 warps 7.40
+    # Session 10 (results/kernels-ssd-variants-{a,b}-…-s10.json, the kernels of then): BV 64 2.67 -> 2.33 ms per
+    # call (V = 64 is one tile, so the per-head loop is the innermost, pipelined one); at BV 64: 8 warps 4.51,
+    # 2 stages 2.53, lean 2.81, lean at 8 warps 5.01, BK 128 at 8 warps 7.40
     "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "sum_dp": 0},
     "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128, "BK_k256": 32, "BV_k256": 64},
     # heads: heads per program (a [64, heads] tile). H100, SSD H64, 65,536 tokens: one head per program at one warp
@@ -1281,7 +1283,7 @@ def chunk_bwd(
     local_dv = bool(dh_cfg["fold_dv"]) and dh_cfg["fold_max_k"] >= K
     if use_delta and use_g:  # the gated delta rule gains only while the sequential pass has programs to spare
         local_dv = local_dv and dh_cfg["fold_gated_delta_min_seq_heads"] <= lay.N * H
-    dvl = do
+    dvl = do  # a placeholder argument when the pass forms the intra-chunk dV itself
     if not local_dv:
         dvl = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
         BK, BV, kw = _launch("dv_local", K, V)
