@@ -893,7 +893,9 @@ CONFIG: dict[str, dict[str, int]] = {
         "BV_wide": 64,
         "wide_min_programs": 256,
     },
-    # heads: value heads per program that share one Q Kᵀ tile (SSD's groups; the delta rule has one per program)
+    # Runs only where bwd_dh does not form the intra-chunk dV itself (fold_dv: K > 128, or the gated delta rule
+    # with few sequences × heads). heads: value heads per program that share one Q Kᵀ tile (SSD's groups; the
+    # delta rule has one per program).
     # H100, SSD H64 P64 N128 (64 heads on one group), 65,536 tokens, T = 2K, fwd+bwd
     # (results/kernels-ssd-variants-a-…-s10.json): heads 1 8.31 ms, 4 7.65, 16 7.51 (the kernel 1.28 -> 0.48 ms),
     # 64 7.50; 8 warps or 2 stages slower
@@ -950,7 +952,8 @@ CONFIG: dict[str, dict[str, int]] = {
     "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "sum_dp": 0},
     "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128, "BK_k256": 32, "BV_k256": 64},
     # heads: heads per program (a [64, heads] tile). H100, SSD H64, 65,536 tokens: one head per program at one warp
-    # 0.145 ms per call, 64 heads at 4 warps 0.021 (results/kernels-new-…-s10.json)
+    # 0.145 ms per call (results/kernels-ssd-variants-a-…-s10.json), 64 heads at 4 warps 0.021
+    # (kernels-new-…-s10.json)
     "dg_finalize": {"heads": 64},
     # save 1: the delta rule's forward keeps the chunk states h and V_new for the backward instead of the
     # backward recomputing them (one sequential pass less; h and V_new in the input dtype stay allocated

@@ -1,0 +1,109 @@
+"""Registers, spill bytes and shared memory of the chunk kernels compiled for sm_90, without a GPU.
+
+Cross-compiles ``mixlab.ops._triton.chunk`` kernels with this machine's Triton and its bundled ptxas
+(``ptxas -v``) at the constexprs given in ``CASES``, and writes JSON (Triton version, ptxas version, each case's
+registers / spill-store bytes / shared memory) to ``--out``. The GPU machine's Triton may allocate differently:
+the figures are leads, the device run decides. Pointer arguments are taken 16-byte aligned, as launched.
+
+    python benchmarks/sm90_registers.py --out benchmarks/results/sm90-registers-....json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from mixlab.ops._triton import chunk
+
+F32 = {"g", "xd", "Dp", "ht", "h0", "dht", "dh0", "dG", "dg", "Tm", "beta", "dbeta"}
+I32 = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
+INTS = {"T", "NT", "NTOK", "SVT", "SLOT"}
+
+SSD = {"H": 64, "HK": 1, "K": 128, "V": 64, "USE_G": True, "IS_VARLEN": False}
+GDN = {"H": 16, "HK": 16, "K": 128, "V": 128, "USE_G": True, "IS_VARLEN": False}
+_DQ = {"USE_DELTA": False, "SUM_DP": False, "LEAN": False, "BK": 64}
+_DH = {"USE_DELTA": False, "USE_FINAL_STATE_GRADIENT": False, "STORE_INITIAL_STATE_GRADIENT": False, "BK": 128}
+_HO = {"USE_DELTA": False, "USE_INITIAL_STATE": False, "STORE_FINAL_STATE": False, "XD": True, "HAS_D": True,
+       "D_PER_V": False, "BK": 128}  # fmt: skip
+
+#: (label, kernel name, constexprs, num_warps, num_stages)
+CASES = [
+    ("ssd dqkwg BT64 BV32 4w (session 9 default)", "_bwd_dqkwg_kernel", {**SSD, **_DQ, "BT": 64, "BV": 32}, 4, 3),
+    ("ssd dqkwg BT64 BV64 4w (session 10 default)", "_bwd_dqkwg_kernel", {**SSD, **_DQ, "BT": 64, "BV": 64}, 4, 3),
+    ("ssd dqkwg BT64 BV64 8w", "_bwd_dqkwg_kernel", {**SSD, **_DQ, "BT": 64, "BV": 64}, 8, 3),
+    ("ssd dqkwg BT128 BK32 BV32 8w", "_bwd_dqkwg_kernel", {**SSD, **_DQ, "BT": 128, "BK": 32, "BV": 32}, 8, 3),
+    ("ssd dqkwg BT128 BK64 BV32 8w", "_bwd_dqkwg_kernel", {**SSD, **_DQ, "BT": 128, "BV": 32}, 8, 3),
+    ("ssd fwd_ho BT64 BV64 4w (default)", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 64, "BV": 64}, 4, 2),
+    ("ssd fwd_ho BT128 BV64 8w", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 128, "BV": 64}, 8, 2),
+    ("ssd fwd_ho BT128 BV32 8w", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 128, "BV": 32}, 8, 2),
+    ("ssd dv_local BT64 HB16 4w (default)", "_bwd_dv_local_kernel", {**SSD, "BT": 64, "BK": 128, "BV": 64, "HB": 16}, 4, 3),
+    ("ssd dv_local BT128 HB16 4w", "_bwd_dv_local_kernel", {**SSD, "BT": 128, "BK": 128, "BV": 64, "HB": 16}, 4, 3),
+    ("ssd bwd_dh BV64 4w", "_bwd_dh_kernel", {**SSD, **_DH, "BT": 64, "BV": 64, "LOCAL_DV": False}, 4, 2),
+    ("ssd bwd_dh BV64 4w LOCAL_DV (default)", "_bwd_dh_kernel", {**SSD, **_DH, "BT": 64, "BV": 64, "LOCAL_DV": True}, 4, 2),
+    ("gdn bwd_dh BV32 4w", "_bwd_dh_kernel", {**GDN, **_DH, "USE_DELTA": True, "BT": 64, "BV": 32, "LOCAL_DV": False}, 4, 2),
+    ("gdn bwd_dh BV32 4w LOCAL_DV", "_bwd_dh_kernel", {**GDN, **_DH, "USE_DELTA": True, "BT": 64, "BV": 32, "LOCAL_DV": True}, 4, 2),
+]  # fmt: skip
+
+
+def _ptxas() -> str:
+    p = get_ptxas(90)
+    return p.path if hasattr(p, "path") else p[0]
+
+
+def compile_case(name: str, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    fn = getattr(chunk, name)
+    params = inspect.signature(fn.fn).parameters
+    sig, attrs, cst = {}, {}, {}
+    for i, (p, prm) in enumerate(params.items()):
+        if p in constexprs or "constexpr" in str(prm.annotation):
+            sig[p] = "constexpr"
+            cst[(i,)] = constexprs.get(p, prm.default)
+            continue
+        sig[p] = ("i32" if p in INTS else "fp32" if p == "scale" else "*i32" if p in I32
+                  else "*fp32" if p in F32 else "*bf16")  # fmt: skip
+        if sig[p].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, constexprs=cst, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    out = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
+                         capture_output=True, text=True).stderr  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return {"registers": int(regs.group(1)) if regs else None, "spill_store_bytes": int(spill.group(1)) if spill else None,
+            "shared_bytes": k.metadata.shared}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    ver = subprocess.run([_ptxas(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    rows = []
+    for label, name, cx, nw, ns in CASES:
+        r = {"case": label, "kernel": name, "num_warps": nw, "num_stages": ns, **compile_case(name, cx, nw, ns)}
+        rows.append(r)
+        print(f"{label:<48} regs {r['registers']:>3}  spill {r['spill_store_bytes']:>5}  smem {r['shared_bytes']}")
+    payload = {"suite": "sm90-registers", "date": datetime.date.today().isoformat(), "triton": triton.__version__,
+               "ptxas": ver, "target": "sm_90a (cross-compiled, no GPU)", "dtype": "bf16 pointers, float32 gates",
+               "command": "python benchmarks/sm90_registers.py --out " + args.out, "rows": rows}  # fmt: skip
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
