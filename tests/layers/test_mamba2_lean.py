@@ -57,8 +57,13 @@ def _names(layer):
 
 
 @needs_triton
-@pytest.mark.parametrize(("ngroups", "bias", "norm_before_gate"), [(1, False, False), (2, True, True)])
-def test_lean_mix_equals_the_separate_ops_float32(ngroups, bias, norm_before_gate, monkeypatch):
+@pytest.mark.parametrize(
+    ("ngroups", "bias", "norm_before_gate", "fold"),
+    [(1, False, False, True), (2, True, True, True), (1, True, False, False)],
+)
+def test_lean_mix_equals_the_separate_ops_float32(ngroups, bias, norm_before_gate, fold, monkeypatch):
+    """fold: the x channels' conv backward forms their gradient from SSD's values gradient (else a values pass)."""
+    monkeypatch.setattr(m2, "FOLD_VALUES_INTO_CONV", fold)
     layer = _layer(ngroups, bias, norm_before_gate)
     x = torch.randn(2, 24, 32, requires_grad=True)
     calls = []
@@ -76,18 +81,26 @@ def test_lean_mix_equals_the_separate_ops_float32(ngroups, bias, norm_before_gat
 
 
 @needs_triton
-def test_lean_mix_equals_the_separate_ops_bf16_autocast(bf16_interpreter):
-    """The separate ops on their Triton kernels too (on the CPU "auto" picks the plain conv and norm): both
-    paths run the same kernels (the D skip inside the SSD kernels), so the forward and every gradient are
-    bit-identical."""
+def test_lean_mix_equals_the_separate_ops_bf16_autocast(bf16_interpreter, monkeypatch):
+    """The separate ops on their Triton kernels too (on the CPU "auto" picks the plain conv and norm). Without the
+    values fold both paths run the same kernels (the D skip inside the SSD kernels), so the forward and every
+    gradient are bit-identical. With it the conv output's gradient stays float32 instead of being stored in bf16:
+    the forward is identical and every gradient is at least as close to the float32 layer's."""
     layer = _layer(ngroups=1)
     x = torch.randn(1, 40, 32, requires_grad=True)
+    ref32 = _run(layer, x, lean=False)
     with _force_triton():
         ref = _run(layer, x, lean=False, amp=torch.bfloat16)
+        monkeypatch.setattr(m2, "FOLD_VALUES_INTO_CONV", False)
         new = _run(layer, x, lean=True, amp=torch.bfloat16)
-    for n, a, b in zip(_names(layer), ref, new):
-        assert a.dtype == b.dtype and torch.isfinite(b).all(), n
+        monkeypatch.setattr(m2, "FOLD_VALUES_INTO_CONV", True)
+        fold = _run(layer, x, lean=True, amp=torch.bfloat16)
+    for n, a, b, f, r in zip(_names(layer), ref, new, fold, ref32):
+        assert a.dtype == b.dtype == f.dtype and torch.isfinite(f).all(), n
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
+        err_fold, err = ((t.float() - r).norm().item() / r.norm().item() for t in (f, a))
+        assert err_fold <= 1.05 * err + 1e-6, (n, err_fold, err)
+    assert torch.equal(fold[0], ref[0])
 
 
 def _saved_storages(layer, x, fn=None):

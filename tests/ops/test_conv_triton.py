@@ -183,3 +183,50 @@ def test_unused_final_state_gets_no_zero_filled_gradient(monkeypatch):
     y, _ = causal_conv1d_triton(x, w, activation="silu")
     y.sum().backward()
     assert seen == [None] and x.grad is not None
+
+
+@pytest.mark.parametrize(
+    "T,P,bwd,bias,D_per_p,unroll",
+    [
+        (21, 4, [8, 8, 1, 4], True, False, 2),  # 3 row programs (the warm-up rows cross them), 2 heads a channel tile
+        (21, 4, [4, 16, 1, 2], False, True, 4),  # 4 heads a tile over 3 heads (a ragged tile), D per channel
+        (6, 8, [8, 8, 1, 1], True, False, 1),  # T < rows: one program, one head a tile
+    ],
+)
+def test_backward_with_ssd_values_folded_in(T, P, bwd, bias, D_per_p, unroll, monkeypatch):
+    """``causal_conv1d_bwd_values_into`` (Mamba2's x channels feeding SSD's values ``xc·d`` and skip ``D·xc``):
+    dx, dweight, dbias of the conv at the gradient ``dv·d + D·dO``, and ``Σ_p dv·xc`` and dD, against autograd
+    through the reference conv in float64."""
+    from mixlab.ops.conv import triton as conv_triton
+    from mixlab.ops.conv.triton import causal_conv1d_bwd_values_into
+
+    monkeypatch.setattr(conv_triton, "VALUES_BWD_UNROLL", unroll)  # rows in flight per step
+    g = torch.Generator().manual_seed(T + P)
+    B, H, W = 2, 3, 4
+    C = H * P
+    x = _rand(g, B, T, C + 5)[..., 2 : 2 + C].requires_grad_()  # a channel slice, as of Mamba2's xBC
+    w = _rand(g, C, W).requires_grad_()
+    b = _rand(g, C).requires_grad_() if bias else None
+    dv, do = _rand(g, B, T, H, P), _rand(g, B, T, H, P)
+    d = (_rand(g, B, T, H).abs() + 0.1).float()  # the kernel reads d in float32
+    D = _rand(g, H, P) if D_per_p else _rand(g, H)
+    xc = causal_conv1d(x, w, b, "silu")[0].view(B, T, H, P)
+    Dx = D if D_per_p else D[:, None]
+    gv = dv * d.double()[..., None] + Dx * do
+    leaves = [t for t in (x, w, b) if t is not None]
+    refs = torch.autograd.grad((xc * gv).sum(), leaves)
+    ddx_ref = (dv * xc).sum(-1).detach()
+    dD_ref = (do * xc).sum((0, 1)).detach()
+    dD_ref = dD_ref if D_per_p else dD_ref.sum(-1)
+    buf = torch.full((B, T, C + 3), 7.0, dtype=torch.float64, device=DEVICE)
+    cfg = [32, 8, 1, *bwd]
+    dw, db, ddx, dD = causal_conv1d_bwd_values_into(
+        x.detach(), w.detach(), b.detach() if bias else None, dv, do, d, D, cfg, buf[..., 1:-2]
+    )
+    torch.testing.assert_close(buf[..., 1:-2], refs[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dw, refs[1], atol=1e-6, rtol=1e-6)
+    if bias:
+        torch.testing.assert_close(db, refs[2], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ddx.double(), ddx_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dD, dD_ref, atol=1e-6, rtol=1e-6)
+    assert (buf[..., :1] == 7.0).all() and (buf[..., -2:] == 7.0).all()

@@ -118,6 +118,32 @@ def test_backward_into_slices_of_a_wider_buffer():
         gated_rms_norm_bwd_into(x, z, w, rstd, dy, 8, False, buf[:, 30:54], buf[:, 2:50:2])
 
 
+@pytest.mark.parametrize(
+    ("norm_before_gate", "gated", "group_size"), [(False, True, 8), (True, True, 6), (False, False, 24)]
+)
+def test_backward_that_recomputes_the_output(norm_before_gate, gated, group_size):
+    """Without rstd, ``gated_rms_norm_bwd_into`` recomputes 1/rms from x and z, writes the forward's output, and
+    gives the gradients of the backward that reads the forward's rstd (float64, 37 rows: a partial row block)."""
+    from mixlab.ops.norm_triton import gated_rms_norm_bwd, gated_rms_norm_bwd_into, gated_rms_norm_fwd
+
+    torch.manual_seed(4)
+    x, z, dy = (torch.randn(37, 24, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    z = z if gated else None
+    w = torch.rand(24, dtype=torch.float64, device=DEVICE) + 0.5
+    y_ref, rstd = gated_rms_norm_fwd(x, z, w, 1e-3, group_size, norm_before_gate)
+    dx_ref, dz_ref, dw_ref = gated_rms_norm_bwd(x, z, w, rstd, dy, group_size, norm_before_gate)
+    dx, y = torch.empty_like(x), torch.full_like(x, 7.0)
+    dz = torch.empty_like(x) if gated else x.new_empty(0)
+    dw = gated_rms_norm_bwd_into(x, z, w, None, dy, group_size, norm_before_gate, dx, dz, y=y, eps=1e-3)
+    torch.testing.assert_close(y, y_ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-13, atol=1e-13)
+    if gated:
+        torch.testing.assert_close(dz, dz_ref, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="without rstd"):
+        gated_rms_norm_bwd_into(x, z, w, None, dy, group_size, norm_before_gate, dx, dz, y=y)
+
+
 def _lean_reference(x, h, w, eps):
     """``(y, x_new)`` of the residual add and RMSNorm in float64."""
     x_new = x.double() + h.double() if h is not None else x.double()

@@ -70,3 +70,38 @@ def test_ssd_short_input_without_grad_uses_the_recurrent_kernel(monkeypatch):
     assert calls == [1]
     torch.testing.assert_close(y, ry, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s, rs, rtol=1e-4, atol=1e-4)
+
+
+def test_a_launch_beyond_shared_memory_runs_again_with_fewer_stages(monkeypatch):
+    """``chunk._fit``: a launch that raises OutOfResources (float32 tiles at K = 256 on sm_90) is retried one
+    pipeline stage lower, the stages that fit are kept for the next launch with the same arguments, and a kernel
+    that does not fit at its floor raises."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setattr(chunk, "_STAGES_FITTED", {})
+    calls = []
+
+    class FakeKernel:
+        __name__ = "fake"
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages=3, **kw):
+                calls.append(num_stages)
+                if num_stages > 2 - kw.get("tight", 0):
+                    raise OutOfResources(262144, 232448, "shared memory")
+                return num_stages
+
+            return run
+
+    k = FakeKernel()
+    x = torch.zeros(1)
+    with pytest.warns(UserWarning, match="num_stages 2"):
+        assert chunk._fit(k)[(1,)](x, num_warps=4, num_stages=3) == 2
+    assert calls == [3, 2]
+    assert chunk._fit(k)[(1,)](x, num_warps=4, num_stages=3) == 2  # remembered: no failing launch first
+    assert calls == [3, 2, 2]
+    with pytest.raises(RuntimeError, match=r"K=256, V=512 in torch\.float32 do not fit"), pytest.warns(UserWarning):
+        chunk._fit(k, 2)[(1,)](x, num_warps=4, num_stages=3, tight=1, K=256, V=512)  # fits at one stage only

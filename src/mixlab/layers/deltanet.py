@@ -320,25 +320,22 @@ def _lean_qkv_delta(layer: DeltaNet, proj: torch.Tensor, scale: float) -> torch.
 @torch.library.custom_op("mixlab::deltanet_norm_out_fwd", mutates_args=())
 def _norm_out_fwd(
     o: torch.Tensor, z: torch.Tensor | None, norm_w: torch.Tensor, out_w: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """``norm(o) [* silu(z)]`` per head, then ``@ out_w.T`` in out_w's dtype. o, z ``[B, T, H*V]``
-    contiguous, norm_w ``[V]``, out_w ``[d, H*V]`` -> ``(out [B, T, d], rstd [B*T*H, 1])``."""
+    contiguous, norm_w ``[V]``, out_w ``[d, H*V]`` -> out ``[B, T, d]``."""
     from ..ops.norm_triton import gated_rms_norm_fwd
 
     V = norm_w.shape[0]
     with torch.autocast(o.device.type, enabled=False):
-        y, rstd = gated_rms_norm_fwd(
+        y, _ = gated_rms_norm_fwd(
             o.view(-1, V), z.view(-1, V) if z is not None else None, norm_w, eps, V, z is not None
         )
-        return F.linear(y.view(o.shape).to(out_w.dtype), out_w), rstd
+        return F.linear(y.view(o.shape).to(out_w.dtype), out_w)
 
 
 @_norm_out_fwd.register_fake
 def _(o, z, norm_w, out_w, eps):
-    acc = torch.float64 if o.dtype == torch.float64 else torch.float32
-    return o.new_empty(*o.shape[:-1], out_w.shape[0], dtype=out_w.dtype), o.new_empty(
-        o.numel() // norm_w.shape[0], 1, dtype=acc
-    )
+    return o.new_empty(*o.shape[:-1], out_w.shape[0], dtype=out_w.dtype)
 
 
 @torch.library.custom_op("mixlab::deltanet_norm_out_bwd", mutates_args=())
@@ -347,45 +344,48 @@ def _norm_out_bwd(
     z: torch.Tensor | None,
     norm_w: torch.Tensor,
     out_w: torch.Tensor,
-    rstd: torch.Tensor,
     dout: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recompute the norm's output, then the matmul's and the norm's backward: ``(do, dz | empty, dnorm_w, dout_w)``.
-    The products are the ones autograd runs for ``F.linear`` of a 3-D input."""
-    from ..ops.norm_triton import gated_rms_norm_bwd, gated_rms_norm_fwd
+    """The matmul's input gradient, then the norm's backward, which also writes the norm's output again (one pass
+    over o and z), then the matmul's weight gradient: ``(do, dz | empty, dnorm_w, dout_w)``. The products are the
+    ones autograd runs for ``F.linear`` of a 3-D input."""
+    from ..ops.norm_triton import gated_rms_norm_bwd_into
 
     V = norm_w.shape[0]
     o2, z2 = o.view(-1, V), z.view(-1, V) if z is not None else None
     with torch.autocast(o.device.type, enabled=False):
-        y = gated_rms_norm_fwd(o2, z2, norm_w, eps, V, z is not None)[0].view(-1, o.shape[-1]).to(out_w.dtype)
         d2 = dout.view(-1, dout.shape[-1])
-        dw = d2.t().mm(y)
-        del y
         dy = d2.mm(out_w).to(o.dtype)
-        do, dz, dnw = gated_rms_norm_bwd(o2, z2, norm_w, rstd, dy, V, z is not None)
-    return do.view(o.shape), dz.view(o.shape) if z is not None else dz, dnw, dw
+        do = torch.empty_like(o)
+        dz = torch.empty_like(z) if z is not None else o.new_empty(0)
+        y = torch.empty_like(o2)
+        dnw = gated_rms_norm_bwd_into(
+            o2, z2, norm_w, None, dy.view(-1, V), V, z is not None, do.view(-1, V),
+            dz.view(-1, V) if z is not None else dz, y=y, eps=eps,
+        )  # fmt: skip
+        del dy
+        dw = d2.t().mm(y.view(-1, o.shape[-1]).to(out_w.dtype))
+    return do, dz, dnw, dw
 
 
 @_norm_out_bwd.register_fake
-def _(o, z, norm_w, out_w, rstd, dout, eps):
+def _(o, z, norm_w, out_w, dout, eps):
     like = torch.empty_like
     return like(o), like(z) if z is not None else o.new_empty(0), like(norm_w), like(out_w)
 
 
 def _norm_out_setup(ctx, inputs, output):
     o, z, norm_w, out_w, eps = inputs
-    ctx.save_for_backward(o, z, norm_w, out_w, output[1])
+    ctx.save_for_backward(o, z, norm_w, out_w)
     ctx.eps = eps
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # rstd is an output only to be saved: no zero-filled gradient for it
 
 
-def _norm_out_backward(ctx, dout, _drstd):
-    o, z, norm_w, out_w, rstd = ctx.saved_tensors
+def _norm_out_backward(ctx, dout):
+    o, z, norm_w, out_w = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None
-    do, dz, dnw, dw = _norm_out_bwd(o, z, norm_w, out_w, rstd, dout.contiguous(), ctx.eps)
+    do, dz, dnw, dw = _norm_out_bwd(o, z, norm_w, out_w, dout.contiguous(), ctx.eps)
     return do, dz if z is not None else None, dnw, dw, None
 
 
@@ -393,7 +393,7 @@ _norm_out_fwd.register_autograd(_norm_out_backward, setup_context=_norm_out_setu
 
 
 def _lean_norm_out(layer: DeltaNet, o: torch.Tensor, z: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """``o_proj(o_norm(o[, z]))`` keeping o, z and rstd for backward but not the norm's output.
+    """``o_proj(o_norm(o[, z]))`` keeping o and z for backward but not the norm's output.
     o ``[B, T, H, V]``, z ``[B, T, H*V]`` | None -> ``[B, T, d_model]`` (dtype as the unfused o_proj)."""
     B, T = o.shape[:2]
     amp = _compute_dtype(x)
@@ -403,7 +403,7 @@ def _lean_norm_out(layer: DeltaNet, o: torch.Tensor, z: torch.Tensor | None, x: 
         layer.o_norm.weight,
         layer.o_proj.weight.to(amp),
         float(layer.o_norm.eps),
-    )[0]
+    )
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

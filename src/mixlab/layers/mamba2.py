@@ -88,6 +88,13 @@ def ssd_steps(
 LEAN_MIX = True
 
 
+#: In the lean op's backward, the x channels' conv backward forms the conv output's gradient from SSD's values
+#: gradient (``dv·d + D·dO``) and gives the values' dt and D terms on the way, instead of a separate pass over
+#: ``[tokens, d_inner]`` writing that gradient (see ``causal_conv1d_bwd_values_into``); needs a power-of-two
+#: headdim dividing the conv backward's channel tile, else the separate pass runs.
+FOLD_VALUES_INTO_CONV = True
+
+
 def _mix_split(zxbcdt: torch.Tensor, d_inner: int, conv_dim: int):
     return zxbcdt.split([d_inner, conv_dim, zxbcdt.shape[-1] - d_inner - conv_dim], dim=-1)
 
@@ -171,9 +178,10 @@ def mamba2_mix_bwd(
 ]:  # fmt: skip
     """Recomputes the conv, the SSD's dt stage (d, g) and the norm output, then runs the ops' backwards.
     Returns the gradients of ``(zxbcdt, conv_w, conv_b | empty, A, D, dt_bias, norm_w, out_w, out_b | empty)``."""
-    from ..ops.conv.triton import causal_conv1d_bwd_into
-    from ..ops.norm_triton import gated_rms_norm_bwd_into, gated_rms_norm_fwd
-    from ..ops.ssd.triton.fused import ssd_dt, ssd_fused_bwd
+    from ..ops._triton.chunk import chunk_bwd
+    from ..ops.conv.triton import causal_conv1d_bwd_into, causal_conv1d_bwd_values_into, values_fold_fits
+    from ..ops.norm_triton import gated_rms_norm_bwd_into
+    from ..ops.ssd.triton.fused import ssd_dt, ssd_dt_bwd, ssd_fused_bwd
 
     d_inner, conv_dim, H, P, G = dims[:5]
     b, T, _ = zxbcdt.shape
@@ -186,27 +194,49 @@ def mamba2_mix_bwd(
     with torch.autocast(zxbcdt.device.type, enabled=False):
         zc = z.reshape(M, d_inner)  # a view of zxbcdt: the norm kernels take its row stride
         y2 = y.view(M, d_inner)
-        o, rstd = gated_rms_norm_fwd(y2, zc, norm_w, eps, d_inner // G, norm_before_gate)
         dout2 = dout.reshape(M, -1)
+        do = dout2.mm(out_w).to(y.dtype)
+        # the norm's backward recomputes its output o on the way (for out_proj's weight gradient)
+        dy, o = torch.empty_like(y2), torch.empty_like(y2)
+        dnw = gated_rms_norm_bwd_into(
+            y2, zc, norm_w, None, do, d_inner // G, norm_before_gate, dy, dz.view(M, d_inner), y=o, eps=eps
+        )
+        del do, zc
         d_out_w = dout2.t().mm(o.to(out_w.dtype))
         d_out_b = dout2.sum(0).to(out_b.dtype) if out_b is not None else zxbcdt.new_empty(0)
-        do = dout2.mm(out_w).to(o.dtype)
         del o
-        dy = torch.empty_like(y2)
-        dnw = gated_rms_norm_bwd_into(y2, zc, norm_w, rstd, do, d_inner // G, norm_before_gate, dy, dz.view(M, d_inner))
-        del do, zc, rstd
         xs, q, k = _mix_conv_ssd_inputs(xBC, conv_w, conv_b, conv_cfg, dims)
         d, g = ssd_dt(dt, A, dt_bias, True)
-        dx, ddt, dA, dq, dk, dbias, dD, _, _ = ssd_fused_bwd(
-            xs, dt, A, q, k, dt_bias, D, None, None, None, d, g, y.new_empty(0), dy.view(b, T, H, P), None, True
-        )
-        del xs, q, k, d, g, dy
-        ddt_out.copy_(ddt.view(b, T, -1))
-        # the conv is depthwise: x, B and C channels run as three calls, each reading its own SSD gradient
-        GN = dims[4] * dims[5]
-        ranges = ((0, H * P, dx), (H * P, H * P + GN, dk), (H * P + GN, conv_dim, dq))  # x, B (= k), C (= q)
         dcw = torch.empty_like(conv_w)
         dcb = torch.empty_like(conv_b) if conv_b is not None else zxbcdt.new_empty(0)
+        dy4 = dy.view(b, T, H, P)
+        fold = FOLD_VALUES_INTO_CONV and values_fold_fits(P, conv_cfg)
+        if fold:  # the x channels' conv backward forms their gradient from SSD's dV (no values pass)
+            # xs: a view of the conv output (token stride conv_dim), read in place as the scaled values' x
+            dq, dk, dv, _, dg, _ = chunk_bwd(
+                q, k, xs, None, g, 1.0, None, None, None, None, None, dy4, None, False, xd=d
+            )
+            del xs, q, k, g
+            dcw[: H * P], db_x, ddx, dD = causal_conv1d_bwd_values_into(
+                xBC[..., : H * P], conv_w[: H * P], conv_b[: H * P] if conv_b is not None else None, dv, dy4, d, D,
+                conv_cfg, dxBC[..., : H * P],
+            )  # fmt: skip
+            if conv_b is not None:
+                dcb[: H * P] = db_x
+            del dv, d, dy, dy4
+            dA, dbias = ssd_dt_bwd(ddx, dg, dt, A, dt_bias, True, ddt_out)
+            del ddx, dg
+        else:
+            dx, ddt, dA, dq, dk, dbias, dD, _, _ = ssd_fused_bwd(
+                xs, dt, A, q, k, dt_bias, D, None, None, None, d, g, y.new_empty(0), dy4, None, True
+            )
+            del xs, q, k, d, g, dy, dy4
+            ddt_out.copy_(ddt.view(b, T, -1))
+        # the conv is depthwise: x, B and C channels run as separate calls, each reading its own SSD gradient
+        GN = dims[4] * dims[5]
+        ranges = ((H * P, H * P + GN, dk), (H * P + GN, conv_dim, dq))  # B (= k), C (= q)
+        if not fold:
+            ranges = ((0, H * P, dx), *ranges)
         for lo, hi, dpiece in ranges:
             dcw[lo:hi], db_piece, _ = causal_conv1d_bwd_into(
                 xBC[..., lo:hi], conv_w[lo:hi], conv_b[lo:hi] if conv_b is not None else None, None,

@@ -87,6 +87,7 @@ def _norm_bwd_kernel(
     dw_part_ptr,
     dres_ptr,
     dh_ptr,
+    y_ptr,
     M,
     D,
     NG,
@@ -94,6 +95,7 @@ def _norm_bwd_kernel(
     sdx,
     sdz,
     sz,
+    eps,
     GS: tl.constexpr,
     GSP: tl.constexpr,
     BM: tl.constexpr,
@@ -103,7 +105,10 @@ def _norm_bwd_kernel(
     FP64: tl.constexpr,
     HAS_DRES: tl.constexpr = False,
     STORE_DH: tl.constexpr = False,
+    RECOMPUTE: tl.constexpr = False,
 ):
+    # RECOMPUTE: 1/rms is computed from x (and z) instead of read, and the forward's output is stored to y_ptr
+    # (contiguous), for a caller that needs it again in the backward (the output projection's weight gradient)
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -120,7 +125,8 @@ def _norm_bwd_kernel(
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(CT)
         dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(CT)
-        r = tl.load(rstd_ptr + rows.to(tl.int64) * NG + g, mask=rmask, other=0.0).to(CT)
+        if not RECOMPUTE:
+            r = tl.load(rstd_ptr + rows.to(tl.int64) * NG + g, mask=rmask, other=0.0).to(CT)
         if HAS_Z:
             z = tl.load(z_ptr + rows[:, None].to(tl.int64) * sz + cols[None, :], mask=m, other=0.0).to(CT)
             sig = tl.sigmoid(z)
@@ -129,7 +135,16 @@ def _norm_bwd_kernel(
         a = x
         if HAS_Z and not NORM_BEFORE_GATE:
             a = x * gate
+        if RECOMPUTE:
+            r = 1.0 / tl.sqrt(tl.sum(a * a, 1) / GS + eps)
         xhat = a * r[:, None]
+        if RECOMPUTE:  # the forward's output, as _norm_fwd_kernel forms it
+            yo = xhat
+            if HAS_W:
+                yo = yo * w[None, :]
+            if HAS_Z and NORM_BEFORE_GATE:
+                yo = yo * gate
+            tl.store(y_ptr + offs, yo.to(y_ptr.dtype.element_ty), mask=m)
         dn = dy
         if HAS_Z and NORM_BEFORE_GATE:
             n = xhat
@@ -160,6 +175,14 @@ def _norm_bwd_kernel(
 def _check_z(x: Tensor, z: Tensor | None, who: str) -> None:
     if z is not None and (z.shape != x.shape or z.stride(1) != 1):
         raise ValueError(f"{who}: z must be {list(x.shape)} with unit column stride, got {list(z.shape)}, {z.stride()}")
+
+
+#: programs per SM of the backward (each loops over row blocks; the weight gradient is a partial sum per program)
+BWD_PROGRAMS_PER_SM = 4
+#: rows per block, at least, of a backward that recomputes 1/rms and the output. H100, [32768, 4096] bf16, one
+#: group (Mamba2 1.3b; results/norm-conv-values-…-s11.json): 1 row 0.85 ms, 2 rows 0.71, 4 rows 1.19, against 0.87
+#: for the forward recompute and the backward apart; the plain backward gains nothing from 2 rows (0.60 / 0.62)
+RECOMPUTE_MIN_ROWS = 2
 
 
 def _block_rows(gsp: int) -> int:
@@ -260,7 +283,7 @@ def gated_rms_norm_bwd_into(
     x: Tensor,
     z: Tensor | None,
     weight: Tensor | None,
-    rstd: Tensor,
+    rstd: Tensor | None,
     dy: Tensor,
     group_size: int,
     norm_before_gate: bool,
@@ -268,16 +291,25 @@ def gated_rms_norm_bwd_into(
     dz: Tensor,
     dres: Tensor | None = None,
     dh: Tensor | None = None,
+    y: Tensor | None = None,
+    eps: float | None = None,
 ) -> Tensor:
     """:func:`gated_rms_norm_bwd` writing dx and dz (``[M, D]``, any row stride, unit column stride: e.g. slices
     of a wider gradient buffer) into given tensors; returns dweight (empty without weight).
 
     Without z: ``dres`` ``[M, D]`` (contiguous) is added to dx, and ``dh`` ``[M, D]`` (contiguous) gets dx's
-    values in its own dtype (see :func:`rms_norm_lean_bwd`)."""
+    values in its own dtype (see :func:`rms_norm_lean_bwd`).
+
+    ``rstd`` None: ``1/rms`` is recomputed from x and z with ``eps``, and the forward's output is written to ``y``
+    (``[M, D]`` contiguous), as :func:`gated_rms_norm_fwd` gives it: one pass instead of a forward recompute and a
+    backward, for callers that need the output again (an output projection's weight gradient)."""
     M, D = x.shape
+    recompute = rstd is None
+    if recompute and (y is None or eps is None or y.shape != x.shape or not y.is_contiguous()):
+        raise ValueError(f"gated_rms_norm_bwd_into: without rstd, pass eps and a contiguous {list(x.shape)} y")
     ng = D // group_size
     gsp = triton.next_power_of_2(group_size)
-    bm = _block_rows(gsp)
+    bm = max(_block_rows(gsp), RECOMPUTE_MIN_ROWS) if recompute else _block_rows(gsp)
     dy = dy.contiguous()
     _check_z(x, z, "gated_rms_norm_bwd_into")
     for name, t in (("dx", dx), ("dz", dz)) if z is not None else (("dx", dx),):
@@ -287,22 +319,26 @@ def gated_rms_norm_bwd_into(
         if t is not None and (z is not None or t.shape != x.shape or not t.is_contiguous()):
             raise ValueError(f"gated_rms_norm_bwd_into: {name} must be a contiguous {list(x.shape)}, and z None")
     n_blocks = triton.cdiv(M, bm)
-    max_prog = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    max_prog = BWD_PROGRAMS_PER_SM * (
+        torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    )
     n_prog = max(1, min(n_blocks, max(1, max_prog // ng)))
     iters = triton.cdiv(n_blocks, n_prog)
     n_prog = triton.cdiv(n_blocks, iters)
-    dw_part = torch.empty(n_prog, D, device=x.device, dtype=rstd.dtype) if weight is not None else rstd
+    acc = rstd.dtype if rstd is not None else _acc_dtype(x)
+    dw_part = torch.empty(n_prog, D, device=x.device, dtype=acc) if weight is not None else dx
     _norm_bwd_kernel[(n_prog, ng)](
         x,
         z if z is not None else x,
         weight if weight is not None else x,
-        rstd,
+        rstd if rstd is not None else x,
         dy,
         dx,
         dz if z is not None else x,
         dw_part,
         dres if dres is not None else x,
         dh if dh is not None else x,
+        y if recompute else x,
         M,
         D,
         ng,
@@ -310,15 +346,17 @@ def gated_rms_norm_bwd_into(
         dx.stride(0),
         dz.stride(0) if z is not None else 0,
         z.stride(0) if z is not None else 0,
+        eps if recompute else 0.0,
         GS=group_size,
         GSP=gsp,
         BM=bm,
         HAS_Z=z is not None,
         HAS_W=weight is not None,
         NORM_BEFORE_GATE=norm_before_gate,
-        FP64=rstd.dtype == torch.float64,
+        FP64=acc == torch.float64,
         HAS_DRES=dres is not None,
         STORE_DH=dh is not None,
+        RECOMPUTE=recompute,
         num_warps=4 if gsp <= 1024 else 8,
     )
     return dw_part.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)

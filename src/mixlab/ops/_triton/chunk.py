@@ -41,6 +41,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 BT = 64  # chunk length (tokens)
 
@@ -1015,6 +1016,56 @@ def _launch(
 _CLAMPED: set[tuple[str, int]] = set()  # (kernel, num_stages) pairs already warned about
 
 
+class _StageFit:
+    """``_fit(kernel)[grid](...)``: launch ``kernel``; when its pipelined tiles do not fit shared memory (float32
+    inputs at K = 256 on sm_90: ``fwd_o`` asks 256 KB of 227), launch again with one stage less, down to
+    ``floor``, and keep the stages that fit for the next launch of that kernel with those launch arguments. Below
+    the floor it raises a RuntimeError that names the head dims, the dtype and the way out (H100, Triton 3.6:
+    float32 at K = 256, V = 512 stops at ``_bwd_dh_kernel``, 328 KB at two stages)."""
+
+    def __init__(self, kernel, floor: int):
+        self.kernel, self.floor = kernel, floor
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            def signature():
+                ref = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                return id(self.kernel), ref.dtype if ref is not None else None, tuple(sorted(kw.items()))
+
+            ns, key = kw.get("num_stages", 3), None
+            if _STAGES_FITTED:  # else nothing has needed fewer stages: no signature to build
+                key = signature()
+                ns = _STAGES_FITTED.get(key, ns)
+            while True:
+                try:
+                    return self.kernel[grid](*args, **{**kw, "num_stages": ns})
+                except OutOfResources as err:
+                    name = getattr(self.kernel, "__name__", None) or getattr(self.kernel.fn, "__name__", "?")
+                    if ns <= self.floor:
+                        dtype = signature()[1]
+                        raise RuntimeError(
+                            f"chunk kernel {name}: its tiles at K={kw.get('K')}, V={kw.get('V')} in {dtype} do not "
+                            f"fit this device's shared memory even at {ns} pipeline stages ({err}). Run these head dims "
+                            "in bf16/fp16 (e.g. under autocast) or on backend='chunked'"
+                        ) from err
+                    ns -= 1
+                    key = key or signature()
+                    if key not in _STAGES_FITTED:
+                        warnings.warn(f"chunk kernel {name}: shared memory exceeded, retrying at num_stages {ns}",
+                                      stacklevel=2)  # fmt: skip
+                    _STAGES_FITTED[key] = ns
+
+        return launch
+
+
+_STAGES_FITTED: dict[tuple, int] = {}
+
+
+def _fit(kernel, floor: int = 1) -> _StageFit:
+    """See :class:`_StageFit`; the sequential kernels take ``floor=2`` (they fault at one stage, see _launch)."""
+    return _StageFit(kernel, floor)
+
+
 class _Layout:
     """Chunk bookkeeping for a packed batch: ``B·T`` tokens, N sequences, NC chunks in total."""
 
@@ -1111,13 +1162,13 @@ def chunk_fwd(
         cfg = CONFIG["kkt_solve"]
         split = bool(cfg["split"])
         for phase, nw in ((1, cfg["kkt_warps"]), (2, cfg["solve_warps"])) if split else ((0, kw["num_warps"]),):
-            _kkt_solve_kernel[(lay.NC, H)](
+            _fit(_kkt_solve_kernel)[(lay.NC, H)](
                 k, beta, gp, Tm, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
                 H=H, HK=HK, K=K, BT=BT, BK=BK, USE_G=use_g, IS_VARLEN=lay.is_varlen,
                 ROW_REGS=bool(cfg["row_regs"]), PHASE=phase, num_warps=nw, num_stages=kw["num_stages"],
             )  # fmt: skip
         BK, BV, kw = _launch("wu_fwd", K, V)
-        _wu_fwd_kernel[(lay.NC, H)](
+        _fit(_wu_fwd_kernel)[(lay.NC, H)](
             k, v, beta, gp, Tm, w, u, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT,
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
@@ -1125,7 +1176,7 @@ def chunk_fwd(
     fused = CONFIG["fwd_ho"]
     if not keep and fused["enable"] and fused["max_k"] >= K:
         BK, BV, kw = _launch("fwd_ho", K, V, seq=True, seq_heads=lay.N * H)
-        _fwd_ho_kernel[(triton.cdiv(V, BV), lay.N * H)](
+        _fit(_fwd_ho_kernel, 2)[(triton.cdiv(V, BV), lay.N * H)](
             q, k, u if use_delta else v, w if use_delta else dummy, gp, o,
             initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
             lay.cu_seqlens, xd_, D_, svt, scale, lay.T, lay.NT,
@@ -1139,7 +1190,7 @@ def chunk_fwd(
     vn = torch.empty_like(v) if use_delta else v
     _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, ht, lay, use_delta, xd if XD else None)
     BK, BV, kw = _launch("fwd_o", K, V)
-    _fwd_o_kernel[(triton.cdiv(V, BV), lay.NC, H)](
+    _fit(_fwd_o_kernel)[(triton.cdiv(V, BV), lay.NC, H)](
         q, k, vn, gp, h, o, lay.cu_seqlens, lay.chunk_indices, xd_, D_, svt, scale, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen,
         XD=XD, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2, **kw,
@@ -1210,7 +1261,7 @@ def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None):
     H, V = vsrc.shape[2], vsrc.shape[3]
     BK, BV, kw = _launch("fwd_h", K, V, seq=True, seq_heads=lay.N * H)
     dummy = vsrc
-    _fwd_h_kernel[(triton.cdiv(V, BV), lay.N * H)](
+    _fit(_fwd_h_kernel, 2)[(triton.cdiv(V, BV), lay.N * H)](
         k, vsrc, w if w is not None else dummy, g if g is not None else dummy, h, vn,
         initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, xd if xd is not None else dummy,
@@ -1291,7 +1342,7 @@ def chunk_bwd(
         dvl = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
         BK, BV, kw = _launch("dv_local", K, V)
         hb = _heads_per_block(H // HK, CONFIG["dv_local"]["heads"])
-        _bwd_dv_local_kernel[(lay.NC, H // hb)](
+        _fit(_bwd_dv_local_kernel)[(lay.NC, H // hb)](
             q, k, gp, do, dvl, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT,
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, HB=hb, **kw,
         )  # fmt: skip
@@ -1300,7 +1351,7 @@ def chunk_bwd(
     BK, BV, kw = _launch("bwd_dh", K, V, seq=True)
     if not use_delta and K <= 128 and dh_cfg["gla_min_programs"] <= lay.N * H:  # SSD: a wider V tile (see CONFIG)
         BV = min(dh_cfg["BV_gla"], _np2(V))
-    _bwd_dh_kernel[(triton.cdiv(V, BV), lay.N * H)](
+    _fit(_bwd_dh_kernel, 2)[(triton.cdiv(V, BV), lay.N * H)](
         q, k, w if use_delta else dummy, gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
@@ -1325,21 +1376,21 @@ def chunk_bwd(
     # the WY part comes next; dk_part_f32 0 stores the partial in the input dtype (half the traffic, one rounding more)
     dk_dt = f32 if CONFIG["dqkwg"]["dk_part_f32"] else q.dtype
     dk_part = torch.empty(B, T, H, K, dtype=dk_dt, device=dev) if use_delta else dk
-    _bwd_dqkwg_kernel[(NK, lay.NC, HK)](
+    _fit(_bwd_dqkwg_kernel)[(NK, lay.NC, HK)](
         q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
         scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
         USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, SUM_DP=bool(CONFIG[dq_cfg].get("sum_dp", 0)), LEAN=lean, **kw,
     )  # fmt: skip
     if use_delta:
         BK, BV, kw = _launch("wy_bwd", K, V)
-        _wy_bwd_kernel[(lay.NC, H)](
+        _fit(_wy_bwd_kernel)[(lay.NC, H)](
             k, v, beta, gp, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
             lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV,
             USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
     if use_g:
         bh = min(_np2(H), CONFIG["dg_finalize"]["heads"])
-        _dg_finalize_kernel[(lay.NC, triton.cdiv(H, bh))](
+        _fit(_dg_finalize_kernel)[(lay.NC, triton.cdiv(H, bh))](
             dG, dg, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT, B * T, NS=ns, H=H, BT=BT, BH=bh,
             IS_VARLEN=lay.is_varlen, num_warps=4,
         )  # fmt: skip

@@ -102,7 +102,7 @@ def _bwd_row(
 ):
     """Row t: xv = x[t], gv = dy[t], x1..x3 = x[t-1..t-3], d1..d3 = dpre[t-1..t-3] (all [BC]).
 
-    Returns (dpre[t], dx[t - (W-1)] without the final-state term); tap k pairs with x[t - (W-1) + k].
+    Returns (dpre[t], dx[t - (W-1)] without the final-state term, act(pre[t])); tap k pairs with x[t - (W-1) + k].
     """
     pre = w0 * _lag(W - 1, xv, x1, x2, x3) + w1 * _lag(W - 2, xv, x1, x2, x3)
     if W > 2:
@@ -112,15 +112,44 @@ def _bwd_row(
     if HAS_BIAS:
         pre += bias
     dpre = gv
+    act = pre
     if SILU:
         sg = 1.0 / (1.0 + tl.exp(-pre))
         dpre = gv * sg * (1.0 + pre * (1.0 - sg))
+        act = pre * sg
     dxr = w0 * dpre + w1 * d1
     if W > 2:
         dxr += w2 * d2
     if W > 3:
         dxr += w3 * d3
-    return dpre, dxr
+    return dpre, dxr, act
+
+
+@triton.jit
+def _values_in(dv_ptr, do_ptr, d_ptr, Dv, b, t, c, T, C, NH, EVEN_C: tl.constexpr, P: tl.constexpr, CT: tl.constexpr):
+    """SSD's values backward for time row t (VALUES): the conv output's gradient ``dv·d + D·dO`` and dv, dO
+    (all [BC]); dv / dO ``[B·T, C]``, d ``[B·T, NH]`` (channel c is head c // P)."""
+    m = _rows(c, C, t, 0, T, EVEN_C)
+    r = (b * T + t).to(tl.int64)
+    dvv = tl.load(dv_ptr + r * C + c, mask=m, other=0.0).to(CT)
+    dov = tl.load(do_ptr + r * C + c, mask=m, other=0.0).to(CT)
+    dd = tl.load(d_ptr + r * NH + c // P, mask=m, other=0.0).to(CT)
+    return dvv * dd + Dv * dov, dvv, dov
+
+
+@triton.jit
+def _values_out(
+    act, dvv, dov, dD, take, b, t, heads, T, NH, ddx_ptr, x_dtype, P: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Row t's ``Σ_p dv·x`` for the program's heads ``[BC // P]`` into ddx ``[B·T, NH]`` and ``dO·x`` added to dD,
+    both only where ``take`` (1.0 or 0.0); x is the conv output rounded to the input dtype, as the SSD read it."""
+    xv = act.to(x_dtype).to(act.dtype)
+    hs = tl.sum(tl.reshape(dvv * xv, [BC // P, P]), axis=1)
+    tv = heads * 0 + t  # vectors: the interpreter rejects a vector mask combined with a scalar one
+    tk = tl.zeros([BC // P], dtype=act.dtype) + take
+    m = (tv >= 0) & (tv < T) & (heads < NH) & (tk > 0)
+    tl.store(ddx_ptr + (b * T + t).to(tl.int64) * NH + heads, hs, mask=m)
+    return dD + dov * xv * take
 
 
 @triton.jit
@@ -225,6 +254,11 @@ def _conv_bwd_kernel(
     dh0_ptr,
     dw_part_ptr,
     db_part_ptr,
+    dv_ptr,
+    d_ptr,
+    D_ptr,
+    ddx_ptr,
+    dD_part_ptr,
     T,
     C,
     sxb,
@@ -235,6 +269,7 @@ def _conv_bwd_kernel(
     sdyt,
     sdxb,
     sdxt,
+    NH,
     W: tl.constexpr,
     TL: tl.constexpr,
     BC: tl.constexpr,
@@ -245,12 +280,19 @@ def _conv_bwd_kernel(
     HAS_DFINAL: tl.constexpr,
     SILU: tl.constexpr,
     FP64: tl.constexpr,
+    VALUES: tl.constexpr = False,
+    P: tl.constexpr = 1,
+    D_PER_P: tl.constexpr = False,
 ):
     # One program: BC channels (one [BC] vector per time row) and TL output rows s of
     # dxp = cat(d initial_state, dx), s in [-(W-1), T) when there is an initial state, else [0, T).
     # It walks time rows t = s + (W-1) once, in order: x[t] and dy[t] are loaded once, pre[t] / dpre[t]
     # computed once, and the last W-1 rows of x and dpre stay in registers (a ring) for the W taps.
     # Rows below the program's first output are recomputed first (a warm-up of W-1 rows, from cache).
+    # VALUES (Mamba2's x channels, no initial state): the conv output feeds SSD as its values ``x·d`` and skip
+    # ``D·x``, so its gradient ``dv·d + D·dO`` is formed here from SSD's dv and dO (dy_ptr) and d, and the
+    # values' other gradients come out on the way: ``Σ_p dv·x`` per (token, head) into ddx and per-program
+    # partials of ``Σ dO·x`` (for dD), instead of a separate pass writing that gradient.
     CT: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -273,6 +315,15 @@ def _conv_bwd_kernel(
     if W > 3:
         w3 = tl.load(w_ptr + c * W + 3, mask=cmask, other=0.0).to(CT)
     zero = tl.zeros([BC], dtype=CT)
+    Dv = zero
+    heads = tl.arange(0, BC // P)
+    if VALUES:
+        heads += pid_c * (BC // P)
+        if D_PER_P:
+            Dv = tl.load(D_ptr + c, mask=cmask, other=0.0).to(CT)
+        else:
+            Dv = tl.load(D_ptr + c // P, mask=cmask, other=0.0).to(CT)
+    dD = zero
     dw0 = zero
     dw1 = zero
     dw2 = zero
@@ -295,9 +346,15 @@ def _conv_bwd_kernel(
     for j in tl.static_range(W - 1):
         t = s0 + j
         xv = _x_row(x_ptr, h0_ptr, b, t, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
-        gv = tl.load(dy_ptr + b * sdyb + t.to(tl.int64) * sdyt + c, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0).to(CT)
-        dpre, _ = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, bias, W, HAS_BIAS, SILU)
+        if VALUES:
+            gv, dvv, dov = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t, c, T, C, NH, EVEN_C, P, CT)
+        else:
+            gv = tl.load(dy_ptr + b * sdyb + t.to(tl.int64) * sdyt + c, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
+            gv = gv.to(CT)
+        dpre, _, act = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, bias, W, HAS_BIAS, SILU)
         dw0, dw1, dw2, dw3, db = _bwd_acc(dpre * first, xv, x1, x2, x3, dw0, dw1, dw2, dw3, db, W)
+        if VALUES:  # a warm-up row is some earlier program's main row, except in the first program
+            dD = _values_out(act, dvv, dov, dD, first, b, t, heads, T, NH, ddx_ptr, x_ptr.dtype.element_ty, P, BC)
         x3 = x2
         x2 = x1
         x1 = xv
@@ -325,11 +382,27 @@ def _conv_bwd_kernel(
             gc = tl.load(dy_row + (t + 2).to(tl.int64) * sdyt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
             xd = tl.load(x_row + (t + 3).to(tl.int64) * sxt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
             gd = tl.load(dy_row + (t + 3).to(tl.int64) * sdyt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
+        if VALUES:  # the U rows' SSD gradients, loaded before this step's stores (which the compiler cannot pass)
+            ga, dva, doa = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t, c, T, C, NH, EVEN_C, P, CT)
+            gb, dvb, dob = ga, dva, doa
+            gc, dvc, doc = ga, dva, doa
+            gd, dvd, dod = ga, dva, doa
+            if U > 1:
+                gb, dvb, dob = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t + 1, c, T, C, NH, EVEN_C, P, CT)
+            if U > 2:
+                gc, dvc, doc = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t + 2, c, T, C, NH, EVEN_C, P, CT)
+                gd, dvd, dod = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t + 3, c, T, C, NH, EVEN_C, P, CT)
         for j in tl.static_range(U):
             xv = _lag(j, xa, xb, xc, xd).to(CT)
             gv = _lag(j, ga, gb, gc, gd).to(CT)
-            dpre, dxr = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, bias, W, HAS_BIAS, SILU)
+            if VALUES:
+                dvv = _lag(j, dva, dvb, dvc, dvd)
+                dov = _lag(j, doa, dob, doc, dod)
+            dpre, dxr, act = _bwd_row(xv, gv, x1, x2, x3, d1, d2, d3, w0, w1, w2, w3, bias, W, HAS_BIAS, SILU)
             dw0, dw1, dw2, dw3, db = _bwd_acc(dpre, xv, x1, x2, x3, dw0, dw1, dw2, dw3, db, W)
+            if VALUES:
+                one = tl.full([], 1.0, CT)
+                dD = _values_out(act, dvv, dov, dD, one, b, t + j, heads, T, NH, ddx_ptr, x_ptr.dtype.element_ty, P, BC)
             _bwd_out(
                 dxr, t + j - (W - 1), b, c, dx_ptr, dh0_ptr, dfinal_ptr, T, C, sdxb, sdxt, W, HAS_H0, HAS_DFINAL, EVEN_C
             )
@@ -341,6 +414,8 @@ def _conv_bwd_kernel(
             d1 = dpre
     part = ((b * tl.num_programs(0) + pid_t) * C + c).to(tl.int64)
     tl.store(db_part_ptr + part, db, mask=cmask)
+    if VALUES:
+        tl.store(dD_part_ptr + part, dD, mask=cmask)
     tl.store(dw_part_ptr + part * W + 0, dw0, mask=cmask)
     tl.store(dw_part_ptr + part * W + 1, dw1, mask=cmask)
     if W > 2:
@@ -486,10 +561,67 @@ def causal_conv1d_bwd_into(
     """:func:`causal_conv1d_bwd` writing dx into a given ``[B, T, C]`` tensor (any strides with unit channel
     stride, e.g. a slice of a wider gradient buffer); returns ``(dweight, dbias, dinitial_state)``. Channels
     are independent, so a caller may run channel ranges as separate calls."""
-    bsz, T, C = x.shape
-    W = weight.shape[1]
     if dy.stride(2) != 1:
         dy = dy.contiguous()
+    dw, db, dh0, _ = _bwd_launch(x, weight, bias, initial_state, dy, dfinal, silu, config, dx)
+    return dw, db, dh0
+
+
+#: rows in flight per step (``bwd_unroll``) of the backward with SSD's values folded in, where it divides the rows per
+#: program. H100, Mamba2 1.3b x channels (B8 T4096, 4096 of 8512 channels; results/norm-conv-values-…-s11.json):
+#: 4 rows 0.70 ms, 2 rows 0.57, 1 row 0.61 (256 rows × 512 channels, 4 warps), against 0.37 for the plain conv
+#: backward plus ≈ 0.45 for the values pass it replaces
+VALUES_BWD_UNROLL = 2
+
+
+def values_fold_fits(head_dim: int, config: list[int]) -> bool:
+    """Whether :func:`causal_conv1d_bwd_values_into` takes heads of ``head_dim`` channels at this launch config:
+    a power of two that divides the backward's channel tile ``config[4]``."""
+    return head_dim > 0 and head_dim & (head_dim - 1) == 0 and config[4] % head_dim == 0
+
+
+def causal_conv1d_bwd_values_into(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    dv: Tensor,
+    do: Tensor,
+    d: Tensor,
+    D: Tensor,
+    config: list[int],
+    dx: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``silu(conv(x))`` where that output ``xc [B, T, H·P]`` is SSD's input: its values ``xc·d`` and its
+    skip ``D·xc`` (Mamba2's x channels; no initial state). The conv output's gradient ``dv·d + D·dO`` is formed in
+    the kernel, so no pass writes it; SSD's values gradients come out on the way.
+
+    x ``[B, T, H·P]`` (unit channel stride), dv / do ``[B, T, H, P]`` contiguous (SSD's values gradient and
+    output gradient), d ``[B, T, H]`` float32 contiguous, D ``[H]`` or ``[H, P]``; dx as in
+    :func:`causal_conv1d_bwd_into`. Returns ``(dweight, dbias | empty, ddx [B, T, H] float32 = Σ_p dv·xc, dD)``
+    with xc rounded to x's dtype, as SSD read it. Needs :func:`values_fold_fits`."""
+    b, T, H, P = dv.shape
+    if not values_fold_fits(P, config) or x.shape[2] != H * P:
+        raise ValueError(f"causal_conv1d_bwd_values_into: head dim {P} must be a power of two dividing the channel "
+                         f"tile {config[4]}, and x must have H·P = {H * P} channels, got {x.shape[2]}")  # fmt: skip
+    for name, t in (("dv", dv), ("do", do), ("d", d)):
+        if not t.is_contiguous() or t.shape[:3] != (b, T, H):
+            raise ValueError(f"causal_conv1d_bwd_values_into: {name} must be contiguous [{b}, {T}, {H}, ...]")
+    ddx = torch.empty(b, T, H, device=x.device, dtype=torch.float32)
+    if config[3] % VALUES_BWD_UNROLL == 0:
+        config = [*config[:6], VALUES_BWD_UNROLL]
+    dw, db, _, dD_part = _bwd_launch(
+        x, weight, bias, None, do.view(b, T, H * P), None, True, config, dx, values=(dv, d, D, ddx, P)
+    )
+    dD = dD_part.sum(0)
+    dD = (dD.view(H, P) if D.dim() == 2 else dD.view(H, P).sum(1)).to(D.dtype)
+    return dw, db, ddx, dD
+
+
+def _bwd_launch(x, weight, bias, initial_state, dy, dfinal, silu, config, dx, values=None):
+    """Launch :func:`_conv_bwd_kernel`: ``(dweight, dbias | empty, dinitial_state | empty, dD partials | None)``;
+    ``values`` = (dv, d, D, ddx, P) for the VALUES mode."""
+    bsz, T, C = x.shape
+    W = weight.shape[1]
     if dx.shape != x.shape or dx.stride(2) != 1:
         raise ValueError(f"causal_conv1d_bwd_into: dx must be {list(x.shape)} with unit channel stride")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -502,6 +634,8 @@ def causal_conv1d_bwd_into(
     n_p = triton.cdiv(T + (W - 1 if h0 is not None else 0), tl_rows)
     dw_part = torch.empty(bsz * n_p, C, W, device=x.device, dtype=acc)
     db_part = torch.empty(bsz * n_p, C, device=x.device, dtype=acc)
+    dv, d, D, ddx, P = values if values is not None else (x, x, x, x, 1)
+    dD_part = torch.empty(bsz * n_p, C, device=x.device, dtype=acc) if values is not None else db_part
     grid = (n_p, triton.cdiv(C, bc), bsz)
     _conv_bwd_kernel[grid](
         x,
@@ -514,6 +648,11 @@ def causal_conv1d_bwd_into(
         dh0 if h0 is not None else x,
         dw_part,
         db_part,
+        dv,
+        d,
+        D,
+        ddx,
+        dD_part,
         T,
         C,
         x.stride(0),
@@ -524,6 +663,7 @@ def causal_conv1d_bwd_into(
         dy.stride(1),
         dx.stride(0),
         dx.stride(1),
+        C // P,
         W=W,
         TL=tl_rows,
         BC=bc,
@@ -534,11 +674,14 @@ def causal_conv1d_bwd_into(
         HAS_DFINAL=dfinal is not None,
         SILU=silu,
         FP64=x.dtype == torch.float64,
+        VALUES=values is not None,
+        P=P,
+        D_PER_P=values is not None and D.dim() == 2,
         num_warps=nw,
     )
     dw = dw_part.sum(0).to(weight.dtype)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return dw, db, dh0
+    return dw, db, dh0, (dD_part if values is not None else None)
 
 
 @causal_conv1d_bwd.register_fake

@@ -71,6 +71,38 @@ def _dt_fwd_kernel(
 
 
 @triton.jit
+def _dt_bwd_kernel(
+    ddx, dg, dt, sdt_t, sdt_h, dt_bias, A, ddt, sddt_t, sddt_h, part_bias, part_A, NTOK,
+    H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):  # fmt: skip
+    """The dt stage's backward given the values' term ``ddx = Σ_p dv·x`` (float32 ``[NTOK, H]`` contiguous, as dg):
+    ``dd = ddx + dg·A``, ``ddt = dd·softplus'(s)`` (any token / head stride), and per-program partial sums of ddt
+    (d dt_bias) and ``dg·d`` (dA) into ``part_* [n_blocks, H]``."""
+    i_b = tl.program_id(0)
+    rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
+    heads = tl.arange(0, BH)
+    m = (rows < NTOK)[:, None] & (heads < H)[None, :]
+    s = tl.load(dt + rows[:, None] * sdt_t + heads[None, :] * sdt_h, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        s += tl.load(dt_bias + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
+    d = s
+    if SOFTPLUS:
+        e = tl.exp(tl.minimum(s, 20.0))
+        u = 1.0 + e
+        lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+        d = tl.where(s > 20.0, s, lp)
+    a = tl.load(A + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
+    p = rows[:, None] * H + heads[None, :]
+    b_dg = tl.load(dg + p, mask=m, other=0.0)
+    dd = tl.load(ddx + p, mask=m, other=0.0) + b_dg * a
+    if SOFTPLUS:
+        dd = tl.where(s > 20.0, dd, dd * (e / u))
+    tl.store(ddt + rows[:, None] * sddt_t + heads[None, :] * sddt_h, dd.to(ddt.dtype.element_ty), mask=m)
+    tl.store(part_bias + i_b * H + heads, tl.sum(dd, axis=0), mask=heads < H)
+    tl.store(part_A + i_b * H + heads, tl.sum(b_dg * d, axis=0), mask=heads < H)
+
+
+@triton.jit
 def _values_bwd_kernel(
     x, sx_t, sx_h, dt, sdt_t, sdt_h, dt_bias, A, dv, dg, dy, D, dx, ddt, part_bias, part_A, part_D, NTOK,
     H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
@@ -198,6 +230,30 @@ def ssd_dt(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool) -> 
             num_warps=WARPS["dt_fwd"],
         )  # fmt: skip
     return d, g
+
+
+def ssd_dt_bwd(
+    ddx: Tensor, dg: Tensor, dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool, ddt: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """Backward of :func:`ssd_dt` for a caller that formed the values' term itself (plain function; Mamba2's conv
+    backward with the values folded in): ddx = ``Σ_p dV·x`` and dg (``dL/dg``), float32 ``[B, T, H]`` contiguous;
+    dt as the forward's. Writes ``ddt`` (``[B, T, H]``, evenly spaced tokens, any head stride: e.g. a slice of the
+    in_proj gradient) and returns ``(dA, d dt_bias | None)``."""
+    b, T, H = dt.shape
+    ntok = b * T
+    dts, sdt_t, sdt_h = _tokens(dt)
+    if ddt.shape != dt.shape or (b > 1 and T > 0 and ddt.stride(0) != T * ddt.stride(1)):
+        raise ValueError(f"ssd_dt_bwd: ddt must be {list(dt.shape)} with evenly spaced tokens, got {ddt.stride()}")
+    nblk = triton.cdiv(ntok, DT_TOKENS)
+    part_bias = torch.zeros(nblk, H, device=dt.device, dtype=torch.float32)
+    part_A = torch.zeros(nblk, H, device=dt.device, dtype=torch.float32)
+    if ntok:
+        _dt_bwd_kernel[(nblk,)](
+            ddx, dg, dts, sdt_t, sdt_h, dt_bias if dt_bias is not None else A, A, ddt, ddt.stride(1), ddt.stride(2),
+            part_bias, part_A, ntok, H=H, BT=DT_TOKENS, BH=triton.next_power_of_2(H), HAS_BIAS=dt_bias is not None,
+            SOFTPLUS=dt_softplus, num_warps=WARPS["dt_fwd"],
+        )  # fmt: skip
+    return part_A.sum(0).to(A.dtype), part_bias.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
 
 
 @torch.library.custom_op("mixlab::ssd_fused_fwd", mutates_args=())
