@@ -103,5 +103,7 @@ def test_a_launch_beyond_shared_memory_runs_again_with_fewer_stages(monkeypatch)
     assert calls == [3, 2]
     assert chunk._fit(k)[(1,)](x, num_warps=4, num_stages=3) == 2  # remembered: no failing launch first
     assert calls == [3, 2, 2]
+    # the sequential kernels go down to one stage in float32 only (one stage faulted in bf16 at K = 256)
+    assert chunk._seq_floor(x) == 1 and chunk._seq_floor(x.bfloat16()) == 2
     with pytest.raises(RuntimeError, match=r"K=256, V=512 in torch\.float32 do not fit"), pytest.warns(UserWarning):
         chunk._fit(k, 2)[(1,)](x, num_warps=4, num_stages=3, tight=1, K=256, V=512)  # fits at one stage only

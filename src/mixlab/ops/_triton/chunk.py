@@ -962,6 +962,10 @@ CONFIG: dict[str, dict[str, int]] = {
     "bwd_h": {"save": 0},
     # materialize 1: let autograd fill zero gradients for the custom op's unused outputs (the old behaviour)
     "autograd": {"materialize": 0},
+    # the fewest stages _fit retries a sequential kernel at when its tiles exceed shared memory (16-bit / float32).
+    # H100, Triton 3.6, float32 (results/gpu-checks-…-s11.json): at K = 256 bwd_dh needs 328 KB at 2 stages and runs at
+    # 1, within 6e-7 of float64 at K 256 V 512, K 192 V 256, K 256 V 128 (gated delta rule) and SSD N 256
+    "stage_fit": {"seq_floor": 2, "seq_floor_fp32": 1},
 }
 if os.environ.get("MIXLAB_TRITON_CHUNK_CONFIG"):
     for _name, _cfg in json.loads(os.environ["MIXLAB_TRITON_CHUNK_CONFIG"]).items():
@@ -1020,8 +1024,8 @@ class _StageFit:
     """``_fit(kernel)[grid](...)``: launch ``kernel``; when its pipelined tiles do not fit shared memory (float32
     inputs at K = 256 on sm_90: ``fwd_o`` asks 256 KB of 227), launch again with one stage less, down to
     ``floor``, and keep the stages that fit for the next launch of that kernel with those launch arguments. Below
-    the floor it raises a RuntimeError that names the head dims, the dtype and the way out (H100, Triton 3.6:
-    float32 at K = 256, V = 512 stops at ``_bwd_dh_kernel``, 328 KB at two stages)."""
+    the floor it raises a RuntimeError that names the head dims, the dtype and the way out. H100, Triton 3.6,
+    float32 at K = 256: ``fwd_o`` runs at 2 stages, ``bwd_dh`` at 1 (328 KB at 2)."""
 
     def __init__(self, kernel, floor: int):
         self.kernel, self.floor = kernel, floor
@@ -1062,8 +1066,15 @@ _STAGES_FITTED: dict[tuple, int] = {}
 
 
 def _fit(kernel, floor: int = 1) -> _StageFit:
-    """See :class:`_StageFit`; the sequential kernels take ``floor=2`` (they fault at one stage, see _launch)."""
+    """See :class:`_StageFit`; the sequential kernels take :func:`_seq_floor`."""
     return _StageFit(kernel, floor)
+
+
+def _seq_floor(t: torch.Tensor) -> int:
+    """The fewest pipeline stages a sequential kernel may be retried at for inputs like ``t``
+    (``CONFIG["stage_fit"]``): 2 for 16-bit inputs (one stage faulted at K = 256 in bf16, see _launch), 1 for
+    float32 (checked against float64 on the H100 at K = 256)."""
+    return CONFIG["stage_fit"]["seq_floor_fp32" if t.element_size() == 4 else "seq_floor"]
 
 
 class _Layout:
@@ -1176,7 +1187,7 @@ def chunk_fwd(
     fused = CONFIG["fwd_ho"]
     if not keep and fused["enable"] and fused["max_k"] >= K:
         BK, BV, kw = _launch("fwd_ho", K, V, seq=True, seq_heads=lay.N * H)
-        _fit(_fwd_ho_kernel, 2)[(triton.cdiv(V, BV), lay.N * H)](
+        _fit(_fwd_ho_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
             q, k, u if use_delta else v, w if use_delta else dummy, gp, o,
             initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
             lay.cu_seqlens, xd_, D_, svt, scale, lay.T, lay.NT,
@@ -1261,7 +1272,7 @@ def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None):
     H, V = vsrc.shape[2], vsrc.shape[3]
     BK, BV, kw = _launch("fwd_h", K, V, seq=True, seq_heads=lay.N * H)
     dummy = vsrc
-    _fit(_fwd_h_kernel, 2)[(triton.cdiv(V, BV), lay.N * H)](
+    _fit(_fwd_h_kernel, _seq_floor(k))[(triton.cdiv(V, BV), lay.N * H)](
         k, vsrc, w if w is not None else dummy, g if g is not None else dummy, h, vn,
         initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, xd if xd is not None else dummy,
@@ -1351,7 +1362,7 @@ def chunk_bwd(
     BK, BV, kw = _launch("bwd_dh", K, V, seq=True)
     if not use_delta and K <= 128 and dh_cfg["gla_min_programs"] <= lay.N * H:  # SSD: a wider V tile (see CONFIG)
         BV = min(dh_cfg["BV_gla"], _np2(V))
-    _fit(_bwd_dh_kernel, 2)[(triton.cdiv(V, BV), lay.N * H)](
+    _fit(_bwd_dh_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
         q, k, w if use_delta else dummy, gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
