@@ -42,8 +42,18 @@ WARPS = {"dt_fwd": 4, "values_bwd": 8, "finish_fwd": 4, "finish_bwd": 8}
 
 
 # --------------------------------------------------------------------------------------------------
-# kernels (float32 arithmetic; helpers inline, see ops/_triton/chunk.py on the interpreter)
+# kernels (float32 arithmetic)
 # --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softplus(s):
+    """torch's softplus (threshold 20) with an accurate ``log1p(e) = log(u)·e/(u−1)``, ``u = 1+e``, and its
+    derivative ``e/u`` (1 above the threshold)."""
+    e = tl.exp(tl.minimum(s, 20.0))
+    u = 1.0 + e
+    lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.where(s > 20.0, s, lp), tl.where(s > 20.0, 1.0, e / u)
 
 
 @triton.jit
@@ -59,11 +69,8 @@ def _dt_fwd_kernel(
     s = tl.load(dt + rows[:, None] * sdt_t + heads[None, :] * sdt_h, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
         s += tl.load(dt_bias + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
-    if SOFTPLUS:  # torch's softplus (threshold 20) with an accurate log1p(e) = log(u)·e/(u−1), u = 1+e
-        e = tl.exp(tl.minimum(s, 20.0))
-        u = 1.0 + e
-        lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-        s = tl.where(s > 20.0, s, lp)
+    if SOFTPLUS:
+        s, _ = _softplus(s)
     a = tl.load(A + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
     p = rows[:, None] * H + heads[None, :]
     tl.store(d + p, s, mask=m)
@@ -87,16 +94,13 @@ def _dt_bwd_kernel(
         s += tl.load(dt_bias + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
     d = s
     if SOFTPLUS:
-        e = tl.exp(tl.minimum(s, 20.0))
-        u = 1.0 + e
-        lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-        d = tl.where(s > 20.0, s, lp)
+        d, dsp = _softplus(s)
     a = tl.load(A + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
     p = rows[:, None] * H + heads[None, :]
     b_dg = tl.load(dg + p, mask=m, other=0.0)
     dd = tl.load(ddx + p, mask=m, other=0.0) + b_dg * a
     if SOFTPLUS:
-        dd = tl.where(s > 20.0, dd, dd * (e / u))
+        dd = dd * dsp
     tl.store(ddt + rows[:, None] * sddt_t + heads[None, :] * sddt_h, dd.to(ddt.dtype.element_ty), mask=m)
     tl.store(part_bias + i_b * H + heads, tl.sum(dd, axis=0), mask=heads < H)
     tl.store(part_A + i_b * H + heads, tl.sum(b_dg * d, axis=0), mask=heads < H)
@@ -121,10 +125,7 @@ def _values_bwd_kernel(
         s += tl.load(dt_bias + i_h).to(tl.float32)
     d = s
     if SOFTPLUS:
-        e = tl.exp(tl.minimum(s, 20.0))
-        u = 1.0 + e
-        lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-        d = tl.where(s > 20.0, s, lp)
+        d, dsp = _softplus(s)
     a = tl.load(A + i_h).to(tl.float32)
     b_dg = tl.load(dg + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     p_c = rows[:, None] * (H * P) + i_h * P + cols[None, :]
@@ -142,7 +143,7 @@ def _values_bwd_kernel(
     tl.store(dx + p_c, b_dx.to(dx.dtype.element_ty), mask=m)
     dd = tl.sum(b_dv * b_x, axis=1) + b_dg * a
     if SOFTPLUS:
-        dd = tl.where(s > 20.0, dd, dd * (e / u))
+        dd = dd * dsp
     tl.store(ddt + rows * H + i_h, dd.to(ddt.dtype.element_ty), mask=m_t)
     tl.store(part_bias + i_b * H + i_h, tl.sum(dd, axis=0))
     tl.store(part_A + i_b * H + i_h, tl.sum(b_dg * d, axis=0))
