@@ -57,18 +57,26 @@ def _softplus(s):
 
 
 @triton.jit
-def _dt_fwd_kernel(
-    dt, sdt_t, sdt_h, dt_bias, A, d, g, NTOK,
-    H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-):  # fmt: skip
-    """``d = softplus(dt + bias)`` and ``g = d·A``, both ``[NTOK, H]`` float32 contiguous."""
-    i_b = tl.program_id(0)
-    rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
+def _dt_tile(
+    dt, sdt_t, sdt_h, dt_bias, NTOK, H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """This program's ``[BT, BH]`` tile of ``s = dt + bias``: ``(rows, heads, mask, s)``, s in float32."""
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     heads = tl.arange(0, BH)
     m = (rows < NTOK)[:, None] & (heads < H)[None, :]
     s = tl.load(dt + rows[:, None] * sdt_t + heads[None, :] * sdt_h, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
         s += tl.load(dt_bias + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
+    return rows, heads, m, s
+
+
+@triton.jit
+def _dt_fwd_kernel(
+    dt, sdt_t, sdt_h, dt_bias, A, d, g, NTOK,
+    H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):  # fmt: skip
+    """``d = softplus(dt + bias)`` and ``g = d·A``, both ``[NTOK, H]`` float32 contiguous."""
+    rows, heads, m, s = _dt_tile(dt, sdt_t, sdt_h, dt_bias, NTOK, H, BT, BH, HAS_BIAS)
     if SOFTPLUS:
         s, _ = _softplus(s)
     a = tl.load(A + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
@@ -85,13 +93,7 @@ def _dt_bwd_kernel(
     """The dt stage's backward given the values' term ``ddx = Σ_p dv·x`` (float32 ``[NTOK, H]`` contiguous, as dg):
     ``dd = ddx + dg·A``, ``ddt = dd·softplus'(s)`` (any token / head stride), and per-program partial sums of ddt
     (d dt_bias) and ``dg·d`` (dA) into ``part_* [n_blocks, H]``."""
-    i_b = tl.program_id(0)
-    rows = (i_b * BT + tl.arange(0, BT)).to(tl.int64)
-    heads = tl.arange(0, BH)
-    m = (rows < NTOK)[:, None] & (heads < H)[None, :]
-    s = tl.load(dt + rows[:, None] * sdt_t + heads[None, :] * sdt_h, mask=m, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        s += tl.load(dt_bias + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
+    rows, heads, m, s = _dt_tile(dt, sdt_t, sdt_h, dt_bias, NTOK, H, BT, BH, HAS_BIAS)
     d = s
     if SOFTPLUS:
         d, dsp = _softplus(s)
@@ -102,6 +104,7 @@ def _dt_bwd_kernel(
     if SOFTPLUS:
         dd = dd * dsp
     tl.store(ddt + rows[:, None] * sddt_t + heads[None, :] * sddt_h, dd.to(ddt.dtype.element_ty), mask=m)
+    i_b = tl.program_id(0)
     tl.store(part_bias + i_b * H + heads, tl.sum(dd, axis=0), mask=heads < H)
     tl.store(part_A + i_b * H + heads, tl.sum(b_dg * d, axis=0), mask=heads < H)
 
