@@ -367,21 +367,14 @@ def _conv_bwd_kernel(
     for it in range(TL // U):
         t = s0 + (W - 1) + it * U
         xa = tl.load(x_row + t.to(tl.int64) * sxt, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
-        ga = tl.load(dy_row + t.to(tl.int64) * sdyt, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
         xb = xa
-        gb = ga
         xc = xa
-        gc = ga
         xd = xa
-        gd = ga
         if U > 1:
             xb = tl.load(x_row + (t + 1).to(tl.int64) * sxt, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
-            gb = tl.load(dy_row + (t + 1).to(tl.int64) * sdyt, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
         if U > 2:
             xc = tl.load(x_row + (t + 2).to(tl.int64) * sxt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
-            gc = tl.load(dy_row + (t + 2).to(tl.int64) * sdyt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
             xd = tl.load(x_row + (t + 3).to(tl.int64) * sxt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
-            gd = tl.load(dy_row + (t + 3).to(tl.int64) * sdyt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
         if VALUES:  # the U rows' SSD gradients, loaded before this step's stores (which the compiler cannot pass)
             ga, dva, doa = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t, c, T, C, NH, EVEN_C, P, CT)
             gb, dvb, dob = ga, dva, doa
@@ -392,6 +385,16 @@ def _conv_bwd_kernel(
             if U > 2:
                 gc, dvc, doc = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t + 2, c, T, C, NH, EVEN_C, P, CT)
                 gd, dvd, dod = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t + 3, c, T, C, NH, EVEN_C, P, CT)
+        else:
+            ga = tl.load(dy_row + t.to(tl.int64) * sdyt, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
+            gb = ga
+            gc = ga
+            gd = ga
+            if U > 1:
+                gb = tl.load(dy_row + (t + 1).to(tl.int64) * sdyt, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
+            if U > 2:
+                gc = tl.load(dy_row + (t + 2).to(tl.int64) * sdyt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
+                gd = tl.load(dy_row + (t + 3).to(tl.int64) * sdyt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
         for j in tl.static_range(U):
             xv = _lag(j, xa, xb, xc, xd).to(CT)
             gv = _lag(j, ga, gb, gc, gd).to(CT)
