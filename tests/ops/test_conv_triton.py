@@ -54,6 +54,26 @@ def test_matches_reference_float64(T, W, activation, has_bias, has_state):
 
 
 @pytest.mark.parametrize(
+    "T,W,has_state,fwd",
+    [
+        (21, 4, True, [8, 4, 1]),  # several row programs (a partial last one), 4 rows a step, ragged channel tiles
+        (21, 3, True, [6, 8, 2]),  # 2 rows a step; the first rows of each program read the one before's rows
+        (9, 4, False, [1, 2, 1]),  # one row a program: every tap comes from the ring's warm-up loads
+        (5, 2, True, [3, 16, 1]),  # odd rows: one row a step
+    ],
+)
+def test_forward_row_and_channel_tiles(T, W, has_state, fwd):
+    """The forward walks ``fwd[0]`` rows per program over channel tiles of ``fwd[1]``: equal to the float64
+    reference, initial state included."""
+    g = torch.Generator().manual_seed(T * 7 + W)
+    B, C = 2, 5
+    x, w, b = _rand(g, B, T, C), _rand(g, C, W), _rand(g, C)
+    h0 = _rand(g, B, C, W - 1) if has_state else None
+    y, _ = causal_conv1d_triton(x, w, b, "silu", h0, config=[*fwd, 8, 8, 1, 4])
+    torch.testing.assert_close(y, causal_conv1d(x, w, b, "silu", h0)[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
     "T,W,has_state,bwd",
     [
         (21, 4, True, [8, 4, 1, 4]),  # several row programs, 4 rows a step: the warm-up rows cross programs
@@ -151,12 +171,13 @@ def test_backward_into_channel_slices():
     from mixlab.ops.conv.triton import causal_conv1d_bwd, causal_conv1d_bwd_into, default_config
 
     torch.manual_seed(4)
-    x = torch.randn(2, 45, 40, dtype=torch.float64)[..., 4:36]  # strided input: 32 of 40 channels
-    w, b = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, dtype=torch.float64)
-    dy = torch.randn(2, 45, 32, dtype=torch.float64)
+    x = torch.randn(2, 45, 40, dtype=torch.float64, device=DEVICE)[..., 4:36]  # strided input: 32 of 40 channels
+    w = torch.randn(32, 4, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(32, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn(2, 45, 32, dtype=torch.float64, device=DEVICE)
     cfg = default_config(45, 32)
     dx, dw, db, _ = causal_conv1d_bwd(x, w, b, None, dy, None, True, cfg)
-    buf = torch.full((2, 45, 50), 7.0, dtype=torch.float64)
+    buf = torch.full((2, 45, 50), 7.0, dtype=torch.float64, device=DEVICE)
     for lo, hi in ((0, 20), (20, 32)):
         dw2, db2, _ = causal_conv1d_bwd_into(
             x[..., lo:hi], w[lo:hi], b[lo:hi], None, dy[..., lo:hi], None, True, cfg, buf[..., 10 + lo : 10 + hi]
@@ -178,8 +199,8 @@ def test_unused_final_state_gets_no_zero_filled_gradient(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(conv_triton, "causal_conv1d_bwd", spy)
-    x = torch.randn(1, 5, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 5, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     y, _ = causal_conv1d_triton(x, w, activation="silu")
     y.sum().backward()
     assert seen == [None] and x.grad is not None

@@ -179,7 +179,12 @@ def mamba2_mix_bwd(
     """Recomputes the conv, the SSD's dt stage (d, g) and the norm output, then runs the ops' backwards.
     Returns the gradients of ``(zxbcdt, conv_w, conv_b | empty, A, D, dt_bias, norm_w, out_w, out_b | empty)``."""
     from ..ops._triton.chunk import chunk_bwd
-    from ..ops.conv.triton import causal_conv1d_bwd_into, causal_conv1d_bwd_values_into, values_fold_fits
+    from ..ops.conv.triton import (
+        causal_conv1d_bwd_into,
+        causal_conv1d_bwd_values_into,
+        default_config,
+        values_fold_fits,
+    )
     from ..ops.norm_triton import gated_rms_norm_bwd_into
     from ..ops.ssd.triton.fused import ssd_dt, ssd_dt_bwd, ssd_fused_bwd
 
@@ -232,15 +237,17 @@ def mamba2_mix_bwd(
             )
             del xs, q, k, d, g, dy, dy4
             ddt_out.copy_(ddt.view(b, T, -1))
-        # the conv is depthwise: x, B and C channels run as separate calls, each reading its own SSD gradient
-        GN = dims[4] * dims[5]
-        ranges = ((H * P, H * P + GN, dk), (H * P + GN, conv_dim, dq))  # B (= k), C (= q)
+        # the conv is depthwise: the x channels and the B, C channels run as separate calls, each reading its own
+        # SSD gradient (dk and dq side by side, as B and C are in xBC: one call for both)
+        ranges = ((H * P, conv_dim, torch.cat([dk.view(b, T, -1), dq.view(b, T, -1)], dim=-1)),)
+        del dq, dk
         if not fold:
             ranges = ((0, H * P, dx), *ranges)
-        for lo, hi, dpiece in ranges:
+        for lo, hi, dpiece in ranges:  # the B, C call launches for its own channel count
+            cfg = conv_cfg if lo == 0 else default_config(T, hi - lo)
             dcw[lo:hi], db_piece, _ = causal_conv1d_bwd_into(
                 xBC[..., lo:hi], conv_w[lo:hi], conv_b[lo:hi] if conv_b is not None else None, None,
-                dpiece.view(b, T, -1), None, True, conv_cfg, dxBC[..., lo:hi],
+                dpiece.view(b, T, -1), None, True, cfg, dxBC[..., lo:hi],
             )  # fmt: skip
             if conv_b is not None:
                 dcb[lo:hi] = db_piece

@@ -26,63 +26,6 @@ __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton", "default_confi
 
 
 @triton.jit
-def _load_xp(x_ptr, h0_ptr, b, r, c, cmask, T, C, sxb, sxt, shb, shc, W: tl.constexpr, HAS_H0: tl.constexpr):
-    """xp[b, r, c] for a [BT] vector r of xp rows and [BC] channels c: initial state below W-1, x above."""
-    in_x = (r >= W - 1) & (r < T + W - 1)
-    v = tl.load(
-        x_ptr + b * sxb + (r - (W - 1))[:, None].to(tl.int64) * sxt + c[None, :],
-        mask=in_x[:, None] & cmask[None, :],
-        other=0.0,
-    )
-    if HAS_H0:
-        in_h = (r >= 0) & (r < W - 1)
-        hv = tl.load(h0_ptr + b * shb + c[None, :] * shc + r[:, None], mask=in_h[:, None] & cmask[None, :], other=0.0)
-        v = tl.where(in_h[:, None], hv.to(v.dtype), v)
-    return v
-
-
-@triton.jit
-def _conv_fwd_kernel(
-    x_ptr,
-    w_ptr,
-    bias_ptr,
-    h0_ptr,
-    y_ptr,
-    T,
-    C,
-    sxb,
-    sxt,
-    shb,
-    shc,
-    W: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_H0: tl.constexpr,
-    SILU: tl.constexpr,
-    FP64: tl.constexpr,
-):
-    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    t = pid_t * BT + tl.arange(0, BT)
-    c = pid_c * BC + tl.arange(0, BC)
-    cmask = c < C
-    acc = tl.zeros([BT, BC], dtype=CT)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + c, mask=cmask, other=0.0).to(CT)[None, :]
-    for k in tl.static_range(W):
-        wk = tl.load(w_ptr + c * W + k, mask=cmask, other=0.0).to(CT)
-        xv = _load_xp(x_ptr, h0_ptr, b, t + k, c, cmask, T, C, sxb, sxt, shb, shc, W, HAS_H0)
-        acc += wk[None, :] * xv.to(CT)
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
-    m = (t < T)[:, None] & cmask[None, :]
-    tl.store(y_ptr + (b * T + t[:, None]).to(tl.int64) * C + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
 def _lag(j: tl.constexpr, v0, v1, v2, v3):
     """The ring entry j rows back in time (j = 0: the current row)."""
     if j == 0:
@@ -201,6 +144,94 @@ def _x_row(
                 CT
             )
     return v
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    h0_ptr,
+    y_ptr,
+    T,
+    C,
+    sxb,
+    sxt,
+    shb,
+    shc,
+    W: tl.constexpr,
+    TL: tl.constexpr,
+    BC: tl.constexpr,
+    U: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    SILU: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    # One program: BC channels (one [BC] vector per time row) and TL consecutive output rows, walked U rows at a
+    # time so that their loads are in flight together. Each x row is loaded once; the last W-1 rows stay in
+    # registers (a ring), as in _conv_bwd_kernel. y[t] = act(bias + sum_k w[k] x[t - (W-1) + k]), summed in that
+    # order.
+    CT: tl.constexpr = tl.float64 if FP64 else tl.float32
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    c = pid_c * BC + tl.arange(0, BC)
+    cmask = c < C
+    t0 = pid_t * TL
+    zero = tl.zeros([BC], dtype=CT)
+    bias = zero
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(CT)
+    w0 = tl.load(w_ptr + c * W + 0, mask=cmask, other=0.0).to(CT)
+    w1 = tl.load(w_ptr + c * W + 1, mask=cmask, other=0.0).to(CT)
+    w2 = w1
+    w3 = w1
+    if W > 2:
+        w2 = tl.load(w_ptr + c * W + 2, mask=cmask, other=0.0).to(CT)
+    if W > 3:
+        w3 = tl.load(w_ptr + c * W + 3, mask=cmask, other=0.0).to(CT)
+    # ring of x[t0 - 1], x[t0 - 2], x[t0 - 3] (the initial state below row 0)
+    x1 = _x_row(x_ptr, h0_ptr, b, t0 - 1, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    x2 = zero
+    x3 = zero
+    if W > 2:
+        x2 = _x_row(x_ptr, h0_ptr, b, t0 - 2, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    if W > 3:
+        x3 = _x_row(x_ptr, h0_ptr, b, t0 - 3, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    x_row = x_ptr + b * sxb + c
+    y_row = y_ptr + b * T * C + c
+    for it in range(TL // U):
+        t = t0 + it * U
+        xa = tl.load(x_row + t.to(tl.int64) * sxt, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
+        xb = xa
+        xc = xa
+        xd = xa
+        if U > 1:
+            xb = tl.load(x_row + (t + 1).to(tl.int64) * sxt, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
+        if U > 2:
+            xc = tl.load(x_row + (t + 2).to(tl.int64) * sxt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
+            xd = tl.load(x_row + (t + 3).to(tl.int64) * sxt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
+        for j in tl.static_range(U):
+            xv = _lag(j, xa, xb, xc, xd).to(CT)
+            acc = zero
+            if HAS_BIAS:
+                acc += bias
+            acc += w0 * _lag(W - 1, xv, x1, x2, x3)
+            acc += w1 * _lag(W - 2, xv, x1, x2, x3)
+            if W > 2:
+                acc += w2 * _lag(W - 3, xv, x1, x2, x3)
+            if W > 3:
+                acc += w3 * xv
+            if SILU:
+                acc = acc * tl.sigmoid(acc)
+            tl.store(
+                y_row + (t + j).to(tl.int64) * C, acc.to(y_ptr.dtype.element_ty), mask=_rows(c, C, t + j, 0, T, EVEN_C)
+            )
+            x3 = x2
+            x2 = x1
+            x1 = xv
 
 
 @triton.jit
@@ -468,15 +499,16 @@ def _conv_update_kernel(
 def default_config(T: int, C: int) -> list[int]:
     """``[fwd_rows, fwd_channels, fwd_warps, bwd_rows, bwd_channels, bwd_warps, bwd_unroll]``.
 
-    Forward: a ``[rows, channels]`` tile per program. Backward: ``bwd_channels`` (a ``[BC]`` vector per
-    time row, 4 elements a thread at the default) and ``bwd_rows`` consecutive time rows per program,
-    walked ``bwd_unroll`` rows at a time. Chosen from H100 sweeps (benchmarks/NOTES-mamba-kernels.md).
+    Both walk time rows: ``channels`` (a ``[BC]`` vector per time row, 4 elements a thread at the default) and
+    ``rows`` consecutive time rows per program, the forward 4 rows at a time, the backward ``bwd_unroll``.
+    Chosen from H100 sweeps (benchmarks/NOTES-mamba-kernels.md).
     """
-    bc = min(128, triton.next_power_of_2(C))
-    bt = min(32, triton.next_power_of_2(max(T, 1)))
-    bc_b = min(512, triton.next_power_of_2(C))
-    tl_b = min(256, max(4, triton.next_power_of_2(T + 3)))
-    return [bt, bc, 4, tl_b, bc_b, max(1, min(4, bc_b // 128)), 4]
+    bc = min(512, triton.next_power_of_2(C))
+    rows = min(128, max(4, triton.next_power_of_2(T)))
+    # few channels: shorter backward programs, more of them (Mamba2's B and C channels, 256 at the 1.3b width)
+    tl_b = min(256 if C > 512 else 64, max(4, triton.next_power_of_2(T + 3)))
+    nw = max(1, min(4, bc // 128))
+    return [rows, bc, nw, tl_b, bc, nw, 4]
 
 
 def bwd_variants(T: int, C: int) -> list[list[int]]:
@@ -499,9 +531,10 @@ def causal_conv1d_fwd(
     bsz, T, C = x.shape
     W = weight.shape[1]
     y = torch.empty(bsz, T, C, device=x.device, dtype=x.dtype)
-    bt, bc, nw = config[:3]
+    rows, bc, nw = config[:3]
+    unroll = 4 if rows % 4 == 0 else 2 if rows % 2 == 0 else 1  # rows a step (the kernel names up to 4)
     h0 = initial_state
-    grid = (triton.cdiv(T, bt), triton.cdiv(C, bc), bsz)
+    grid = (triton.cdiv(T, rows), triton.cdiv(C, bc), bsz)
     _conv_fwd_kernel[grid](
         x,
         weight,
@@ -515,8 +548,10 @@ def causal_conv1d_fwd(
         h0.stride(0) if h0 is not None else 0,
         h0.stride(1) if h0 is not None else 0,
         W=W,
-        BT=bt,
+        TL=rows,
         BC=bc,
+        U=unroll,
+        EVEN_C=C % bc == 0,
         HAS_BIAS=bias is not None,
         HAS_H0=h0 is not None,
         SILU=silu,
