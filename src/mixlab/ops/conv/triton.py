@@ -147,6 +147,54 @@ def _x_row(
 
 
 @triton.jit
+def _taps(w_ptr, bias_ptr, c, cmask, W: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr):
+    """The W <= 4 taps of channels c (weight ``[C, W]``), each ``[BC]``, and the bias (zeros without one); taps past
+    W repeat w1 (unused)."""
+    w0 = tl.load(w_ptr + c * W + 0, mask=cmask, other=0.0).to(CT)
+    w1 = tl.load(w_ptr + c * W + 1, mask=cmask, other=0.0).to(CT)
+    w2 = w1
+    w3 = w1
+    if W > 2:
+        w2 = tl.load(w_ptr + c * W + 2, mask=cmask, other=0.0).to(CT)
+    if W > 3:
+        w3 = tl.load(w_ptr + c * W + 3, mask=cmask, other=0.0).to(CT)
+    bias = tl.zeros_like(w0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(CT)
+    return w0, w1, w2, w3, bias
+
+
+@triton.jit
+def _ring(x_ptr, h0_ptr, b, s0, c, C, T, sxb, sxt, shb, shc, W: tl.constexpr, HAS_H0: tl.constexpr,
+          EVEN_C: tl.constexpr, CT: tl.constexpr):  # fmt: skip
+    """The register ring before row s0: ``x[s0 - 1], x[s0 - 2], x[s0 - 3]`` (zeros past W - 1)."""
+    x1 = _x_row(x_ptr, h0_ptr, b, s0 - 1, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    x2 = tl.zeros_like(x1)
+    x3 = tl.zeros_like(x1)
+    if W > 2:
+        x2 = _x_row(x_ptr, h0_ptr, b, s0 - 2, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    if W > 3:
+        x3 = _x_row(x_ptr, h0_ptr, b, s0 - 3, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    return x1, x2, x3
+
+
+@triton.jit
+def _load_rows(row_ptr, t, st, c, C, T, U: tl.constexpr, EVEN_C: tl.constexpr):
+    """Rows t .. t + U - 1 (U <= 4) of a ``[T, C]`` stream (row stride st, zeros past T), issued together; rows past
+    U repeat row t (unused)."""
+    ra = tl.load(row_ptr + t.to(tl.int64) * st, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
+    rb = ra
+    rc = ra
+    rd = ra
+    if U > 1:
+        rb = tl.load(row_ptr + (t + 1).to(tl.int64) * st, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
+    if U > 2:
+        rc = tl.load(row_ptr + (t + 2).to(tl.int64) * st, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
+        rd = tl.load(row_ptr + (t + 3).to(tl.int64) * st, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
+    return ra, rb, rc, rd
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -180,42 +228,17 @@ def _conv_fwd_kernel(
     c = pid_c * BC + tl.arange(0, BC)
     cmask = c < C
     t0 = pid_t * TL
-    zero = tl.zeros([BC], dtype=CT)
-    bias = zero
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(CT)
-    w0 = tl.load(w_ptr + c * W + 0, mask=cmask, other=0.0).to(CT)
-    w1 = tl.load(w_ptr + c * W + 1, mask=cmask, other=0.0).to(CT)
-    w2 = w1
-    w3 = w1
-    if W > 2:
-        w2 = tl.load(w_ptr + c * W + 2, mask=cmask, other=0.0).to(CT)
-    if W > 3:
-        w3 = tl.load(w_ptr + c * W + 3, mask=cmask, other=0.0).to(CT)
+    w0, w1, w2, w3, bias = _taps(w_ptr, bias_ptr, c, cmask, W, HAS_BIAS, CT)
     # ring of x[t0 - 1], x[t0 - 2], x[t0 - 3] (the initial state below row 0)
-    x1 = _x_row(x_ptr, h0_ptr, b, t0 - 1, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
-    x2 = zero
-    x3 = zero
-    if W > 2:
-        x2 = _x_row(x_ptr, h0_ptr, b, t0 - 2, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
-    if W > 3:
-        x3 = _x_row(x_ptr, h0_ptr, b, t0 - 3, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    x1, x2, x3 = _ring(x_ptr, h0_ptr, b, t0, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
     x_row = x_ptr + b * sxb + c
     y_row = y_ptr + b * T * C + c
     for it in range(TL // U):
         t = t0 + it * U
-        xa = tl.load(x_row + t.to(tl.int64) * sxt, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
-        xb = xa
-        xc = xa
-        xd = xa
-        if U > 1:
-            xb = tl.load(x_row + (t + 1).to(tl.int64) * sxt, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
-        if U > 2:
-            xc = tl.load(x_row + (t + 2).to(tl.int64) * sxt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
-            xd = tl.load(x_row + (t + 3).to(tl.int64) * sxt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
+        xa, xb, xc, xd = _load_rows(x_row, t, sxt, c, C, T, U, EVEN_C)
         for j in tl.static_range(U):
             xv = _lag(j, xa, xb, xc, xd).to(CT)
-            acc = zero
+            acc = tl.zeros([BC], dtype=CT)
             if HAS_BIAS:
                 acc += bias
             acc += w0 * _lag(W - 1, xv, x1, x2, x3)
@@ -334,17 +357,7 @@ def _conv_bwd_kernel(
         s0 = pid_t * TL - (W - 1)
     else:
         s0 = pid_t * TL
-    bias = tl.zeros([BC], dtype=CT)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(CT)
-    w0 = tl.load(w_ptr + c * W + 0, mask=cmask, other=0.0).to(CT)
-    w1 = tl.load(w_ptr + c * W + 1, mask=cmask, other=0.0).to(CT)
-    w2 = w1
-    w3 = w1
-    if W > 2:
-        w2 = tl.load(w_ptr + c * W + 2, mask=cmask, other=0.0).to(CT)
-    if W > 3:
-        w3 = tl.load(w_ptr + c * W + 3, mask=cmask, other=0.0).to(CT)
+    w0, w1, w2, w3, bias = _taps(w_ptr, bias_ptr, c, cmask, W, HAS_BIAS, CT)
     zero = tl.zeros([BC], dtype=CT)
     Dv = zero
     heads = tl.arange(0, BC // P)
@@ -364,13 +377,7 @@ def _conv_bwd_kernel(
     d2 = zero
     d3 = zero
     # ring of x[s0 - 1], x[s0 - 2], x[s0 - 3]
-    x1 = _x_row(x_ptr, h0_ptr, b, s0 - 1, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
-    x2 = zero
-    x3 = zero
-    if W > 2:
-        x2 = _x_row(x_ptr, h0_ptr, b, s0 - 2, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
-    if W > 3:
-        x3 = _x_row(x_ptr, h0_ptr, b, s0 - 3, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
+    x1, x2, x3 = _ring(x_ptr, h0_ptr, b, s0, c, C, T, sxb, sxt, shb, shc, W, HAS_H0, EVEN_C, CT)
     # warm-up rows t in [s0, s0 + W - 1): dpre only; their dweight terms belong to this program only if it is
     # the first one (the others' warm-up rows are some earlier program's main rows)
     first = (pid_t == 0).to(CT)
@@ -397,15 +404,7 @@ def _conv_bwd_kernel(
     dy_row = dy_ptr + b * sdyb + c
     for it in range(TL // U):
         t = s0 + (W - 1) + it * U
-        xa = tl.load(x_row + t.to(tl.int64) * sxt, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
-        xb = xa
-        xc = xa
-        xd = xa
-        if U > 1:
-            xb = tl.load(x_row + (t + 1).to(tl.int64) * sxt, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
-        if U > 2:
-            xc = tl.load(x_row + (t + 2).to(tl.int64) * sxt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
-            xd = tl.load(x_row + (t + 3).to(tl.int64) * sxt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
+        xa, xb, xc, xd = _load_rows(x_row, t, sxt, c, C, T, U, EVEN_C)
         if VALUES:  # the U rows' SSD gradients, loaded before this step's stores (which the compiler cannot pass)
             ga, dva, doa = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t, c, T, C, NH, EVEN_C, P, CT)
             gb, dvb, dob = ga, dva, doa
@@ -417,15 +416,7 @@ def _conv_bwd_kernel(
                 gc, dvc, doc = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t + 2, c, T, C, NH, EVEN_C, P, CT)
                 gd, dvd, dod = _values_in(dv_ptr, dy_ptr, d_ptr, Dv, b, t + 3, c, T, C, NH, EVEN_C, P, CT)
         else:
-            ga = tl.load(dy_row + t.to(tl.int64) * sdyt, mask=_rows(c, C, t, 0, T, EVEN_C), other=0.0)
-            gb = ga
-            gc = ga
-            gd = ga
-            if U > 1:
-                gb = tl.load(dy_row + (t + 1).to(tl.int64) * sdyt, mask=_rows(c, C, t + 1, 0, T, EVEN_C), other=0.0)
-            if U > 2:
-                gc = tl.load(dy_row + (t + 2).to(tl.int64) * sdyt, mask=_rows(c, C, t + 2, 0, T, EVEN_C), other=0.0)
-                gd = tl.load(dy_row + (t + 3).to(tl.int64) * sdyt, mask=_rows(c, C, t + 3, 0, T, EVEN_C), other=0.0)
+            ga, gb, gc, gd = _load_rows(dy_row, t, sdyt, c, C, T, U, EVEN_C)
         for j in tl.static_range(U):
             xv = _lag(j, xa, xb, xc, xd).to(CT)
             gv = _lag(j, ga, gb, gc, gd).to(CT)
