@@ -6,10 +6,10 @@ before the sequence. Write ``xp = cat(initial_state, x)`` along time (length T+W
 ``pre[t] = bias + sum_k w[k] xp[t+k]``, ``y = act(pre)`` and ``final_state = xp[T:]``.
 
 Backward: ``dpre = dy * act'(pre)`` and ``dx[s] = sum_i w[i] dpre[s + W-1 - i]`` (plus d(final_state) on
-the last W-1 rows of xp; rows of xp below W-1 give d(initial_state)). One program owns a ``[BC]`` channel
-vector and a run of time rows; it walks the rows in order, loading x[t] and dy[t] once, computing
-pre[t] and dpre[t] once, and keeping the last W-1 rows of x and dpre in registers (a ring), so the
-backward reads x and dy once and writes dx once. dweight and dbias are per-program partial sums
+the last W-1 rows of xp; rows of xp below W-1 give d(initial_state)). In both directions one program owns a
+``[BC]`` channel vector and a run of time rows; it walks the rows in order, loading x[t] (and dy[t]) once,
+computing pre[t] (and dpre[t]) once, and keeping the last W-1 rows of x (and dpre) in registers (a ring), so
+the forward reads x once and writes y once, the backward reads x and dy once and writes dx once. dweight and dbias are per-program partial sums
 (deterministic), added up at the end. Widths up to 4: the ring entries are named explicitly.
 Arithmetic is float32 (float64 for float64 inputs).
 """
