@@ -238,13 +238,14 @@ def mamba2_mix_bwd(
             del xs, q, k, d, g, dy, dy4
             ddt_out.copy_(ddt.view(b, T, -1))
         # the conv is depthwise: the x channels and the B, C channels run as separate calls, each reading its own
-        # SSD gradient (dk and dq side by side, as B and C are in xBC: one call for both)
-        ranges = ((H * P, conv_dim, torch.cat([dk.view(b, T, -1), dq.view(b, T, -1)], dim=-1)),)
+        # SSD gradient (dk and dq side by side, as B and C are in xBC: one call for both, launched for its own
+        # channel count)
+        dBC = torch.cat([dk.view(b, T, -1), dq.view(b, T, -1)], dim=-1)
+        ranges = ((H * P, conv_dim, dBC, default_config(T, conv_dim - H * P)),)
         del dq, dk
         if not fold:
-            ranges = ((0, H * P, dx), *ranges)
-        for lo, hi, dpiece in ranges:  # the B, C call launches for its own channel count
-            cfg = conv_cfg if lo == 0 else default_config(T, hi - lo)
+            ranges = ((0, H * P, dx, conv_cfg), *ranges)
+        for lo, hi, dpiece, cfg in ranges:
             dcw[lo:hi], db_piece, _ = causal_conv1d_bwd_into(
                 xBC[..., lo:hi], conv_w[lo:hi], conv_b[lo:hi] if conv_b is not None else None, None,
                 dpiece.view(b, T, -1), None, True, cfg, dxBC[..., lo:hi],
