@@ -9,8 +9,9 @@ Backward: ``dpre = dy * act'(pre)`` and ``dx[s] = sum_i w[i] dpre[s + W-1 - i]``
 the last W-1 rows of xp; rows of xp below W-1 give d(initial_state)). In both directions one program owns a
 ``[BC]`` channel vector and a run of time rows; it walks the rows in order, loading x[t] (and dy[t]) once,
 computing pre[t] (and dpre[t]) once, and keeping the last W-1 rows of x (and dpre) in registers (a ring), so
-the forward reads x once and writes y once, the backward reads x and dy once and writes dx once. dweight and dbias are per-program partial sums
-(deterministic), added up at the end. Widths up to 4: the ring entries are named explicitly.
+the forward reads x once and writes y once, the backward reads x and dy once and writes dx once. dweight and
+dbias are per-program partial sums (deterministic), added up at the end. Widths up to 4: the ring entries are
+named explicitly.
 Arithmetic is float32 (float64 for float64 inputs).
 """
 
