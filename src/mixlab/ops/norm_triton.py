@@ -139,10 +139,10 @@ def _norm_bwd_kernel(
             # Σ dxhat·xhat = r·Σ dxhat·a: a row sum that need not wait for 1/rms. H100, bf16 (results/norm-bwd-…-s12.json):
             # the residual norm's backward [32768, 2048] 0.376 -> 0.352 ms; with z (more tensors live across the sums)
             # it lost, 0.708 -> 0.787 ms for Mamba2's recomputing gated norm
-            dxa = dy * a
+            dxhat = dy
             if HAS_W:
-                dxa = dxa * w[None, :]
-            s_da = tl.sum(dxa, 1)
+                dxhat = dy * w[None, :]  # the same product as dxhat below (one multiply after CSE)
+            s_da = tl.sum(dxhat * a, 1)
         if RECOMPUTE:
             r = 1.0 / tl.sqrt(tl.sum(a * a, 1) / GS + eps)
         xhat = a * r[:, None]
