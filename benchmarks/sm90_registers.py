@@ -29,7 +29,7 @@ from triton.compiler import ASTSource
 
 from mixlab.ops._triton import chunk
 
-F32 = {"g", "xd", "Dp", "ht", "h0", "dht", "dh0", "dG", "dg", "Tm", "beta", "dbeta"}
+F32 = {"dPs", "g", "xd", "Dp", "ht", "h0", "dht", "dh0", "dG", "dg", "Tm", "beta", "dbeta"}
 I32 = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
 INTS = {"T", "NT", "NTOK", "SVT", "SLOT"}
 

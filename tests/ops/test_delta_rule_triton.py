@@ -472,13 +472,15 @@ def test_fused_forward_matches_state_pass_plus_output(use_delta, gated, HK, cu, 
     cu_t = torch.tensor(cu, dtype=torch.int32) if cu else None
     xs = [x.to(DEVICE) if x is not None else None for x in (q, k, v, beta, gate)]
     args = (*xs, 0.3, h0.to(DEVICE), True, cu_t.to(DEVICE) if cu else None, use_delta)
-    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "enable": 1})
-    o, ht, *_, h, vn = chunk.chunk_fwd(*args)
-    assert h is None and vn is None
-    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "enable": 0})
+    fused = chunk.CONFIG["fwd_ho"]
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**fused, "enable": 0})
     o_ref, ht_ref, *_ = chunk.chunk_fwd(*args)
-    assert _rel(o, o_ref) < 1e-6, _rel(o, o_ref)
-    assert _rel(ht, ht_ref) < 1e-6, _rel(ht, ht_ref)
+    for prefetch in (0, 1):  # the v tile loaded a chunk ahead, or in its chunk
+        monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**fused, "enable": 1, "prefetch_v": prefetch})
+        o, ht, *_, h, vn = chunk.chunk_fwd(*args)
+        assert h is None and vn is None
+        assert _rel(o, o_ref) < 1e-6, (prefetch, _rel(o, o_ref))
+        assert _rel(ht, ht_ref) < 1e-6, (prefetch, _rel(ht, ht_ref))
     assert o_ref.abs().amax() > 0.1 and ht_ref.abs().amax() > 0.1  # outputs that can disagree
 
 

@@ -127,6 +127,17 @@ def test_state_pass_plus_output_kernels(D, monkeypatch):
     _check(xs, 3e-5, 3e-5, cu_seqlens=cu, strided_x=True)  # dA: float32 sums over 140 tokens
 
 
+def test_fused_forward_prefetching_x(monkeypatch):
+    """``CONFIG["fwd_ho"]["prefetch_v_xd"]``: the fused forward loading each chunk's x tile a chunk ahead (off by
+    default for SSD), with strided x, packed sequences and a partial last chunk."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "prefetch_v_xd": 1})
+    cu = torch.tensor([0, 30, 75, 140], device=DEVICE)
+    xs = _inputs(12, 1, 140, P=16, nseq=3, D="H")
+    _check(xs, 3e-5, 3e-5, cu_seqlens=cu, strided_x=True)
+
+
 def test_no_z_no_bias_no_softplus_one_group():
     xs = _inputs(2, 1, 70, G=1, D="HP", dt_shift=0.0)
     xs["dt"] = xs["dt"].abs() * 0.3  # without softplus dt must stay positive for a decaying state

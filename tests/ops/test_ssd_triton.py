@@ -131,13 +131,38 @@ def test_dispatcher_routes_here():
     assert ht is None and _rel(y, ry) < 1e-5
 
 
-@pytest.mark.parametrize("sum_dp", [0, 1])
-def test_dqkwg_ssd_v_tiles(sum_dp, monkeypatch):
-    """``CONFIG["dqkwg_ssd"]`` with V (P) in two tiles, per-head and summed dP."""
+@pytest.mark.parametrize(("split", "sum_dp"), [(1, 0), (0, 0), (0, 1)])
+def test_dqkwg_ssd_v_tiles(split, sum_dp, monkeypatch):
+    """``CONFIG["dqkwg_ssd"]`` with V (P) in two tiles: the two-kernel form (dP summed over heads, then the
+    states' part) and the one-kernel form with per-head and summed dP."""
     from mixlab.ops._triton import chunk
 
-    monkeypatch.setitem(chunk.CONFIG, "dqkwg_ssd", {**chunk.CONFIG["dqkwg_ssd"], "BV": 16, "sum_dp": sum_dp})
+    cfg = {**chunk.CONFIG["dqkwg_ssd"], "BV": 16, "sum_dp": sum_dp, "split": split}
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg_ssd", cfg)
+    monkeypatch.setitem(chunk.CONFIG, "dp_sum", {**chunk.CONFIG["dp_sum"], "BV": 16})
     _compare(_inputs(7, 1, 70, H=4, P=32, G=2), 1e-5)  # a seed whose dA sum is well conditioned
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_split_dq_dk_dg_head_blocks(heads, monkeypatch):
+    """The two-kernel dq/dk/dG (``CONFIG["dqkwg_ssd"]["split"]``, the default): ``_bwd_dp_sum_kernel`` sums the
+    intra-chunk dP over blocks of ``CONFIG["dp_sum"]["heads"]`` value heads (1, 2 or all 4 heads of a group) and
+    ``_bwd_dqkg_inter_kernel`` adds the group's blocks; two groups, packed sequences, a 1-token sequence."""
+    from mixlab.ops._triton import chunk
+
+    launched = []
+    real = chunk._bwd_dp_sum_kernel
+
+    class _Count:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(chunk, "_bwd_dp_sum_kernel", _Count())
+    monkeypatch.setitem(chunk.CONFIG, "dp_sum", {**chunk.CONFIG["dp_sum"], "heads": heads})
+    xs = _inputs(31, 1, 100, H=8, G=2, nseq=4)
+    _compare(xs, 1e-5, cu_seqlens=torch.tensor([0, 1, 70, 70, 100], device=DEVICE))
+    assert launched and launched[0][1] == 8 // heads  # one program per (chunk, block of heads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -146,7 +171,7 @@ def test_summed_dp_over_group_heads(dtype, monkeypatch, request):
     (dG from rowsum − colsum of dP ⊙ Q Kᵀ); 4 heads per group, packed sequences, two K tiles in bf16."""
     from mixlab.ops._triton import chunk
 
-    monkeypatch.setitem(chunk.CONFIG, "dqkwg_ssd", {**chunk.CONFIG["dqkwg_ssd"], "sum_dp": 1})
+    monkeypatch.setitem(chunk.CONFIG, "dqkwg_ssd", {**chunk.CONFIG["dqkwg_ssd"], "sum_dp": 1, "split": 0})
     if dtype == torch.float32:
         _compare(
             _inputs(17, 1, 100, H=8, G=2, nseq=4), 1e-5, cu_seqlens=torch.tensor([0, 1, 70, 70, 100], device=DEVICE)

@@ -306,13 +306,15 @@ def _fwd_ho_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    XD: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr,
+    XD: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr, PREFETCH_V: tl.constexpr = False,
 ):  # fmt: skip
     """The forward's state pass and output in one sequential kernel per (sequence, head, V tile): each chunk's
     ``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` is formed from the state ``S`` in registers, so the
     chunk states ``h`` and ``V_new`` are never written (the backward recomputes them with ``_fwd_h_kernel``).
     Same roundings as ``_fwd_h_kernel`` + ``_fwd_o_kernel``: S and V_new enter the products in the input dtype.
-    ``XD``: V = x·d as in ``_fwd_h_kernel``; ``HAS_D``: ``O += D·x`` (D ``[H]``, or ``[H, V]`` with ``D_PER_V``)."""
+    ``XD``: V = x·d as in ``_fwd_h_kernel``; ``HAS_D``: ``O += D·x`` (D ``[H]``, or ``[H, V]`` with ``D_PER_V``);
+    ``PREFETCH_V``: the ``v`` / ``x`` tile, which the compiler does not pipeline (it is used elementwise before
+    its products), is loaded a chunk ahead."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -340,6 +342,14 @@ def _fwd_ho_kernel(
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    if XD:
+        p_x = v + i_h * V + o_v[None, :] + (bos + o_t).to(tl.int64)[:, None] * SVT
+        s_x = BT * SVT
+    else:
+        p_x = v + i_h * V + o_v[None, :] + (bos + o_t).to(tl.int64)[:, None] * (H * V)
+        s_x = BT * H * V
+    if PREFETCH_V:
+        b_xn = tl.load(p_x, mask=((bos + o_t) < eos)[:, None] & (o_v < V)[None, :], other=0.0)
     for i_t in range(nt):
         t0 = bos + i_t * BT
         m_t = (t0 + o_t) < eos
@@ -350,11 +360,17 @@ def _fwd_ho_kernel(
         p_qk = rows[:, None] * (HK * K) + i_hk * K + o_k[None, :]
         b_q = tl.load(q + p_qk, mask=m_k, other=0.0)
         b_k = tl.load(k + p_qk, mask=m_k, other=0.0)
+        if PREFETCH_V:
+            b_x = b_xn.to(tl.float32)
+            p_x += s_x
+            b_xn = tl.load(p_x, mask=((t0 + BT + o_t) < eos)[:, None] & (o_v < V)[None, :], other=0.0)
+        else:
+            b_x = tl.load(p_x, mask=m_v, other=0.0).to(tl.float32)
+            p_x += s_x
         if XD:
-            b_x = tl.load(v + rows[:, None] * SVT + i_h * V + o_v[None, :], mask=m_v, other=0.0).to(tl.float32)
             b_v = (b_x * tl.load(xd + rows * H + i_h, mask=m_t, other=0.0)[:, None]).to(dt).to(tl.float32)
         else:
-            b_v = tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32)
+            b_v = b_x
         b_hd = b_h.to(dt)
         b_o = tl.dot(b_q, b_hd, input_precision="ieee")
         b_A = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
@@ -700,6 +716,150 @@ def _bwd_dqkwg_kernel(
 
 
 @triton.jit
+def _bwd_dp_sum_kernel(
+    q, k, vn, g, do, dPs, dG, cu_seqlens, chunk_indices, scale, T, NT, NTOK, SLOT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HB: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Gated linear attention (SSD) backward, intra-chunk half, per (chunk, block of ``HB`` value heads on one
+    query/key head): the masked ``dP_h = scale·(dO_h V_hᵀ ⊙ Γ_h)`` (lower triangle with the diagonal) summed over
+    the block into ``dPs[i_c, i_b]`` [BT, BT] float32, and each head's intra-chunk share of dG,
+    ``rowsum − colsum`` of ``dP_h ⊙ Q Kᵀ``, into ``dG[SLOT]``. ``_bwd_dqkg_inter_kernel`` applies ``Σ dP``."""
+    i_c, i_b = tl.program_id(0), tl.program_id(1)
+    NB: tl.constexpr = H // HB
+    i_hk = (i_b * HB) // (H // HK)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    rows = (t0 + o_t).to(tl.int64)
+    m_i = o_t[:, None] >= o_t[None, :]
+    dt = q.dtype.element_ty
+    p_qk = rows[:, None] * (HK * K) + i_hk * K
+
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)  # [i, j] = q_i · k_j
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = m_t[:, None] & (o_k < K)[None, :]
+        b_q = tl.load(q + p_qk + o_k[None, :], mask=m_k, other=0.0)
+        b_k = tl.load(k + p_qk + o_k[None, :], mask=m_k, other=0.0)
+        b_qk += tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    b_dPs = tl.zeros([BT, BT], dtype=tl.float32)
+    p_g = g + rows * H + i_b * HB
+    b_gn = tl.load(p_g, mask=m_t, other=0.0)  # the gate row a head ahead
+    for i_j in range(HB):
+        i_h = i_b * HB + i_j
+        b_g = tl.cumsum(b_gn.to(tl.float32), axis=0)
+        b_gn = tl.load(p_g + i_j + 1, mask=m_t & (i_j + 1 < HB), other=0.0)
+        b_dP = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = m_t[:, None] & (o_v < V)[None, :]
+            p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+            b_v = tl.load(vn + p_v, mask=m_v, other=0.0).to(dt)
+            b_do = tl.load(do + p_v, mask=m_v, other=0.0).to(dt)
+            b_dP += tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
+        b_dP = b_dP * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
+        b_dP = tl.where(m_i, b_dP, 0.0) * scale
+        b_dPs += b_dP
+        b_pa = b_dP * b_qk
+        tl.store(dG + SLOT * NTOK * H + rows * H + i_h, tl.sum(b_pa, axis=1) - tl.sum(b_pa, axis=0), mask=m_t)
+    tl.store(dPs + (i_c.to(tl.int64) * NB + i_b) * BT * BT + o_t[:, None] * BT + o_t[None, :], b_dPs)
+
+
+@triton.jit
+def _bwd_dqkg_inter_kernel(
+    q, k, vn, g, h, do, dh, dPs, dq, dk, dG, cu_seqlens, chunk_indices, scale, T, NT, NTOK,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HB: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Gated linear attention (SSD) backward, the rest of dq, dk and dG per (K tile, chunk, query/key head), after
+    ``_bwd_dp_sum_kernel``: ``dq = Σ_h diag(scale·γ) dO_h S_hᵀ + (Σ dP) K`` and ``dk = Σ_h diag(γ_C/γ) V_h dS_hᵀ +
+    (Σ dP)ᵀ Q`` over the value heads of the group, and this K tile's share of each head's inter-chunk dG terms
+    (``rowsum(dq_h ⊙ Q) − rowsum(dk_h ⊙ K)``, and ``dG_last``) into ``dG[i_k]``. Without the intra-chunk dP
+    inside the head loop, and with q and k re-read (from L2) where the loop needs them in float32, the loop keeps
+    two [BT, BK] float32 sums and the head's two products live."""
+    i_k, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NG: tl.constexpr = H // HK
+    NB: tl.constexpr = H // HB
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    else:
+        i_n = i_c // NT
+        i_t = i_c % NT
+        bos = i_n * T
+        eos = bos + T
+    t0 = bos + i_t * BT
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    rows = (t0 + o_t).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = m_t[:, None] & (o_k < K)[None, :]
+    dt = q.dtype.element_ty
+    p_qk = rows[:, None] * (HK * K) + i_hk * K + o_k[None, :]
+    i_last = tl.minimum(eos - t0, BT) - 1
+
+    b_q = tl.load(q + p_qk, mask=m_k, other=0.0)
+    b_k = tl.load(k + p_qk, mask=m_k, other=0.0)
+    b_dq_sum = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk_sum = tl.zeros([BT, BK], dtype=tl.float32)
+    p_g = g + rows * H + i_hk * NG
+    b_gn = tl.load(p_g, mask=m_t, other=0.0)  # the gate row a head ahead (not pipelined by the compiler)
+    for i_g in range(NG):
+        i_h = i_hk * NG + i_g
+        b_g = tl.cumsum(b_gn.to(tl.float32), axis=0)
+        b_gn = tl.load(p_g + i_g + 1, mask=m_t & (i_g + 1 < NG), other=0.0)
+        p_s = (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        b_hdh = tl.zeros([1], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+            m_v = m_t[:, None] & (o_v < V)[None, :]
+            p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+            b_h = tl.load(h + p_s + o_v[None, :], mask=m_kv, other=0.0)
+            b_dh = tl.load(dh + p_s + o_v[None, :], mask=m_kv, other=0.0)
+            b_v = tl.load(vn + p_v, mask=m_v, other=0.0).to(dt)
+            b_do = tl.load(do + p_v, mask=m_v, other=0.0).to(dt)
+            b_dq += tl.dot(b_do, tl.trans(b_h), input_precision="ieee")
+            b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision="ieee")
+            b_hdh += tl.sum(tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1), axis=0)
+        b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+        b_dq = b_dq * (tl.exp(b_g) * scale)[:, None]
+        b_dk = b_dk * tl.exp(b_glast - b_g)[:, None]
+        b_dkk = tl.sum(b_dk * b_k.to(tl.float32), axis=1)
+        b_dG = tl.sum(b_dq * b_q.to(tl.float32), axis=1) - b_dkk
+        # d G_last through γ_C S and through the decayed keys of the state update
+        b_dglast = tl.sum(b_hdh, axis=0) * tl.exp(b_glast) + tl.sum(b_dkk, axis=0)
+        b_dG += tl.where(o_t == i_last, b_dglast, 0.0)
+        tl.store(dG + i_k * NTOK * H + rows * H + i_h, b_dG, mask=m_t)
+        b_dq_sum += b_dq
+        b_dk_sum += b_dk
+    b_dP = tl.zeros([BT, BT], dtype=tl.float32)
+    p_p = dPs + (i_c.to(tl.int64) * NB + i_hk * (NG // HB)) * BT * BT + o_t[:, None] * BT + o_t[None, :]
+    for i_b in range(NG // HB):
+        b_dP += tl.load(p_p + i_b * BT * BT)
+    b_dP = b_dP.to(dt)
+    b_dq_sum += tl.dot(b_dP, b_k, input_precision="ieee")
+    b_dk_sum += tl.dot(tl.trans(b_dP), b_q, input_precision="ieee")
+    tl.store(dq + p_qk, b_dq_sum.to(dq.dtype.element_ty), mask=m_k)
+    tl.store(dk + p_qk, b_dk_sum.to(dk.dtype.element_ty), mask=m_k)
+
+
+@triton.jit
 def _wy_bwd_kernel(
     k, v, beta, g, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, cu_seqlens, chunk_indices, T, NT, NTOK, SLOT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -885,7 +1045,13 @@ CONFIG: dict[str, dict[str, int]] = {
     # GDN 2.41 -> 2.25, DN 2.32 -> 1.86, SSD 2.66 -> 1.52 at 4 warps (8 warps: 2.52 / 2.10 / 2.45); at K = 256
     # (1.3b GDN shape, 8 warps, BV 32: 2.20 ms vs 0.73 + 0.91) the q / k / w tiles take ~210 KB of shared
     # memory (one program per SM), so it stays off there
+    # prefetch_v (prefetch_v_xd for SSD's scaled values): load the v / x tile a chunk ahead (PREFETCH_V). H100,
+    # 65,536 tokens, T = 2K (results/kernels-ssd-split-dqkg-…-s13.json): the kernel DeltaNet 0.699 -> 0.521 ms, GDN
+    # H16 K128 1.049 -> 0.936; SSD 1.100 -> 1.168 (255 registers: the held tile spills), so off there. The same
+    # in _fwd_h_kernel was level or slower (GDN 0.573 -> 0.634) and is not there
     "fwd_ho": {
+        "prefetch_v": 1,
+        "prefetch_v_xd": 0,
         "enable": 1,
         "max_k": 128,
         "BV": 32,
@@ -950,7 +1116,17 @@ CONFIG: dict[str, dict[str, int]] = {
     # Session 10 (results/kernels-ssd-variants-{a,b}-…-s10.json, the kernels of then): BV 64 2.67 -> 2.33 ms per
     # call (V = 64 is one tile, so the per-head loop is the innermost, pipelined one); at BV 64: 8 warps 4.51,
     # 2 stages 2.53, lean 2.81, lean at 8 warps 5.01, BK 128 at 8 warps 7.40
-    "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "sum_dp": 0},
+    # split 1 (session 13): two kernels instead of _bwd_dqkwg_kernel, _bwd_dp_sum_kernel (the intra-chunk dP summed
+    # over a block of heads, and the intra-chunk dG) then _bwd_dqkg_inter_kernel (the states' part, plus Σ dP applied
+    # once); sum_dp applies to the one-kernel form only. H100, SSD H64 P64 N128, 65,536 tokens, T = 2K, per call
+    # (results/kernels-ssd-split-dqkg-…-s13.json): one kernel 2.35 ms; split 1.24 + 0.52 ms (the inter kernel took
+    # 1.91 ms until it loaded the gate row a head ahead: Triton 3.6 did not pipeline that load); SSD fwd+bwd 6.33 ->
+    # 5.75 ms (2K), 6.35 -> 5.81 (8K); inter at 8 warps 1.82, 2 stages 1.46, 4 stages 1.81
+    "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "sum_dp": 0, "split": 1},
+    # heads: value heads per program (one [BT, BT] block of Σ dP written per program, the inter kernel adds a group's
+    # blocks). maxnreg 168 (three 4-warp blocks per SM instead of two at 191 registers; ptxas spills 36 bytes):
+    # 0.834 -> 0.595 ms, 3 stages 0.514-0.519; 8 warps at maxnreg 128 0.62-0.72; heads 32 / 64 within 1%
+    "dp_sum": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "heads": 16, "maxnreg": 168},
     "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128, "BK_k256": 32, "BV_k256": 64},
     # heads: heads per program (a [64, heads] tile). H100, SSD H64, 65,536 tokens: one head per program at one warp
     # 0.145 ms per call (results/kernels-ssd-variants-a-…-s10.json), 64 heads at 4 warps 0.021
@@ -1193,7 +1369,8 @@ def chunk_fwd(
             lay.cu_seqlens, xd_, D_, svt, scale, lay.T, lay.NT,
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
             USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
-            IS_VARLEN=lay.is_varlen, XD=XD, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2, **kw,
+            IS_VARLEN=lay.is_varlen, XD=XD, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2,
+            PREFETCH_V=bool(fused["prefetch_v_xd" if XD else "prefetch_v"]), **kw,
         )  # fmt: skip
         return o, ht, Tm, w, u, None, None
     nc = states_shape(B, T, H, K, V, lay.N if lay.is_varlen else None)[0] if keep else lay.NC
@@ -1381,17 +1558,33 @@ def chunk_bwd(
     if lean and CONFIG[dq_cfg].get("num_stages_lean"):
         kw["num_stages"] = CONFIG[dq_cfg]["num_stages_lean"]
     NK = triton.cdiv(K, BK)
-    ns = NK + (1 if use_delta else 0)
+    split = use_g and not use_delta and bool(CONFIG["dqkwg_ssd"].get("split", 0))
+    ns = NK + (1 if use_delta or split else 0)  # dG slots: the K tiles' shares, then the WY / intra-chunk share
     dG = torch.empty(ns, B * T, H, dtype=f32, device=dev) if use_g else dummy
     dw = torch.empty(B, T, H, K, dtype=q.dtype, device=dev) if use_delta else dummy
     # the WY part comes next; dk_part_f32 0 stores the partial in the input dtype (half the traffic, one rounding more)
     dk_dt = f32 if CONFIG["dqkwg"]["dk_part_f32"] else q.dtype
     dk_part = torch.empty(B, T, H, K, dtype=dk_dt, device=dev) if use_delta else dk
-    _fit(_bwd_dqkwg_kernel)[(NK, lay.NC, HK)](
-        q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
-        scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
-        USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, SUM_DP=bool(CONFIG[dq_cfg].get("sum_dp", 0)), LEAN=lean, **kw,
-    )  # fmt: skip
+    if split:
+        hb = _heads_per_block(H // HK, CONFIG["dp_sum"]["heads"])
+        dPs = torch.empty(lay.NC, H // hb, BT, BT, dtype=f32, device=dev)
+        BKp, BVp, kwp = _launch("dp_sum", K, V)
+        if CONFIG["dp_sum"].get("maxnreg", 0):
+            kwp["maxnreg"] = CONFIG["dp_sum"]["maxnreg"]
+        _fit(_bwd_dp_sum_kernel)[(lay.NC, H // hb)](
+            q, k, vn, gp, do, dPs, dG, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT, B * T, NK,
+            H=H, HK=HK, K=K, V=V, BT=BT, BK=BKp, BV=BVp, HB=hb, IS_VARLEN=lay.is_varlen, **kwp,
+        )  # fmt: skip
+        _fit(_bwd_dqkg_inter_kernel)[(NK, lay.NC, HK)](
+            q, k, vn, gp, h, do, dh, dPs, dq, dk, dG, lay.cu_seqlens, lay.chunk_indices, scale, lay.T, lay.NT, B * T,
+            H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, HB=hb, IS_VARLEN=lay.is_varlen, **kw,
+        )  # fmt: skip
+    else:
+        _fit(_bwd_dqkwg_kernel)[(NK, lay.NC, HK)](
+            q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
+            scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
+            USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, SUM_DP=bool(CONFIG[dq_cfg].get("sum_dp", 0)), LEAN=lean, **kw,
+        )  # fmt: skip
     if use_delta:
         BK, BV, kw = _launch("wy_bwd", K, V)
         _fit(_wy_bwd_kernel)[(lay.NC, H)](
