@@ -35,7 +35,7 @@ INTS = {"T", "NT", "NTOK", "SVT", "SLOT"}
 
 SSD = {"H": 64, "HK": 1, "K": 128, "V": 64, "USE_G": True, "IS_VARLEN": False}
 GDN = {"H": 16, "HK": 16, "K": 128, "V": 128, "USE_G": True, "IS_VARLEN": False}
-_DQ = {"USE_DELTA": False, "SUM_DP": False, "LEAN": False, "BK": 64}
+_DQ = {"USE_DELTA": False, "LEAN": False, "BK": 64}
 _DH = {"USE_DELTA": False, "USE_FINAL_STATE_GRADIENT": False, "STORE_INITIAL_STATE_GRADIENT": False, "BK": 128}
 _HO = {"USE_DELTA": False, "USE_INITIAL_STATE": False, "STORE_FINAL_STATE": False, "XD": True, "HAS_D": True,
        "D_PER_V": False, "BK": 128}  # fmt: skip

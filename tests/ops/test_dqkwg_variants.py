@@ -25,7 +25,7 @@ from mixlab.ops.delta_rule.triton import delta_rule_triton
 DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" or not torch.cuda.is_available() else "cuda"
 
 
-def _kernel_outputs(lean, *, T=100, H=2, HK=2, K=32, V=64, BK=16, BV=16, cu=None, use_delta=True, sum_dp=False,
+def _kernel_outputs(lean, *, T=100, H=2, HK=2, K=32, V=64, BK=16, BV=16, cu=None, use_delta=True,
                     dtype=torch.float32, seed=0):  # fmt: skip
     """Run ``_bwd_dqkwg_kernel`` (gated) once on seeded random inputs; returns (dq, dk, dw, dG) in float32."""
     gen = torch.Generator().manual_seed(seed)
@@ -46,7 +46,7 @@ def _kernel_outputs(lean, *, T=100, H=2, HK=2, K=32, V=64, BK=16, BV=16, cu=None
     chunk._bwd_dqkwg_kernel[(NK, lay.NC, HK)](
         q, k, vn, g, h, do, dh, dvn, dq, dk, dw, dG, lay.cu_seqlens, lay.chunk_indices, 0.3, lay.T, lay.NT, T,
         H=H, HK=HK, K=K, V=V, BT=chunk.BT, BK=BK, BV=BV, USE_G=True, USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen,
-        SUM_DP=sum_dp, LEAN=lean, num_warps=8, num_stages=3, maxnreg=128 if lean else None,
+        LEAN=lean, num_warps=8, num_stages=3, maxnreg=128 if lean else None,
     )  # fmt: skip
     return dq.float(), dk.float(), (dw.float() if use_delta else None), dG
 
@@ -70,7 +70,7 @@ def _assert_same(base, lean, dg_tol):
         {"BV": 32, "cu": [0, 1, 70, 70, 100]},  # packed sequences (length 1, across a chunk edge, empty, 30)
         {"BK": 32, "BV": 64},  # one K tile, one V step
         {"use_delta": False, "H": 4, "HK": 2},  # gated linear attention (SSD): two value heads per key head
-        {"use_delta": False, "H": 4, "HK": 2, "sum_dp": True, "cu": [0, 64, 100]},
+        {"use_delta": False, "H": 4, "HK": 2, "cu": [0, 64, 100]},
     ],
 )
 def test_lean_kernel_matches_default(kw):

@@ -592,15 +592,14 @@ def _bwd_dqkwg_kernel(
     q, k, vn, g, h, do, dh, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, T, NT, NTOK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
-    IS_VARLEN: tl.constexpr, SUM_DP: tl.constexpr = False, LEAN: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr, LEAN: tl.constexpr = False,
 ):  # fmt: skip
     """Per (K tile, chunk, query/key head): ``dq``, ``dk`` summed over the value heads that share the
     query/key head (all but the WY part of dk), per value head ``dw = −dV_new Sᵀ`` (input dtype) and
     this K tile's share of ``dG`` (gradient w.r.t. G = cumsum(g)) into ``dG[i_k]`` [NS, Ntok, H].
 
-    ``SUM_DP`` (for many value heads per key head, SSD): the intra-chunk parts ``dP_h K`` and ``dP_hᵀ Q``
-    summed over heads are ``(Σ_h dP_h) K`` and ``(Σ_h dP_h)ᵀ Q``: two products per group instead of two per
-    head; each head's dG share then takes ``rowsum − colsum`` of ``dP_h ⊙ Q Kᵀ`` instead.
+    SSD (many value heads per key head) runs ``_bwd_dp_sum_kernel`` + ``_bwd_dqkg_inter_kernel`` instead by default
+    (``CONFIG["dqkwg_ssd"]["split"]``).
 
     ``LEAN`` (with ``USE_G`` only; fewer live registers, same sums up to summation order): q and k for dG are
     read again after the V loop instead of held in float32 across it, dw is stored right after the loop,
@@ -636,10 +635,6 @@ def _bwd_dqkwg_kernel(
         b_kf = b_k.to(tl.float32)
     b_dq_sum = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk_sum = tl.zeros([BT, BK], dtype=tl.float32)
-    if SUM_DP:
-        b_dPs = tl.zeros([BT, BT], dtype=tl.float32)
-        if USE_G:
-            b_qk = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # this K tile's share of Q Kᵀ
     for i_g in range(NG):
         i_h = i_hk * NG + i_g
         p_s = (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V
@@ -688,29 +683,19 @@ def _bwd_dqkwg_kernel(
             b_dP = b_dP * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
         else:
             b_dq = b_dq * scale
-        if SUM_DP:
-            b_dPf = tl.where(m_i, b_dP, 0.0) * scale
-            b_dPs += b_dPf
-        else:
-            b_dP = (tl.where(m_i, b_dP, 0.0) * scale).to(dt)
-            b_dq += tl.dot(b_dP, b_k, input_precision="ieee")
-            b_dk += tl.dot(tl.trans(b_dP), b_q, input_precision="ieee")
+        b_dP = (tl.where(m_i, b_dP, 0.0) * scale).to(dt)
+        b_dq += tl.dot(b_dP, b_k, input_precision="ieee")
+        b_dk += tl.dot(tl.trans(b_dP), b_q, input_precision="ieee")
         if USE_DELTA and not LEAN:
             p_w = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
             tl.store(dw + p_w, (-b_dw).to(dw.dtype.element_ty), mask=m_k)
         if USE_G:
             b_dG = tl.sum(b_dq * b_qf, axis=1) - tl.sum(b_dk * b_kf, axis=1)
-            if SUM_DP:
-                b_pa = b_dPf * b_qk
-                b_dG += tl.sum(b_pa, axis=1) - tl.sum(b_pa, axis=0)
             i_last = tl.minimum(eos - t0, BT) - 1
             b_dG += tl.where(o_t == i_last, b_dglast, 0.0)
             tl.store(dG + i_k * NTOK * H + rows * H + i_h, b_dG, mask=m_t)
         b_dq_sum += b_dq
         b_dk_sum += b_dk
-    if SUM_DP:
-        b_dq_sum += tl.dot(b_dPs.to(dt), b_k, input_precision="ieee")
-        b_dk_sum += tl.dot(tl.trans(b_dPs).to(dt), b_q, input_precision="ieee")
     tl.store(dq + p_qk, b_dq_sum.to(dq.dtype.element_ty), mask=m_k)
     tl.store(dk + p_qk, b_dk_sum.to(dk.dtype.element_ty), mask=m_k)
 
@@ -1109,20 +1094,21 @@ CONFIG: dict[str, dict[str, int]] = {
         "maxnreg": 128,
         "num_stages_lean": 2,
     },
-    # gated linear attention (SSD, no delta rule): sum_dp 1 sums the masked dP over the value heads of a group
-    # and applies it once (see _bwd_dqkwg_kernel). H100, SSD H64 P64 N128, 65,536 tokens, T = 2K
+    # gated linear attention (SSD, no delta rule), the one-kernel form (split 0). H100, SSD H64 P64 N128, 65,536 tokens,
+    # T = 2K
     # (results/kernels-...-2026-11-24-s4-dqkwg-ssd*.json): 4 warps 4.02 -> 2.65 ms per call (fwd+bwd 9.76 -> 8.38);
-    # BK 128 at 8 warps 2.65 too, at 4 warps 6.97; 2 warps 8.00; sum_dp 1 4.08; BV 64 4.41; 2 stages 4.52.
+    # BK 128 at 8 warps 2.65 too, at 4 warps 6.97; 2 warps 8.00; dP summed over a group's heads in the kernel
+    # (sum_dp, removed in session 13 for the split) 4.08; BV 64 4.41; 2 stages 4.52.
     # Session 10 (results/kernels-ssd-variants-{a,b}-…-s10.json, the kernels of then): BV 64 2.67 -> 2.33 ms per
     # call (V = 64 is one tile, so the per-head loop is the innermost, pipelined one); at BV 64: 8 warps 4.51,
     # 2 stages 2.53, lean 2.81, lean at 8 warps 5.01, BK 128 at 8 warps 7.40
     # split 1 (session 13): two kernels instead of _bwd_dqkwg_kernel, _bwd_dp_sum_kernel (the intra-chunk dP summed
     # over a block of heads, and the intra-chunk dG) then _bwd_dqkg_inter_kernel (the states' part, plus Σ dP applied
-    # once); sum_dp applies to the one-kernel form only. H100, SSD H64 P64 N128, 65,536 tokens, T = 2K, per call
+    # once). H100, SSD H64 P64 N128, 65,536 tokens, T = 2K, per call
     # (results/kernels-ssd-split-dqkg-…-s13.json): one kernel 2.35 ms; split 1.24 + 0.52 ms (the inter kernel took
     # 1.91 ms until it loaded the gate row a head ahead: Triton 3.6 did not pipeline that load); SSD fwd+bwd 6.33 ->
     # 5.75 ms (2K), 6.35 -> 5.81 (8K); inter at 8 warps 1.82, 2 stages 1.46, 4 stages 1.81
-    "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "sum_dp": 0, "split": 1},
+    "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "split": 1},
     # heads: value heads per program (one [BT, BT] block of Σ dP written per program, the inter kernel adds a group's
     # blocks). maxnreg 168 (three 4-warp blocks per SM instead of two at 191 registers; ptxas spills 36 bytes):
     # 0.834 -> 0.595 ms, 3 stages 0.514-0.519; 8 warps at maxnreg 128 0.62-0.72; heads 32 / 64 within 1%
@@ -1583,7 +1569,7 @@ def chunk_bwd(
         _fit(_bwd_dqkwg_kernel)[(NK, lay.NC, HK)](
             q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
             scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
-            USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, SUM_DP=bool(CONFIG[dq_cfg].get("sum_dp", 0)), LEAN=lean, **kw,
+            USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, LEAN=lean, **kw,
         )  # fmt: skip
     if use_delta:
         BK, BV, kw = _launch("wy_bwd", K, V)
