@@ -771,8 +771,8 @@ def _bwd_dqkg_inter_kernel(
     ``_bwd_dp_sum_kernel``: ``dq = Σ_h diag(scale·γ) dO_h S_hᵀ + (Σ dP) K`` and ``dk = Σ_h diag(γ_C/γ) V_h dS_hᵀ +
     (Σ dP)ᵀ Q`` over the value heads of the group, and this K tile's share of each head's inter-chunk dG terms
     (``rowsum(dq_h ⊙ Q) − rowsum(dk_h ⊙ K)``, and ``dG_last``) into ``dG[i_k]``. Without the intra-chunk dP
-    inside the head loop, and with q and k re-read (from L2) where the loop needs them in float32, the loop keeps
-    two [BT, BK] float32 sums and the head's two products live."""
+    inside the head loop, and with q and k held in the input dtype (widened where the dG terms use them), the loop
+    keeps two [BT, BK] float32 sums and the head's two products live."""
     i_k, i_c, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NG: tl.constexpr = H // HK
     NB: tl.constexpr = H // HB
