@@ -1110,7 +1110,7 @@ CONFIG: dict[str, dict[str, int]] = {
     # 5.75 ms (2K), 6.35 -> 5.81 (8K); inter at 8 warps 1.82, 2 stages 1.46, 4 stages 1.81
     "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "split": 1},
     # heads: value heads per program (one [BT, BT] block of Σ dP written per program, the inter kernel adds a group's
-    # blocks). maxnreg 168 (three 4-warp blocks per SM instead of two at 191 registers; ptxas spills 36 bytes):
+    # blocks). maxnreg 168 (three 4-warp blocks per SM instead of two at 192 registers; sm_90 ptxas spills 36 bytes):
     # 0.834 -> 0.595 ms, 3 stages 0.514-0.519; 8 warps at maxnreg 128 0.62-0.72; heads 32 / 64 within 1%
     "dp_sum": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "heads": 16, "maxnreg": 168},
     "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128, "BK_k256": 32, "BV_k256": 64},
