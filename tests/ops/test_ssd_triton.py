@@ -165,6 +165,11 @@ def test_split_dq_dk_dg_head_blocks(heads, monkeypatch):
     assert launched and launched[0][1] == 8 // heads  # one program per (chunk, block of heads)
 
 
+def test_split_one_head_per_group():
+    """The two-kernel dq/dk/dG with B, C per head (G = H = 3): blocks of one head, one block per group."""
+    _compare(_inputs(41, 2, 70, H=3, G=3), 1e-5)
+
+
 def test_split_bf16_four_heads_a_group(bf16_interpreter):
     """The default two-kernel dq/dk/dG in bf16 with 4 heads on one group and two K tiles (Σ dP rounded once a block:
     this seed's dA misses 1e-2 in the one-kernel form, which rounds each head's dP)."""
