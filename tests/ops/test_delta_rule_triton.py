@@ -190,9 +190,25 @@ def test_wide_state_tiles_with_enough_programs(gated, monkeypatch):
     from mixlab.ops._triton import chunk
 
     assert chunk._launch("fwd_h", 128, 128, seq=True, seq_heads=32 * 16)[1] == 64  # T = 2K at 65,536 tokens
-    assert chunk._launch("fwd_h", 128, 128, seq=True, seq_heads=2 * 16)[1] == 32  # T = 32K: too few programs
+    assert chunk._launch("fwd_h", 128, 128, seq=True, seq_heads=4 * 16)[1] == 32  # T = 16K: too few programs
     monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], "wide_min_programs": 0})
     xs = _inputs(81 + gated, 2, 70, 1, 32, 128, gated=gated)
+    _compare(xs, 32**-0.5, 1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_narrow_state_tiles_with_few_programs(gated, monkeypatch):
+    """``CONFIG["fwd_h"]["BV_narrow"]``: 16 value columns per program (the backward's state recompute) while the
+    32-column tile gives at most ``narrow_max_programs`` programs (two sequences of 32K at H16), and not beyond;
+    at tiny shapes every output and gradient vs float64 with the narrow tile."""
+    from mixlab.ops._triton import chunk
+
+    assert chunk._launch("fwd_h", 128, 128, seq=True, seq_heads=2 * 16)[1] == 16  # T = 32K at 65,536 tokens
+    assert chunk._launch("fwd_h", 128, 128, seq=True, seq_heads=4 * 16)[1] == 32  # T = 16K
+    assert chunk._launch("fwd_h", 256, 512, seq=True, seq_heads=1 * 6)[1] == 64  # K 256: BV_k256 replaces it
+    monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], "narrow_max_programs": 1 << 20})
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "enable": 0})  # the forward runs fwd_h too
+    xs = _inputs(91 + gated, 2, 70, 1, 32, 64, gated=gated)
     _compare(xs, 32**-0.5, 1e-5)
 
 

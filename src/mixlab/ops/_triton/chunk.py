@@ -1013,7 +1013,12 @@ CONFIG: dict[str, dict[str, int]] = {
     # 132 SMs). H100, 65,536 tokens, forward+backward (results/kernels-...-s3-wide*.json): GDN H16 K128 V128
     # 8.15 -> 7.89 ms at T = 2K, 4K, 8K (1,024 / 512 / 256 programs), DN 7.21 -> 7.05, SSD H64 (V = 64) 11.18 -> 10.97
     # at 2K and 11.67 -> 11.38 at 16K; at 16K GDN/DN (128 programs) level, at 32K (64) BV 64 ran 9.95 against 9.31
+    # BV_narrow: 16 value columns while the 32-column tile would give at most narrow_max_programs programs (few long
+    # sequences). H100, 65,536 tokens, T = 32K (results/kernels-narrow-…-2026-11-25-s13.json): DeltaNet H16 K128 fwd_h
+    # 0.991 -> 0.862 ms (fwd+bwd 7.27 -> 7.14), GDN level (1.034 / 1.041); fwd_ho and bwd_dh at 16 were slower
     "fwd_h": {
+        "BV_narrow": 16,
+        "narrow_max_programs": 128,
         "BV": 32,
         "num_warps": 4,
         "num_stages": 2,
@@ -1150,13 +1155,17 @@ def _launch(
     name: str, K: int, V: int, seq: bool = False, seq_heads: int | None = None
 ) -> tuple[int, int, dict[str, int]]:
     """(BK, BV, launch kwargs) of kernel ``name`` for head dims K, V; ``seq_heads`` (sequences × heads) lets a
-    sequential kernel take its wider ``BV_wide`` value tile when that still gives ``wide_min_programs`` programs."""
+    sequential kernel take its wider ``BV_wide`` value tile when that still gives ``wide_min_programs`` programs, or
+    its narrower ``BV_narrow`` one when its tile gives at most ``narrow_max_programs``."""
     cfg = CONFIG[name]
     BK = _np2(K) if seq else min(cfg["BK"], _np2(K))
     BV = min(cfg["BV"], _np2(V))
     wide = cfg.get("BV_wide")
     if wide and seq_heads is not None and seq_heads * triton.cdiv(V, wide) >= cfg.get("wide_min_programs", 0):
         BV = min(wide, _np2(V))
+    narrow = cfg.get("BV_narrow")
+    if narrow and seq_heads is not None and seq_heads * triton.cdiv(V, BV) <= cfg.get("narrow_max_programs", 0):
+        BV = min(narrow, _np2(V))
     nw, ns = cfg["num_warps"], cfg["num_stages"]
     if seq and BK > 128:  # keep the float32 state tile [K, BV] within the register file
         BV, nw = min(BV, 32), max(nw, 8)
