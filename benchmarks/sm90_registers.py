@@ -40,7 +40,9 @@ _DH = {"USE_DELTA": False, "USE_FINAL_STATE_GRADIENT": False, "STORE_INITIAL_STA
 _HO = {"USE_DELTA": False, "USE_INITIAL_STATE": False, "STORE_FINAL_STATE": False, "XD": True, "HAS_D": True,
        "D_PER_V": False, "BK": 128}  # fmt: skip
 
-#: (label, kernel name, constexprs, num_warps, num_stages)
+_SPLIT = {"H": 64, "HK": 1, "K": 128, "V": 64, "IS_VARLEN": False, "BT": 64, "BK": 64, "BV": 64, "HB": 16}
+
+#: (label, kernel name, constexprs, num_warps, num_stages[, maxnreg])
 CASES = [
     ("ssd dqkwg BT64 BV32 4w (session 9 default)", "_bwd_dqkwg_kernel", {**SSD, **_DQ, "BT": 64, "BV": 32}, 4, 3),
     ("ssd dqkwg BT64 BV64 4w (session 10 default)", "_bwd_dqkwg_kernel", {**SSD, **_DQ, "BT": 64, "BV": 64}, 4, 3),
@@ -56,6 +58,12 @@ CASES = [
     ("ssd bwd_dh BV64 4w LOCAL_DV (default)", "_bwd_dh_kernel", {**SSD, **_DH, "BT": 64, "BV": 64, "LOCAL_DV": True}, 4, 2),
     ("gdn bwd_dh BV32 4w", "_bwd_dh_kernel", {**GDN, **_DH, "USE_DELTA": True, "BT": 64, "BV": 32, "LOCAL_DV": False}, 4, 2),
     ("gdn bwd_dh BV32 4w LOCAL_DV", "_bwd_dh_kernel", {**GDN, **_DH, "USE_DELTA": True, "BT": 64, "BV": 32, "LOCAL_DV": True}, 4, 2),
+    ("ssd fwd_ho BT64 BV64 4w PREFETCH_V", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 64, "BV": 64, "PREFETCH_V": True}, 4, 2),
+    ("ssd dp_sum HB16 4w 3st", "_bwd_dp_sum_kernel", _SPLIT, 4, 3),
+    ("ssd dp_sum HB16 4w 3st maxnreg 168 (session 13 default)", "_bwd_dp_sum_kernel", _SPLIT, 4, 3, 168),
+    ("ssd dp_sum HB16 8w 2st maxnreg 128", "_bwd_dp_sum_kernel", _SPLIT, 8, 2, 128),
+    ("ssd dqkg_inter BK64 4w 3st (session 13 default)", "_bwd_dqkg_inter_kernel", _SPLIT, 4, 3),
+    ("ssd dqkg_inter BK64 8w 3st", "_bwd_dqkg_inter_kernel", _SPLIT, 8, 3),
 ]  # fmt: skip
 
 
@@ -64,7 +72,7 @@ def _ptxas() -> str:
     return p.path if hasattr(p, "path") else p[0]
 
 
-def compile_case(name: str, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def compile_case(name: str, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None) -> dict:
     fn = getattr(chunk, name)
     params = inspect.signature(fn.fn).parameters
     sig, attrs, cst = {}, {}, {}
@@ -78,7 +86,8 @@ def compile_case(name: str, constexprs: dict, num_warps: int, num_stages: int) -
         if sig[p].startswith("*"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn, sig, constexprs=cst, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+                       options={"num_warps": num_warps, "num_stages": num_stages,
+                                **({"maxnreg": maxnreg} if maxnreg else {})})  # fmt: skip
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
     out = subprocess.run([_ptxas(), "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
@@ -95,8 +104,9 @@ def main() -> None:
     args = ap.parse_args()
     ver = subprocess.run([_ptxas(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     rows = []
-    for label, name, cx, nw, ns in CASES:
-        r = {"case": label, "kernel": name, "num_warps": nw, "num_stages": ns, **compile_case(name, cx, nw, ns)}
+    for label, name, cx, nw, ns, *mr in CASES:
+        r = {"case": label, "kernel": name, "num_warps": nw, "num_stages": ns, "maxnreg": mr[0] if mr else None,
+             **compile_case(name, cx, nw, ns, mr[0] if mr else None)}  # fmt: skip
         rows.append(r)
         print(f"{label:<48} regs {r['registers']:>3}  spill {r['spill_store_bytes']:>5}  smem {r['shared_bytes']}")
     payload = {"suite": "sm90-registers", "date": datetime.date.today().isoformat(), "triton": triton.__version__,

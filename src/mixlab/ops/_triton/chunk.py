@@ -343,13 +343,15 @@ def _fwd_ho_kernel(
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
     if XD:
-        p_x = v + i_h * V + o_v[None, :] + (bos + o_t).to(tl.int64)[:, None] * SVT
-        s_x = BT * SVT
+        s_x = SVT  # token stride of x
     else:
-        p_x = v + i_h * V + o_v[None, :] + (bos + o_t).to(tl.int64)[:, None] * (H * V)
-        s_x = BT * H * V
+        s_x = H * V
+    # the tile's addresses are formed from the rows each chunk: a loop-carried [BT, BV] pointer tile would hold 64-bit
+    # addresses across the loop (Triton 3.6, sm_90: 0 -> 304 bytes of spills in SSD's launch)
     if PREFETCH_V:
-        b_xn = tl.load(p_x, mask=((bos + o_t) < eos)[:, None] & (o_v < V)[None, :], other=0.0)
+        r_0 = (bos + o_t).to(tl.int64)
+        b_xn = tl.load(v + r_0[:, None] * s_x + i_h * V + o_v[None, :], mask=(r_0 < eos)[:, None] & (o_v < V)[None, :],
+                       other=0.0)  # fmt: skip
     for i_t in range(nt):
         t0 = bos + i_t * BT
         m_t = (t0 + o_t) < eos
@@ -362,11 +364,11 @@ def _fwd_ho_kernel(
         b_k = tl.load(k + p_qk, mask=m_k, other=0.0)
         if PREFETCH_V:
             b_x = b_xn.to(tl.float32)
-            p_x += s_x
-            b_xn = tl.load(p_x, mask=((t0 + BT + o_t) < eos)[:, None] & (o_v < V)[None, :], other=0.0)
+            r_n = rows + BT
+            b_xn = tl.load(v + r_n[:, None] * s_x + i_h * V + o_v[None, :], mask=(r_n < eos)[:, None] & (o_v < V)[None, :],
+                           other=0.0)  # fmt: skip
         else:
-            b_x = tl.load(p_x, mask=m_v, other=0.0).to(tl.float32)
-            p_x += s_x
+            b_x = tl.load(v + rows[:, None] * s_x + i_h * V + o_v[None, :], mask=m_v, other=0.0).to(tl.float32)
         if XD:
             b_v = (b_x * tl.load(xd + rows * H + i_h, mask=m_t, other=0.0)[:, None]).to(dt).to(tl.float32)
         else:
@@ -1111,11 +1113,13 @@ CONFIG: dict[str, dict[str, int]] = {
     # over a block of heads, and the intra-chunk dG) then _bwd_dqkg_inter_kernel (the states' part, plus Σ dP applied
     # once). H100, SSD H64 P64 N128, 65,536 tokens, T = 2K, per call
     # (results/kernels-ssd-split-dqkg-…-s13.json): one kernel 2.35 ms; split 1.24 + 0.52 ms (the inter kernel took
-    # 1.91 ms until it loaded the gate row a head ahead: Triton 3.6 did not pipeline that load); SSD fwd+bwd 6.33 ->
-    # 5.75 ms (2K), 6.35 -> 5.81 (8K); inter at 8 warps 1.82, 2 stages 1.46, 4 stages 1.81
+    # 1.91 ms until it loaded the gate row a head ahead: Triton 3.6 did not pipeline that load); SSD fwd+bwd in one
+    # call 6.32 -> 5.86 ms (2K), 6.37 -> 5.87 (8K), 5.75-5.77 / 5.80-5.81 at the final dp_sum launch in later calls; inter at
+    # 8 warps 1.82, 2 stages 1.46, 4 stages 1.81
     "dqkwg_ssd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "split": 1},
     # heads: value heads per program (one [BT, BT] block of Σ dP written per program, the inter kernel adds a group's
-    # blocks). maxnreg 168 (three 4-warp blocks per SM instead of two at 192 registers; sm_90 ptxas spills 36 bytes):
+    # blocks). maxnreg 168 (three 4-warp blocks per SM instead of two at 192 registers; at 168 the sm_90 ptxas of
+    # Triton 3.6 spills nothing, that of 3.9 28 bytes, results/sm90-registers-ssd-split-…-s13.json):
     # 0.834 -> 0.595 ms, 3 stages 0.514-0.519; 8 warps at maxnreg 128 0.62-0.72; heads 32 / 64 within 1%
     "dp_sum": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "heads": 16, "maxnreg": 168},
     "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128, "BK_k256": 32, "BV_k256": 64},
