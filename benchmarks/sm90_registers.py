@@ -29,9 +29,9 @@ from triton.compiler import ASTSource
 
 from mixlab.ops._triton import chunk
 
-F32 = {"dPs", "g", "xd", "Dp", "ht", "h0", "dht", "dh0", "dG", "dg", "Tm", "beta", "dbeta"}
+F32 = {"dPs", "g", "xd", "Dp", "ht", "h0", "dht", "dh0", "dG", "dg", "Tm", "beta", "dbeta", "hs"}
 I32 = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
-INTS = {"T", "NT", "NTOK", "SVT", "SLOT"}
+INTS = {"T", "NT", "NTOK", "SVT", "SLOT", "SEG"}
 
 SSD = {"H": 64, "HK": 1, "K": 128, "V": 64, "USE_G": True, "IS_VARLEN": False}
 GDN = {"H": 16, "HK": 16, "K": 128, "V": 128, "USE_G": True, "IS_VARLEN": False}
@@ -39,6 +39,11 @@ _DQ = {"USE_DELTA": False, "LEAN": False, "BK": 64}
 _DH = {"USE_DELTA": False, "USE_FINAL_STATE_GRADIENT": False, "STORE_INITIAL_STATE_GRADIENT": False, "BK": 128}
 _HO = {"USE_DELTA": False, "USE_INITIAL_STATE": False, "STORE_FINAL_STATE": False, "XD": True, "HAS_D": True,
        "D_PER_V": False, "BK": 128}  # fmt: skip
+
+_GHO = {"USE_DELTA": True, "USE_INITIAL_STATE": False, "STORE_FINAL_STATE": False, "XD": False, "HAS_D": False,
+        "D_PER_V": False, "BT": 64, "BK": 128, "BV": 32}  # fmt: skip
+_H = {"USE_DELTA": True, "USE_INITIAL_STATE": False, "STORE_FINAL_STATE": False, "SAVE_VNEW": True, "XD": False,
+      "BT": 64, "BK": 128}  # fmt: skip
 
 _SPLIT = {"H": 64, "HK": 1, "K": 128, "V": 64, "IS_VARLEN": False, "BT": 64, "BK": 64, "BV": 64, "HB": 16}
 
@@ -64,6 +69,30 @@ CASES = [
     ("ssd dp_sum HB16 8w 2st maxnreg 128", "_bwd_dp_sum_kernel", _SPLIT, 8, 2, 128),
     ("ssd dqkg_inter BK64 4w 3st (session 13 default)", "_bwd_dqkg_inter_kernel", _SPLIT, 4, 3),
     ("ssd dqkg_inter BK64 8w 3st", "_bwd_dqkg_inter_kernel", _SPLIT, 8, 3),
+    # session 14: the segment states (SAVE_SEG in the forward's state kernels, FROM_SEG in the backward's recompute)
+    ("ssd fwd_ho BT64 BV32 4w", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 64, "BV": 32}, 4, 2),
+    ("ssd fwd_ho BT64 BV32 4w SAVE_SEG", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 64, "BV": 32, "SAVE_SEG": True}, 4, 2),
+    ("ssd fwd_ho BT64 BV64 4w SAVE_SEG", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 64, "BV": 64, "SAVE_SEG": True}, 4, 2),
+    ("gdn fwd_ho BV32 4w PREFETCH_V", "_fwd_ho_kernel", {**GDN, **_GHO, "PREFETCH_V": True}, 4, 2),
+    ("gdn fwd_ho BV32 4w PREFETCH_V SAVE_SEG", "_fwd_ho_kernel", {**GDN, **_GHO, "PREFETCH_V": True, "SAVE_SEG": True}, 4, 2),
+    ("gdn fwd_h BV64 4w", "_fwd_h_kernel", {**GDN, **_H, "BV": 64}, 4, 2),
+    ("gdn fwd_h BV64 4w FROM_SEG", "_fwd_h_kernel", {**GDN, **_H, "BV": 64, "FROM_SEG": True}, 4, 2),
+    ("gdn fwd_h BV32 4w FROM_SEG", "_fwd_h_kernel", {**GDN, **_H, "BV": 32, "FROM_SEG": True}, 4, 2),
+    ("ssd fwd_h BV64 4w XD", "_fwd_h_kernel", {**SSD, **_H, "USE_DELTA": False, "XD": True, "BV": 64}, 4, 2),
+    ("ssd fwd_h BV64 4w XD FROM_SEG", "_fwd_h_kernel",
+     {**SSD, **_H, "USE_DELTA": False, "XD": True, "BV": 64, "FROM_SEG": True}, 4, 2),
+    ("gdn k256 fwd_h BV64 8w SAVE_SEG", "_fwd_h_kernel",
+     {**GDN, **_H, "H": 6, "HK": 6, "K": 256, "V": 512, "BK": 256, "BV": 64, "SAVE_SEG": True}, 8, 2),
+    ("gdn k256 fwd_h BV64 8w", "_fwd_h_kernel", {**GDN, **_H, "H": 6, "HK": 6, "K": 256, "V": 512, "BK": 256, "BV": 64}, 8, 2),
+    # session 14: the gate row loaded a chunk ahead (PREFETCH_G)
+    ("gdn fwd_ho BV32 4w PREFETCH_V PREFETCH_G", "_fwd_ho_kernel", {**GDN, **_GHO, "PREFETCH_V": True, "PREFETCH_G": True}, 4, 2),
+    ("gdn fwd_ho BV32 3st PREFETCH_V PREFETCH_G", "_fwd_ho_kernel", {**GDN, **_GHO, "PREFETCH_V": True, "PREFETCH_G": True}, 4, 3),
+    ("gdn bwd_dh BV32 4w PREFETCH_G", "_bwd_dh_kernel",
+     {**GDN, **_DH, "USE_DELTA": True, "BT": 64, "BV": 32, "LOCAL_DV": False, "PREFETCH_G": True}, 4, 2),
+    ("ssd fwd_ho BT64 BV64 4w PREFETCH_G", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 64, "BV": 64, "PREFETCH_G": True}, 4, 2),
+    ("ssd fwd_ho BT64 BV32 4w PREFETCH_G", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 64, "BV": 32, "PREFETCH_G": True}, 4, 2),
+    ("ssd bwd_dh BV64 4w LOCAL_DV PREFETCH_G", "_bwd_dh_kernel",
+     {**SSD, **_DH, "BT": 64, "BV": 64, "LOCAL_DV": True, "PREFETCH_G": True}, 4, 2),
 ]  # fmt: skip
 
 
@@ -101,17 +130,20 @@ def compile_case(name: str, constexprs: dict, num_warps: int, num_stages: int, m
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--match", default="", help="only the cases whose label contains this")
     args = ap.parse_args()
     ver = subprocess.run([_ptxas(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     rows = []
     for label, name, cx, nw, ns, *mr in CASES:
+        if args.match not in label:
+            continue
         r = {"case": label, "kernel": name, "num_warps": nw, "num_stages": ns, "maxnreg": mr[0] if mr else None,
              **compile_case(name, cx, nw, ns, mr[0] if mr else None)}  # fmt: skip
         rows.append(r)
         print(f"{label:<48} regs {r['registers']:>3}  spill {r['spill_store_bytes']:>5}  smem {r['shared_bytes']}")
     payload = {"suite": "sm90-registers", "date": datetime.date.today().isoformat(), "triton": triton.__version__,
                "ptxas": ver, "target": "sm_90a (cross-compiled, no GPU)", "dtype": "bf16 pointers, float32 gates",
-               "command": "python benchmarks/sm90_registers.py --out " + args.out, "rows": rows}  # fmt: skip
+               "command": " ".join(["python benchmarks/sm90_registers.py", *sys.argv[1:]]), "rows": rows}  # fmt: skip
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
 
 

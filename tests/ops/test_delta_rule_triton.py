@@ -212,6 +212,59 @@ def test_narrow_state_tiles_with_few_programs(gated, monkeypatch):
     _compare(xs, 32**-0.5, 1e-5)
 
 
+@pytest.mark.parametrize(("gated", "use_delta"), [(False, True), (True, True), (True, False)])
+def test_deeper_pipeline_in_one_wave(gated, use_delta, monkeypatch):
+    """``num_stages_one_wave``: the fused forward of the delta rule (and the reverse pass of the ungated one) runs
+    3 stages when its programs fit one wave of the device's SMs, 2 otherwise; SSD-like gated linear attention
+    keeps 2. Results vs float64 either way."""
+    from mixlab.ops._triton import chunk
+
+    stages: dict[str, list[int]] = {"_fwd_ho_kernel": [], "_bwd_dh_kernel": []}
+    for name, seen in stages.items():
+        real = getattr(chunk, name)
+
+        class Spy:
+            def __getitem__(self, grid, real=real, seen=seen):
+                def launch(*a, **kw):
+                    seen.append(kw["num_stages"])
+                    return real[grid](*a, **kw)
+
+                return launch
+
+        monkeypatch.setattr(chunk, name, Spy())
+    xs = _inputs(95, 2, 70, 2, 16, 16, gated=gated)
+    if not use_delta:
+        xs[3] = None
+    for sms, wave in ((4, True), (3, False)):  # 2 sequences x 2 heads x 1 V tile = 4 programs
+        monkeypatch.setattr(chunk, "_sm_count", lambda device, n=sms: n)
+        for seen in stages.values():
+            seen.clear()
+        if use_delta:
+            _compare(xs, 0.25, 1e-5)
+        else:
+            q, k, v, _, g, h0 = xs
+            o, *_ = chunk.chunk_fwd(q, k, v, None, g, 0.25, h0, True, None, False)
+            chunk.chunk_bwd(q, k, v, None, g, 0.25, h0, None, None, None, None, torch.ones_like(o), None, False)
+        deep = wave and use_delta
+        assert stages["_fwd_ho_kernel"] == [3 if deep else 2], (sms, stages)
+        assert stages["_bwd_dh_kernel"] == [3 if deep and not gated else 2], (sms, stages)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("cu", [None, [0, 1, 70, 70, 200]])
+def test_gate_rows_loaded_a_chunk_ahead(cu, prefetch, monkeypatch):
+    """``prefetch_g``: the fused forward and the reverse pass load the next chunk's gate row a chunk ahead (in the
+    reverse pass the chunk before), or in its chunk; packed sequences with a 1-token and an empty one, partial last
+    chunks."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "prefetch_g": prefetch})
+    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**chunk.CONFIG["bwd_dh"], "prefetch_g": prefetch})
+    cu_t = torch.tensor(cu, device=DEVICE) if cu else None
+    xs = _inputs(97, 1 if cu else 2, 200, 2, 16, 16, gated=True, N=4 if cu else None)
+    _compare(xs, 0.3, 1e-5, cu_t)
+
+
 def test_unused_outputs_get_no_zero_gradients(monkeypatch):
     """The custom op's backward runs with None for its unused outputs (no zero fills) and gives the same
     gradients as with autograd's materialized zeros (``CONFIG["autograd"]["materialize"]``)."""
@@ -272,7 +325,7 @@ def test_kept_states_give_the_same_gradients(cu, monkeypatch):
 
     calls = []
     real = chunk._chunk_h
-    monkeypatch.setattr(chunk, "_chunk_h", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(chunk, "_chunk_h", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     # the same forward kernels on both sides (the fused forward is compared in its own test)
     monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "enable": 0})
     cu_t = torch.tensor(cu, device=DEVICE) if cu else None
@@ -493,7 +546,7 @@ def test_fused_forward_matches_state_pass_plus_output(use_delta, gated, HK, cu, 
     o_ref, ht_ref, *_ = chunk.chunk_fwd(*args)
     for prefetch in (0, 1):  # the v tile loaded a chunk ahead, or in its chunk
         monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**fused, "enable": 1, "prefetch_v": prefetch})
-        o, ht, *_, h, vn = chunk.chunk_fwd(*args)
+        o, ht, *_, h, vn, _ = chunk.chunk_fwd(*args)
         assert h is None and vn is None
         assert _rel(o, o_ref) < 1e-6, (prefetch, _rel(o, o_ref))
         assert _rel(ht, ht_ref) < 1e-6, (prefetch, _rel(ht, ht_ref))

@@ -138,6 +138,19 @@ def test_fused_forward_prefetching_x(monkeypatch):
     _check(xs, 3e-5, 3e-5, cu_seqlens=cu, strided_x=True)
 
 
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_gate_rows_loaded_a_chunk_ahead(prefetch, monkeypatch):
+    """``prefetch_g_xd`` / ``prefetch_g_gla``: the fused forward and the reverse pass of gated linear attention load
+    the gate row a chunk ahead, or in its chunk, with packed sequences and partial chunks."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "prefetch_g_xd": prefetch})
+    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**chunk.CONFIG["bwd_dh"], "prefetch_g_gla": prefetch})
+    cu = torch.tensor([0, 30, 75, 140], device=DEVICE)
+    xs = _inputs(14, 1, 140, P=16, nseq=3, D="H")
+    _check(xs, 3e-5, 3e-5, cu_seqlens=cu, strided_x=True)
+
+
 def test_no_z_no_bias_no_softplus_one_group():
     xs = _inputs(2, 1, 70, G=1, D="HP", dt_shift=0.0)
     xs["dt"] = xs["dt"].abs() * 0.3  # without softplus dt must stay positive for a decaying state
@@ -174,7 +187,7 @@ def test_softplus_tail_values():
     x = torch.ones(1, 1, 8, 16, device=DEVICE)
     A = -torch.ones(8, device=DEVICE)
     k = torch.zeros(1, 1, 1, 16, device=DEVICE)
-    _, _, d, g, _ = fused.ssd_fused_fwd(x, s, A, k, k, None, None, None, None, True, False, None)
+    _, _, d, g, _, _ = fused.ssd_fused_fwd(x, s, A, k, k, None, None, None, None, True, False, None)
     want = torch.nn.functional.softplus(s.double())
     rtol = 1e-6 if DEVICE == "cpu" else 5e-6  # the H100's float32 exp: 1.2e-6 at s = -30
     assert torch.allclose(d.double(), want, rtol=rtol, atol=0)

@@ -161,10 +161,10 @@ def _lean_fwd(
     dt_bias: torch.Tensor | None,
     n_heads: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """proj ``[B, T, C]`` (the fused input projection, contiguous: q | k | v | b [| a] | zero padding, see
     :func:`_in_projection`), conv weights ``[C, W]``, A_log / dt_bias ``[H]`` (gated) or None -> ``(o [B, T, H,
-    V], Tm, w, u, h, vn)``: the delta op's outputs (see ``mixlab::chunk_gated_delta_fwd``)."""
+    V], Tm, w, u, h, vn, hs)``: the delta op's outputs (see ``mixlab::chunk_gated_delta_fwd``)."""
     from ..ops._triton.ops import chunk_gated_delta_fwd
     from ..ops.delta_rule.gates_triton import gates_fwd
 
@@ -172,8 +172,8 @@ def _lean_fwd(
     with torch.autocast(proj.device.type, enabled=False):
         beta, g = gates_fwd(proj, col_b, col_a, n_heads, A_log, dt_bias)
         q, k, v, _, _ = _lean_inputs(proj, wq, wk, wv, n_heads)
-        o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(q, k, v, beta, g, scale, None, False, None, True)
-    return o, Tm, w, u, h, vn
+        o, _, Tm, w, u, h, vn, hs = chunk_gated_delta_fwd(q, k, v, beta, g, scale, None, False, None, True)
+    return o, Tm, w, u, h, vn, hs
 
 
 @_lean_fwd.register_fake
@@ -184,10 +184,10 @@ def _(proj, wq, wk, wv, A_log, dt_bias, n_heads, scale):
     q = proj.new_empty(B, T, n_heads, wq.shape[0] // n_heads)
     v = proj.new_empty(B, T, n_heads, wv.shape[0] // n_heads)
     gate = proj.new_empty(B, T, n_heads, dtype=torch.float32)
-    o, _, Tm, w, u, h, vn = chunk_gated_delta_fwd(
+    o, _, Tm, w, u, h, vn, hs = chunk_gated_delta_fwd(
         q, q, v, gate, gate if A_log is not None else None, scale, None, False, None, True
     )
-    return o, Tm, w, u, h, vn
+    return o, Tm, w, u, h, vn, hs
 
 
 @torch.library.custom_op("mixlab::deltanet_lean_bwd", mutates_args=())
@@ -203,6 +203,7 @@ def _lean_bwd(
     u: torch.Tensor,
     h: torch.Tensor,
     vn: torch.Tensor,
+    hs: torch.Tensor,
     do: torch.Tensor,
     n_heads: int,
     scale: float,
@@ -225,7 +226,23 @@ def _lean_bwd(
         beta, g = gates_fwd(proj, col_b, col_a, n_heads, A_log, dt_bias)
         q, k, v, qn, kn = _lean_inputs(proj, wq, wk, wv, n_heads)
         dq, dk, dv, dbeta, dg, _ = chunk_gated_delta_bwd(
-            q, k, v, beta, g, scale, None, None, Tm, w, u, do, None, True, h if keep else None, vn if keep else None
+            q,
+            k,
+            v,
+            beta,
+            g,
+            scale,
+            None,
+            None,
+            Tm,
+            w,
+            u,
+            do,
+            None,
+            True,
+            h if keep else None,
+            vn if keep else None,
+            hs if hs.numel() else None,
         )
         del q, k, v
         if qn is None:
@@ -245,7 +262,7 @@ def _lean_bwd(
 
 
 @_lean_bwd.register_fake
-def _(proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, do, n_heads, scale):
+def _(proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, hs, do, n_heads, scale):
     like = torch.empty_like
     return (
         like(proj, memory_format=torch.contiguous_format),
@@ -259,18 +276,18 @@ def _(proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, do, n_heads, scale):
 
 def _lean_fwd_setup(ctx, inputs, output):
     proj, wq, wk, wv, A_log, dt_bias, n_heads, scale = inputs
-    _, Tm, w, u, h, vn = output
-    ctx.set_materialize_grads(False)  # Tm, w, u, h, vn feed only the backward
-    ctx.save_for_backward(proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn)
+    _, Tm, w, u, h, vn, hs = output
+    ctx.set_materialize_grads(False)  # Tm, w, u, h, vn, hs feed only the backward
+    ctx.save_for_backward(proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, hs)
     ctx.cfg = (n_heads, scale)
 
 
 def _lean_fwd_backward(ctx, do, *_):
-    proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn = ctx.saved_tensors
+    proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, hs = ctx.saved_tensors
     if do is None:
         return (None,) * 8
     dproj, dwq, dwk, dwv, dA_log, ddt_bias = _lean_bwd(
-        proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, do.contiguous(), *ctx.cfg
+        proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, hs, do.contiguous(), *ctx.cfg
     )
     gated = A_log is not None
     return dproj, dwq, dwk, dwv, dA_log if gated else None, ddt_bias if gated else None, None, None

@@ -125,12 +125,13 @@ def mamba2_mix_fwd(
     eps: float,
     norm_before_gate: bool,
     conv_cfg: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mamba2's mixer after ``in_proj`` on the Triton ops. zxbcdt ``[B, T, 2*d_inner + 2*G*N + H]`` (the
     in_proj output), conv_w ``[C, W]``, A/D/dt_bias ``[H]`` float32, norm_w ``[d_inner]``, out_w
     ``[d_model, d_inner]`` in the matmul dtype; dims ``[d_inner, conv_dim, H, P, G, N]``.
-    Returns ``(out [B, T, d_model], y [B, T, H, P])``: y (the SSD output with the D skip) is the only
-    token-sized tensor the backward keeps besides zxbcdt."""
+    Returns ``(out [B, T, d_model], y [B, T, H, P], hs)``: y (the SSD output with the D skip) is the only
+    token-sized tensor the backward keeps besides zxbcdt; hs, the SSD's segment states (empty unless few long
+    sequences, see ``chunk.recompute_segment_chunks``), let its state recompute run in parallel segments."""
     from ..ops.norm_triton import gated_rms_norm_fwd
     from ..ops.ssd.triton.fused import ssd_fused_fwd
 
@@ -139,20 +140,24 @@ def mamba2_mix_fwd(
     z, xBC, dt = _mix_split(zxbcdt, d_inner, conv_dim)
     with torch.autocast(zxbcdt.device.type, enabled=False):
         xs, q, k = _mix_conv_ssd_inputs(xBC, conv_w, conv_b, conv_cfg, dims)
-        y, *_ = ssd_fused_fwd(xs, dt, A, q, k, dt_bias, D, None, None, True, False, None)
+        y, *_, hs = ssd_fused_fwd(xs, dt, A, q, k, dt_bias, D, None, None, True, False, None)
         # z is read in place from zxbcdt (a row stride of its width)
         o, _ = gated_rms_norm_fwd(
             y.view(b * T, d_inner), z.reshape(b * T, d_inner), norm_w, eps, d_inner // G, norm_before_gate
         )
         out = F.linear(o.view(b, T, d_inner).to(out_w.dtype), out_w, out_b)
-    return out, y
+    return out, y, hs
 
 
 @mamba2_mix_fwd.register_fake
 def _(zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, dims, eps, norm_before_gate, conv_cfg):
+    from ..ops._triton.ops import segment_states_shape
+
     b, T, _ = zxbcdt.shape
-    _, _, H, P, *_ = dims
-    return zxbcdt.new_empty(b, T, out_w.shape[0], dtype=out_w.dtype), zxbcdt.new_empty(b, T, H, P)
+    _, _, H, P, G, N, *_ = dims
+    y = zxbcdt.new_empty(b, T, H, P)
+    hs = zxbcdt.new_empty(segment_states_shape(zxbcdt.new_empty(b, T, G, N), y, None), dtype=torch.float32)
+    return zxbcdt.new_empty(b, T, out_w.shape[0], dtype=out_w.dtype), y, hs
 
 
 @torch.library.custom_op("mixlab::mamba2_mix_bwd", mutates_args=())
@@ -167,6 +172,7 @@ def mamba2_mix_bwd(
     out_w: torch.Tensor,
     out_b: torch.Tensor | None,
     y: torch.Tensor,
+    hs: torch.Tensor,
     dout: torch.Tensor,
     dims: list[int],
     eps: float,
@@ -219,7 +225,22 @@ def mamba2_mix_bwd(
         if fold:  # the x channels' conv backward forms their gradient from SSD's dV (no values pass)
             # xs: a view of the conv output (token stride conv_dim), read in place as the scaled values' x
             dq, dk, dv, _, dg, _ = chunk_bwd(
-                q, k, xs, None, g, 1.0, None, None, None, None, None, dy4, None, False, xd=d
+                q,
+                k,
+                xs,
+                None,
+                g,
+                1.0,
+                None,
+                None,
+                None,
+                None,
+                None,
+                dy4,
+                None,
+                False,
+                xd=d,
+                hs=hs if hs.numel() else None,
             )
             del xs, q, k, g
             dcw[: H * P], db_x, ddx, dD = causal_conv1d_bwd_values_into(
@@ -233,7 +254,7 @@ def mamba2_mix_bwd(
             del ddx, dg
         else:
             dx, ddt, dA, dq, dk, dbias, dD, _, _ = ssd_fused_bwd(
-                xs, dt, A, q, k, dt_bias, D, None, None, None, d, g, y.new_empty(0), dy4, None, True
+                xs, dt, A, q, k, dt_bias, D, None, None, None, d, g, y.new_empty(0), dy4, None, True, hs
             )
             del xs, q, k, d, g, dy, dy4
             ddt_out.copy_(ddt.view(b, T, -1))
@@ -256,7 +277,7 @@ def mamba2_mix_bwd(
 
 
 @mamba2_mix_bwd.register_fake
-def _(zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, y, dout, dims, eps, norm_before_gate, conv_cfg):
+def _(zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, y, hs, dout, dims, eps, norm_before_gate, conv_cfg):
     e = zxbcdt.new_empty(0)
     return (
         torch.empty_like(zxbcdt, memory_format=torch.contiguous_format),
@@ -273,16 +294,16 @@ def _(zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, y, dout, dims
 
 def _mix_setup_context(ctx, inputs, output):
     zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, dims, eps, norm_before_gate, conv_cfg = inputs
-    ctx.save_for_backward(zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, output[1])
+    ctx.save_for_backward(zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, output[1], output[2])
     ctx.cfg = (dims, eps, norm_before_gate, conv_cfg)
-    ctx.set_materialize_grads(False)  # y is an output only to be saved
+    ctx.set_materialize_grads(False)  # y and hs are outputs only to be saved
 
 
-def _mix_backward(ctx, dout, _dy):
-    zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, y = ctx.saved_tensors
+def _mix_backward(ctx, dout, _dy, _dhs):
+    zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, y, hs = ctx.saved_tensors
     if dout is None:
         return (None,) * 13
-    grads = mamba2_mix_bwd(zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, y, dout, *ctx.cfg)
+    grads = mamba2_mix_bwd(zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, y, hs, dout, *ctx.cfg)
     dzxbcdt, dcw, dcb, dA, dD, dbias, dnw, dow, dob = grads
     return (
         dzxbcdt, dcw, dcb if conv_b is not None else None, dA, dD, dbias, dnw, dow, dob if out_b is not None else None,
@@ -484,7 +505,7 @@ class Mamba2(Mixer):
         acc = state_dtype(self.A_log.dtype)
         T = zxbcdt.shape[1]
         with torch.autocast(dev, enabled=False):
-            out, _ = mamba2_mix_fwd(
+            out, *_ = mamba2_mix_fwd(
                 zxbcdt,
                 self.conv1d.weight.squeeze(1),
                 self.conv1d.bias,

@@ -33,9 +33,12 @@ cumulative sum inside each chunk.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import os
+import tempfile
 import warnings
 
 import torch
@@ -235,16 +238,19 @@ def _wu_fwd_kernel(
 
 @triton.jit
 def _fwd_h_kernel(
-    k, v, w, g, h, vn, h0, ht, cu_seqlens, chunk_offsets, xd, SVT, T, NT,
+    k, v, w, g, h, vn, h0, ht, cu_seqlens, chunk_offsets, xd, hs, SVT, T, NT, SEG,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, SAVE_VNEW: tl.constexpr,
-    IS_VARLEN: tl.constexpr, XD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, XD: tl.constexpr, SAVE_SEG: tl.constexpr = False, FROM_SEG: tl.constexpr = False,
 ):  # fmt: skip
     """Sequential over the chunks of one (sequence, head, V tile): states ``h`` [NC, H, K, V] entering
     each chunk, and ``V_new`` (``U − W S`` with the delta rule, ``v`` holding ``U``; else ``v``).
     ``XD``: ``v`` holds x (token stride ``SVT``) and V = x·d with ``d = xd [NTOK, H]``, written to ``vn`` with
-    ``SAVE_VNEW`` (the backward's ``dqkwg`` reads it there)."""
+    ``SAVE_VNEW`` (the backward's ``dqkwg`` reads it there).
+    Segments of ``SEG`` chunks (equal-length sequences only, see :func:`recompute_segment_chunks`): ``SAVE_SEG``
+    stores the float32 state entering each segment in ``hs`` [N·⌈NT/SEG⌉, H, K, V]; ``FROM_SEG`` (grid axis 2: the
+    segment) runs one segment from its stored state, so a sequence's segments run in parallel."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -264,14 +270,28 @@ def _fwd_h_kernel(
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     dt = k.dtype.element_ty
     p_s = o_k[:, None] * V + o_v[None, :]
+    s0 = i_n * tl.cdiv(NT, SEG)  # the sequence's first segment (SAVE_SEG / FROM_SEG)
 
+    t_lo = 0
+    t_hi = nt
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
+    if FROM_SEG:
+        i_s = tl.program_id(2)
+        t_lo = tl.minimum(i_s * SEG, nt)
+        t_hi = tl.minimum(t_lo + SEG, nt)
+        p_hs = hs + ((s0 + i_s).to(tl.int64) * H + i_h) * K * V + p_s
+        b_h += tl.load(p_hs, mask=m_kv & (o_k * 0 + t_lo < t_hi)[:, None], other=0.0)
+    elif USE_INITIAL_STATE:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
-    for i_t in range(nt):
+    for i_t in range(t_lo, t_hi):
         t0 = bos + i_t * BT
         m_t = (t0 + o_t) < eos
         rows = (t0 + o_t).to(tl.int64)
+        if SAVE_SEG:  # noqa: SIM102 (a compile-time switch around a runtime branch)
+            # a branch, not a store masked off between segments: the store's layout conversion of b_h (through shared
+            # memory) would run every chunk (H100, SSD at T = 32K: fwd_ho 1.84 -> 1.94 ms with the masked store)
+            if i_t % SEG == 0:
+                tl.store(hs + ((s0 + i_t // SEG).to(tl.int64) * H + i_h) * K * V + p_s, b_h, mask=m_kv)
         tl.store(h + ((c0 + i_t).to(tl.int64) * H + i_h) * K * V + p_s, b_h.to(dt), mask=m_kv)
         m_k = m_t[:, None] & (o_k < K)[None, :]
         m_v = m_t[:, None] & (o_v < V)[None, :]
@@ -302,11 +322,12 @@ def _fwd_h_kernel(
 
 @triton.jit
 def _fwd_ho_kernel(
-    q, k, v, w, g, o, h0, ht, cu_seqlens, xd, Dp, SVT, scale, T, NT,
+    q, k, v, w, g, o, h0, ht, cu_seqlens, xd, Dp, hs, SVT, scale, T, NT, SEG,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
     XD: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr, PREFETCH_V: tl.constexpr = False,
+    SAVE_SEG: tl.constexpr = False, PREFETCH_G: tl.constexpr = False,
 ):  # fmt: skip
     """The forward's state pass and output in one sequential kernel per (sequence, head, V tile): each chunk's
     ``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` is formed from the state ``S`` in registers, so the
@@ -314,7 +335,8 @@ def _fwd_ho_kernel(
     Same roundings as ``_fwd_h_kernel`` + ``_fwd_o_kernel``: S and V_new enter the products in the input dtype.
     ``XD``: V = x·d as in ``_fwd_h_kernel``; ``HAS_D``: ``O += D·x`` (D ``[H]``, or ``[H, V]`` with ``D_PER_V``);
     ``PREFETCH_V``: the ``v`` / ``x`` tile, which the compiler does not pipeline (it is used elementwise before
-    its products), is loaded a chunk ahead."""
+    its products), is loaded a chunk ahead; ``PREFETCH_G`` likewise the gate row. ``SAVE_SEG``: the states entering
+    each segment, as ``_fwd_h_kernel``'s."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -348,6 +370,9 @@ def _fwd_ho_kernel(
         s_x = H * V
     # the tile's addresses are formed from the rows each chunk: a loop-carried [BT, BV] pointer tile would hold 64-bit
     # addresses across the loop (Triton 3.6, sm_90: 0 -> 304 bytes of spills in SSD's launch)
+    s0 = i_n * tl.cdiv(NT, SEG)  # the sequence's first segment (SAVE_SEG)
+    if USE_G and PREFETCH_G:
+        b_gn = tl.load(g + (bos + o_t).to(tl.int64) * H + i_h, mask=(bos + o_t) < eos, other=0.0)
     if PREFETCH_V:
         r_0 = (bos + o_t).to(tl.int64)
         b_xn = tl.load(v + r_0[:, None] * s_x + i_h * V + o_v[None, :], mask=(r_0 < eos)[:, None] & (o_v < V)[None, :],
@@ -356,6 +381,9 @@ def _fwd_ho_kernel(
         t0 = bos + i_t * BT
         m_t = (t0 + o_t) < eos
         rows = (t0 + o_t).to(tl.int64)
+        if SAVE_SEG:  # noqa: SIM102 (as in _fwd_h_kernel)
+            if i_t % SEG == 0:
+                tl.store(hs + ((s0 + i_t // SEG).to(tl.int64) * H + i_h) * K * V + p_s, b_h, mask=m_kv)
         m_k = m_t[:, None] & (o_k < K)[None, :]
         m_v = m_t[:, None] & (o_v < V)[None, :]
         p_v = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
@@ -381,7 +409,12 @@ def _fwd_ho_kernel(
             b_v -= tl.dot(b_w, b_hd, input_precision="ieee")
         b_vd = b_v.to(dt)
         if USE_G:
-            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            if PREFETCH_G:
+                b_graw = b_gn
+                b_gn = tl.load(g + (rows + BT) * H + i_h, mask=(t0 + BT + o_t) < eos, other=0.0)
+            else:
+                b_graw = tl.load(g + rows * H + i_h, mask=m_t, other=0.0)
+            b_g = tl.cumsum(b_graw.to(tl.float32), axis=0)
             b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
             b_o = b_o * tl.exp(b_g)[:, None]
             b_A = b_A * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
@@ -520,12 +553,13 @@ def _bwd_dh_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    LOCAL_DV: tl.constexpr = False,
+    LOCAL_DV: tl.constexpr = False, PREFETCH_G: tl.constexpr = False,
 ):  # fmt: skip
     """Reverse sequential pass: ``dh`` [NC, H, K, V] (gradient of the state leaving each chunk) and
     ``dV_new = dvl + diag(γ_C/γ) K dh``; ``dS ← γ_C dS + scale·(diag(γ) Q)ᵀ dO − Wᵀ dV_new``.
     ``LOCAL_DV``: the intra-chunk ``dvl = scale·(Q Kᵀ ⊙ Γ_incl)ᵀ dO`` (``_bwd_dv_local_kernel``'s) is formed
-    here from the q, k and dO tiles the pass loads anyway, in float32, instead of read from ``dvl``."""
+    here from the q, k and dO tiles the pass loads anyway, in float32, instead of read from ``dvl``. ``PREFETCH_G``:
+    the gate row of the chunk before is loaded a chunk ahead (the compiler does not pipeline this elementwise load)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -546,6 +580,9 @@ def _bwd_dh_kernel(
     dt = q.dtype.element_ty
     p_s = o_k[:, None] * V + o_v[None, :]
 
+    if USE_G and PREFETCH_G:
+        r_l = (bos + (nt - 1) * BT + o_t).to(tl.int64)
+        b_gn = tl.load(g + r_l * H + i_h, mask=(r_l >= bos) & (r_l < eos), other=0.0)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
@@ -564,7 +601,12 @@ def _bwd_dh_kernel(
         b_do = tl.load(do + p_v, mask=m_v, other=0.0)
         b_dv = tl.dot(b_k, b_dh.to(dt), input_precision="ieee")
         if USE_G:
-            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            if PREFETCH_G:
+                b_graw = b_gn
+                b_gn = tl.load(g + (rows - BT) * H + i_h, mask=(t0 - BT + o_t) >= bos, other=0.0)
+            else:
+                b_graw = tl.load(g + rows * H + i_h, mask=m_t, other=0.0)
+            b_g = tl.cumsum(b_graw.to(tl.float32), axis=0)
             b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
             b_dv = b_dv * tl.exp(b_glast - b_g)[:, None]
             b_qs = (b_q * (tl.exp(b_g) * scale)[:, None]).to(dt)
@@ -1018,7 +1060,16 @@ CONFIG: dict[str, dict[str, int]] = {
     # BV_narrow: 16 value columns while the 32-column tile would give at most narrow_max_programs programs (few long
     # sequences). H100, 65,536 tokens, T = 32K (results/kernels-narrow-…-2026-11-25-s13.json): DeltaNet H16 K128 fwd_h
     # 0.991 -> 0.862 ms (fwd+bwd 7.27 -> 7.14), GDN level (1.034 / 1.041); fwd_ho and bwd_dh at 16 were slower
+    # seg_state_elems / seg_min_chunks / seg_max_k: see recompute_segment_chunks. H100, 65,536 tokens, fwd+bwd ms,
+    # unsegmented -> 2M (results/kernels-segments-…-2026-11-25-s14.json): T = 32K GDN 8.89 -> 8.50, DeltaNet 7.16 ->
+    # 6.90, SSD 7.49 -> 7.37 (the recompute 1.05 -> 0.58, 0.86 -> 0.59, 1.13 -> 0.93 ms; SSD's stores cost its fused
+    # forward 0.05); T = 16K GDN 7.28 -> 7.18, DeltaNet 6.12 -> 6.03, SSD (2M values: unsegmented) 5.87, at 4M 5.98.
+    # At K 256 (1.3b GDN shape, 32,768 tokens, T = 16K) 6.68 -> 6.96: the unfused forward's fwd_h spills with the
+    # stores (+0.25 ms) and the recompute gained nothing, so K > 128 stays unsegmented
     "fwd_h": {
+        "seg_state_elems": 1 << 21,
+        "seg_min_chunks": 16,
+        "seg_max_k": 128,
         "BV_narrow": 16,
         "narrow_max_programs": 128,
         "BV": 32,
@@ -1041,7 +1092,21 @@ CONFIG: dict[str, dict[str, int]] = {
     # 65,536 tokens, T = 2K (results/kernels-ssd-split-dqkg-…-s13.json): the kernel DeltaNet 0.699 -> 0.521 ms, GDN
     # H16 K128 1.049 -> 0.936; SSD 1.100 -> 1.168 (255 registers: the held tile spills), so off there. The same
     # in _fwd_h_kernel was level or slower (GDN 0.573 -> 0.634) and is not there
+    # num_stages_one_wave (the delta rule; bwd_dh: num_stages_one_wave_ungated, DeltaNet only): the pipeline depth
+    # when the launch fits one wave (at most one program an SM: two sequences of 32K at H16), where nothing else on
+    # the SM hides a chunk's load latency. H100, 65,536 tokens, per call (results/kernels-stages-…-2026-11-25-s14.json):
+    # at T = 32K (128 programs) 2 -> 3 stages fwd_ho GDN 1.740 -> 1.490 ms, DeltaNet 1.104 -> 0.736, bwd_dh DeltaNet
+    # 1.299 -> 0.916 (GDN 1.354 -> 1.522: kept at 2); at 2K (1,024) slower: fwd_ho GDN 0.870 -> 1.411, DeltaNet
+    # 0.522 -> 0.575, bwd_dh DeltaNet 0.831 -> 0.935; at 16K (256) GDN fwd+bwd 7.18 -> 7.67. SSD's fused forward at 3
+    # stages: 1.87 -> 2.77 at 32K.
+    # prefetch_g / prefetch_g_xd (SSD) here, prefetch_g / prefetch_g_gla (SSD) in bwd_dh: the gate row loaded a chunk
+    # ahead (PREFETCH_G). H100, 65,536 tokens, per call (results/kernels-prefetch-g-…-2026-11-25-s14.json): fwd_ho GDN
+    # 0.878 -> 0.840 ms at 2K (32K level), SSD 1.135 -> 1.103 (2K), 1.887 -> 1.776 (32K); bwd_dh GDN 1.327 -> 1.247 at
+    # 32K (2K level), SSD 1.322 -> 1.518 at 2K, so off there
     "fwd_ho": {
+        "num_stages_one_wave": 3,
+        "prefetch_g": 1,
+        "prefetch_g_xd": 1,
         "prefetch_v": 1,
         "prefetch_v_xd": 0,
         "enable": 1,
@@ -1081,6 +1146,9 @@ CONFIG: dict[str, dict[str, int]] = {
         "fold_dv": 1,
         "fold_max_k": 128,
         "fold_gated_delta_min_seq_heads": 64,
+        "num_stages_one_wave_ungated": 3,
+        "prefetch_g": 1,
+        "prefetch_g_gla": 0,
     },
     # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
     # (pointer args 16-aligned, as launched), GDN K = V = 128, BK 64, 8 warps; registers / spill bytes / SASS
@@ -1141,6 +1209,13 @@ CONFIG: dict[str, dict[str, int]] = {
 if os.environ.get("MIXLAB_TRITON_CHUNK_CONFIG"):
     for _name, _cfg in json.loads(os.environ["MIXLAB_TRITON_CHUNK_CONFIG"]).items():
         CONFIG[_name] = {**CONFIG[_name], **_cfg}
+    # some entries (fwd_h's seg_*) decide the shapes of the custom ops' outputs, which torch.compile takes from
+    # the fake implementations at trace time: a graph that inductor cached under other settings would not fit, so
+    # each override compiles into a subdirectory of its own (importing torch's inductor has usually set the root)
+    _sub = "mixlab-config-" + hashlib.sha1(os.environ["MIXLAB_TRITON_CHUNK_CONFIG"].encode()).hexdigest()[:12]
+    _root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "torchinductor-mixlab")
+    if os.path.basename(_root) != _sub:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_root, _sub)
 
 
 def _heads_per_block(group: int, cap: int) -> int:
@@ -1245,6 +1320,19 @@ def _fit(kernel, floor: int = 1) -> _StageFit:
     return _StageFit(kernel, floor)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (0 elsewhere: the one-wave launch rules never apply)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _one_wave(programs: int, device: torch.device) -> bool:
+    """Whether a launch of ``programs`` programs fits one wave (one program an SM at most): few long sequences."""
+    return programs <= _sm_count(device)
+
+
 def _seq_floor(t: torch.Tensor) -> int:
     """The fewest pipeline stages a sequential kernel may be retried at for inputs like ``t``
     (``CONFIG["stage_fit"]``): 2 for 16-bit inputs (one stage faulted at K = 256 in bf16, see _launch), 1 for
@@ -1278,6 +1366,33 @@ class _Layout:
                 list(itertools.accumulate(counts, initial=0)), dtype=torch.int32, device=device
             )
 
+    def segments(self, seg: int) -> tuple[int, int]:
+        """Segments of ``seg`` chunks (equal-length sequences): ``(per sequence, in all)``."""
+        per = triton.cdiv(self.NT, seg)
+        return per, self.N * per
+
+
+def recompute_segment_chunks(lay: _Layout, H: int, K: int, V: int) -> int:
+    """Chunks per segment of the backward's state recompute, 0 for none (``CONFIG["fwd_h"]``: ``seg_state_elems``,
+    ``seg_min_chunks``). With few sequences × heads the sequential state kernel has too little work in parallel
+    (its state tiles, ``N·H·K·V`` values) to fill the GPU; the forward then also stores the float32 state entering
+    every segment (``SAVE_SEG``: one ``[K, V]`` state per head and segment), and the recompute runs each sequence's
+    segments in parallel from them (``FROM_SEG``). Sequences are split into the fewest segments (a power of two)
+    that give ``seg_state_elems`` state values in parallel, each of at least ``seg_min_chunks`` chunks, for
+    K ≤ ``seg_max_k``. Packed batches (``cu_seqlens``) run unsegmented: their segment count would depend on the
+    lengths, which ``torch.compile``'s fake tensors cannot know. Forward and backward derive it from the same
+    layout. The segments change the forward's outputs (``hs``), so a compiled graph cached under other
+    ``CONFIG["fwd_h"]`` settings does not fit: overrides through ``MIXLAB_TRITON_CHUNK_CONFIG`` get their own
+    inductor cache directory."""
+    cfg = CONFIG["fwd_h"]
+    target, min_chunks = cfg.get("seg_state_elems", 0), max(1, cfg.get("seg_min_chunks", 1))
+    if lay.is_varlen or cfg.get("seg_max_k", 0) < K:
+        return 0
+    n = 1
+    while lay.N * H * K * V * n < target and 2 * n * min_chunks <= lay.NT:
+        n *= 2
+    return triton.cdiv(lay.NT, n) if n > 1 else 0
+
 
 def save_states() -> bool:
     """Whether the delta rule's forward keeps ``h`` and ``V_new`` for the backward (``CONFIG["bwd_h"]``)."""
@@ -1306,10 +1421,11 @@ def chunk_fwd(
     D: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Forward. q, k ``[B, T, HK, K]``; v ``[B, T, H, V]``; beta/g ``[B, T, H]`` (contiguous, one dtype
-    for q/k/v). Returns ``(o [B, T, H, V], final state [N, H, K, V] float32 or None, Tm, w, u, h, vn)``
+    for q/k/v). Returns ``(o [B, T, H, V], final state [N, H, K, V] float32 or None, Tm, w, u, h, vn, hs)``
     where ``Tm`` [B, T, H, 64] float32, ``w`` [B, T, H, K], ``u`` like v (None without the delta rule),
-    and with ``keep_states`` (delta rule only) the chunk states ``h`` (:func:`states_shape`) and ``V_new``
-    like v for :func:`chunk_bwd`, else None.
+    with ``keep_states`` (delta rule only) the chunk states ``h`` (:func:`states_shape`) and ``V_new``
+    like v for :func:`chunk_bwd`, else None, and ``hs`` the float32 states entering the backward recompute's
+    segments ``[segments, H, K, V]`` (:func:`recompute_segment_chunks`; None when it runs unsegmented).
 
     Scaled values (gated linear attention only): with ``xd [B, T, H]`` float32, ``v`` is x (any token
     stride, see :func:`token_stride`) and the values are ``x·xd``; ``D`` (``[H]`` or ``[H, V]``) adds ``D·x``
@@ -1320,11 +1436,12 @@ def chunk_fwd(
     H, V = v.shape[2], v.shape[3]
     Kp, Vp = _padded_dims(q, K, V)
     if (Kp, Vp) != (K, V):
-        o, ht, Tm, w, u, h, vn = chunk_fwd(
+        o, ht, Tm, w, u, h, vn, hs = chunk_fwd(
             _pad(q, Kp), _pad(k, Kp), _pad(v, Vp), beta, g, scale, _pad(initial_state, Kp, Vp), output_final_state,
             cu_seqlens, use_delta, keep_states, xd, _pad(D, Vp) if D is not None and D.dim() == 2 else D,
         )  # fmt: skip
-        return o[..., :V].contiguous(), _crop(ht, K, V), Tm, _crop(w, K), _crop(u, V), _crop(h, K, V), _crop(vn, V)
+        crop = _crop(ht, K, V), Tm, _crop(w, K), _crop(u, V), _crop(h, K, V), _crop(vn, V), _crop(hs, K, V)
+        return o[..., :V].contiguous(), *crop
     lay = _Layout(B, T, cu_seqlens, q.device)
     dev = q.device
     XD = _scaled_values(xd, D, use_delta, keep_states)
@@ -1335,7 +1452,7 @@ def chunk_fwd(
     if lay.NC == 0:
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
-        return o, ht, None, None, None, None, None
+        return o, ht, None, None, None, None, None, None
     dummy = o
     use_g = g is not None
     gp = g if use_g else dummy
@@ -1359,30 +1476,36 @@ def chunk_fwd(
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
     keep = keep_states and use_delta
+    seg = 0 if keep else recompute_segment_chunks(lay, H, K, V)
+    hs = torch.empty(lay.segments(seg)[1], H, K, V, dtype=torch.float32, device=dev) if seg else None
     fused = CONFIG["fwd_ho"]
     if not keep and fused["enable"] and fused["max_k"] >= K:
         BK, BV, kw = _launch("fwd_ho", K, V, seq=True, seq_heads=lay.N * H)
+        if use_delta and _one_wave(triton.cdiv(V, BV) * lay.N * H, dev):
+            kw["num_stages"] = fused["num_stages_one_wave"]
         _fit(_fwd_ho_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
             q, k, u if use_delta else v, w if use_delta else dummy, gp, o,
             initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
-            lay.cu_seqlens, xd_, D_, svt, scale, lay.T, lay.NT,
+            lay.cu_seqlens, xd_, D_, hs if seg else dummy, svt, scale, lay.T, lay.NT, max(seg, 1),
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
             USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
             IS_VARLEN=lay.is_varlen, XD=XD, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2,
-            PREFETCH_V=bool(fused["prefetch_v_xd" if XD else "prefetch_v"]), **kw,
+            PREFETCH_V=bool(fused["prefetch_v_xd" if XD else "prefetch_v"]), SAVE_SEG=bool(seg),
+            PREFETCH_G=bool(fused["prefetch_g_xd" if XD else "prefetch_g"]), **kw,
         )  # fmt: skip
-        return o, ht, Tm, w, u, None, None
+        return o, ht, Tm, w, u, None, None, hs
     nc = states_shape(B, T, H, K, V, lay.N if lay.is_varlen else None)[0] if keep else lay.NC
     h = torch.empty(nc, H, K, V, dtype=q.dtype, device=dev)
     vn = torch.empty_like(v) if use_delta else v
-    _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, ht, lay, use_delta, xd if XD else None)
+    _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, ht, lay, use_delta, xd if XD else None,
+             hs=hs, seg=seg, save_seg=True)  # fmt: skip
     BK, BV, kw = _launch("fwd_o", K, V)
     _fit(_fwd_o_kernel)[(triton.cdiv(V, BV), lay.NC, H)](
         q, k, vn, gp, h, o, lay.cu_seqlens, lay.chunk_indices, xd_, D_, svt, scale, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, IS_VARLEN=lay.is_varlen,
         XD=XD, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2, **kw,
     )  # fmt: skip
-    return o, ht, Tm, w, u, (h if keep else None), (vn if keep else None)
+    return o, ht, Tm, w, u, (h if keep else None), (vn if keep else None), hs
 
 
 #: Head dims the kernels run at with 16-bit inputs on a GPU: K at least ``MIN_HEAD_DIM_16BIT``, V at least
@@ -1441,21 +1564,29 @@ def _scaled_values(xd: torch.Tensor | None, D: torch.Tensor | None, use_delta: b
     return True
 
 
-def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None):
+def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None, hs=None, seg=0, save_seg=False):
     """Run the sequential state kernel: fills ``h`` (and ``vn`` with the delta rule), optionally ``ht``;
-    with ``xd`` the values are ``vsrc·xd`` (vsrc any token stride), written to ``vn`` unless it is vsrc."""
+    with ``xd`` the values are ``vsrc·xd`` (vsrc any token stride), written to ``vn`` unless it is vsrc.
+    With ``seg`` chunks per segment and ``hs``: ``save_seg`` stores the states entering the segments in ``hs``,
+    else each segment runs from its state in ``hs`` (in parallel; the initial state is in ``hs`` already)."""
     HK, K = k.shape[2], k.shape[3]
     H, V = vsrc.shape[2], vsrc.shape[3]
-    BK, BV, kw = _launch("fwd_h", K, V, seq=True, seq_heads=lay.N * H)
     dummy = vsrc
-    _fit(_fwd_h_kernel, _seq_floor(k))[(triton.cdiv(V, BV), lay.N * H)](
+    from_seg = bool(seg) and not save_seg
+    n_seg = lay.segments(seg)[0] if seg else 1
+    if from_seg and ht is not None:
+        raise ValueError("chunk kernels: a segmented state recompute cannot return the final state")
+    BK, BV, kw = _launch("fwd_h", K, V, seq=True, seq_heads=lay.N * H * (n_seg if from_seg else 1))
+    grid = (triton.cdiv(V, BV), lay.N * H, n_seg) if from_seg else (triton.cdiv(V, BV), lay.N * H)
+    _fit(_fwd_h_kernel, _seq_floor(k))[grid](
         k, vsrc, w if w is not None else dummy, g if g is not None else dummy, h, vn,
         initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
-        lay.cu_seqlens, lay.chunk_offsets, xd if xd is not None else dummy,
-        token_stride(vsrc) if xd is not None else H * V, lay.T, lay.NT,
+        lay.cu_seqlens, lay.chunk_offsets, xd if xd is not None else dummy, hs if seg else dummy,
+        token_stride(vsrc) if xd is not None else H * V, lay.T, lay.NT, max(seg, 1),
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, USE_DELTA=use_delta,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
-        SAVE_VNEW=use_delta or (xd is not None and vn is not vsrc), IS_VARLEN=lay.is_varlen, XD=xd is not None, **kw,
+        SAVE_VNEW=use_delta or (xd is not None and vn is not vsrc), IS_VARLEN=lay.is_varlen, XD=xd is not None,
+        SAVE_SEG=bool(seg) and save_seg, FROM_SEG=from_seg, **kw,
     )  # fmt: skip
 
 
@@ -1477,11 +1608,13 @@ def chunk_bwd(
     h: torch.Tensor | None = None,
     vn: torch.Tensor | None = None,
     xd: torch.Tensor | None = None,
+    hs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward. Returns ``(dq, dk, dv, dbeta, dg, dh0)``: dq/dk/dv in the inputs' dtype and shapes
     (grouped q/k gradients summed over their value heads in-kernel), dbeta/dg float32 ``[B, T, H]``
     (None when unused), dh0 float32 (None without an initial state). The delta rule needs H == HK.
-    ``h``, ``vn``: the forward's chunk states and V_new (``keep_states``); recomputed when None.
+    ``h``, ``vn``: the forward's chunk states and V_new (``keep_states``); recomputed when None, in parallel
+    segments from ``hs`` (the forward's segment states) when given.
 
     With scaled values (``xd`` as in :func:`chunk_fwd`; the forward's D skip has no part here) the third
     gradient is dV, the gradient of the values ``x·xd`` (contiguous). Small head dims are padded as in
@@ -1493,6 +1626,7 @@ def chunk_bwd(
         dq, dk, dv, dbeta, dg, dh0 = chunk_bwd(
             _pad(q, Kp), _pad(k, Kp), _pad(v, Vp), beta, g, scale, _pad(initial_state, Kp, Vp), cu_seqlens, Tm,
             _pad(w, Kp), _pad(u, Vp), _pad(do, Vp), _pad(dht, Kp, Vp), use_delta, _pad(h, Kp, Vp), _pad(vn, Vp), xd,
+            _pad(hs, Kp, Vp),
         )  # fmt: skip
         return dq[..., :K].contiguous(), dk[..., :K].contiguous(), dv[..., :V].contiguous(), dbeta, dg, _crop(dh0, K, V)
     dev = q.device
@@ -1518,7 +1652,12 @@ def chunk_bwd(
     if h is None or vn is None:  # recompute the chunk states and V_new (scaled values: V itself, for dqkwg)
         h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
         vn = torch.empty(B, T, H, V, dtype=v.dtype, device=dev) if use_delta or XD else v
-        _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta, xd if XD else None)
+        seg = recompute_segment_chunks(lay, H, K, V) if hs is not None and hs.numel() else 0
+        if seg and hs.shape != (lay.segments(seg)[1], H, K, V):
+            raise ValueError(f"chunk_bwd: segment states of shape {tuple(hs.shape)} do not match this layout "
+                             f"({lay.segments(seg)[1]} segments of {seg} chunks); pass the forward's hs")  # fmt: skip
+        _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta, xd if XD else None,
+                 hs=hs if seg else None, seg=seg)  # fmt: skip
     # intra-chunk part of dV_new, then the reverse state pass
     dh_cfg = CONFIG["bwd_dh"]
     local_dv = bool(dh_cfg["fold_dv"]) and dh_cfg["fold_max_k"] >= K
@@ -1538,13 +1677,16 @@ def chunk_bwd(
     BK, BV, kw = _launch("bwd_dh", K, V, seq=True)
     if not use_delta and K <= 128 and dh_cfg["gla_min_programs"] <= lay.N * H:  # SSD: a wider V tile (see CONFIG)
         BV = min(dh_cfg["BV_gla"], _np2(V))
+    if use_delta and not use_g and _one_wave(triton.cdiv(V, BV) * lay.N * H, dev):
+        kw["num_stages"] = dh_cfg["num_stages_one_wave_ungated"]
     _fit(_bwd_dh_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
         q, k, w if use_delta else dummy, gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=dh0 is not None,
-        IS_VARLEN=lay.is_varlen, LOCAL_DV=local_dv, **kw,
+        IS_VARLEN=lay.is_varlen, LOCAL_DV=local_dv, PREFETCH_G=bool(dh_cfg["prefetch_g" if use_delta else "prefetch_g_gla"]),
+        **kw,
     )  # fmt: skip
     # dq, dk, dw and the K tiles' shares of dG
     dq_cfg = "dqkwg" if use_delta else "dqkwg_ssd"

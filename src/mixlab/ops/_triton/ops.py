@@ -3,7 +3,9 @@
 ``mixlab::chunk_gated_delta_fwd`` / ``_bwd`` serve both the delta rule (``use_delta=True``) and gated
 linear attention (``use_delta=False``, SSD). Optional outputs come back as empty tensors. With
 ``chunk.CONFIG["bwd_h"]["save"]`` the delta rule's forward also returns its chunk states and V_new, which
-autograd keeps for the backward instead of recomputing them.
+autograd keeps for the backward instead of recomputing them. Otherwise, for few long sequences, it returns the
+float32 states entering the backward recompute's segments (``hs``, see ``chunk.recompute_segment_chunks``), so
+the recompute runs the segments in parallel.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .chunk import BT, CONFIG, chunk_bwd, chunk_fwd, save_states, states_shape
+from .chunk import BT, CONFIG, _Layout, chunk_bwd, chunk_fwd, recompute_segment_chunks, save_states, states_shape
 
 
 def _empty(ref: Tensor) -> Tensor:
@@ -30,11 +32,12 @@ def chunk_gated_delta_fwd(
     output_final_state: bool,
     cu_seqlens: Tensor | None,
     use_delta: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(o, final_state | empty, Tm | empty, w | empty, u | empty, h | empty, vn | empty)``; see
-    ``chunk.chunk_fwd`` (h and vn only with the delta rule and ``save_states()``)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(o, final_state | empty, Tm | empty, w | empty, u | empty, h | empty, vn | empty, hs | empty)``;
+    see ``chunk.chunk_fwd`` (h and vn only with the delta rule and ``save_states()``, hs only for a segmented
+    recompute)."""
     keep = use_delta and save_states()
-    o, ht, Tm, w, u, h, vn = chunk_fwd(
+    o, ht, Tm, w, u, h, vn, hs = chunk_fwd(
         q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta, keep_states=keep
     )
     B, T, H, K = *v.shape[:3], q.shape[-1]
@@ -51,7 +54,20 @@ def chunk_gated_delta_fwd(
         u if u is not None else _empty(v),
         h if h is not None else _empty(v),
         vn if vn is not None else _empty(v),
+        hs if hs is not None else _empty(v).float(),
     )
+
+
+def segment_states_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None, keep: bool = False) -> tuple[int, ...]:
+    """Shape of the forward's segment states ``hs`` for q ``[B, T, HK, K]``, v ``[B, T, H, V]`` (``(0,)`` when the
+    backward's recompute runs unsegmented: packed sequences, kept states, or enough sequences × heads)."""
+    B, T, H, V = v.shape
+    K = q.shape[-1]
+    if cu_seqlens is not None or keep or B * T == 0:
+        return (0,)
+    lay = _Layout(B, T, None, v.device)
+    seg = recompute_segment_chunks(lay, H, K, V)
+    return (lay.segments(seg)[1], H, K, V) if seg else (0,)
 
 
 def _states_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> tuple[int, int, int, int]:
@@ -73,7 +89,8 @@ def _(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, us
         h, vn = v.new_empty(_states_shape(q, v, cu_seqlens)), torch.empty_like(v)
     else:
         h, vn = v.new_empty(0), v.new_empty(0)
-    return torch.empty_like(v), ht, Tm, w, u, h, vn
+    hs = v.new_empty(segment_states_shape(q, v, cu_seqlens, use_delta and save_states()), dtype=torch.float32)
+    return torch.empty_like(v), ht, Tm, w, u, h, vn, hs
 
 
 @torch.library.custom_op("mixlab::chunk_gated_delta_bwd", mutates_args=())
@@ -94,13 +111,14 @@ def chunk_gated_delta_bwd(
     use_delta: bool,
     h: Tensor | None = None,
     vn: Tensor | None = None,
+    hs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dq, dk, dv, dbeta | empty, dg | empty, dh0 | empty)`` in the inputs' dtypes; ``h``, ``vn``:
-    the forward's kept states (recomputed when None)."""
+    the forward's kept states (recomputed when None); ``hs``: the forward's segment states (or None / empty)."""
     dq, dk, dv, dbeta, dg, dh0 = chunk_bwd(
         q, k, v, beta, g, scale, initial_state, cu_seqlens,
         Tm if use_delta else None, w if use_delta else None, u if use_delta else None, do, dht, use_delta,
-        h if use_delta else None, vn if use_delta else None,
+        h if use_delta else None, vn if use_delta else None, hs=hs,
     )  # fmt: skip
     return (
         dq,
@@ -113,7 +131,7 @@ def chunk_gated_delta_bwd(
 
 
 @chunk_gated_delta_bwd.register_fake
-def _(q, k, v, beta, g, scale, initial_state, cu_seqlens, Tm, w, u, do, dht, use_delta, h=None, vn=None):
+def _(q, k, v, beta, g, scale, initial_state, cu_seqlens, Tm, w, u, do, dht, use_delta, h=None, vn=None, hs=None):
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -126,17 +144,17 @@ def _(q, k, v, beta, g, scale, initial_state, cu_seqlens, Tm, w, u, do, dht, use
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta = inputs
-    _, _, Tm, w, u, h, vn = output
+    _, _, Tm, w, u, h, vn, hs = output
     ctx.keep_states = h.numel() > 0
     # Autograd would otherwise fill zero gradients for the unused outputs (Tm, w, u, ...): three ~0.1 ms
     # memsets of [B, T, H, 64|K|V] per backward on the H100 (CONFIG["autograd"]["materialize"] 1 restores them).
     ctx.set_materialize_grads(bool(CONFIG["autograd"]["materialize"]))
-    ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u, h, vn)
+    ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u, h, vn, hs)
     ctx.scale, ctx.output_final_state, ctx.use_delta = scale, output_final_state, use_delta
 
 
-def _backward(ctx, do, dht, dTm, dw, du, dh, dvn):
-    q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u, h, vn = ctx.saved_tensors
+def _backward(ctx, do, dht, dTm, dw, du, dh, dvn, dhs):
+    q, k, v, beta, g, initial_state, cu_seqlens, Tm, w, u, h, vn, hs = ctx.saved_tensors
     if not ctx.keep_states:
         h = vn = None
     if do is None:  # the output itself was not used
@@ -146,7 +164,23 @@ def _backward(ctx, do, dht, dTm, dw, du, dh, dvn):
     else:  # e.g. SSD hands back the gradient of a transposed view
         dht = dht.contiguous()
     dq, dk, dv, dbeta, dg, dh0 = chunk_gated_delta_bwd(
-        q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, Tm, w, u, do.contiguous(), dht, ctx.use_delta, h, vn
+        q,
+        k,
+        v,
+        beta,
+        g,
+        ctx.scale,
+        initial_state,
+        cu_seqlens,
+        Tm,
+        w,
+        u,
+        do.contiguous(),
+        dht,
+        ctx.use_delta,
+        h,
+        vn,
+        hs if hs.numel() else None,
     )
     return (
         dq,

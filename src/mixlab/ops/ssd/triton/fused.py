@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..._triton.chunk import chunk_bwd, chunk_fwd, token_stride
+from ..._triton.ops import segment_states_shape
 
 Tensor = torch.Tensor
 
@@ -274,27 +275,29 @@ def ssd_fused_fwd(
     dt_softplus: bool,
     output_final_state: bool,
     cu_seqlens: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x ``[B, T, H, P]``, dt ``[B, T, H]``, q = C / k = B ``[B, T, G, N]`` in x's dtype (contiguous),
     initial_state ``[N_seq, H, N, P]`` (the kernels' transposed layout). Returns
-    ``(out [B, T, H, P], final_state [N_seq, H, N, P] | empty, d, g, y | empty)``: d/g (float32
-    ``[B, T, H]``) and y (``SSD(x) + D·x``, only with z; without it out is y) are saved for the backward."""
+    ``(out [B, T, H, P], final_state [N_seq, H, N, P] | empty, d, g, y | empty, hs | empty)``: d/g (float32
+    ``[B, T, H]``), y (``SSD(x) + D·x``, only with z; without it out is y) and the segment states hs (few long
+    sequences, see ``chunk.recompute_segment_chunks``) are saved for the backward."""
     b, T, H, P = x.shape
     ntok = b * T
     d, g = ssd_dt(dt, A, dt_bias, dt_softplus)
-    y, ht, *_ = chunk_fwd(
+    y, ht, *_, hs = chunk_fwd(
         q, k, _values(x), None, g, 1.0, initial_state, output_final_state, cu_seqlens, False, xd=d, D=D
     )
     if ht is None:
         ht = _empty(y).float()
+    hs = hs if hs is not None else _empty(y).float()
     if z is None:
-        return y, ht, d, g, _empty(y)
+        return y, ht, d, g, _empty(y), hs
     out = torch.empty_like(y)
     if ntok:
         zs, sz_t, sz_h = _tokens(z)
         grid, kw = _grid("finish_fwd", ntok, H, P)
         _finish_fwd_kernel[grid](y, zs, sz_t, sz_h, out, ntok, H=H, P=P, **kw)
-    return out, ht, d, g, y
+    return out, ht, d, g, y, hs
 
 
 @ssd_fused_fwd.register_fake
@@ -305,7 +308,8 @@ def _(x, dt, A, q, k, dt_bias, D, z, initial_state, dt_softplus, output_final_st
     ht = x.new_empty(nseq, H, N, P, dtype=torch.float32) if output_final_state else x.new_empty(0, dtype=torch.float32)
     y = x.new_empty(b, T, H, P) if z is not None else x.new_empty(0)
     f32 = torch.float32
-    return x.new_empty(b, T, H, P), ht, x.new_empty(b, T, H, dtype=f32), x.new_empty(b, T, H, dtype=f32), y
+    d, g = x.new_empty(b, T, H, dtype=f32), x.new_empty(b, T, H, dtype=f32)
+    return x.new_empty(b, T, H, P), ht, d, g, y, x.new_empty(segment_states_shape(q, x, cu_seqlens), dtype=f32)
 
 
 @torch.library.custom_op("mixlab::ssd_fused_bwd", mutates_args=())
@@ -326,9 +330,11 @@ def ssd_fused_bwd(
     dout: Tensor,
     dht: Tensor | None,
     dt_softplus: bool,
+    hs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, ddt, dA, dq, dk, d dt_bias | empty, dD | empty, dz | empty, d initial_state | empty)``,
-    each in its input's dtype. d, g: :func:`ssd_dt` of the forward; y: the forward's y (with z only)."""
+    each in its input's dtype. d, g: :func:`ssd_dt` of the forward; y: the forward's y (with z only); hs: its
+    segment states (None or empty: the state recompute runs unsegmented)."""
     b, T, H, P = x.shape
     ntok = b * T
     dev = x.device
@@ -345,7 +351,22 @@ def ssd_fused_bwd(
         dy = dout.to(x.dtype).contiguous()
     xv = _values(x)
     dq, dk, dv, _, dg, dh0 = chunk_bwd(
-        q, k, xv, None, g, 1.0, initial_state, cu_seqlens, None, None, None, dy, dht, False, xd=d
+        q,
+        k,
+        xv,
+        None,
+        g,
+        1.0,
+        initial_state,
+        cu_seqlens,
+        None,
+        None,
+        None,
+        dy,
+        dht,
+        False,
+        xd=d,
+        hs=hs if hs is not None and hs.numel() else None,
     )
     has_d = D is not None
     dx = torch.empty(b, T, H, P, device=dev, dtype=x.dtype)
@@ -378,7 +399,7 @@ def ssd_fused_bwd(
 
 
 @ssd_fused_bwd.register_fake
-def _(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y, dout, dht, dt_softplus):
+def _(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y, dout, dht, dt_softplus, hs=None):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(dt, memory_format=torch.contiguous_format),
@@ -394,19 +415,19 @@ def _(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y, dout, d
 
 def _setup_context(ctx, inputs, output):
     x, dt, A, q, k, dt_bias, D, z, initial_state, dt_softplus, output_final_state, cu_seqlens = inputs
-    _, _, d, g, y = output
-    ctx.save_for_backward(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y)
+    _, _, d, g, y, hs = output
+    ctx.save_for_backward(x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y, hs)
     ctx.dt_softplus, ctx.output_final_state = dt_softplus, output_final_state
-    ctx.set_materialize_grads(False)  # d, g, y are outputs only to be saved: no zero gradients for them
+    ctx.set_materialize_grads(False)  # d, g, y, hs are outputs only to be saved: no zero gradients for them
 
 
-def _backward(ctx, dout, dht, dd_, dg_, dy_):
-    x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y = ctx.saved_tensors
+def _backward(ctx, dout, dht, dd_, dg_, dy_, dhs_):
+    x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y, hs = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(x)
     dht = dht.contiguous() if ctx.output_final_state and dht is not None and dht.numel() else None
     dx, ddt, dA, dq, dk, dbias, dD, dz, dh0 = ssd_fused_bwd(
-        x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y, dout, dht, ctx.dt_softplus
+        x, dt, A, q, k, dt_bias, D, z, initial_state, cu_seqlens, d, g, y, dout, dht, ctx.dt_softplus, hs
     )
     return (
         dx,
