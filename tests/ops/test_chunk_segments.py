@@ -274,3 +274,28 @@ def test_config_overrides_get_their_own_compile_cache():
         outs.append(run.stdout.split())
     assert [o[0] for o in outs] == ["0", "4"]
     assert outs[0][1] != outs[1][1] and all("mixlab-config-" in o[1] for o in outs)
+
+
+def test_compile_with_dynamic_lengths(monkeypatch):
+    """torch.compile with dynamic shapes traces the segment states' shape symbolically (the fake implementation's
+    rule on symbolic T): values and gradients equal eager at three lengths of 3, 4 and 5 chunks."""
+    from mixlab.ops._triton import ops
+
+    _segments(monkeypatch, True)
+    torch._dynamo.reset()
+
+    def f(q, k, v, beta, g):
+        o, ht = delta_rule_triton(q, k, v, beta, g, output_final_state=True)
+        return (o * o).sum() + ht.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    for T in (150, 200, 260):
+        xs = [x.requires_grad_() for x in _delta_inputs(T, 2, T, 2, 16, 16, gated=True)[:5]]
+        assert ops.segment_states_shape(xs[0], xs[2], None)[0] > 2  # segmented
+        a = compiled(*xs)
+        grads = torch.autograd.grad(a, xs)
+        b = f(*xs)
+        for x, y in zip(grads, torch.autograd.grad(b, xs)):
+            assert torch.equal(x, y)
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
