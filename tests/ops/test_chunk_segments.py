@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
 import importlib
 
 import pytest
@@ -206,21 +207,16 @@ def test_fake_shapes_match_with_segments(target, monkeypatch):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-@needs_interpreter
-def test_mamba2_lean_op_carries_the_segment_states(monkeypatch):
-    """Mamba2's lean mixer op saves the SSD's segment states for its backward: same gradients as unsegmented."""
-    import mixlab.layers.mamba2 as m2
-
-    torch.manual_seed(0)
-    layer = m2.Mamba2(32, d_state=8, headdim=16, backend="triton")
-    x = torch.randn(2, 130, 32, requires_grad=True)  # 3 chunks a sequence: segments of 2 and 1
+def _layer_segmented_equals_unsegmented(layer, x, monkeypatch, context=contextlib.nullcontext):
+    """Output and every gradient of ``layer(x)`` with the recompute segmented equal those without; the segmented
+    recompute ran (a 3-D grid of two segments)."""
 
     def run():
-        y = layer(x)
+        with context():
+            y = layer(x)
         w = torch.linspace(-1, 1, y.numel()).view_as(y)
         return [y, *torch.autograd.grad((y * w).sum(), [x, *layer.parameters()])]
 
-    monkeypatch.setattr(m2, "LEAN_MIX", True)
     _segments(monkeypatch, False)
     base = run()
     _segments(monkeypatch, True)
@@ -229,6 +225,18 @@ def test_mamba2_lean_op_carries_the_segment_states(monkeypatch):
     assert any(len(grid) == 3 and grid[2] == 2 for grid in spy.grids), spy.grids
     for a, b in zip(seg, base):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+@needs_interpreter
+def test_mamba2_lean_op_carries_the_segment_states(monkeypatch):
+    """Mamba2's lean mixer op saves the SSD's segment states for its backward: same gradients as unsegmented."""
+    import mixlab.layers.mamba2 as m2
+
+    torch.manual_seed(0)
+    layer = m2.Mamba2(32, d_state=8, headdim=16, backend="triton")
+    monkeypatch.setattr(m2, "LEAN_MIX", True)
+    x = torch.randn(2, 130, 32, requires_grad=True)  # 3 chunks a sequence: segments of 2 and 1
+    _layer_segmented_equals_unsegmented(layer, x, monkeypatch)
 
 
 @needs_interpreter
@@ -243,21 +251,7 @@ def test_deltanet_lean_op_carries_the_segment_states(gated, monkeypatch):
     layer = GatedDeltaNet(24, **kw) if gated else DeltaNet(24, use_output_gate=False, **kw)
     layer.lean = True
     x = torch.randn(1, 130, 24, requires_grad=True)
-
-    def run():
-        with _force_triton():
-            y = layer(x)
-        w = torch.linspace(-1, 1, y.numel()).view_as(y)
-        return [y, *torch.autograd.grad((y * w).sum(), [x, *layer.parameters()])]
-
-    _segments(monkeypatch, False)
-    base = run()
-    _segments(monkeypatch, True)
-    spy = _Grids(monkeypatch)
-    seg = run()
-    assert any(len(grid) == 3 and grid[2] == 2 for grid in spy.grids), spy.grids
-    for a, b in zip(seg, base):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    _layer_segmented_equals_unsegmented(layer, x, monkeypatch, _force_triton)
 
 
 def test_config_overrides_get_their_own_compile_cache():
