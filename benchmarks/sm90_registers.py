@@ -93,6 +93,12 @@ CASES = [
     ("ssd fwd_ho BT64 BV32 4w PREFETCH_G", "_fwd_ho_kernel", {**SSD, **_HO, "BT": 64, "BV": 32, "PREFETCH_G": True}, 4, 2),
     ("ssd bwd_dh BV64 4w LOCAL_DV PREFETCH_G", "_bwd_dh_kernel",
      {**SSD, **_DH, "BT": 64, "BV": 64, "LOCAL_DV": True, "PREFETCH_G": True}, 4, 2),
+    ("gdn k256 bwd_dh BV64 8w", "_bwd_dh_kernel",
+     {**GDN, **_DH, "H": 6, "HK": 6, "K": 256, "V": 512, "BK": 256, "USE_DELTA": True, "BT": 64, "BV": 64,
+      "LOCAL_DV": False}, 8, 2),
+    ("gdn k256 bwd_dh BV64 8w PREFETCH_G", "_bwd_dh_kernel",
+     {**GDN, **_DH, "H": 6, "HK": 6, "K": 256, "V": 512, "BK": 256, "USE_DELTA": True, "BT": 64, "BV": 64,
+      "LOCAL_DV": False, "PREFETCH_G": True}, 8, 2),
 ]  # fmt: skip
 
 

@@ -1102,7 +1102,8 @@ CONFIG: dict[str, dict[str, int]] = {
     # prefetch_g / prefetch_g_xd (SSD) here, prefetch_g / prefetch_g_gla (SSD) in bwd_dh: the gate row loaded a chunk
     # ahead (PREFETCH_G). H100, 65,536 tokens, per call (results/kernels-prefetch-g-…-2026-11-25-s14.json): fwd_ho GDN
     # 0.878 -> 0.840 ms at 2K (32K level), SSD 1.135 -> 1.103 (2K), 1.887 -> 1.776 (32K); bwd_dh GDN 1.327 -> 1.247 at
-    # 32K (2K level), SSD 1.322 -> 1.518 at 2K, so off there
+    # 32K (2K level), SSD 1.322 -> 1.518 at 2K, so off there; at K 256 (1.3b GDN shape, 32,768 tokens, T = 8K) 1.471 ->
+    # 1.492, fwd+bwd 6.73 -> 6.77 (results/kernels-prefetch-g-k256-…-s14.json), so off there too (prefetch_g_k256)
     "fwd_ho": {
         "num_stages_one_wave": 3,
         "prefetch_g": 1,
@@ -1149,6 +1150,7 @@ CONFIG: dict[str, dict[str, int]] = {
         "num_stages_one_wave_ungated": 3,
         "prefetch_g": 1,
         "prefetch_g_gla": 0,
+        "prefetch_g_k256": 0,
     },
     # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
     # (pointer args 16-aligned, as launched), GDN K = V = 128, BK 64, 8 warps; registers / spill bytes / SASS
@@ -1679,14 +1681,14 @@ def chunk_bwd(
         BV = min(dh_cfg["BV_gla"], _np2(V))
     if use_delta and not use_g and _one_wave(triton.cdiv(V, BV) * lay.N * H, dev):
         kw["num_stages"] = dh_cfg["num_stages_one_wave_ungated"]
+    prefetch_g = bool(dh_cfg["prefetch_g_k256" if K > 128 else "prefetch_g" if use_delta else "prefetch_g_gla"])
     _fit(_bwd_dh_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
         q, k, w if use_delta else dummy, gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=dh0 is not None,
-        IS_VARLEN=lay.is_varlen, LOCAL_DV=local_dv, PREFETCH_G=bool(dh_cfg["prefetch_g" if use_delta else "prefetch_g_gla"]),
-        **kw,
+        IS_VARLEN=lay.is_varlen, LOCAL_DV=local_dv, PREFETCH_G=prefetch_g, **kw,
     )  # fmt: skip
     # dq, dk, dw and the K tiles' shares of dG
     dq_cfg = "dqkwg" if use_delta else "dqkwg_ssd"
