@@ -250,16 +250,17 @@ def test_deeper_pipeline_in_one_wave(gated, use_delta, monkeypatch):
         assert stages["_bwd_dh_kernel"] == [3 if deep and not gated else 2], (sms, stages)
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize(("prefetch", "cumsum"), [(0, 0), (1, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("cu", [None, [0, 1, 70, 70, 200]])
-def test_gate_rows_loaded_a_chunk_ahead(cu, prefetch, monkeypatch):
+def test_gate_rows_loaded_a_chunk_ahead(cu, prefetch, cumsum, monkeypatch):
     """``prefetch_g``: the fused forward and the reverse pass load the next chunk's gate row a chunk ahead (in the
-    reverse pass the chunk before), or in its chunk; packed sequences with a 1-token and an empty one, partial last
-    chunks."""
+    reverse pass the chunk before), or in its chunk; ``g_cumsum``: they read the gate's cumulative sum inside each
+    chunk instead of scanning it. Packed sequences with a 1-token and an empty one, partial last chunks."""
     from mixlab.ops._triton import chunk
 
-    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "prefetch_g": prefetch})
-    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**chunk.CONFIG["bwd_dh"], "prefetch_g": prefetch})
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "prefetch_g": prefetch, "g_cumsum": cumsum})
+    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**chunk.CONFIG["bwd_dh"], "prefetch_g": prefetch, "g_cumsum": cumsum})
+    monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], "g_cumsum": cumsum})  # the recompute
     cu_t = torch.tensor(cu, device=DEVICE) if cu else None
     xs = _inputs(97, 1 if cu else 2, 200, 2, 16, 16, gated=True, N=4 if cu else None)
     _compare(xs, 0.3, 1e-5, cu_t)

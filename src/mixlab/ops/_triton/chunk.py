@@ -243,6 +243,7 @@ def _fwd_h_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, SAVE_VNEW: tl.constexpr,
     IS_VARLEN: tl.constexpr, XD: tl.constexpr, SAVE_SEG: tl.constexpr = False, FROM_SEG: tl.constexpr = False,
+    G_CUM: tl.constexpr = False,
 ):  # fmt: skip
     """Sequential over the chunks of one (sequence, head, V tile): states ``h`` [NC, H, K, V] entering
     each chunk, and ``V_new`` (``U − W S`` with the delta rule, ``v`` holding ``U``; else ``v``).
@@ -250,7 +251,8 @@ def _fwd_h_kernel(
     ``SAVE_VNEW`` (the backward's ``dqkwg`` reads it there).
     Segments of ``SEG`` chunks (equal-length sequences only, see :func:`recompute_segment_chunks`): ``SAVE_SEG``
     stores the float32 state entering each segment in ``hs`` [N·⌈NT/SEG⌉, H, K, V]; ``FROM_SEG`` (grid axis 2: the
-    segment) runs one segment from its stored state, so a sequence's segments run in parallel."""
+    segment) runs one segment from its stored state, so a sequence's segments run in parallel. ``G_CUM``: ``g`` holds
+    the gate's cumulative sum inside each chunk, as in ``_fwd_ho_kernel``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -311,8 +313,12 @@ def _fwd_h_kernel(
             if SAVE_VNEW:
                 tl.store(vn + p_v, b_v.to(dt), mask=m_v)
         if USE_G:
-            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+            if G_CUM:  # padded rows take the last value, as the scan gives them
+                b_glast = tl.load(g + (tl.minimum(t0 + BT, eos) - 1).to(tl.int64) * H + i_h)
+                b_g = tl.where(m_t, tl.load(g + rows * H + i_h, mask=m_t, other=0.0), b_glast)
+            else:
+                b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+                b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
             b_v = b_v * tl.exp(b_glast - b_g)[:, None]
             b_h *= tl.exp(b_glast)
         b_h += tl.dot(tl.trans(b_k), b_v.to(dt), input_precision="ieee")
@@ -327,7 +333,7 @@ def _fwd_ho_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
     XD: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr, PREFETCH_V: tl.constexpr = False,
-    SAVE_SEG: tl.constexpr = False, PREFETCH_G: tl.constexpr = False,
+    SAVE_SEG: tl.constexpr = False, PREFETCH_G: tl.constexpr = False, G_CUM: tl.constexpr = False,
 ):  # fmt: skip
     """The forward's state pass and output in one sequential kernel per (sequence, head, V tile): each chunk's
     ``O = scale·(diag(γ) Q S + (Q Kᵀ ⊙ Γ_incl) V_new)`` is formed from the state ``S`` in registers, so the
@@ -335,8 +341,9 @@ def _fwd_ho_kernel(
     Same roundings as ``_fwd_h_kernel`` + ``_fwd_o_kernel``: S and V_new enter the products in the input dtype.
     ``XD``: V = x·d as in ``_fwd_h_kernel``; ``HAS_D``: ``O += D·x`` (D ``[H]``, or ``[H, V]`` with ``D_PER_V``);
     ``PREFETCH_V``: the ``v`` / ``x`` tile, which the compiler does not pipeline (it is used elementwise before
-    its products), is loaded a chunk ahead; ``PREFETCH_G`` likewise the gate row. ``SAVE_SEG``: the states entering
-    each segment, as ``_fwd_h_kernel``'s."""
+    its products), is loaded a chunk ahead; ``PREFETCH_G`` likewise the gate row. ``G_CUM``: ``g`` holds the gate's
+    cumulative sum inside each chunk (:func:`_chunk_gate_cumsum`), so the loop runs no scan and no reduction for
+    the chunk's last value (a scalar load). ``SAVE_SEG``: the states entering each segment, as ``_fwd_h_kernel``'s."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -373,6 +380,8 @@ def _fwd_ho_kernel(
     s0 = i_n * tl.cdiv(NT, SEG)  # the sequence's first segment (SAVE_SEG)
     if USE_G and PREFETCH_G:
         b_gn = tl.load(g + (bos + o_t).to(tl.int64) * H + i_h, mask=(bos + o_t) < eos, other=0.0)
+        if G_CUM:
+            b_gln = tl.load(g + (tl.minimum(bos + BT, eos) - 1).to(tl.int64) * H + i_h, mask=bos < eos, other=0.0)
     if PREFETCH_V:
         r_0 = (bos + o_t).to(tl.int64)
         b_xn = tl.load(v + r_0[:, None] * s_x + i_h * V + o_v[None, :], mask=(r_0 < eos)[:, None] & (o_v < V)[None, :],
@@ -412,10 +421,19 @@ def _fwd_ho_kernel(
             if PREFETCH_G:
                 b_graw = b_gn
                 b_gn = tl.load(g + (rows + BT) * H + i_h, mask=(t0 + BT + o_t) < eos, other=0.0)
+                if G_CUM:
+                    b_glast = b_gln
+                    b_gln = tl.load(g + (tl.minimum(t0 + 2 * BT, eos) - 1).to(tl.int64) * H + i_h, mask=t0 + BT < eos,
+                                    other=0.0)  # fmt: skip
             else:
                 b_graw = tl.load(g + rows * H + i_h, mask=m_t, other=0.0)
-            b_g = tl.cumsum(b_graw.to(tl.float32), axis=0)
-            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+                if G_CUM:
+                    b_glast = tl.load(g + (tl.minimum(t0 + BT, eos) - 1).to(tl.int64) * H + i_h)
+            if G_CUM:  # padded rows take the last value, as the scan gives them
+                b_g = tl.where(m_t, b_graw, b_glast)
+            else:
+                b_g = tl.cumsum(b_graw.to(tl.float32), axis=0)
+                b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
             b_o = b_o * tl.exp(b_g)[:, None]
             b_A = b_A * tl.exp(tl.where(m_i, b_g[:, None] - b_g[None, :], 0.0))
         b_A = tl.where(m_i, b_A, 0.0)
@@ -553,13 +571,14 @@ def _bwd_dh_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    LOCAL_DV: tl.constexpr = False, PREFETCH_G: tl.constexpr = False,
+    LOCAL_DV: tl.constexpr = False, PREFETCH_G: tl.constexpr = False, G_CUM: tl.constexpr = False,
 ):  # fmt: skip
     """Reverse sequential pass: ``dh`` [NC, H, K, V] (gradient of the state leaving each chunk) and
     ``dV_new = dvl + diag(γ_C/γ) K dh``; ``dS ← γ_C dS + scale·(diag(γ) Q)ᵀ dO − Wᵀ dV_new``.
     ``LOCAL_DV``: the intra-chunk ``dvl = scale·(Q Kᵀ ⊙ Γ_incl)ᵀ dO`` (``_bwd_dv_local_kernel``'s) is formed
     here from the q, k and dO tiles the pass loads anyway, in float32, instead of read from ``dvl``. ``PREFETCH_G``:
-    the gate row of the chunk before is loaded a chunk ahead (the compiler does not pipeline this elementwise load)."""
+    the gate row of the chunk before is loaded a chunk ahead (the compiler does not pipeline this elementwise load).
+    ``G_CUM``: ``g`` holds the gate's cumulative sum inside each chunk, as in ``_fwd_ho_kernel``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -583,6 +602,8 @@ def _bwd_dh_kernel(
     if USE_G and PREFETCH_G:
         r_l = (bos + (nt - 1) * BT + o_t).to(tl.int64)
         b_gn = tl.load(g + r_l * H + i_h, mask=(r_l >= bos) & (r_l < eos), other=0.0)
+        if G_CUM:
+            b_gln = tl.load(g + (eos - 1).to(tl.int64) * H + i_h, mask=bos < eos, other=0.0)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
@@ -604,10 +625,18 @@ def _bwd_dh_kernel(
             if PREFETCH_G:
                 b_graw = b_gn
                 b_gn = tl.load(g + (rows - BT) * H + i_h, mask=(t0 - BT + o_t) >= bos, other=0.0)
+                if G_CUM:  # the chunk before is whole: its last row is t0 - 1
+                    b_glast = b_gln
+                    b_gln = tl.load(g + (t0 - 1).to(tl.int64) * H + i_h, mask=t0 > bos, other=0.0)
             else:
                 b_graw = tl.load(g + rows * H + i_h, mask=m_t, other=0.0)
-            b_g = tl.cumsum(b_graw.to(tl.float32), axis=0)
-            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+                if G_CUM:
+                    b_glast = tl.load(g + (tl.minimum(t0 + BT, eos) - 1).to(tl.int64) * H + i_h)
+            if G_CUM:  # padded rows take the last value, as the scan gives them
+                b_g = tl.where(m_t, b_graw, b_glast)
+            else:
+                b_g = tl.cumsum(b_graw.to(tl.float32), axis=0)
+                b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
             b_dv = b_dv * tl.exp(b_glast - b_g)[:, None]
             b_qs = (b_q * (tl.exp(b_g) * scale)[:, None]).to(dt)
             b_dh *= tl.exp(b_glast)
@@ -991,9 +1020,11 @@ def _wy_bwd_kernel(
 def _dg_finalize_kernel(
     dG, dg, cu_seqlens, chunk_indices, T, NT, NTOK,
     NS: tl.constexpr, H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, IS_VARLEN: tl.constexpr,
+    REVERSE: tl.constexpr = True,
 ):  # fmt: skip
     """``dg = reverse_cumsum(Σ_slots dG)`` inside each chunk, per (chunk, block of ``BH`` heads): a
-    ``[BT, BH]`` tile whose rows are contiguous along the heads."""
+    ``[BT, BH]`` tile whose rows are contiguous along the heads. ``REVERSE`` False: the forward cumsum (with one
+    slot: the gate's cumulative sum ``G`` inside each chunk, see :func:`_chunk_gate_cumsum`)."""
     i_c, i_b = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_c * 2).to(tl.int32)
@@ -1013,7 +1044,7 @@ def _dg_finalize_kernel(
     b = tl.zeros([BT, BH], dtype=tl.float32)
     for s in range(NS):
         b += tl.load(dG + s * NTOK * H + p, mask=m, other=0.0)
-    b = tl.cumsum(b, axis=0, reverse=True)
+    b = tl.cumsum(b, axis=0, reverse=REVERSE)
     tl.store(dg + p, b.to(dg.dtype.element_ty), mask=m)
 
 
@@ -1070,6 +1101,8 @@ CONFIG: dict[str, dict[str, int]] = {
         "seg_state_elems": 1 << 21,
         "seg_min_chunks": 16,
         "seg_max_k": 128,
+        "g_cumsum": 0,
+        "g_cumsum_gla": 0,
         "BV_narrow": 16,
         "narrow_max_programs": 128,
         "BV": 32,
@@ -1106,6 +1139,8 @@ CONFIG: dict[str, dict[str, int]] = {
     # 1.492, fwd+bwd 6.73 -> 6.77 (results/kernels-prefetch-g-k256-…-s14.json), so off there too (prefetch_g_k256)
     "fwd_ho": {
         "num_stages_one_wave": 3,
+        "g_cumsum": 1,
+        "g_cumsum_xd": 0,
         "prefetch_g": 1,
         "prefetch_g_xd": 1,
         "prefetch_v": 1,
@@ -1151,6 +1186,8 @@ CONFIG: dict[str, dict[str, int]] = {
         "prefetch_g": 1,
         "prefetch_g_gla": 0,
         "prefetch_g_k256": 0,
+        "g_cumsum": 0,
+        "g_cumsum_gla": 0,
     },
     # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
     # (pointer args 16-aligned, as launched), GDN K = V = 128, BK 64, 8 warps; registers / spill bytes / SASS
@@ -1485,15 +1522,16 @@ def chunk_fwd(
         BK, BV, kw = _launch("fwd_ho", K, V, seq=True, seq_heads=lay.N * H)
         if use_delta and _one_wave(triton.cdiv(V, BV) * lay.N * H, dev):
             kw["num_stages"] = fused["num_stages_one_wave"]
+        g_cum = use_g and bool(fused["g_cumsum_xd" if XD else "g_cumsum"])
         _fit(_fwd_ho_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
-            q, k, u if use_delta else v, w if use_delta else dummy, gp, o,
+            q, k, u if use_delta else v, w if use_delta else dummy, _chunk_gate_cumsum(g, lay) if g_cum else gp, o,
             initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
             lay.cu_seqlens, xd_, D_, hs if seg else dummy, svt, scale, lay.T, lay.NT, max(seg, 1),
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
             USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
             IS_VARLEN=lay.is_varlen, XD=XD, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2,
             PREFETCH_V=bool(fused["prefetch_v_xd" if XD else "prefetch_v"]), SAVE_SEG=bool(seg),
-            PREFETCH_G=bool(fused["prefetch_g_xd" if XD else "prefetch_g"]), **kw,
+            PREFETCH_G=bool(fused["prefetch_g_xd" if XD else "prefetch_g"]), G_CUM=g_cum, **kw,
         )  # fmt: skip
         return o, ht, Tm, w, u, None, None, hs
     nc = states_shape(B, T, H, K, V, lay.N if lay.is_varlen else None)[0] if keep else lay.NC
@@ -1566,11 +1604,26 @@ def _scaled_values(xd: torch.Tensor | None, D: torch.Tensor | None, use_delta: b
     return True
 
 
-def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None, hs=None, seg=0, save_seg=False):
+def _chunk_gate_cumsum(g: torch.Tensor, lay: _Layout) -> torch.Tensor:
+    """The gate's cumulative sum inside each chunk, ``G`` (float32, like g ``[B, T, H]``): what the sequential kernels
+    otherwise scan for on every chunk (``G_CUM``)."""
+    H = g.shape[-1]
+    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    bh = min(_np2(H), CONFIG["dg_finalize"]["heads"])
+    _fit(_dg_finalize_kernel)[(lay.NC, triton.cdiv(H, bh))](
+        g, gc, lay.cu_seqlens, lay.chunk_indices, lay.T, lay.NT, lay.ntok, NS=1, H=H, BT=BT, BH=bh,
+        IS_VARLEN=lay.is_varlen, REVERSE=False, num_warps=4,
+    )  # fmt: skip
+    return gc
+
+
+def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None, hs=None, seg=0, save_seg=False,
+             gc=None):  # fmt: skip
     """Run the sequential state kernel: fills ``h`` (and ``vn`` with the delta rule), optionally ``ht``;
     with ``xd`` the values are ``vsrc·xd`` (vsrc any token stride), written to ``vn`` unless it is vsrc.
     With ``seg`` chunks per segment and ``hs``: ``save_seg`` stores the states entering the segments in ``hs``,
-    else each segment runs from its state in ``hs`` (in parallel; the initial state is in ``hs`` already)."""
+    else each segment runs from its state in ``hs`` (in parallel; the initial state is in ``hs`` already). ``gc``: the
+    gate's cumulative sum inside each chunk (:func:`_chunk_gate_cumsum`), read instead of g."""
     HK, K = k.shape[2], k.shape[3]
     H, V = vsrc.shape[2], vsrc.shape[3]
     dummy = vsrc
@@ -1581,14 +1634,14 @@ def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None, h
     BK, BV, kw = _launch("fwd_h", K, V, seq=True, seq_heads=lay.N * H * (n_seg if from_seg else 1))
     grid = (triton.cdiv(V, BV), lay.N * H, n_seg) if from_seg else (triton.cdiv(V, BV), lay.N * H)
     _fit(_fwd_h_kernel, _seq_floor(k))[grid](
-        k, vsrc, w if w is not None else dummy, g if g is not None else dummy, h, vn,
+        k, vsrc, w if w is not None else dummy, gc if gc is not None else g if g is not None else dummy, h, vn,
         initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, xd if xd is not None else dummy, hs if seg else dummy,
         token_stride(vsrc) if xd is not None else H * V, lay.T, lay.NT, max(seg, 1),
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, USE_DELTA=use_delta,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
         SAVE_VNEW=use_delta or (xd is not None and vn is not vsrc), IS_VARLEN=lay.is_varlen, XD=xd is not None,
-        SAVE_SEG=bool(seg) and save_seg, FROM_SEG=from_seg, **kw,
+        SAVE_SEG=bool(seg) and save_seg, FROM_SEG=from_seg, G_CUM=gc is not None, **kw,
     )  # fmt: skip
 
 
@@ -1658,8 +1711,13 @@ def chunk_bwd(
         if seg and hs.shape != (lay.segments(seg)[1], H, K, V):
             raise ValueError(f"chunk_bwd: segment states of shape {tuple(hs.shape)} do not match this layout "
                              f"({lay.segments(seg)[1]} segments of {seg} chunks); pass the forward's hs")  # fmt: skip
+        gc = (
+            _chunk_gate_cumsum(g, lay)
+            if use_g and CONFIG["fwd_h"]["g_cumsum" if use_delta else "g_cumsum_gla"]
+            else None
+        )
         _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta, xd if XD else None,
-                 hs=hs if seg else None, seg=seg)  # fmt: skip
+                 hs=hs if seg else None, seg=seg, gc=gc)  # fmt: skip
     # intra-chunk part of dV_new, then the reverse state pass
     dh_cfg = CONFIG["bwd_dh"]
     local_dv = bool(dh_cfg["fold_dv"]) and dh_cfg["fold_max_k"] >= K
@@ -1682,13 +1740,14 @@ def chunk_bwd(
     if use_delta and not use_g and _one_wave(triton.cdiv(V, BV) * lay.N * H, dev):
         kw["num_stages"] = dh_cfg["num_stages_one_wave_ungated"]
     prefetch_g = bool(dh_cfg["prefetch_g_k256" if K > 128 else "prefetch_g" if use_delta else "prefetch_g_gla"])
+    g_cum = use_g and bool(dh_cfg["g_cumsum" if use_delta else "g_cumsum_gla"])
     _fit(_bwd_dh_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
-        q, k, w if use_delta else dummy, gp, do, dvl, dh, dvn,
+        q, k, w if use_delta else dummy, _chunk_gate_cumsum(g, lay) if g_cum else gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=dh0 is not None,
-        IS_VARLEN=lay.is_varlen, LOCAL_DV=local_dv, PREFETCH_G=prefetch_g, **kw,
+        IS_VARLEN=lay.is_varlen, LOCAL_DV=local_dv, PREFETCH_G=prefetch_g, G_CUM=g_cum, **kw,
     )  # fmt: skip
     # dq, dk, dw and the K tiles' shares of dG
     dq_cfg = "dqkwg" if use_delta else "dqkwg_ssd"
