@@ -260,7 +260,8 @@ def test_gate_rows_loaded_a_chunk_ahead(cu, prefetch, cumsum, monkeypatch):
 
     monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "prefetch_g": prefetch, "g_cumsum": cumsum})
     monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**chunk.CONFIG["bwd_dh"], "prefetch_g": prefetch, "g_cumsum": cumsum})
-    monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], "g_cumsum": cumsum})  # the recompute
+    for name in ("fwd_h", "dqkwg", "wy_bwd"):  # the recompute and the parallel backward kernels
+        monkeypatch.setitem(chunk.CONFIG, name, {**chunk.CONFIG[name], "g_cumsum": cumsum})
     cu_t = torch.tensor(cu, device=DEVICE) if cu else None
     xs = _inputs(97, 1 if cu else 2, 200, 2, 16, 16, gated=True, N=4 if cu else None)
     _compare(xs, 0.3, 1e-5, cu_t)

@@ -665,7 +665,7 @@ def _bwd_dqkwg_kernel(
     q, k, vn, g, h, do, dh, dvn, dq, dk, dw, dG, cu_seqlens, chunk_indices, scale, T, NT, NTOK,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
-    IS_VARLEN: tl.constexpr, LEAN: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr, LEAN: tl.constexpr = False, G_CUM: tl.constexpr = False,
 ):  # fmt: skip
     """Per (K tile, chunk, query/key head): ``dq``, ``dk`` summed over the value heads that share the
     query/key head (all but the WY part of dk), per value head ``dw = −dV_new Sᵀ`` (input dtype) and
@@ -744,8 +744,12 @@ def _bwd_dqkwg_kernel(
             b_qf = tl.load(q + p_qk, mask=m_k, other=0.0).to(tl.float32)
             b_kf = tl.load(k + p_qk, mask=m_k, other=0.0).to(tl.float32)
         if USE_G:
-            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+            if G_CUM:  # g holds G (see _fwd_ho_kernel); padded rows take the last value, as the scan gives them
+                b_glast = tl.load(g + (tl.minimum(t0 + BT, eos) - 1).to(tl.int64) * H + i_h)
+                b_g = tl.where(m_t, tl.load(g + rows * H + i_h, mask=m_t, other=0.0), b_glast)
+            else:
+                b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+                b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
             b_dq = b_dq * (tl.exp(b_g) * scale)[:, None]
             b_dk = b_dk * tl.exp(b_glast - b_g)[:, None]
             # d G_last through γ_C S and through the decayed keys of the state update
@@ -922,6 +926,7 @@ def _wy_bwd_kernel(
     k, v, beta, g, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, cu_seqlens, chunk_indices, T, NT, NTOK, SLOT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    G_CUM: tl.constexpr = False,
 ):  # fmt: skip
     """Backward of ``U = T diag(β) V``, ``W = T diag(βγ) K``, ``T = (I + A)⁻¹`` per (chunk, head):
     writes ``dv``, ``dbeta``, ``dG[SLOT]`` and the final ``dk = dk_part + WY terms`` (H == HK)."""
@@ -948,7 +953,11 @@ def _wy_bwd_kernel(
     b_Tt = tl.trans(b_T).to(dt)
     b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     if USE_G:
-        b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+        if G_CUM:  # g holds G, as in _bwd_dqkwg_kernel
+            b_glast = tl.load(g + (tl.minimum(t0 + BT, eos) - 1).to(tl.int64) * H + i_h)
+            b_g = tl.where(m_t, tl.load(g + rows * H + i_h, mask=m_t, other=0.0), b_glast)
+        else:
+            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
         b_gam = tl.exp(b_g)
     else:
         b_gam = tl.full([BT], 1.0, dtype=tl.float32)
@@ -1136,7 +1145,13 @@ CONFIG: dict[str, dict[str, int]] = {
     # ahead (PREFETCH_G). H100, 65,536 tokens, per call (results/kernels-prefetch-g-…-2026-11-25-s14.json): fwd_ho GDN
     # 0.878 -> 0.840 ms at 2K (32K level), SSD 1.135 -> 1.103 (2K), 1.887 -> 1.776 (32K); bwd_dh GDN 1.327 -> 1.247 at
     # 32K (2K level), SSD 1.322 -> 1.518 at 2K, so off there; at K 256 (1.3b GDN shape, 32,768 tokens, T = 8K) 1.471 ->
-    # 1.492, fwd+bwd 6.73 -> 6.77 (results/kernels-prefetch-g-k256-…-s14.json), so off there too (prefetch_g_k256)
+    # 1.492, fwd+bwd 6.73 -> 6.77 (results/kernels-prefetch-g-k256-…-s14.json), so off there too (prefetch_g_k256).
+    # g_cumsum (also in dqkwg, wy_bwd, fwd_h, bwd_dh; _xd / _gla for SSD): the kernel reads the gate's per-chunk
+    # cumulative sum G, formed once by _chunk_gate_cumsum (0.004 ms), instead of scanning g and reducing for G's last
+    # value in every chunk (G_CUM). H100, 65,536 tokens, per call (results/kernels-g-cumsum-…-s14.json): GDN fwd_ho
+    # 0.850 -> 0.714 ms (2K), 1.503 -> 1.233 (32K); dqkwg 1.582 -> 1.511, wy_bwd 1.641 -> 1.519 (2K); GDN fwd+bwd
+    # 7.08 -> 6.70 (2K), 8.19 -> 7.70 (32K) with all three. Level or slower, so off: the recompute fwd_h (0.572 ->
+    # 0.573), bwd_dh (1.260 -> 1.376 at 32K), SSD's fwd_ho (1.104 -> 1.211) and fwd_h
     "fwd_ho": {
         "num_stages_one_wave": 3,
         "g_cumsum": 1,
@@ -1207,6 +1222,7 @@ CONFIG: dict[str, dict[str, int]] = {
         "lean": 1,
         "maxnreg": 128,
         "num_stages_lean": 2,
+        "g_cumsum": 1,
     },
     # gated linear attention (SSD, no delta rule), the one-kernel form (split 0). H100, SSD H64 P64 N128, 65,536 tokens,
     # T = 2K
@@ -1229,7 +1245,16 @@ CONFIG: dict[str, dict[str, int]] = {
     # Triton 3.6 spills nothing, that of 3.9 28 bytes, results/sm90-registers-ssd-split-…-s13.json):
     # 0.834 -> 0.595 ms, 3 stages 0.514-0.519; 8 warps at maxnreg 128 0.62-0.72; heads 32 / 64 within 1%
     "dp_sum": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 3, "heads": 16, "maxnreg": 168},
-    "wy_bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 3, "small_above": 128, "BK_k256": 32, "BV_k256": 64},
+    "wy_bwd": {
+        "BK": 64,
+        "BV": 64,
+        "num_warps": 8,
+        "num_stages": 3,
+        "small_above": 128,
+        "BK_k256": 32,
+        "BV_k256": 64,
+        "g_cumsum": 1,
+    },
     # heads: heads per program (a [64, heads] tile). H100, SSD H64, 65,536 tokens: one head per program at one warp
     # 0.145 ms per call (results/kernels-ssd-variants-a-…-s10.json), 64 heads at 4 warps 0.021
     # (kernels-new-…-s10.json)
@@ -1704,6 +1729,13 @@ def chunk_bwd(
     do = do.contiguous()
     dummy = do
     gp = g if use_g else dummy
+    g_cums: list[torch.Tensor] = []
+
+    def _gc() -> torch.Tensor:  # the gate's per-chunk cumulative sum, formed once for the kernels that read it
+        if not g_cums:
+            g_cums.append(_chunk_gate_cumsum(g, lay))
+        return g_cums[0]
+
     if h is None or vn is None:  # recompute the chunk states and V_new (scaled values: V itself, for dqkwg)
         h = torch.empty(lay.NC, H, K, V, dtype=q.dtype, device=dev)
         vn = torch.empty(B, T, H, V, dtype=v.dtype, device=dev) if use_delta or XD else v
@@ -1711,11 +1743,7 @@ def chunk_bwd(
         if seg and hs.shape != (lay.segments(seg)[1], H, K, V):
             raise ValueError(f"chunk_bwd: segment states of shape {tuple(hs.shape)} do not match this layout "
                              f"({lay.segments(seg)[1]} segments of {seg} chunks); pass the forward's hs")  # fmt: skip
-        gc = (
-            _chunk_gate_cumsum(g, lay)
-            if use_g and CONFIG["fwd_h"]["g_cumsum" if use_delta else "g_cumsum_gla"]
-            else None
-        )
+        gc = _gc() if use_g and CONFIG["fwd_h"]["g_cumsum" if use_delta else "g_cumsum_gla"] else None
         _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta, xd if XD else None,
                  hs=hs if seg else None, seg=seg, gc=gc)  # fmt: skip
     # intra-chunk part of dV_new, then the reverse state pass
@@ -1742,7 +1770,7 @@ def chunk_bwd(
     prefetch_g = bool(dh_cfg["prefetch_g_k256" if K > 128 else "prefetch_g" if use_delta else "prefetch_g_gla"])
     g_cum = use_g and bool(dh_cfg["g_cumsum" if use_delta else "g_cumsum_gla"])
     _fit(_bwd_dh_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
-        q, k, w if use_delta else dummy, _chunk_gate_cumsum(g, lay) if g_cum else gp, do, dvl, dh, dvn,
+        q, k, w if use_delta else dummy, _gc() if g_cum else gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
@@ -1782,17 +1810,19 @@ def chunk_bwd(
             H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, HB=hb, IS_VARLEN=lay.is_varlen, **kw,
         )  # fmt: skip
     else:
+        g_cum = use_g and use_delta and bool(CONFIG["dqkwg"]["g_cumsum"])
         _fit(_bwd_dqkwg_kernel)[(NK, lay.NC, HK)](
-            q, k, vn, gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
+            q, k, vn, _gc() if g_cum else gp, h, do, dh, dvn, dq, dk_part, dw, dG, lay.cu_seqlens, lay.chunk_indices,
             scale, lay.T, lay.NT, B * T, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
-            USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, LEAN=lean, **kw,
+            USE_DELTA=use_delta, IS_VARLEN=lay.is_varlen, LEAN=lean, G_CUM=g_cum, **kw,
         )  # fmt: skip
     if use_delta:
         BK, BV, kw = _launch("wy_bwd", K, V)
+        g_cum = use_g and bool(CONFIG["wy_bwd"]["g_cumsum"])
         _fit(_wy_bwd_kernel)[(lay.NC, H)](
-            k, v, beta, gp, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, lay.cu_seqlens, lay.chunk_indices,
-            lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=use_g, IS_VARLEN=lay.is_varlen, **kw,
+            k, v, beta, _gc() if g_cum else gp, Tm, dvn, dw, dk_part, dk, dv, dbeta, dG, lay.cu_seqlens,
+            lay.chunk_indices, lay.T, lay.NT, B * T, NK, H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV,
+            USE_G=use_g, IS_VARLEN=lay.is_varlen, G_CUM=g_cum, **kw,
         )  # fmt: skip
     if use_g:
         bh = min(_np2(H), CONFIG["dg_finalize"]["heads"])
