@@ -141,13 +141,13 @@ def test_fused_forward_prefetching_x(monkeypatch):
 @pytest.mark.parametrize(("prefetch", "cumsum"), [(0, 0), (1, 0), (0, 1), (1, 1)])
 def test_gate_rows_loaded_a_chunk_ahead(prefetch, cumsum, monkeypatch):
     """``prefetch_g_xd`` / ``prefetch_g_gla``: the fused forward and the reverse pass of gated linear attention load
-    the gate row a chunk ahead, or in its chunk; ``g_cumsum_xd`` / ``g_cumsum_gla``: the gate's cumulative sum read,
+    the gate row a chunk ahead, or in its chunk; ``g_cumsum_gla`` (all three kernels): the gate's cumulative sum read,
     not scanned; with
     packed sequences and partial chunks."""
     from mixlab.ops._triton import chunk
 
     fwd, dh = chunk.CONFIG["fwd_ho"], chunk.CONFIG["bwd_dh"]
-    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**fwd, "prefetch_g_xd": prefetch, "g_cumsum_xd": cumsum})
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**fwd, "prefetch_g_xd": prefetch, "g_cumsum_gla": cumsum})
     monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**dh, "prefetch_g_gla": prefetch, "g_cumsum_gla": cumsum})
     monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], "g_cumsum_gla": cumsum})  # the recompute
     cu = torch.tensor([0, 30, 75, 140], device=DEVICE)

@@ -1146,16 +1146,16 @@ CONFIG: dict[str, dict[str, int]] = {
     # 0.878 -> 0.840 ms at 2K (32K level), SSD 1.135 -> 1.103 (2K), 1.887 -> 1.776 (32K); bwd_dh GDN 1.327 -> 1.247 at
     # 32K (2K level), SSD 1.322 -> 1.518 at 2K, so off there; at K 256 (1.3b GDN shape, 32,768 tokens, T = 8K) 1.471 ->
     # 1.492, fwd+bwd 6.73 -> 6.77 (results/kernels-prefetch-g-k256-…-s14.json), so off there too (prefetch_g_k256).
-    # g_cumsum (also in dqkwg, wy_bwd, fwd_h, bwd_dh; _xd / _gla for SSD): the kernel reads the gate's per-chunk
-    # cumulative sum G, formed once by _chunk_gate_cumsum (0.004 ms), instead of scanning g and reducing for G's last
-    # value in every chunk (G_CUM). H100, 65,536 tokens, per call (results/kernels-g-cumsum-…-s14.json): GDN fwd_ho
+    # g_cumsum (also in dqkwg, wy_bwd, fwd_h, bwd_dh; g_cumsum_gla: gated linear attention, SSD): the kernel reads
+    # the gate's per-chunk cumulative sum G, formed once by _chunk_gate_cumsum (0.004 ms), instead of scanning g and
+    # reducing for G's last value in every chunk (G_CUM). H100, 65,536 tokens, per call (results/kernels-g-cumsum-…-s14.json): GDN fwd_ho
     # 0.850 -> 0.714 ms (2K), 1.503 -> 1.233 (32K); dqkwg 1.582 -> 1.511, wy_bwd 1.641 -> 1.519 (2K); GDN fwd+bwd
     # 7.08 -> 6.70 (2K), 8.19 -> 7.70 (32K) with all three. Level or slower, so off: the recompute fwd_h (0.572 ->
     # 0.573), bwd_dh (1.260 -> 1.376 at 32K), SSD's fwd_ho (1.104 -> 1.211) and fwd_h
     "fwd_ho": {
         "num_stages_one_wave": 3,
         "g_cumsum": 1,
-        "g_cumsum_xd": 0,
+        "g_cumsum_gla": 0,
         "prefetch_g": 1,
         "prefetch_g_xd": 1,
         "prefetch_v": 1,
@@ -1547,7 +1547,7 @@ def chunk_fwd(
         BK, BV, kw = _launch("fwd_ho", K, V, seq=True, seq_heads=lay.N * H)
         if use_delta and _one_wave(triton.cdiv(V, BV) * lay.N * H, dev):
             kw["num_stages"] = fused["num_stages_one_wave"]
-        g_cum = use_g and bool(fused["g_cumsum_xd" if XD else "g_cumsum"])
+        g_cum = use_g and bool(fused["g_cumsum" if use_delta else "g_cumsum_gla"])
         _fit(_fwd_ho_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
             q, k, u if use_delta else v, w if use_delta else dummy, _chunk_gate_cumsum(g, lay) if g_cum else gp, o,
             initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
