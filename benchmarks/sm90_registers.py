@@ -95,8 +95,6 @@ CASES = [
      {**SSD, **_DH, "BT": 64, "BV": 64, "LOCAL_DV": True, "PREFETCH_G": True}, 4, 2),
     ("gdn fwd_ho BV32 3st PREFETCH_V PREFETCH_G G_CUM", "_fwd_ho_kernel",
      {**GDN, **_GHO, "PREFETCH_V": True, "PREFETCH_G": True, "G_CUM": True}, 4, 3),
-    ("gdn bwd_dh BV32 4w PREFETCH_G G_CUM", "_bwd_dh_kernel",
-     {**GDN, **_DH, "USE_DELTA": True, "BT": 64, "BV": 32, "LOCAL_DV": False, "PREFETCH_G": True, "G_CUM": True}, 4, 2),
     ("ssd fwd_ho BT64 BV64 4w PREFETCH_G G_CUM", "_fwd_ho_kernel",
      {**SSD, **_HO, "BT": 64, "BV": 64, "PREFETCH_G": True, "G_CUM": True}, 4, 2),
     ("gdn dqkwg lean BK64 BV64 8w 2st maxnreg 128", "_bwd_dqkwg_kernel",

@@ -273,8 +273,6 @@ def test_config_overrides_get_their_own_compile_cache():
 def test_compile_with_dynamic_lengths(monkeypatch):
     """torch.compile with dynamic shapes traces the segment states' shape symbolically (the fake implementation's
     rule on symbolic T): values and gradients equal eager at three lengths of 3, 4 and 5 chunks."""
-    from mixlab.ops._triton import ops
-
     _segments(monkeypatch, True)
     torch._dynamo.reset()
 
@@ -285,7 +283,7 @@ def test_compile_with_dynamic_lengths(monkeypatch):
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
     for T in (150, 200, 260):
         xs = [x.requires_grad_() for x in _delta_inputs(T, 2, T, 2, 16, 16, gated=True)[:5]]
-        assert ops.segment_states_shape(xs[0], xs[2], None)[0] > 2  # segmented
+        assert chunk.segment_states_shape(2, T, 2, 16, 16, packed=False)[0] > 2  # segmented
         a = compiled(*xs)
         grads = torch.autograd.grad(a, xs)
         b = f(*xs)

@@ -254,13 +254,13 @@ def test_deeper_pipeline_in_one_wave(gated, use_delta, monkeypatch):
 @pytest.mark.parametrize("cu", [None, [0, 1, 70, 70, 200]])
 def test_gate_rows_loaded_a_chunk_ahead(cu, prefetch, cumsum, monkeypatch):
     """``prefetch_g``: the fused forward and the reverse pass load the next chunk's gate row a chunk ahead (in the
-    reverse pass the chunk before), or in its chunk; ``g_cumsum``: they read the gate's cumulative sum inside each
-    chunk instead of scanning it. Packed sequences with a 1-token and an empty one, partial last chunks."""
+    reverse pass the chunk before), or in its chunk; ``g_cumsum``: the fused forward, dqkwg and wy_bwd read the gate's
+    cumulative sum inside each chunk instead of scanning it. Packed sequences with a 1-token and an empty one, partial last chunks."""
     from mixlab.ops._triton import chunk
 
     monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "prefetch_g": prefetch, "g_cumsum": cumsum})
-    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**chunk.CONFIG["bwd_dh"], "prefetch_g": prefetch, "g_cumsum": cumsum})
-    for name in ("fwd_h", "dqkwg", "wy_bwd"):  # the recompute and the parallel backward kernels
+    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**chunk.CONFIG["bwd_dh"], "prefetch_g": prefetch})
+    for name in ("dqkwg", "wy_bwd"):  # the parallel backward kernels
         monkeypatch.setitem(chunk.CONFIG, name, {**chunk.CONFIG[name], "g_cumsum": cumsum})
     cu_t = torch.tensor(cu, device=DEVICE) if cu else None
     xs = _inputs(97, 1 if cu else 2, 200, 2, 16, 16, gated=True, N=4 if cu else None)

@@ -141,15 +141,13 @@ def test_fused_forward_prefetching_x(monkeypatch):
 @pytest.mark.parametrize(("prefetch", "cumsum"), [(0, 0), (1, 0), (0, 1), (1, 1)])
 def test_gate_rows_loaded_a_chunk_ahead(prefetch, cumsum, monkeypatch):
     """``prefetch_g_xd`` / ``prefetch_g_gla``: the fused forward and the reverse pass of gated linear attention load
-    the gate row a chunk ahead, or in its chunk; ``g_cumsum_gla`` (all three kernels): the gate's cumulative sum read,
-    not scanned; with
-    packed sequences and partial chunks."""
+    the gate row a chunk ahead, or in its chunk; ``g_cumsum_gla``: the fused forward reads the gate's cumulative sum
+    instead of scanning it; with packed sequences and partial chunks."""
     from mixlab.ops._triton import chunk
 
     fwd, dh = chunk.CONFIG["fwd_ho"], chunk.CONFIG["bwd_dh"]
     monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**fwd, "prefetch_g_xd": prefetch, "g_cumsum_gla": cumsum})
-    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**dh, "prefetch_g_gla": prefetch, "g_cumsum_gla": cumsum})
-    monkeypatch.setitem(chunk.CONFIG, "fwd_h", {**chunk.CONFIG["fwd_h"], "g_cumsum_gla": cumsum})  # the recompute
+    monkeypatch.setitem(chunk.CONFIG, "bwd_dh", {**dh, "prefetch_g_gla": prefetch})
     cu = torch.tensor([0, 30, 75, 140], device=DEVICE)
     xs = _inputs(14, 1, 140, P=16, nseq=3, D="H")
     _check(xs, 3e-5, 3e-5, cu_seqlens=cu, strided_x=True)

@@ -151,12 +151,12 @@ def mamba2_mix_fwd(
 
 @mamba2_mix_fwd.register_fake
 def _(zxbcdt, conv_w, conv_b, A, D, dt_bias, norm_w, out_w, out_b, dims, eps, norm_before_gate, conv_cfg):
-    from ..ops._triton.ops import segment_states_shape
+    from ..ops._triton.chunk import segment_states_shape
 
     b, T, _ = zxbcdt.shape
-    _, _, H, P, G, N, *_ = dims
+    _, _, H, P, _, N, *_ = dims
     y = zxbcdt.new_empty(b, T, H, P)
-    hs = zxbcdt.new_empty(segment_states_shape(zxbcdt.new_empty(b, T, G, N), y, None), dtype=torch.float32)
+    hs = zxbcdt.new_empty(segment_states_shape(b, T, H, N, P, packed=False), dtype=torch.float32)
     return zxbcdt.new_empty(b, T, out_w.shape[0], dtype=out_w.dtype), y, hs
 
 

@@ -243,7 +243,6 @@ def _fwd_h_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, SAVE_VNEW: tl.constexpr,
     IS_VARLEN: tl.constexpr, XD: tl.constexpr, SAVE_SEG: tl.constexpr = False, FROM_SEG: tl.constexpr = False,
-    G_CUM: tl.constexpr = False,
 ):  # fmt: skip
     """Sequential over the chunks of one (sequence, head, V tile): states ``h`` [NC, H, K, V] entering
     each chunk, and ``V_new`` (``U − W S`` with the delta rule, ``v`` holding ``U``; else ``v``).
@@ -251,8 +250,7 @@ def _fwd_h_kernel(
     ``SAVE_VNEW`` (the backward's ``dqkwg`` reads it there).
     Segments of ``SEG`` chunks (equal-length sequences only, see :func:`recompute_segment_chunks`): ``SAVE_SEG``
     stores the float32 state entering each segment in ``hs`` [N·⌈NT/SEG⌉, H, K, V]; ``FROM_SEG`` (grid axis 2: the
-    segment) runs one segment from its stored state, so a sequence's segments run in parallel. ``G_CUM``: ``g`` holds
-    the gate's cumulative sum inside each chunk, as in ``_fwd_ho_kernel``."""
+    segment) runs one segment from its stored state, so a sequence's segments run in parallel."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -313,12 +311,8 @@ def _fwd_h_kernel(
             if SAVE_VNEW:
                 tl.store(vn + p_v, b_v.to(dt), mask=m_v)
         if USE_G:
-            if G_CUM:  # padded rows take the last value, as the scan gives them
-                b_glast = tl.load(g + (tl.minimum(t0 + BT, eos) - 1).to(tl.int64) * H + i_h)
-                b_g = tl.where(m_t, tl.load(g + rows * H + i_h, mask=m_t, other=0.0), b_glast)
-            else:
-                b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
-                b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+            b_g = tl.cumsum(tl.load(g + rows * H + i_h, mask=m_t, other=0.0).to(tl.float32), axis=0)
+            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
             b_v = b_v * tl.exp(b_glast - b_g)[:, None]
             b_h *= tl.exp(b_glast)
         b_h += tl.dot(tl.trans(b_k), b_v.to(dt), input_precision="ieee")
@@ -571,14 +565,13 @@ def _bwd_dh_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DELTA: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    LOCAL_DV: tl.constexpr = False, PREFETCH_G: tl.constexpr = False, G_CUM: tl.constexpr = False,
+    LOCAL_DV: tl.constexpr = False, PREFETCH_G: tl.constexpr = False,
 ):  # fmt: skip
     """Reverse sequential pass: ``dh`` [NC, H, K, V] (gradient of the state leaving each chunk) and
     ``dV_new = dvl + diag(γ_C/γ) K dh``; ``dS ← γ_C dS + scale·(diag(γ) Q)ᵀ dO − Wᵀ dV_new``.
     ``LOCAL_DV``: the intra-chunk ``dvl = scale·(Q Kᵀ ⊙ Γ_incl)ᵀ dO`` (``_bwd_dv_local_kernel``'s) is formed
     here from the q, k and dO tiles the pass loads anyway, in float32, instead of read from ``dvl``. ``PREFETCH_G``:
-    the gate row of the chunk before is loaded a chunk ahead (the compiler does not pipeline this elementwise load).
-    ``G_CUM``: ``g`` holds the gate's cumulative sum inside each chunk, as in ``_fwd_ho_kernel``."""
+    the gate row of the chunk before is loaded a chunk ahead (the compiler does not pipeline this elementwise load)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HK)
@@ -602,8 +595,6 @@ def _bwd_dh_kernel(
     if USE_G and PREFETCH_G:
         r_l = (bos + (nt - 1) * BT + o_t).to(tl.int64)
         b_gn = tl.load(g + r_l * H + i_h, mask=(r_l >= bos) & (r_l < eos), other=0.0)
-        if G_CUM:
-            b_gln = tl.load(g + (eos - 1).to(tl.int64) * H + i_h, mask=bos < eos, other=0.0)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_s, mask=m_kv, other=0.0).to(tl.float32)
@@ -625,18 +616,10 @@ def _bwd_dh_kernel(
             if PREFETCH_G:
                 b_graw = b_gn
                 b_gn = tl.load(g + (rows - BT) * H + i_h, mask=(t0 - BT + o_t) >= bos, other=0.0)
-                if G_CUM:  # the chunk before is whole: its last row is t0 - 1
-                    b_glast = b_gln
-                    b_gln = tl.load(g + (t0 - 1).to(tl.int64) * H + i_h, mask=t0 > bos, other=0.0)
             else:
                 b_graw = tl.load(g + rows * H + i_h, mask=m_t, other=0.0)
-                if G_CUM:
-                    b_glast = tl.load(g + (tl.minimum(t0 + BT, eos) - 1).to(tl.int64) * H + i_h)
-            if G_CUM:  # padded rows take the last value, as the scan gives them
-                b_g = tl.where(m_t, b_graw, b_glast)
-            else:
-                b_g = tl.cumsum(b_graw.to(tl.float32), axis=0)
-                b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
+            b_g = tl.cumsum(b_graw.to(tl.float32), axis=0)
+            b_glast = tl.sum(tl.where(o_t == BT - 1, b_g, 0.0), axis=0)
             b_dv = b_dv * tl.exp(b_glast - b_g)[:, None]
             b_qs = (b_q * (tl.exp(b_g) * scale)[:, None]).to(dt)
             b_dh *= tl.exp(b_glast)
@@ -1110,8 +1093,6 @@ CONFIG: dict[str, dict[str, int]] = {
         "seg_state_elems": 1 << 21,
         "seg_min_chunks": 16,
         "seg_max_k": 128,
-        "g_cumsum": 0,
-        "g_cumsum_gla": 0,
         "BV_narrow": 16,
         "narrow_max_programs": 128,
         "BV": 32,
@@ -1146,12 +1127,13 @@ CONFIG: dict[str, dict[str, int]] = {
     # 0.878 -> 0.840 ms at 2K (32K level), SSD 1.135 -> 1.103 (2K), 1.887 -> 1.776 (32K); bwd_dh GDN 1.327 -> 1.247 at
     # 32K (2K level), SSD 1.322 -> 1.518 at 2K, so off there; at K 256 (1.3b GDN shape, 32,768 tokens, T = 8K) 1.471 ->
     # 1.492, fwd+bwd 6.73 -> 6.77 (results/kernels-prefetch-g-k256-…-s14.json), so off there too (prefetch_g_k256).
-    # g_cumsum (also in dqkwg, wy_bwd, fwd_h, bwd_dh; g_cumsum_gla: gated linear attention, SSD): the kernel reads
-    # the gate's per-chunk cumulative sum G, formed once by _chunk_gate_cumsum (0.004 ms), instead of scanning g and
-    # reducing for G's last value in every chunk (G_CUM). H100, 65,536 tokens, per call (results/kernels-g-cumsum-…-s14.json): GDN fwd_ho
-    # 0.850 -> 0.714 ms (2K), 1.503 -> 1.233 (32K); dqkwg 1.582 -> 1.511, wy_bwd 1.641 -> 1.519 (2K); GDN fwd+bwd
-    # 7.08 -> 6.70 (2K), 8.19 -> 7.70 (32K) with all three. Level or slower, so off: the recompute fwd_h (0.572 ->
-    # 0.573), bwd_dh (1.260 -> 1.376 at 32K), SSD's fwd_ho (1.104 -> 1.211) and fwd_h
+    # g_cumsum (also in dqkwg, wy_bwd; g_cumsum_gla: gated linear attention, SSD): the kernel reads the gate's
+    # per-chunk cumulative sum G, formed once by _chunk_gate_cumsum (0.004 ms), instead of scanning g and reducing for
+    # G's last value in every chunk (G_CUM). H100, 65,536 tokens (results/kernels-g-cumsum-…-s14.json), per call:
+    # GDN fwd_ho 0.850 -> 0.714 ms (2K), 1.503 -> 1.233 (32K), the GDN fwd+bwd 7.08 -> 6.91 (2K), 8.19 -> 7.93 (32K)
+    # (call 11); then in one later call dqkwg 1.582 -> 1.511, wy_bwd 1.641 -> 1.519 (2K), fwd+bwd 6.88 -> 6.70 (2K),
+    # 7.88 -> 7.70 (32K) (call 15). SSD's fused forward lost (1.104 -> 1.211 ms at 2K). The same in the recompute
+    # fwd_h (0.572 -> 0.573) and the reverse pass bwd_dh (1.260 -> 1.376 at 32K) was level or slower and is not there
     "fwd_ho": {
         "num_stages_one_wave": 3,
         "g_cumsum": 1,
@@ -1201,8 +1183,6 @@ CONFIG: dict[str, dict[str, int]] = {
         "prefetch_g": 1,
         "prefetch_g_gla": 0,
         "prefetch_g_k256": 0,
-        "g_cumsum": 0,
-        "g_cumsum_gla": 0,
     },
     # lean 1 / maxnreg N (gated launch only, also in dqkwg_ssd): see _bwd_dqkwg_kernel's LEAN. sm_90 cross-compile
     # (pointer args 16-aligned, as launched), GDN K = V = 128, BK 64, 8 warps; registers / spill bytes / SASS
@@ -1458,6 +1438,17 @@ def recompute_segment_chunks(lay: _Layout, H: int, K: int, V: int) -> int:
     return triton.cdiv(lay.NT, n) if n > 1 else 0
 
 
+def segment_states_shape(B: int, T: int, H: int, K: int, V: int, packed: bool, keep: bool = False) -> tuple[int, ...]:
+    """Shape of the forward's segment states ``hs`` for ``[B, T]`` tokens of H value heads (``(0,)`` when the
+    backward's recompute runs unsegmented: packed sequences, kept states, no tokens, or enough sequences × heads);
+    the custom ops' fake implementations take it from here."""
+    if packed or keep or B * T == 0:
+        return (0,)
+    lay = _Layout(B, T, None, torch.device("cpu"))
+    seg = recompute_segment_chunks(lay, H, K, V)
+    return (lay.segments(seg)[1], H, K, V) if seg else (0,)
+
+
 def save_states() -> bool:
     """Whether the delta rule's forward keeps ``h`` and ``V_new`` for the backward (``CONFIG["bwd_h"]``)."""
     return bool(CONFIG["bwd_h"]["save"])
@@ -1642,13 +1633,11 @@ def _chunk_gate_cumsum(g: torch.Tensor, lay: _Layout) -> torch.Tensor:
     return gc
 
 
-def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None, hs=None, seg=0, save_seg=False,
-             gc=None):  # fmt: skip
+def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None, hs=None, seg=0, save_seg=False):
     """Run the sequential state kernel: fills ``h`` (and ``vn`` with the delta rule), optionally ``ht``;
     with ``xd`` the values are ``vsrc·xd`` (vsrc any token stride), written to ``vn`` unless it is vsrc.
     With ``seg`` chunks per segment and ``hs``: ``save_seg`` stores the states entering the segments in ``hs``,
-    else each segment runs from its state in ``hs`` (in parallel; the initial state is in ``hs`` already). ``gc``: the
-    gate's cumulative sum inside each chunk (:func:`_chunk_gate_cumsum`), read instead of g."""
+    else each segment runs from its state in ``hs`` (in parallel; the initial state is in ``hs`` already)."""
     HK, K = k.shape[2], k.shape[3]
     H, V = vsrc.shape[2], vsrc.shape[3]
     dummy = vsrc
@@ -1659,14 +1648,14 @@ def _chunk_h(k, vsrc, w, g, h, vn, initial_state, ht, lay, use_delta, xd=None, h
     BK, BV, kw = _launch("fwd_h", K, V, seq=True, seq_heads=lay.N * H * (n_seg if from_seg else 1))
     grid = (triton.cdiv(V, BV), lay.N * H, n_seg) if from_seg else (triton.cdiv(V, BV), lay.N * H)
     _fit(_fwd_h_kernel, _seq_floor(k))[grid](
-        k, vsrc, w if w is not None else dummy, gc if gc is not None else g if g is not None else dummy, h, vn,
+        k, vsrc, w if w is not None else dummy, g if g is not None else dummy, h, vn,
         initial_state if initial_state is not None else dummy, ht if ht is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, xd if xd is not None else dummy, hs if seg else dummy,
         token_stride(vsrc) if xd is not None else H * V, lay.T, lay.NT, max(seg, 1),
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=g is not None, USE_DELTA=use_delta,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
         SAVE_VNEW=use_delta or (xd is not None and vn is not vsrc), IS_VARLEN=lay.is_varlen, XD=xd is not None,
-        SAVE_SEG=bool(seg) and save_seg, FROM_SEG=from_seg, G_CUM=gc is not None, **kw,
+        SAVE_SEG=bool(seg) and save_seg, FROM_SEG=from_seg, **kw,
     )  # fmt: skip
 
 
@@ -1743,9 +1732,8 @@ def chunk_bwd(
         if seg and hs.shape != (lay.segments(seg)[1], H, K, V):
             raise ValueError(f"chunk_bwd: segment states of shape {tuple(hs.shape)} do not match this layout "
                              f"({lay.segments(seg)[1]} segments of {seg} chunks); pass the forward's hs")  # fmt: skip
-        gc = _gc() if use_g and CONFIG["fwd_h"]["g_cumsum" if use_delta else "g_cumsum_gla"] else None
         _chunk_h(k, u if use_delta else v, w, g, h, vn, initial_state, None, lay, use_delta, xd if XD else None,
-                 hs=hs if seg else None, seg=seg, gc=gc)  # fmt: skip
+                 hs=hs if seg else None, seg=seg)  # fmt: skip
     # intra-chunk part of dV_new, then the reverse state pass
     dh_cfg = CONFIG["bwd_dh"]
     local_dv = bool(dh_cfg["fold_dv"]) and dh_cfg["fold_max_k"] >= K
@@ -1768,14 +1756,13 @@ def chunk_bwd(
     if use_delta and not use_g and _one_wave(triton.cdiv(V, BV) * lay.N * H, dev):
         kw["num_stages"] = dh_cfg["num_stages_one_wave_ungated"]
     prefetch_g = bool(dh_cfg["prefetch_g_k256" if K > 128 else "prefetch_g" if use_delta else "prefetch_g_gla"])
-    g_cum = use_g and bool(dh_cfg["g_cumsum" if use_delta else "g_cumsum_gla"])
     _fit(_bwd_dh_kernel, _seq_floor(q))[(triton.cdiv(V, BV), lay.N * H)](
-        q, k, w if use_delta else dummy, _gc() if g_cum else gp, do, dvl, dh, dvn,
+        q, k, w if use_delta else dummy, gp, do, dvl, dh, dvn,
         dht if dht is not None else dummy, dh0 if dh0 is not None else dummy,
         lay.cu_seqlens, lay.chunk_offsets, scale, lay.T, lay.NT,
         H=H, HK=HK, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DELTA=use_delta,
         USE_FINAL_STATE_GRADIENT=dht is not None, STORE_INITIAL_STATE_GRADIENT=dh0 is not None,
-        IS_VARLEN=lay.is_varlen, LOCAL_DV=local_dv, PREFETCH_G=prefetch_g, G_CUM=g_cum, **kw,
+        IS_VARLEN=lay.is_varlen, LOCAL_DV=local_dv, PREFETCH_G=prefetch_g, **kw,
     )  # fmt: skip
     # dq, dk, dw and the K tiles' shares of dG
     dq_cfg = "dqkwg" if use_delta else "dqkwg_ssd"

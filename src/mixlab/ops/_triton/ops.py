@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .chunk import BT, CONFIG, _Layout, chunk_bwd, chunk_fwd, recompute_segment_chunks, save_states, states_shape
+from .chunk import BT, CONFIG, chunk_bwd, chunk_fwd, save_states, segment_states_shape, states_shape
 
 
 def _empty(ref: Tensor) -> Tensor:
@@ -58,18 +58,6 @@ def chunk_gated_delta_fwd(
     )
 
 
-def segment_states_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None, keep: bool = False) -> tuple[int, ...]:
-    """Shape of the forward's segment states ``hs`` for q ``[B, T, HK, K]``, v ``[B, T, H, V]`` (``(0,)`` when the
-    backward's recompute runs unsegmented: packed sequences, kept states, or enough sequences × heads)."""
-    B, T, H, V = v.shape
-    K = q.shape[-1]
-    if cu_seqlens is not None or keep or B * T == 0:
-        return (0,)
-    lay = _Layout(B, T, None, v.device)
-    seg = recompute_segment_chunks(lay, H, K, V)
-    return (lay.segments(seg)[1], H, K, V) if seg else (0,)
-
-
 def _states_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> tuple[int, int, int, int]:
     B, T, H, V = v.shape
     return states_shape(B, T, H, q.shape[-1], V, cu_seqlens.shape[0] - 1 if cu_seqlens is not None else None)
@@ -89,7 +77,8 @@ def _(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, us
         h, vn = v.new_empty(_states_shape(q, v, cu_seqlens)), torch.empty_like(v)
     else:
         h, vn = v.new_empty(0), v.new_empty(0)
-    hs = v.new_empty(segment_states_shape(q, v, cu_seqlens, use_delta and save_states()), dtype=torch.float32)
+    hs_shape = segment_states_shape(B, T, H, K, V, cu_seqlens is not None, use_delta and save_states())
+    hs = v.new_empty(hs_shape, dtype=torch.float32)
     return torch.empty_like(v), ht, Tm, w, u, h, vn, hs
 
 

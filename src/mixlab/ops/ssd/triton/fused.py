@@ -30,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton.chunk import chunk_bwd, chunk_fwd, token_stride
-from ..._triton.ops import segment_states_shape
+from ..._triton.chunk import chunk_bwd, chunk_fwd, segment_states_shape, token_stride
 
 Tensor = torch.Tensor
 
@@ -309,7 +308,8 @@ def _(x, dt, A, q, k, dt_bias, D, z, initial_state, dt_softplus, output_final_st
     y = x.new_empty(b, T, H, P) if z is not None else x.new_empty(0)
     f32 = torch.float32
     d, g = x.new_empty(b, T, H, dtype=f32), x.new_empty(b, T, H, dtype=f32)
-    return x.new_empty(b, T, H, P), ht, d, g, y, x.new_empty(segment_states_shape(q, x, cu_seqlens), dtype=f32)
+    hs = x.new_empty(segment_states_shape(b, T, H, N, P, cu_seqlens is not None), dtype=f32)
+    return x.new_empty(b, T, H, P), ht, d, g, y, hs
 
 
 @torch.library.custom_op("mixlab::ssd_fused_bwd", mutates_args=())
