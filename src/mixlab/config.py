@@ -325,6 +325,10 @@ class TrainConfig:
     ``selective`` every other block (blocks 0, 2, 4, ...: about half the activation memory of
     ``none`` for half the recompute of ``full``), ``selective:N`` N blocks spread over the depth
     (``selective:0.25`` a quarter of them); ``true`` / ``false`` mean ``full`` / ``none``.
+    ``keep_states`` goes the other way for the delta-rule layers (DeltaNet, Gated DeltaNet) of blocks that are
+    not checkpointed: their chunk states stay allocated from forward to backward instead of being recomputed
+    there, one sequential pass less per layer and step for ``(K·V/64 + V)·H`` more values per token and layer
+    (about 1 GB per Gated DeltaNet 1.3b layer at 32K tokens; ``mixlab bench train`` decides it by memory).
     ``compile`` compiles each block with ``torch.compile`` (not the whole model).
     """
 
@@ -341,6 +345,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # <= 0: no clipping (the norm is still logged)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
     activation_checkpointing: str | bool = "none"  # none | full | selective | selective:N; true = full
+    keep_states: bool = False  # delta-rule layers keep their chunk states for backward (faster, more memory)
     compile: bool = False
     log_every: int = 1
     eval_every: int = 60  # 0: only at the end

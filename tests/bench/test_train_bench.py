@@ -170,6 +170,57 @@ def test_ac_auto_skips_the_levels_the_estimate_rules_out(monkeypatch) -> None:
     assert ladder == ["selective:9", "selective:12", "selective:15", "selective:18", "full"]
 
 
+def test_keep_states_auto_tries_kept_states_first_and_falls_back_on_oom(monkeypatch) -> None:
+    """``keep_states="auto"``: where the estimate has room the point first runs with the delta-rule layers keeping
+    their chunk states; out of memory, it runs again without them. ``off`` never keeps them, and a preset without
+    delta-rule layers keeps nothing."""
+    real = bt._measure
+    seen = []
+
+    def fake(row, cfg, *a, **k):
+        seen.append((cfg.name, a[-1]))
+        if a[-1]:  # keep_states
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(row, cfg, *a, **k)
+
+    monkeypatch.setattr(bt, "_measure", fake)
+    monkeypatch.setattr(bt, "_keep_states_fit", lambda preset, device, tokens: True)
+    rows = bt.run_suite(
+        ["gated_deltanet-tiny"], [(16, 1)], torch.device("cpu"), 1, 0, "none", False, None, None, None,
+        keep_states="auto",
+    )  # fmt: skip
+    assert seen == [("gated_deltanet-tiny", True), ("gated_deltanet-tiny", False)]
+    assert rows[0]["status"] == "ok" and rows[0]["keep_states"] == 0
+    assert rows[0]["ac_tried"] == ["none + kept states", "none"]
+    seen.clear()
+    bt.run_suite(["gated_deltanet-tiny"], [(16, 1)], torch.device("cpu"), 1, 0, "none", False, None, None, None)
+    assert seen == [("gated_deltanet-tiny", False)]  # the default: off
+
+
+def test_keep_states_on_marks_the_delta_rule_layers_of_blocks_not_checkpointed() -> None:
+    rows = bt.run_suite(
+        ["gdn_h1-tiny", "transformer-tiny"], [(16, 1)], torch.device("cpu"), 1, 0, "none", False, None, None, None,
+        keep_states="on",
+    )  # fmt: skip
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["keep_states"] == 2 and rows[1]["keep_states"] == 0  # gdn_h1-tiny: G S G S
+
+
+def test_keep_states_fit_counts_the_kept_bytes() -> None:
+    """The estimate at the 1.3b widths (H100-sized memory): Gated DeltaNet-H1 keeps its 11 layers' states
+    (about 1 GB each at 32K tokens) with room to spare, the all-Gated-DeltaNet preset (21 of them) does not,
+    and a preset without delta-rule layers never does."""
+    from mixlab.layers.deltanet import GatedDeltaNet
+
+    layer = GatedDeltaNet(2048, n_heads=6, head_dim=256, expand_v=2.0, device="meta")
+    assert layer.kept_state_bytes_per_token() == (256 * 512 / 64 + 512) * 6 * 2
+    memory = 85e9
+    assert bt.keep_states_fit("gdn_h1-1.3b", 32768, memory)
+    assert not bt.keep_states_fit("gdn_h1-1.3b", 32768, 0.9 * memory)
+    assert not bt.keep_states_fit("gated_deltanet-1.3b", 32768, memory)
+    assert not bt.keep_states_fit("transformer-1.3b", 32768, 1e15)
+
+
 def test_bad_ac_mode_is_refused(capsys) -> None:
     assert main(["bench", "train", "--quick", "--ac", "half", "--no-plot"]) == 2
     assert "--ac: activation checkpointing mode 'half'; allowed: none, full" in capsys.readouterr().out

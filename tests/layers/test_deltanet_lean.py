@@ -218,3 +218,54 @@ def test_lean_backward_writes_every_column_of_the_projection_gradient(gated, mon
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=name)
+
+
+def test_kept_states_skip_the_recompute_and_change_nothing(monkeypatch):
+    """``DeltaNet.keep_states``: the lean op's forward keeps h and V_new, its backward runs no state pass of its
+    own (one ``_chunk_h`` call per step instead of two), outputs and gradients are bit-identical, and the saved
+    bytes grow by :meth:`DeltaNet.kept_state_bytes_per_token` (float32 here: 4-byte elements)."""
+    from mixlab.ops._triton import chunk
+
+    calls = []
+    real = chunk._chunk_h
+    monkeypatch.setattr(chunk, "_chunk_h", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "enable": 0})  # both sides unfused
+    layer = _layer(True)
+    x, dy = torch.randn(2, 70, 24), torch.randn(2, 70, 24)  # two chunks of 64 and a partial one
+    y0, g0, _ = _run(layer, True, x, dy, None)
+    assert len(calls) == 2
+    layer.keep_states = True
+    y1, g1, _ = _run(layer, True, x, dy, None)
+    assert len(calls) == 3
+    assert torch.equal(y1, y0)
+    for name in g0:
+        assert torch.equal(g1[name], g0[name]), name
+    saved = {}
+    for keep in (False, True):
+        layer.keep_states = keep
+        saved[keep] = _saved_per_token(layer, layer, seq_lens=(64, 128))
+    assert saved[True] - saved[False] == layer.kept_state_bytes_per_token(4)
+
+
+def test_kept_states_decide_the_compiled_graph(monkeypatch):
+    """The decision is an argument of the custom op, so a compiled layer follows the attribute (a guard
+    recompiles it), each graph's fake shapes match what its kernels return, and the kept graph skips the
+    backward's state pass."""
+    from mixlab.ops._triton import chunk
+
+    calls = []
+    real = chunk._chunk_h
+    monkeypatch.setattr(chunk, "_chunk_h", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "enable": 0})  # the state pass apart
+    layer = _layer(True)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x, dy = torch.randn(1, 70, 24), torch.randn(1, 70, 24)
+    y0, g0, _ = _run(layer, True, x, dy, None)
+    for keep in (True, False):
+        layer.keep_states = keep
+        calls.clear()
+        y1, g1, _ = _run(compiled, True, x, dy, None)
+        assert len(calls) == (1 if keep else 2)
+        torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-6, msg=name)

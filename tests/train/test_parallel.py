@@ -14,9 +14,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import mixlab.train.loop as loop
-from mixlab.config import ConfigError, ModelConfig, TrainConfig
+from mixlab.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from mixlab.configio import config_from_dict
-from mixlab.models import build_model
+from mixlab.models import build_model, get_preset
 from mixlab.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -105,6 +105,22 @@ def test_activation_checkpointing_modes_and_their_config_spelling() -> None:
             config_from_dict({"train": {"activation_checkpointing": bad}})
         with pytest.raises(ValueError, match="selective:N"):
             apply_activation_checkpointing(build_model(CFG), bad)
+
+
+def test_kept_states_go_to_the_delta_rule_mixers_of_blocks_not_checkpointed() -> None:
+    """``train.keep_states``: the delta-rule mixers of plain blocks keep their chunk states; a checkpointed block's
+    mixer does not (its forward runs again in backward); other mixers have no such switch."""
+    from mixlab.layers.deltanet import DeltaNet
+    from mixlab.train.parallel import apply_state_keeping, parallelize
+
+    model = build_model(get_preset("gdn_h1-tiny"))  # G S G S
+    par = parallelize(model, ParallelConfig(), torch.device("cpu"), None, "selective:1", keep_states=True)  # block 2
+    deltas = [b.mixer for b in model.layers if isinstance(b.mixer, DeltaNet)]
+    assert [getattr(b, "activation_checkpointing", False) for b in model.layers] == [False, False, True, False]
+    assert [m.keep_states for m in deltas] == [True, False] and par.kept_states == 1
+    assert not any("keep_states" in vars(b.mixer) for b in model.layers if not isinstance(b.mixer, DeltaNet))
+    assert apply_state_keeping(model, False) == 0 and not any(m.keep_states for m in deltas)
+    assert TrainConfig(keep_states=True).keep_states
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,7 @@ FLOPS_FORMULA = (
 LINEAR = ("mamba", "mamba2", "deltanet", "gated_deltanet", "gdn_h1", "gdn_h2")
 COLUMNS = [
     "preset", "seq_len", "batch", "status", "tokens_per_s", "mfu", "peak_mem_gb", "step_ms", "vs_transformer", "ac",
+    "keep_states",
 ]  # fmt: skip
 
 
@@ -89,6 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="retry a point that ran out of memory once with this activation checkpointing (default: no retry; "
         "--ac auto tries its own ladder instead)",
+    )
+    parser.add_argument(
+        "--keep-states",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="delta-rule layers keep their chunk states for backward (train.keep_states): auto (default) where no "
+        "block is checkpointed and the memory estimate (keep_states_fit) has room, then without them if that runs "
+        "out of memory",
     )
     parser.add_argument("--backend", default=None, help="op backend of every mixer (default: the preset's, auto)")
     parser.add_argument(
@@ -186,6 +195,39 @@ def blocks_needed(preset: str, tokens: int, memory: float) -> int:
     return len(costs)
 
 
+def keep_states_fit(preset: str, tokens: int, memory: float) -> bool:
+    """Whether a step of ``tokens`` tokens of ``preset`` without activation checkpointing is estimated to fit in
+    ``memory`` bytes with its delta-rule layers keeping their chunk states (``train.keep_states``). At the turn
+    from forward to backward, where the activations peak, live are: 14 bytes per parameter (float32 weights,
+    AdamW m and v, bf16 autocast copies; gradients are not allocated yet), the blocks' saved bytes per token
+    (:func:`~mixlab.bench.activations.block_saved_bytes`), the kept states
+    (:meth:`~mixlab.layers.deltanet.DeltaNet.kept_state_bytes_per_token`) and 4 GB of headroom, within 97% of
+    ``memory``. False when the preset has no delta-rule layer."""
+    from ..layers.deltanet import DeltaNet
+    from ..models import get_preset
+    from ..models.lm import LanguageModel
+    from .activations import block_saved_bytes
+
+    cfg = get_preset(preset)
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    kept = sum(m.kept_state_bytes_per_token() for m in model.modules() if isinstance(m, DeltaNet))
+    if not kept:
+        return False
+    per = {ltr: block_saved_bytes(preset, ltr).total for ltr in set(cfg.layer_types)}
+    act = sum(per[ltr] for ltr in cfg.layer_types) + kept
+    return 14 * model.num_parameters() + act * tokens + 4e9 <= 0.97 * memory
+
+
+def _keep_states_fit(preset: str, device: torch.device, tokens: int) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        return keep_states_fit(preset, tokens, torch.cuda.get_device_properties(device).total_memory)
+    except Exception:  # an estimate only
+        return False
+
+
 def _param_count(cfg: Any) -> int:
     from ..models.lm import LanguageModel
 
@@ -209,9 +251,11 @@ def bench_point(
     backend: str | None = None,
     peak_flops: float | None = None,
     profile: bool = False,
+    keep_states: bool = False,
 ) -> dict[str, Any]:
     """Time ``steps`` training steps of ``preset`` on ``[batch, seq_len]`` random tokens; one result row
-    (with ``profile``, also where one step's device time goes: :func:`profile_step`)."""
+    (with ``profile``, also where one step's device time goes: :func:`profile_step`). ``keep_states``: as
+    ``train.keep_states``; the row's ``keep_states`` counts the layers that kept them."""
     from ..models import get_preset
 
     cfg = get_preset(preset)
@@ -234,7 +278,7 @@ def bench_point(
         torch.cuda.reset_peak_memory_stats(device)
     failure: str | None = None
     try:
-        _measure(row, cfg, seq_len, batch, device, steps, warmup, ac, compile_blocks, peak_flops, profile=profile)
+        _measure(row, cfg, seq_len, batch, device, steps, warmup, ac, compile_blocks, peak_flops, profile, keep_states)
     except Exception as e:  # recorded, not raised: one point must not end the suite
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         failure = "oom" if is_oom(e) else f"{type(e).__name__}: {first}"
@@ -263,6 +307,7 @@ def _measure(
     compile_blocks: bool,
     peak_flops: float | None,
     profile: bool = False,
+    keep_states: bool = False,
 ) -> None:
     from ..config import ParallelConfig, TrainConfig
     from ..models import build_model
@@ -276,7 +321,8 @@ def _measure(
     row["params"] = model.num_parameters()
     row["params_non_embedding"] = model.num_parameters(exclude_embeddings=True)
     row["flops_per_token"] = flops_per_token(model, cfg, seq_len)
-    par = parallelize(model, ParallelConfig(), device, amp, ac, compile_blocks)
+    par = parallelize(model, ParallelConfig(), device, amp, ac, compile_blocks, keep_states)
+    row["keep_states"] = par.kept_states
     opt = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0))
     params = [p for g in opt.param_groups for p in g["params"]]
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
@@ -598,10 +644,13 @@ def run_suite(
     oom_retry_ac: str = "none",
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
     profile: bool = False,
+    keep_states: str = "off",
 ) -> list[dict[str, Any]]:
     """Every (preset, shape) point, in this process or (``isolate``) each in a fresh one; a point that
     runs out of memory is retried once with ``oom_retry_ac`` activation checkpointing (unless ``none``);
-    ``ac="auto"`` tries the modes of :func:`ac_ladder` in turn instead, until one fits.
+    ``ac="auto"`` tries the modes of :func:`ac_ladder` in turn instead, until one fits. ``keep_states``
+    (``train.keep_states``): ``on``, ``off``, or ``auto``: first kept where the point runs without
+    checkpointing and :func:`keep_states_fit` estimates that it fits, then (out of memory) not.
     ``on_row(rows)`` is called after every point (the partial results are saved by it)."""
     points = [(p, s, b) for p in presets for s, b in shapes]
     if long_shape is not None:
@@ -617,22 +666,27 @@ def run_suite(
         else:
             first: dict[str, Any] | None = None
             if ac == "auto":
-                modes = ac_ladder(preset, device, seq * batch)
+                acs = ac_ladder(preset, device, seq * batch)
             else:
-                modes = list(dict.fromkeys((ac, oom_retry_ac if oom_retry_ac != "none" else ac)))
+                acs = list(dict.fromkeys((ac, oom_retry_ac if oom_retry_ac != "none" else ac)))
+            modes = [(m, keep_states == "on") for m in acs]
+            if keep_states == "auto" and acs[0] == "none" and _keep_states_fit(preset, device, seq * batch):
+                modes.insert(0, ("none", True))
             tried: list[str] = []
-            for mode in modes:
-                tried.append(mode)
+            for mode, keep in modes:
+                tried.append(mode + (" + kept states" if keep else ""))
                 if first is not None:
-                    print(f"oom; again with activation checkpointing {mode} ...", end=" ", flush=True)
+                    print(f"oom; again with {tried[-1]} ...", end=" ", flush=True)
                 if isolate:
                     row = _point_in_subprocess(
-                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, point_timeout, profile
-                    )
+                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, point_timeout, profile,
+                        keep,
+                    )  # fmt: skip
                 else:
                     row = bench_point(
-                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, peak_flops, profile
-                    )
+                        preset, seq, batch, device, steps, warmup, mode, compile_blocks, backend, peak_flops, profile,
+                        keep,
+                    )  # fmt: skip
                     if row["status"] == "error" and _context_lost(row.get("error", "")):
                         lost = row["error"]
                 if row["status"] != "oom":
@@ -648,7 +702,8 @@ def run_suite(
         if row["status"] == "ok":
             mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") is not None else ""
             mem = f", peak {row['peak_mem_gb']:.1f} GB" if row.get("peak_mem_gb") is not None else ""
-            print(f"{row['tokens_per_s']:,.0f} tokens/s{mfu}{mem}", flush=True)
+            kept = f", chunk states kept by {row['keep_states']} layers" if row.get("keep_states") else ""
+            print(f"{row['tokens_per_s']:,.0f} tokens/s{mfu}{mem}{kept}", flush=True)
         else:
             print(row["status"] + (f" ({row['error']})" if "error" in row else ""), flush=True)
     add_ratios(rows)
@@ -674,6 +729,7 @@ def _point_in_subprocess(
     backend: str | None,
     timeout: float,
     profile: bool = False,
+    keep_states: bool = False,
 ) -> dict[str, Any]:
     """One point in a fresh ``mixlab bench train`` process (a crashed kernel cannot take the suite down)."""
     import subprocess
@@ -684,7 +740,7 @@ def _point_in_subprocess(
         cmd = [
             sys.executable, "-m", "mixlab", "bench", "train", "--presets", preset, "--shapes", f"{seq}x{batch}",
             "--steps", str(steps), "--warmup", str(warmup), "--ac", ac, "--device", str(device), "--no-plot",
-            "--out-dir", tmp,
+            "--out-dir", tmp, "--keep-states", "on" if keep_states else "off",
         ]  # fmt: skip
         if compile_blocks:
             cmd.append("--compile")
@@ -746,7 +802,7 @@ def run(args: argparse.Namespace) -> int:
         "config": {
             "presets": presets, "shapes": [f"{s}x{b}" for s, b in shapes], "steps": steps, "warmup": warmup,
             "compile": args.compile, "activation_checkpointing": args.ac, "oom_retry_ac": args.oom_retry_ac,
-            "backend": args.backend,
+            "keep_states": args.keep_states, "backend": args.backend,
             "long": list(long_shape) if long_shape else None, "isolate": args.isolate, "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
             "peak_flops": peak,
         },
@@ -759,7 +815,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows = run_suite(
         presets, shapes, device, steps, warmup, args.ac, args.compile, args.backend, peak, long_shape, args.isolate,
-        oom_retry_ac=args.oom_retry_ac, on_row=save_partial, profile=args.profile,
+        oom_retry_ac=args.oom_retry_ac, on_row=save_partial, profile=args.profile, keep_states=args.keep_states,
     )  # fmt: skip
     targets = check_targets(rows)
     extra["targets"] = targets

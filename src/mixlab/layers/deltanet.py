@@ -161,10 +161,12 @@ def _lean_fwd(
     dt_bias: torch.Tensor | None,
     n_heads: int,
     scale: float,
+    keep_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """proj ``[B, T, C]`` (the fused input projection, contiguous: q | k | v | b [| a] | zero padding, see
     :func:`_in_projection`), conv weights ``[C, W]``, A_log / dt_bias ``[H]`` (gated) or None -> ``(o [B, T, H,
-    V], Tm, w, u, h, vn, hs)``: the delta op's outputs (see ``mixlab::chunk_gated_delta_fwd``)."""
+    V], Tm, w, u, h, vn, hs)``: the delta op's outputs (see ``mixlab::chunk_gated_delta_fwd``); h and vn are
+    empty unless ``keep_states`` (see :attr:`DeltaNet.keep_states`)."""
     from ..ops._triton.ops import chunk_gated_delta_fwd
     from ..ops.delta_rule.gates_triton import gates_fwd
 
@@ -172,12 +174,12 @@ def _lean_fwd(
     with torch.autocast(proj.device.type, enabled=False):
         beta, g = gates_fwd(proj, col_b, col_a, n_heads, A_log, dt_bias)
         q, k, v, _, _ = _lean_inputs(proj, wq, wk, wv, n_heads)
-        o, _, Tm, w, u, h, vn, hs = chunk_gated_delta_fwd(q, k, v, beta, g, scale, None, False, None, True)
+        o, _, Tm, w, u, h, vn, hs = chunk_gated_delta_fwd(q, k, v, beta, g, scale, None, False, None, True, keep_states)
     return o, Tm, w, u, h, vn, hs
 
 
 @_lean_fwd.register_fake
-def _(proj, wq, wk, wv, A_log, dt_bias, n_heads, scale):
+def _(proj, wq, wk, wv, A_log, dt_bias, n_heads, scale, keep_states=False):
     from ..ops._triton.ops import chunk_gated_delta_fwd
 
     B, T, _ = proj.shape
@@ -185,7 +187,7 @@ def _(proj, wq, wk, wv, A_log, dt_bias, n_heads, scale):
     v = proj.new_empty(B, T, n_heads, wv.shape[0] // n_heads)
     gate = proj.new_empty(B, T, n_heads, dtype=torch.float32)
     o, _, Tm, w, u, h, vn, hs = chunk_gated_delta_fwd(
-        q, q, v, gate, gate if A_log is not None else None, scale, None, False, None, True
+        q, q, v, gate, gate if A_log is not None else None, scale, None, False, None, True, keep_states
     )
     return o, Tm, w, u, h, vn, hs
 
@@ -275,7 +277,7 @@ def _(proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, hs, do, n_heads, scale)
 
 
 def _lean_fwd_setup(ctx, inputs, output):
-    proj, wq, wk, wv, A_log, dt_bias, n_heads, scale = inputs
+    proj, wq, wk, wv, A_log, dt_bias, n_heads, scale, *_ = inputs
     _, Tm, w, u, h, vn, hs = output
     ctx.set_materialize_grads(False)  # Tm, w, u, h, vn, hs feed only the backward
     ctx.save_for_backward(proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, hs)
@@ -285,12 +287,12 @@ def _lean_fwd_setup(ctx, inputs, output):
 def _lean_fwd_backward(ctx, do, *_):
     proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, hs = ctx.saved_tensors
     if do is None:
-        return (None,) * 8
+        return (None,) * 9
     dproj, dwq, dwk, dwv, dA_log, ddt_bias = _lean_bwd(
         proj, wq, wk, wv, A_log, dt_bias, Tm, w, u, h, vn, hs, do.contiguous(), *ctx.cfg
     )
     gated = A_log is not None
-    return dproj, dwq, dwk, dwv, dA_log if gated else None, ddt_bias if gated else None, None, None
+    return dproj, dwq, dwk, dwv, dA_log if gated else None, ddt_bias if gated else None, None, None, None
 
 
 _lean_fwd.register_autograd(_lean_fwd_backward, setup_context=_lean_fwd_setup)
@@ -330,6 +332,7 @@ def _lean_qkv_delta(layer: DeltaNet, proj: torch.Tensor, scale: float) -> torch.
         layer.dt_bias if gated else None,
         layer.n_heads,
         float(scale),
+        bool(layer.keep_states),
     )
     return o
 
@@ -520,6 +523,16 @@ class DeltaNet(Mixer):
     _gated_decay = False
     #: take the lean custom ops on the Triton training path (False: the unfused ops, e.g. to compare)
     lean = True
+    #: on the lean training path, keep the delta rule's chunk states h and V_new from forward to backward instead
+    #: of recomputing them there: one sequential pass less per layer and step, for ``(K·V/64 + V)·H`` more values
+    #: per token in the compute dtype (K, V head dims, 64-token chunks). Set from outside by the trainer
+    #: (``train.keep_states``, :func:`mixlab.train.parallel.apply_state_keeping`); an instance attribute overrides it.
+    keep_states = False
+
+    def kept_state_bytes_per_token(self, element_bytes: int = 2) -> float:
+        """Bytes per token that :attr:`keep_states` holds from forward to backward: h (``K·V`` per head and
+        64-token chunk) and V_new (``V`` per head and token), in elements of ``element_bytes``."""
+        return (self.head_dim * self.head_v_dim / 64 + self.head_v_dim) * self.n_heads * element_bytes
 
     def __init__(
         self,

@@ -19,8 +19,22 @@ import torch
 
 from ._backend import resolve_backend
 
-#: Default number of logit elements per chunk (rows x vocab): 2^26 floats = 256 MiB in float32.
+#: Default number of logit elements per chunk (rows x vocab) of the plain path, which holds the chunk's logits in
+#: float32 and a few temporaries of its size: 2^26 floats = 256 MiB each.
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
+#: The same for the fused path, which holds one chunk of logits in the input dtype and overwrites it with their
+#: gradient: 2^28 bf16 = 512 MiB. Each chunk adds its weight gradient into the float32 ``[V, d]`` one (a read and
+#: a write of it), so fewer, larger chunks move fewer bytes: see benchmarks/NOTES-kernels.md (v15).
+FUSED_CHUNK_ELEMENTS = 1 << 28
+#: Default chunks are a multiple of this many rows (whole GEMM tiles) when they hold at least as many.
+CHUNK_ROW_MULTIPLE = 128
+
+
+def default_chunk_rows(vocab: int, fused: bool) -> int:
+    """Tokens per chunk for a vocabulary of ``vocab``: about ``FUSED_CHUNK_ELEMENTS`` (fused path) or
+    ``DEFAULT_CHUNK_ELEMENTS`` logits, rounded down to a multiple of ``CHUNK_ROW_MULTIPLE`` rows."""
+    rows = max(1, (FUSED_CHUNK_ELEMENTS if fused else DEFAULT_CHUNK_ELEMENTS) // vocab)
+    return rows - rows % CHUNK_ROW_MULTIPLE if rows >= CHUNK_ROW_MULTIPLE else rows
 
 
 def _add_weight_grad_(grad_w: torch.Tensor, d_logits: torch.Tensor, h: torch.Tensor) -> None:
@@ -124,7 +138,8 @@ def linear_cross_entropy(
         weight: ``[V, d]`` LM-head weight.
         targets: ``[N]`` (or ``[...]``) int64 token ids; ``ignore_index`` entries are skipped.
         reduction: ``"mean"`` over non-ignored targets, or ``"sum"``.
-        chunk_rows: tokens per chunk; default keeps a chunk's logits near 2^26 elements.
+        chunk_rows: tokens per chunk; default :func:`default_chunk_rows` (a chunk's logits near 2^28 elements on
+            the fused path, 2^26 on the plain one).
         backend: ``auto`` (fused Triton softmax-gradient kernel on CUDA, plain PyTorch elsewhere),
             ``triton``, or ``chunked``/``reference`` (plain PyTorch).
         compact: ``None`` (default): count the scored targets on the host (one device synchronisation) and,
@@ -147,11 +162,11 @@ def linear_cross_entropy(
         raise ValueError(
             f"linear_cross_entropy: {targets.numel()} targets for {hidden.shape[0]} hidden rows; they must match"
         )
-    if chunk_rows is None:
-        chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     # The fused kernel computes in float32: float64 inputs keep the exact plain path.
     fused = resolve_backend(backend, hidden) == "triton" and hidden.dtype != torch.float64
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(weight.shape[0], fused)
     return _LinearCrossEntropy.apply(
         hidden, weight, targets, ignore_index, reduction, int(chunk_rows), with_grads, fused, compact
     )

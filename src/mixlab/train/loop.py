@@ -252,7 +252,9 @@ def _train(config: Config, ctx: distributed.DistContext, log) -> RunResult:
     n_params = model.num_parameters()
     fpt = flops_per_token(model, cfg.model, dc.seq_len)
     broadcast_parameters(model)
-    par = parallelize(model, cfg.parallel, device, amp_dtype, tc.activation_checkpointing, tc.compile)
+    par = parallelize(
+        model, cfg.parallel, device, amp_dtype, tc.activation_checkpointing, tc.compile, keep_states=tc.keep_states
+    )
     runner = par.runner
     optimizer = build_optimizer(model, tc)
     schedule = LRSchedule(tc)
@@ -314,6 +316,7 @@ def _train(config: Config, ctx: distributed.DistContext, log) -> RunResult:
         extras = [
             f"{cfg.parallel.strategy} on {world} rank(s)" if ctx.distributed else "",
             f"activation checkpointing {ac}" if ac != "none" else "",
+            f"chunk states kept by {par.kept_states} layer(s)" if par.kept_states else "",
             "compiled blocks" if tc.compile else "",
         ]
         extra = "; ".join(e for e in extras if e)

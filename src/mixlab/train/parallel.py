@@ -35,6 +35,7 @@ __all__ = [
     "LossModule",
     "Parallel",
     "apply_activation_checkpointing",
+    "apply_state_keeping",
     "broadcast_parameters",
     "checkpointed_blocks",
     "clip_for_fused_step",
@@ -152,6 +153,21 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> int:
     return len(chosen)
 
 
+def apply_state_keeping(model: nn.Module, keep: bool = True) -> int:
+    """Let the delta-rule mixers of blocks that are not checkpointed keep their chunk states from forward to
+    backward (:attr:`mixlab.layers.deltanet.DeltaNet.keep_states`): faster, more memory. A checkpointed block
+    runs its forward again in backward, so its states would be kept for nothing. Returns the number of mixers
+    that keep them."""
+    n = 0
+    for block in getattr(model, "layers", ()):
+        mixer = getattr(block, "mixer", None)
+        if mixer is None or not hasattr(type(mixer), "keep_states"):
+            continue
+        mixer.keep_states = bool(keep) and not getattr(block, "activation_checkpointing", False)
+        n += int(mixer.keep_states)
+    return n
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -265,6 +281,7 @@ class Parallel:
     model: nn.Module
     runner: nn.Module
     strategy: str
+    kept_states: int = 0  # delta-rule layers that keep their chunk states for backward (apply_state_keeping)
 
     @contextlib.contextmanager
     def grad_sync(self, enabled: bool) -> Iterator[None]:
@@ -286,10 +303,13 @@ def parallelize(
     amp_dtype: torch.dtype | None,
     activation_checkpointing: str = "none",
     compile_blocks: bool = False,
+    keep_states: bool = False,
 ) -> Parallel:
-    """Apply activation checkpointing, per-block compile and ``pcfg.strategy`` to an initialised model
-    (on ``device``, identical on every rank). See the module docstring for the order and policies."""
+    """Apply activation checkpointing (and ``keep_states``: :func:`apply_state_keeping`), per-block compile and
+    ``pcfg.strategy`` to an initialised model (on ``device``, identical on every rank). See the module docstring
+    for the order and policies."""
     apply_activation_checkpointing(model, activation_checkpointing)
+    kept = apply_state_keeping(model, keep_states)
     if compile_blocks:
         for block in model.layers:  # type: ignore[union-attr]
             block.compile()
@@ -315,7 +335,7 @@ def parallelize(
         runner = _fully_shard(model, runner, device, amp_dtype, pcfg.fsdp_reshard_after_forward)
     elif pcfg.strategy != "none":
         raise ValueError(f"unknown parallel.strategy {pcfg.strategy!r}")
-    return Parallel(model=model, runner=runner, strategy=pcfg.strategy)
+    return Parallel(model=model, runner=runner, strategy=pcfg.strategy, kept_states=kept)
 
 
 def _fully_shard(

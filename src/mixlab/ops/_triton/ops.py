@@ -32,11 +32,13 @@ def chunk_gated_delta_fwd(
     output_final_state: bool,
     cu_seqlens: Tensor | None,
     use_delta: bool,
+    keep_states: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(o, final_state | empty, Tm | empty, w | empty, u | empty, h | empty, vn | empty, hs | empty)``;
-    see ``chunk.chunk_fwd`` (h and vn only with the delta rule and ``save_states()``, hs only for a segmented
-    recompute)."""
-    keep = use_delta and save_states()
+    see ``chunk.chunk_fwd`` (h and vn only with the delta rule and :func:`_keeps`, hs only for a segmented
+    recompute). ``keep_states``: whether the forward keeps h and vn for the backward (None: ``save_states()``);
+    a caller that decides per call passes it, so that a compiled graph carries the decision (and its shapes)."""
+    keep = _keeps(use_delta, keep_states)
     o, ht, Tm, w, u, h, vn, hs = chunk_fwd(
         q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta, keep_states=keep
     )
@@ -58,13 +60,19 @@ def chunk_gated_delta_fwd(
     )
 
 
+def _keeps(use_delta: bool, keep_states: bool | None) -> bool:
+    """Whether a delta-rule forward keeps its chunk states: ``keep_states``, or ``save_states()`` when None."""
+    return use_delta and (save_states() if keep_states is None else keep_states)
+
+
 def _states_shape(q: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> tuple[int, int, int, int]:
     B, T, H, V = v.shape
     return states_shape(B, T, H, q.shape[-1], V, cu_seqlens.shape[0] - 1 if cu_seqlens is not None else None)
 
 
 @chunk_gated_delta_fwd.register_fake
-def _(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta):
+def _(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta, keep_states=None):
+    keep = _keeps(use_delta, keep_states)
     B, T, H, V = v.shape
     K = q.shape[-1]
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
@@ -73,11 +81,11 @@ def _(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, us
         Tm, w, u = v.new_empty(B, T, H, BT, dtype=torch.float32), v.new_empty(B, T, H, K), torch.empty_like(v)
     else:
         Tm, w, u = v.new_empty(0, dtype=torch.float32), v.new_empty(0), v.new_empty(0)
-    if use_delta and save_states():
+    if keep:
         h, vn = v.new_empty(_states_shape(q, v, cu_seqlens)), torch.empty_like(v)
     else:
         h, vn = v.new_empty(0), v.new_empty(0)
-    hs_shape = segment_states_shape(B, T, H, K, V, cu_seqlens is not None, use_delta and save_states())
+    hs_shape = segment_states_shape(B, T, H, K, V, cu_seqlens is not None, keep)
     hs = v.new_empty(hs_shape, dtype=torch.float32)
     return torch.empty_like(v), ht, Tm, w, u, h, vn, hs
 
@@ -132,7 +140,7 @@ def _(q, k, v, beta, g, scale, initial_state, cu_seqlens, Tm, w, u, do, dht, use
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta = inputs
+    q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, use_delta, *_ = inputs
     _, _, Tm, w, u, h, vn, hs = output
     ctx.keep_states = h.numel() > 0
     # Autograd would otherwise fill zero gradients for the unused outputs (Tm, w, u, ...): three ~0.1 ms
@@ -179,6 +187,7 @@ def _backward(ctx, do, dht, dTm, dw, du, dh, dvn, dhs):
         dg if g is not None else None,
         None,
         dh0 if initial_state is not None else None,
+        None,
         None,
         None,
         None,
