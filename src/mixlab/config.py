@@ -328,7 +328,8 @@ class TrainConfig:
     ``keep_states`` goes the other way for the delta-rule layers (DeltaNet, Gated DeltaNet) of blocks that are
     not checkpointed: their chunk states stay allocated from forward to backward instead of being recomputed
     there, one sequential pass less per layer and step for ``(K·V/64 + V)·H`` more values per token and layer
-    (about 1 GB per Gated DeltaNet 1.3b layer at 32K tokens; ``mixlab bench train`` decides it by memory).
+    (about 1 GB per Gated DeltaNet 1.3b layer at 32K tokens; ``mixlab bench train`` decides it by memory), in the
+    layers where that pays: key head dims above 128, whose forward is not fused.
     ``compile`` compiles each block with ``torch.compile`` (not the whole model).
     """
 

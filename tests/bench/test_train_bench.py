@@ -197,7 +197,10 @@ def test_keep_states_auto_tries_kept_states_first_and_falls_back_on_oom(monkeypa
     assert seen == [("gated_deltanet-tiny", False)]  # the default: off
 
 
-def test_keep_states_on_marks_the_delta_rule_layers_of_blocks_not_checkpointed() -> None:
+def test_keep_states_on_marks_the_delta_rule_layers_of_blocks_not_checkpointed(monkeypatch) -> None:
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "max_k": 0})  # keeping pays above it
     rows = bt.run_suite(
         ["gdn_h1-tiny", "transformer-tiny"], [(16, 1)], torch.device("cpu"), 1, 0, "none", False, None, None, None,
         keep_states="on",
@@ -209,7 +212,8 @@ def test_keep_states_on_marks_the_delta_rule_layers_of_blocks_not_checkpointed()
 def test_keep_states_fit_counts_the_kept_bytes() -> None:
     """The estimate at the 1.3b widths (H100-sized memory): Gated DeltaNet-H1 keeps its 11 layers' states
     (about 1 GB each at 32K tokens) with room to spare, the all-Gated-DeltaNet preset (21 of them) does not,
-    and a preset without delta-rule layers never does."""
+    a preset without delta-rule layers never does, nor one whose forward is fused (K <= 128: keeping does not
+    pay there)."""
     from mixlab.layers.deltanet import GatedDeltaNet
 
     layer = GatedDeltaNet(2048, n_heads=6, head_dim=256, expand_v=2.0, device="meta")
@@ -219,6 +223,11 @@ def test_keep_states_fit_counts_the_kept_bytes() -> None:
     assert not bt.keep_states_fit("gdn_h1-1.3b", 32768, 0.9 * memory)
     assert not bt.keep_states_fit("gated_deltanet-1.3b", 32768, memory)
     assert not bt.keep_states_fit("transformer-1.3b", 32768, 1e15)
+    assert not bt.keep_states_fit("gated_deltanet-350m", 32768, 1e15)
+    assert (
+        layer.keeping_states_pays()
+        and not GatedDeltaNet(64, n_heads=2, head_dim=128, device="meta").keeping_states_pays()
+    )
 
 
 def test_bad_ac_mode_is_refused(capsys) -> None:

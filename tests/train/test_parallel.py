@@ -107,13 +107,18 @@ def test_activation_checkpointing_modes_and_their_config_spelling() -> None:
             apply_activation_checkpointing(build_model(CFG), bad)
 
 
-def test_kept_states_go_to_the_delta_rule_mixers_of_blocks_not_checkpointed() -> None:
-    """``train.keep_states``: the delta-rule mixers of plain blocks keep their chunk states; a checkpointed block's
-    mixer does not (its forward runs again in backward); other mixers have no such switch."""
+def test_kept_states_go_to_the_delta_rule_mixers_of_blocks_not_checkpointed(monkeypatch) -> None:
+    """``train.keep_states``: the delta-rule mixers of plain blocks keep their chunk states where the forward runs
+    unfused anyway; a checkpointed block's mixer does not (its forward runs again in backward); other mixers have
+    no such switch."""
     from mixlab.layers.deltanet import DeltaNet
+    from mixlab.ops._triton import chunk
     from mixlab.train.parallel import apply_state_keeping, parallelize
 
-    model = build_model(get_preset("gdn_h1-tiny"))  # G S G S
+    model = build_model(get_preset("gdn_h1-tiny"))  # G S G S, key head dims <= 128: a fused forward
+    assert parallelize(model, ParallelConfig(), torch.device("cpu"), None, "none", keep_states=True).kept_states == 0
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "max_k": 0})  # as above K = 128
+    model = build_model(get_preset("gdn_h1-tiny"))
     par = parallelize(model, ParallelConfig(), torch.device("cpu"), None, "selective:1", keep_states=True)  # block 2
     deltas = [b.mixer for b in model.layers if isinstance(b.mixer, DeltaNet)]
     assert [getattr(b, "activation_checkpointing", False) for b in model.layers] == [False, False, True, False]

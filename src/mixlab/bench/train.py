@@ -210,8 +210,9 @@ def keep_states_fit(preset: str, tokens: int, memory: float) -> bool:
     (:func:`~mixlab.bench.activations.block_saved_bytes`), the kept states
     (:meth:`~mixlab.layers.deltanet.DeltaNet.kept_state_bytes_per_token`) and 4 GB of headroom, within 97% of
     ``memory`` (:func:`blocks_needed` counts the gradients too, a margin for its ladder; here a point that does
-    not fit after all runs again without kept states). False when the preset has no delta-rule layer. H100,
-    GDN-H1 1.3b at 32,768 tokens: 79.9 GB estimated with the headroom, 77.9 GB measured peak."""
+    not fit after all runs again without kept states). H100,
+    GDN-H1 1.3b at 32,768 tokens: 79.9 GB estimated with the headroom, 77.9 GB measured peak. Only layers that
+    keep them (``DeltaNet.keeping_states_pays``: K > 128) count; False when there are none."""
     from ..layers.deltanet import DeltaNet
     from ..models import get_preset
     from ..models.lm import LanguageModel
@@ -220,7 +221,9 @@ def keep_states_fit(preset: str, tokens: int, memory: float) -> bool:
     cfg = get_preset(preset)
     with torch.device("meta"):
         model = LanguageModel(cfg)
-    kept = sum(m.kept_state_bytes_per_token() for m in model.modules() if isinstance(m, DeltaNet))
+    kept = sum(
+        m.kept_state_bytes_per_token() for m in model.modules() if isinstance(m, DeltaNet) and m.keeping_states_pays()
+    )
     if not kept:
         return False
     per = {ltr: block_saved_bytes(preset, ltr).total for ltr in set(cfg.layer_types)}

@@ -526,8 +526,18 @@ class DeltaNet(Mixer):
     #: on the lean training path, keep the delta rule's chunk states h and V_new from forward to backward instead
     #: of recomputing them there: one sequential pass less per layer and step, for ``(K·V/64 + V)·H`` more values
     #: per token in the compute dtype (K, V head dims, 64-token chunks). Set from outside by the trainer
-    #: (``train.keep_states``, :func:`mixlab.train.parallel.apply_state_keeping`); an instance attribute overrides it.
+    #: (``train.keep_states``, :func:`mixlab.train.parallel.apply_state_keeping`, where :meth:`keeping_states_pays`);
+    #: an instance attribute overrides it.
     keep_states = False
+
+    def keeping_states_pays(self) -> bool:
+        """Whether :attr:`keep_states` saves time: where the forward runs unfused anyway (K above the fused
+        kernel's limit, 128). Below it, keeping the states would trade the fused forward for the unfused one, which
+        costs about what the backward's recompute did (H100, Gated DeltaNet 350m, K 128: 157.2K → 154.6K tokens/s
+        at 2K×16, 153.8K → 149.5K at 8K×4; benchmarks/NOTES-kernels.md v15)."""
+        from ..ops._triton.chunk import fused_forward
+
+        return not fused_forward(self.head_dim)
 
     def kept_state_bytes_per_token(self, element_bytes: int = 2) -> float:
         """Bytes per token that :attr:`keep_states` holds from forward to backward: h (``K·V`` per head and

@@ -155,15 +155,16 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> int:
 
 def apply_state_keeping(model: nn.Module, keep: bool = True) -> int:
     """Let the delta-rule mixers of blocks that are not checkpointed keep their chunk states from forward to
-    backward (:attr:`mixlab.layers.deltanet.DeltaNet.keep_states`): faster, more memory. A checkpointed block
-    runs its forward again in backward, so its states would be kept for nothing. Returns the number of mixers
-    that keep them."""
+    backward (:attr:`mixlab.layers.deltanet.DeltaNet.keep_states`) where that saves time (``keeping_states_pays``:
+    key head dims above 128): faster, more memory. A checkpointed block runs its forward again in backward, so its
+    states would be kept for nothing. Returns the number of mixers that keep them."""
     n = 0
     for block in getattr(model, "layers", ()):
         mixer = getattr(block, "mixer", None)
         if mixer is None or not hasattr(type(mixer), "keep_states"):
             continue
-        mixer.keep_states = bool(keep) and not getattr(block, "activation_checkpointing", False)
+        ckpt = getattr(block, "activation_checkpointing", False)
+        mixer.keep_states = bool(keep) and not ckpt and mixer.keeping_states_pays()
         n += int(mixer.keep_states)
     return n
 

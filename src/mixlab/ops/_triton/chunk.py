@@ -1449,6 +1449,12 @@ def segment_states_shape(B: int, T: int, H: int, K: int, V: int, packed: bool, k
     return (lay.segments(seg)[1], H, K, V) if seg else (0,)
 
 
+def fused_forward(K: int) -> bool:
+    """Whether a forward that keeps no states runs fused (``_fwd_ho_kernel``: the state pass and the output in one)
+    at key head dim K. One that keeps them runs the state pass apart, writing h for the output kernel."""
+    return bool(CONFIG["fwd_ho"]["enable"]) and CONFIG["fwd_ho"]["max_k"] >= K
+
+
 def save_states() -> bool:
     """Whether the delta rule's forward keeps ``h`` and ``V_new`` for the backward (``CONFIG["bwd_h"]``)."""
     return bool(CONFIG["bwd_h"]["save"])
@@ -1534,7 +1540,7 @@ def chunk_fwd(
     seg = 0 if keep else recompute_segment_chunks(lay, H, K, V)
     hs = torch.empty(lay.segments(seg)[1], H, K, V, dtype=torch.float32, device=dev) if seg else None
     fused = CONFIG["fwd_ho"]
-    if not keep and fused["enable"] and fused["max_k"] >= K:
+    if not keep and fused_forward(K):
         BK, BV, kw = _launch("fwd_ho", K, V, seq=True, seq_heads=lay.N * H)
         if use_delta and _one_wave(triton.cdiv(V, BV) * lay.N * H, dev):
             kw["num_stages"] = fused["num_stages_one_wave"]
