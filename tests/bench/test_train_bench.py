@@ -172,8 +172,7 @@ def test_ac_auto_skips_the_levels_the_estimate_rules_out(monkeypatch) -> None:
 
 def test_keep_states_auto_tries_kept_states_first_and_falls_back_on_oom(monkeypatch) -> None:
     """``keep_states="auto"``: where the estimate has room the point first runs with the delta-rule layers keeping
-    their chunk states; out of memory, it runs again without them. ``off`` never keeps them, and a preset without
-    delta-rule layers keeps nothing."""
+    their chunk states; out of memory, it runs again without them. The default, ``off``, never keeps them."""
     real = bt._measure
     seen = []
 

@@ -226,6 +226,28 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny) -> None:
     build_optimizer(ckpt, tiny("x").train)  # the wrapped model still builds its optimizer
 
 
+def test_keep_states_reaches_the_model_and_the_start_line(tiny, monkeypatch) -> None:
+    """``train.keep_states=true`` is applied to the delta-rule mixers (here with the fused forward's limit below
+    the tiny model's key head dim, so that keeping pays) and named in the run's first line."""
+    from mixlab.ops._triton import chunk
+
+    monkeypatch.setitem(chunk.CONFIG, "fwd_ho", {**chunk.CONFIG["fwd_ho"], "max_k": 0})
+    seen: dict = {}
+    real = loop.parallelize
+
+    def spy(model, *a, **k):
+        par = real(model, *a, **k)
+        seen["kept"] = [b.mixer.keep_states for b in model.layers]
+        return par
+
+    monkeypatch.setattr(loop, "parallelize", spy)
+    lines: list[str] = []
+    cfg = tiny("keep", "model.pattern=G", "train.max_steps=1", "train.keep_states=true")
+    assert train(cfg, log=lines.append).status == "completed"
+    assert seen["kept"] == [True, True]
+    assert any("chunk states kept by 2 layer(s)" in line for line in lines)
+
+
 def test_resuming_into_a_different_model_says_what_to_do(tiny) -> None:
     train(tiny("run", "train.max_steps=2", "train.save_every=2", "train.export=false"), log=_quiet)
     with pytest.raises(Exception, match=r"different model or config.*train.resume=never"):

@@ -162,6 +162,12 @@ def ac_ladder(preset: str, device: torch.device, tokens: int) -> list[str]:
     return ladder[first:]
 
 
+#: the device memory the estimates below may plan for (the rest: allocator rounding, CUDA context), and the bytes
+#: they keep free on top of what they count (the loss's chunk, gradients in flight, fragmentation)
+USABLE_MEMORY = 0.97
+HEADROOM_BYTES = 4e9
+
+
 def _estimate(
     fn: Callable[[str, int, float], Any], preset: str, device: torch.device, tokens: int, unknown: Any
 ) -> Any:
@@ -191,7 +197,7 @@ def blocks_needed(preset: str, tokens: int, memory: float) -> int:
     cfg = get_preset(preset)
     types = cfg.layer_types
     per = {ltr: block_saved_bytes(preset, ltr).total for ltr in set(types)}
-    free = 0.97 * memory - 18 * _param_count(cfg) - 4e9
+    free = USABLE_MEMORY * memory - 18 * _param_count(cfg) - HEADROOM_BYTES
     costs = sorted((per[ltr] for ltr in types), reverse=True)  # the heaviest blocks' worth first
     keep = 4 * cfg.d_model
     act = sum(costs) * tokens
@@ -228,7 +234,7 @@ def keep_states_fit(preset: str, tokens: int, memory: float) -> bool:
         return False
     per = {ltr: block_saved_bytes(preset, ltr).total for ltr in set(cfg.layer_types)}
     act = sum(per[ltr] for ltr in cfg.layer_types) + kept
-    return 14 * model.num_parameters() + act * tokens + 4e9 <= 0.97 * memory
+    return 14 * model.num_parameters() + act * tokens + HEADROOM_BYTES <= USABLE_MEMORY * memory
 
 
 def _keep_states_fit(preset: str, device: torch.device, tokens: int) -> bool:
